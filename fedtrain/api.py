@@ -1,0 +1,633 @@
+"""The FederatedTraining resource: spec and status as a user writes them in YAML (camelCase).
+
+These pydantic models are the single source of truth for the API. The CRD schema is generated from
+them, the operator and the local runner validate bodies into them, and every field's description is
+what `kubectl explain` shows. Keep every type expressible as a Kubernetes structural schema: no
+free-form unions beyond int-or-string, maps with one value type, lists of objects keyed by `name`.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "fedtrain.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FederatedTraining"
+PLURAL = "federatedtrainings"
+
+#: How many round records the status keeps; the full history is in the object store as JSON lines.
+STATUS_HISTORY_LIMIT = 20
+
+#: The nine WM-811K wafer-map classes, in the order the synthetic generator and NPZ labels use.
+WAFER_CLASSES: tuple[str, ...] = (
+    "Center",
+    "Donut",
+    "Edge-Loc",
+    "Edge-Ring",
+    "Loc",
+    "Near-full",
+    "Random",
+    "Scratch",
+    "none",
+)
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class ApiModel(BaseModel):
+    """Base of every API model: camelCase in YAML, unknown fields rejected (a typo is an error)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=False,
+        validate_default=True,
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as it is written in YAML or sent to the API server (camelCase, unset omitted)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.model
+
+
+class PretrainedSource(StrEnum):
+    NONE = "none"
+    HUB = "hub"
+    URI = "uri"
+    FILE = "file"
+
+
+class Pretrained(ApiModel):
+    source: PretrainedSource = Field(
+        PretrainedSource.NONE,
+        description=(
+            "Where the base weights come from: none (random initialisation from the training seed), "
+            "hub (timm's pretrained weights from the Hugging Face hub), uri (a safetensors file in "
+            "the object store, s3://bucket/key), or file (a safetensors file on the trainer's disk)."
+        ),
+    )
+    location: str | None = Field(
+        None,
+        description=(
+            "For hub: a timm pretrained tag such as 'timm/vit_small_patch14_dinov2.lvd142m' (omit for "
+            "timm's default tag). For uri: s3://bucket/key.safetensors. For file: an absolute path."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _location_matches_source(self) -> Pretrained:
+        if self.source in (PretrainedSource.URI, PretrainedSource.FILE) and not self.location:
+            raise ValueError(f"location is required when source is {self.source.value}")
+        if self.source is PretrainedSource.URI and not (self.location or "").startswith("s3://"):
+            raise ValueError("location must be an s3://bucket/key URI when source is uri")
+        if self.source is PretrainedSource.NONE and self.location:
+            raise ValueError("location is set but source is none: set source to hub, uri or file")
+        return self
+
+
+class Architecture(ApiModel):
+    """Overrides of the named timm architecture, for small experiments and tests."""
+
+    depth: int | None = Field(None, ge=1, le=64, description="Number of transformer blocks.")
+    embed_dim: int | None = Field(None, ge=8, le=4096, description="Token embedding width.")
+    num_heads: int | None = Field(None, ge=1, le=64, description="Attention heads per block.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> Architecture:
+        if self.embed_dim and self.num_heads and self.embed_dim % self.num_heads:
+            raise ValueError(f"embedDim {self.embed_dim} is not divisible by numHeads {self.num_heads}")
+        return self
+
+    def timm_kwargs(self) -> dict[str, int]:
+        names = {"depth": self.depth, "embed_dim": self.embed_dim, "num_heads": self.num_heads}
+        return {key: value for key, value in names.items() if value is not None}
+
+
+class ModelSpec(ApiModel):
+    name: str = Field(
+        "vit_small_patch14_dinov2",
+        min_length=1,
+        description="timm model name, e.g. vit_small_patch14_dinov2 or vit_base_patch14_dinov2.",
+    )
+    pretrained: Pretrained = Field(
+        default_factory=Pretrained, description="Where the base weights come from."
+    )
+    num_classes: int | None = Field(
+        None, ge=2, le=100000, description="Number of classes; may be omitted when labels is set."
+    )
+    labels: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Class names in label order; ImageFolder directories are matched to these names.",
+    )
+    image_size: int = Field(224, ge=8, le=2048, description="Square input size in pixels.")
+    architecture: Architecture | None = Field(
+        None, description="Overrides of the named architecture (depth, embedDim, numHeads)."
+    )
+
+    @model_validator(mode="after")
+    def _classes_known(self) -> ModelSpec:
+        if self.labels is None and self.num_classes is None:
+            raise ValueError("set numClasses or labels")
+        if self.labels is not None:
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("labels must be unique")
+            if self.num_classes is not None and self.num_classes != len(self.labels):
+                raise ValueError(f"numClasses is {self.num_classes} but labels has {len(self.labels)} names")
+        return self
+
+    @property
+    def class_count(self) -> int:
+        if self.labels is not None:
+            return len(self.labels)
+        assert self.num_classes is not None  # guaranteed by _classes_known
+        return self.num_classes
+
+    def class_names(self) -> list[str]:
+        return list(self.labels) if self.labels else [str(index) for index in range(self.class_count)]
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.lora
+
+
+class LoraSpec(ApiModel):
+    rank: int | Literal["none", "auto"] = Field(
+        "auto",
+        description=(
+            "LoRA rank: an integer, none (full fine-tuning), or auto (by model size: under 20M "
+            "parameters full fine-tuning; 20-100M rank 8; 100-400M rank 16; larger rank 32)."
+        ),
+    )
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling alpha; defaults to 2 x rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description=(
+            "Module names (or suffixes) to adapt; 'all-linear' adapts every Linear layer except the "
+            "classifier head, which is always trained fully."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _rank_positive(self) -> LoraSpec:
+        if isinstance(self.rank, int) and not 1 <= self.rank <= 1024:
+            raise ValueError("rank must be between 1 and 1024, or none, or auto")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.training
+
+
+class OptimizerName(StrEnum):
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class Optimizer(ApiModel):
+    name: OptimizerName = Field(OptimizerName.ADAMW, description="adamw or sgd.")
+    lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="Decoupled weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
+
+
+class ScheduleName(StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+class LrSchedule(ApiModel):
+    name: ScheduleName = Field(
+        ScheduleName.COSINE,
+        description="constant, or cosine decay over all rounds' local steps of a site.",
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps at the start of training.")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class TransferDtype(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class TrainingSpec(ApiModel):
+    rounds: int = Field(10, ge=1, le=10000, description="Federated rounds to run.")
+    local_epochs: float | None = Field(
+        None, gt=0, le=1000, description="Local epochs per round (set this or localSteps; default 1)."
+    )
+    local_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Local optimizer steps per round (instead of localEpochs)."
+    )
+    batch_size: int = Field(32, ge=1, le=65536, description="Local batch size.")
+    optimizer: Optimizer = Field(default_factory=Optimizer, description="Local optimizer.")
+    lr_schedule: LrSchedule = Field(default_factory=LrSchedule, description="Learning-rate schedule.")
+    seed: int = Field(0, ge=0, description="Seed of model initialisation, site selection and data order.")
+    precision: Precision = Field(
+        Precision.AUTO, description="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."
+    )
+    grad_clip_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this L2 norm.")
+    transfer_dtype: TransferDtype = Field(
+        TransferDtype.FP32, description="dtype of uploaded updates: fp32, bf16 or fp16."
+    )
+    augment: bool = Field(True, description="Random flips and 90-degree rotations of training images.")
+
+    @model_validator(mode="after")
+    def _epochs_xor_steps(self) -> TrainingSpec:
+        if self.local_epochs is not None and self.local_steps is not None:
+            raise ValueError("set localEpochs or localSteps, not both")
+        return self
+
+    @property
+    def epochs_per_round(self) -> float | None:
+        if self.local_steps is not None:
+            return None
+        return self.local_epochs if self.local_epochs is not None else 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.aggregation and spec.evaluation
+
+
+class StrategyName(StrEnum):
+    FEDAVG = "fedavg"
+
+
+class Weighting(StrEnum):
+    SAMPLES = "samples"
+    UNIFORM = "uniform"
+    EXPLICIT = "explicit"
+
+
+class AggregationSpec(ApiModel):
+    strategy: StrategyName = Field(StrategyName.FEDAVG, description="Aggregation strategy: fedavg.")
+    weighting: Weighting = Field(
+        Weighting.SAMPLES,
+        description="samples (by training samples), uniform, or explicit (each site's weight).",
+    )
+    min_sites: int = Field(
+        1, ge=1, description="Accepted updates a round needs to close; fewer fails the training."
+    )
+    round_timeout_seconds: int = Field(
+        3600, ge=1, description="Seconds after a round starts when unfinished sites become stragglers."
+    )
+    site_fraction: float = Field(
+        1.0, gt=0, le=1, description="Fraction of sites selected per round (seeded, at least minSites)."
+    )
+    site_retries: int = Field(1, ge=0, le=10, description="New attempts for a site whose trainer failed.")
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Reject updates whose L2 norm exceeds this bound."
+    )
+
+    def sites_per_round(self, site_count: int) -> int:
+        return min(site_count, max(self.min_sites, math.ceil(self.site_fraction * site_count)))
+
+
+class MetricName(StrEnum):
+    ACCURACY = "accuracy"
+    MACRO_F1 = "macroF1"
+    LOSS = "loss"
+
+
+class EvaluationSpec(ApiModel):
+    metric: MetricName = Field(
+        MetricName.ACCURACY, description="Metric that picks the best round: accuracy, macroF1 or loss."
+    )
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many rounds without improvement (unset: never)."
+    )
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Fraction of each site's data held out for validation."
+    )
+
+    def improves(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        if self.metric is MetricName.LOSS:
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.storage
+
+
+class StorageSpec(ApiModel):
+    endpoint: str | None = Field(
+        None, description="S3 endpoint URL (MinIO, Ceph RGW); omit for AWS S3."
+    )
+    bucket: str = Field(
+        ..., min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$", description="Bucket."
+    )
+    prefix: str = Field("fedtrain", description="Key prefix under which every training's objects live.")
+    region: str = Field("us-east-1", description="S3 region.")
+    credentials_secret: str | None = Field(
+        None,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, in the training's namespace.",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.sites
+
+
+class SyntheticData(ApiModel):
+    samples: int = Field(600, ge=10, le=10_000_000, description="Wafer maps this site generates.")
+    dirichlet_alpha: float = Field(
+        0.5, gt=0, description="Class skew: smaller is more non-IID (Dirichlet concentration)."
+    )
+    map_size: int = Field(32, ge=16, le=512, description="Wafer map grid size in dies.")
+    seed: int | None = Field(None, ge=0, description="Data seed; defaults to one derived from the site name.")
+
+
+class NpzData(ApiModel):
+    path: str = Field(..., min_length=1, description="NPZ file with 'maps' (N,H,W die states) and 'labels'.")
+
+
+class ImageFolderData(ApiModel):
+    path: str = Field(..., min_length=1, description="Directory with one sub-directory of images per class.")
+
+
+class DataSpec(ApiModel):
+    synthetic: SyntheticData | None = Field(None, description="Generated WM-811K-style wafer maps.")
+    npz: NpzData | None = Field(None, description="Wafer maps in an NPZ file.")
+    image_folder: ImageFolderData | None = Field(None, description="An ImageFolder directory tree.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DataSpec:
+        chosen = [name for name in ("synthetic", "npz", "image_folder") if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError("set exactly one of synthetic, npz or imageFolder")
+        return self
+
+
+Quantity = int | str
+
+
+class Resources(ApiModel):
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests.")
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, description="Resource limits, e.g. nvidia.com/gpu: 1."
+    )
+
+
+class SiteSpec(ApiModel):
+    name: str = Field(..., min_length=1, max_length=40, pattern=DNS_LABEL, description="Site name.")
+    namespace: str = Field(
+        "default", min_length=1, max_length=63, pattern=DNS_LABEL, description="Site namespace."
+    )
+    data: DataSpec = Field(..., description="The site's private data.")
+    resources: Resources = Field(default_factory=Resources, description="Trainer container resources.")
+    weight: float | None = Field(None, gt=0, description="Aggregation weight (weighting: explicit).")
+
+
+# --------------------------------------------------------------------------------------------------
+# the spec
+
+
+class FederatedTrainingSpec(ApiModel):
+    model: ModelSpec = Field(..., description="The model every site fine-tunes.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Low-rank adaptation settings.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Local training settings.")
+    aggregation: AggregationSpec = Field(
+        default_factory=AggregationSpec, description="How updates are combined and rounds close."
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Validation metric and early stopping."
+    )
+    storage: StorageSpec | None = Field(
+        None, description="S3-compatible object storage for models and updates (required on a cluster)."
+    )
+    sites: list[SiteSpec] = Field(..., min_length=1, description="Participating sites, unique by name.")
+    suspend: bool = Field(False, description="Stop running Jobs and hold the training until false.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedTrainingSpec:
+        names = [site.name for site in self.sites]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"site names must be unique: {', '.join(duplicates)} repeated")
+        if self.aggregation.min_sites > len(self.sites):
+            raise ValueError(
+                f"aggregation.minSites is {self.aggregation.min_sites} but there are only "
+                f"{len(self.sites)} sites: lower minSites or add sites"
+            )
+        if self.aggregation.weighting is Weighting.EXPLICIT:
+            missing = [site.name for site in self.sites if site.weight is None]
+            if missing:
+                raise ValueError(f"weighting is explicit but sites {', '.join(missing)} have no weight")
+        uses_wafer_data = any(site.data.synthetic or site.data.npz for site in self.sites)
+        if uses_wafer_data and self.model.class_count != len(WAFER_CLASSES):
+            raise ValueError(
+                f"synthetic and npz wafer data have {len(WAFER_CLASSES)} classes but the model has "
+                f"{self.model.class_count}: set model.labels to the WM-811K classes or numClasses: 9"
+            )
+        return self
+
+    def site(self, name: str) -> SiteSpec:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# status
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class Stage(StrEnum):
+    """Where the current round is: sites training, or the round being closed by the aggregator."""
+
+    INITIALIZING = "Initializing"
+    TRAINING = "Training"
+    CLOSING = "Closing"
+    EVALUATING = "Evaluating"
+    FINALIZING = "Finalizing"
+    DONE = "Done"
+
+
+class SiteState(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    TRAINED = "Trained"
+    ACCEPTED = "Accepted"
+    REJECTED = "Rejected"
+    FAILED = "Failed"
+    STRAGGLER = "Straggler"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SiteState.ACCEPTED, SiteState.REJECTED, SiteState.FAILED, SiteState.STRAGGLER)
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    INVALID = "Invalid"
+
+
+class Condition(ApiModel):
+    type: ConditionType = Field(..., description="Condition type.")
+    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    reason: str = Field(..., description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: datetime = Field(..., description="When status last changed.")
+
+
+class EvalMetrics(ApiModel):
+    """How the global model of a round scored on one site's validation split (or all, weighted)."""
+
+    loss: float = Field(..., description="Mean cross-entropy.")
+    accuracy: float = Field(..., description="Top-1 accuracy.")
+    macro_f1: float = Field(..., description="Macro-averaged F1 over classes present.")
+    samples: int = Field(..., description="Validation samples.")
+
+    def value(self, metric: MetricName) -> float:
+        return {"accuracy": self.accuracy, "macroF1": self.macro_f1, "loss": self.loss}[metric.value]
+
+
+class SiteRoundStatus(ApiModel):
+    name: str = Field(..., description="Site name.")
+    state: SiteState = Field(SiteState.PENDING, description="Where the site is in this round.")
+    attempt: int = Field(0, ge=0, description="Trainer attempt, from 0.")
+    message: str | None = Field(None, description="Why the site failed or was rejected.")
+    started_at: datetime | None = Field(None, description="When the current attempt was started.")
+    finished_at: datetime | None = Field(None, description="When the site reached a final state.")
+    samples: int | None = Field(None, description="Training samples reported with the update.")
+    evaluation: EvalMetrics | None = Field(None, description="This round's global model on the site.")
+    update_bytes: int | None = Field(None, description="Size of the uploaded update.")
+    train_seconds: float | None = Field(None, description="Local training time.")
+
+
+class RejectedUpdate(ApiModel):
+    site: str = Field(..., description="Site name.")
+    reason: str = Field(..., description="Why the aggregator rejected the update.")
+
+
+class RoundRecord(ApiModel):
+    round: int = Field(..., description="Round index, from 0.")
+    kind: Literal["train", "evaluate"] = Field("train", description="train, or the final evaluation.")
+    started_at: datetime = Field(..., description="When the round started.")
+    closed_at: datetime = Field(..., description="When the round closed.")
+    participants: list[str] = Field(default_factory=list, description="Sites whose update was used.")
+    stragglers: list[str] = Field(default_factory=list, description="Sites past the deadline.")
+    failed: list[str] = Field(default_factory=list, description="Sites whose trainer failed.")
+    rejected: list[RejectedUpdate] = Field(default_factory=list, description="Rejected updates.")
+    evaluation: EvalMetrics | None = Field(
+        None, description="The round's global model on all sites, weighted by validation samples."
+    )
+    site_evaluation: dict[str, EvalMetrics] = Field(
+        default_factory=dict, description="The round's global model on each site."
+    )
+    bytes_uploaded: int = Field(0, description="Update bytes the sites uploaded.")
+    model_uri: str | None = Field(None, description="Global model this round produced.")
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.closed_at - self.started_at).total_seconds()
+
+
+class FederatedTrainingStatus(ApiModel):
+    phase: Phase = Field(Phase.PENDING, description="Pending, Running, Suspended, Succeeded or Failed.")
+    stage: Stage = Field(Stage.INITIALIZING, description="Where the current round is.")
+    round: int = Field(0, ge=0, description="Current round, from 0.")
+    round_started_at: datetime | None = Field(None, description="When the current round started.")
+    round_deadline: datetime | None = Field(None, description="When unfinished sites become stragglers.")
+    sites: list[SiteRoundStatus] = Field(default_factory=list, description="Sites of the current round.")
+    history: list[RoundRecord] = Field(
+        default_factory=list, description=f"The last {STATUS_HISTORY_LIMIT} closed rounds."
+    )
+    global_model_uri: str | None = Field(None, description="The current global model.")
+    best_model_uri: str | None = Field(None, description="The global model that scored best.")
+    best_round: int | None = Field(None, description="Round whose global model scored best.")
+    best_metric: float | None = Field(None, description="Its value of evaluation.metric.")
+    rounds_without_improvement: int = Field(0, ge=0, description="Rounds since the best one.")
+    final_model_uri: str | None = Field(None, description="Merged final model (LoRA folded in).")
+    message: str | None = Field(None, description="What the training is doing or why it failed.")
+    started_at: datetime | None = Field(None, description="When the training started.")
+    finished_at: datetime | None = Field(None, description="When the training finished.")
+    observed_generation: int | None = Field(None, description="Spec generation this status reflects.")
+    conditions: list[Condition] = Field(default_factory=list, description="Typed conditions.")
+
+    def site(self, name: str) -> SiteRoundStatus:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# the resource
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(..., min_length=1, max_length=63, pattern=DNS_LABEL)
+    namespace: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FederatedTraining(ApiModel):
+    api_version: Annotated[str, Field(validation_alias=AliasChoices("apiVersion", "api_version"))] = (
+        API_VERSION
+    )
+    kind: Literal["FederatedTraining"] = KIND
+    metadata: ObjectMeta
+    spec: FederatedTrainingSpec
+    status: FederatedTrainingStatus | None = None
+
+    @model_validator(mode="after")
+    def _api_version_known(self) -> FederatedTraining:
+        if self.api_version != API_VERSION:
+            raise ValueError(f"apiVersion must be {API_VERSION}, not {self.api_version}")
+        return self
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per problem, each naming the field as the user wrote it (spec.training.localSteps)."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(document)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field: check its spelling against `fedtrain explain`"
+        lines.append(f"{where}: {message}")
+    return lines

@@ -1,0 +1,53 @@
+"""The contract between whoever starts a trainer (local runner, operator) and the trainer itself.
+
+A trainer gets one round of one site: the slice of the spec it needs and URLs for exactly the
+objects it may touch (presigned on S3, file:// on the local store). It holds no store credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedtrain.api import EvaluationSpec, FederatedTrainingSpec, LoraSpec, ModelSpec, SiteSpec, TrainingSpec
+
+
+class TrainerSpec(BaseModel):
+    """The parts of a FederatedTraining spec one site needs, and that site's own entry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec
+    lora: LoraSpec
+    training: TrainingSpec
+    evaluation: EvaluationSpec
+    site: SiteSpec
+
+    @classmethod
+    def for_site(cls, spec: FederatedTrainingSpec, site: str) -> TrainerSpec:
+        return cls(
+            model=spec.model,
+            lora=spec.lora,
+            training=spec.training,
+            evaluation=spec.evaluation,
+            site=spec.site(site),
+        )
+
+
+class TrainerJob(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    training: str = Field(description="Training name, recorded in the update's metadata.")
+    round: int = Field(ge=0)
+    site: str
+    attempt: int = Field(0, ge=0)
+    mode: Literal["train", "evaluate"] = Field(
+        "train", description="train: evaluate, train and upload an update; evaluate: only report metrics."
+    )
+    spec: TrainerSpec = Field(description="What this site needs of the training's spec.")
+    global_model_url: str = Field(description="GET: the global model this round starts from.")
+    update_url: str = Field(description="PUT: this site's update (or evaluation report).")
+    state_get_url: str | None = Field(None, description="GET: this site's private optimizer state.")
+    state_put_url: str | None = Field(None, description="PUT: this site's private optimizer state.")
+    pretrained_url: str | None = Field(None, description="GET: base weights when pretrained.source is uri.")

@@ -1,0 +1,47 @@
+"""Where every object of a training lives in the bucket: one function per kind of key.
+
+Keys are deterministic, so any step can be repeated: a retried upload overwrites the same object,
+and a reader can tell whether work is done by whether its object exists. Trainings are keyed by
+namespace and name, so two trainings with one name in different namespaces never collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainingLayout:
+    namespace: str
+    name: str
+
+    @property
+    def root(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def round_dir(self, round_index: int) -> str:
+        return f"{self.root}/rounds/{round_index:05d}"
+
+    def global_model(self, round_index: int) -> str:
+        """The global model that round `round_index` starts from (round 0: the initial model)."""
+        return f"{self.round_dir(round_index)}/global.safetensors"
+
+    def update(self, round_index: int, site: str) -> str:
+        """A site's update of a round: the delta of the exchanged tensors and its metadata."""
+        return f"{self.round_dir(round_index)}/updates/{site}.safetensors"
+
+    def manifest(self, round_index: int) -> str:
+        """Written last when a round closes: its presence means the round is done."""
+        return f"{self.round_dir(round_index)}/manifest.json"
+
+    def site_state(self, site: str) -> str:
+        """A site's private optimizer and scheduler state, carried from round to round."""
+        return f"{self.root}/sites/{site}/state.safetensors"
+
+    def history(self) -> str:
+        """Every closed round as JSON lines (the status keeps only the last few)."""
+        return f"{self.root}/history.jsonl"
+
+    def merged_model(self) -> str:
+        """The final model with LoRA folded in, loadable by timm without peft."""
+        return f"{self.root}/final/model-merged.safetensors"

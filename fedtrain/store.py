@@ -1,0 +1,514 @@
+"""Object store: one interface over S3 (boto3) and a local directory (the embedded default).
+
+Keys are '/'-separated names relative to the store's root (a directory, or a bucket and prefix), for
+example 'trainings/demo/rounds/0003/model.safetensors'. Both backends accept and reject the same keys,
+list with the same string-prefix semantics, and raise `ObjectNotFound` for a missing key, so code
+written against `ObjectStore` runs unchanged on a laptop and on a cluster.
+
+Trainers never hold store credentials: they are handed presigned URLs (or file:// URLs for the local
+store) and move bytes with `read_url` and `write_url`. Retries live in botocore and urllib3, never in
+hand-written loops here.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import boto3
+import urllib3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from fedtrain.api import StorageSpec
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+#: Above this size put_file/get_file switch to multipart transfers (parts of boto3's 8 MiB default).
+DEFAULT_MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+#: S3 refuses presigned URLs valid for longer than seven days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+
+#: Same rule as StorageSpec.bucket; moto (and S3) reject shorter names with a confusing error.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+#: Names of in-flight local writes; `LocalStore.list` skips them, so a crashed writer leaves no key.
+_TEMP_PREFIX = ".fedtrain-tmp-"
+
+_OCTET_STREAM = "application/octet-stream"
+
+# One pool for every presigned transfer of the process. allowed_methods=None retries PUT too: a
+# presigned PUT of the same bytes is idempotent.
+_HTTP = urllib3.PoolManager(
+    retries=urllib3.Retry(
+        total=5, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504), allowed_methods=None
+    ),
+    timeout=urllib3.Timeout(connect=10.0, read=300.0),
+)
+
+
+class StoreError(RuntimeError):
+    """A transfer failed for a reason other than a missing object."""
+
+
+class ObjectNotFound(KeyError):  # noqa: N818 (the name callers catch; "Error" would add nothing)
+    """The key (or URL) names no object. A KeyError, so `except KeyError` callers keep working."""
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument; a message reads better unquoted.
+        return str(self.args[0]) if self.args else ""
+
+
+class ObjectStore(abc.ABC):
+    """Bytes under '/'-separated keys. See the module docstring for the shared semantics."""
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store `data` under `key`, replacing any object there."""
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's bytes; ObjectNotFound if there is none."""
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: Path) -> None:
+        """Upload the file at `path` (streamed; multipart on S3 above the threshold)."""
+
+    @abc.abstractmethod
+    def get_file(self, key: str, path: Path) -> None:
+        """Download the object to `path`, creating its parent directories; ObjectNotFound if absent."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under `key`."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        """Sorted keys that start with `prefix` (a plain string prefix, as in S3: 'a' matches 'ab')."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object; nothing happens if it is absent."""
+
+    @abc.abstractmethod
+    def uri(self, key: str) -> str:
+        """Where the object lives, for status fields and logs: s3://bucket/prefix/key or file:///path."""
+
+    @abc.abstractmethod
+    def presign_get(self, key: str, expires_seconds: int) -> str:
+        """A URL that `read_url` can fetch the object from without credentials."""
+
+    @abc.abstractmethod
+    def presign_put(self, key: str, expires_seconds: int) -> str:
+        """A URL that `write_url` can upload the object to without credentials."""
+
+    @abc.abstractmethod
+    def local_path(self, key: str) -> Path | None:
+        """The object's file, for readers that mmap it; None when the store is not a local directory."""
+
+
+# --------------------------------------------------------------------------------------------------
+# key checks shared by both backends
+
+
+def _check_key(key: str) -> str:
+    # Checked the same way on S3 so that a key that works there cannot fail on the local store.
+    parts = key.split("/")
+    if not key or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(
+            f"invalid object key {key!r}: write a relative '/'-separated key such as "
+            "'rounds/0003/model.safetensors', without a leading '/', empty, '.' or '..' parts"
+        )
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    # A prefix may be empty or end in '/' or in a partial name; only its directory part must be a key.
+    directory = prefix.rpartition("/")[0]
+    if directory:
+        _check_key(directory)
+    elif prefix.startswith("/"):
+        _check_key(prefix)
+    return prefix
+
+
+def _check_expiry(expires_seconds: int) -> int:
+    if not 1 <= expires_seconds <= MAX_PRESIGN_SECONDS:
+        raise ValueError(
+            f"expires_seconds must be 1 to {MAX_PRESIGN_SECONDS} (7 days), not {expires_seconds}"
+        )
+    return expires_seconds
+
+
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write through a temp file in the target's directory, so readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
+    try:
+        with os.fdopen(descriptor, "wb") as temp_file:
+            write(temp_file)
+            # Without fsync a crash after the rename can leave an empty file under the final name.
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# local directory
+
+
+class LocalStore(ObjectStore):
+    """A directory on the local disk: the embedded default and the store of single-machine runs."""
+
+    def __init__(self, root: Path) -> None:
+        # Resolved once so uri() and local_path() give absolute paths whatever the working directory.
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*_check_key(key).split("/"))
+
+    def _not_found(self, key: str) -> ObjectNotFound:
+        return ObjectNotFound(f"no object {key!r} in the local store: {self.uri(key)} does not exist")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        _write_atomically(self._path(key), lambda target: target.write(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._not_found(key) from None
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        with Path(path).open("rb") as source:
+            _write_atomically(target, lambda out: shutil.copyfileobj(source, out, 1024 * 1024))
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            source = self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._not_found(key) from None
+        with source:
+            _write_atomically(Path(path), lambda out: shutil.copyfileobj(source, out, 1024 * 1024))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        # Walk only the directory the prefix names, then filter by string prefix as S3 does.
+        directory = _check_prefix(prefix).rpartition("/")[0]
+        base = self.root.joinpath(*directory.split("/")) if directory else self.root
+        if not base.is_dir():
+            return []
+        keys = []
+        for path in base.rglob("*"):
+            if path.is_file() and not path.name.startswith(_TEMP_PREFIX):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def presign_get(self, key: str, expires_seconds: int) -> str:
+        # A local process needs no signature: the file URL is the grant.
+        _check_expiry(expires_seconds)
+        return self.uri(key)
+
+    def presign_put(self, key: str, expires_seconds: int) -> str:
+        _check_expiry(expires_seconds)
+        return self.uri(key)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+
+# --------------------------------------------------------------------------------------------------
+# S3
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _is_not_found(error: ClientError) -> bool:
+    # GetObject says NoSuchKey; HEAD requests (head_object, download_file) have no body, only a 404.
+    return _error_code(error) in ("NoSuchKey", "404", "NotFound")
+
+
+def _check_bucket(bucket: str) -> str:
+    if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+        raise ValueError(
+            f"invalid bucket name {bucket!r}: S3 bucket names are 3 to 63 characters of lowercase "
+            "letters, digits, '.' and '-', starting and ending with a letter or digit "
+            "(for example 'fedtrain-models')"
+        )
+    return bucket
+
+
+class S3Store(ObjectStore):
+    """A bucket and key prefix on any S3-compatible service (AWS S3, MinIO, Ceph RGW, moto)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint: str | None = None,
+        region: str = "us-east-1",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+    ) -> None:
+        if multipart_threshold < 1:
+            raise ValueError(f"multipart_threshold must be a positive byte count, not {multipart_threshold}")
+        self.bucket = _check_bucket(bucket)
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            _check_key(self.prefix)
+        self.endpoint = endpoint
+        self.region = region
+        config = Config(
+            retries={"max_attempts": 8, "mode": "standard"},
+            # Path style works on MinIO, Ceph and moto, which do not serve bucket.host names.
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+        )
+        # A session of its own: boto3's default session is not safe to share between threads.
+        # Keys left as None fall through to the default chain (environment, profile, IRSA, IMDS).
+        self._client: S3Client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=config,
+        )
+        # Parts keep boto3's 8 MiB default, above S3's 5 MiB minimum whatever the threshold.
+        self._transfer = TransferConfig(multipart_threshold=multipart_threshold)
+
+    @classmethod
+    def from_spec(
+        cls, spec: StorageSpec, access_key: str | None = None, secret_key: str | None = None
+    ) -> S3Store:
+        """The store a FederatedTraining's spec.storage names; the keys come from its Secret."""
+        return cls(
+            bucket=spec.bucket,
+            prefix=spec.prefix,
+            endpoint=spec.endpoint,
+            region=spec.region,
+            access_key=access_key,
+            secret_key=secret_key,
+        )
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri_root()!r}, endpoint={self.endpoint!r})"
+
+    def uri_root(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (tests and local runs; clusters provision their own)."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as error:
+            if not _is_not_found(error) and _error_code(error) != "NoSuchBucket":
+                raise
+        # us-east-1 is the one region that rejects an explicit LocationConstraint.
+        location: dict[str, Any] = {}
+        if self.region != "us-east-1":
+            location["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._client.create_bucket(Bucket=self.bucket, **location)
+        except ClientError as error:
+            # Another process created it between our HEAD and CREATE.
+            if _error_code(error) != "BucketAlreadyOwnedByYou":
+                raise
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _not_found(self, key: str) -> ObjectNotFound:
+        return ObjectNotFound(f"no object {key!r} in the S3 store: {self.uri(key)} does not exist")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if _is_not_found(error):
+                raise self._not_found(key) from None
+            raise
+        data: bytes = response["Body"].read()
+        return data
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer)
+
+    def get_file(self, key: str, path: Path) -> None:
+        full_key = self._key(key)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # s3transfer downloads into a temp name beside `path` and renames it: atomic like LocalStore.
+        try:
+            self._client.download_file(self.bucket, full_key, str(path), Config=self._transfer)
+        except ClientError as error:
+            if _is_not_found(error):
+                raise self._not_found(key) from None
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if _is_not_found(error):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        keys: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=root + _check_prefix(prefix)):
+            keys.extend(item["Key"].removeprefix(root) for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        # DeleteObject succeeds for a missing key, which is the idempotence callers rely on.
+        self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def presign_get(self, key: str, expires_seconds: int) -> str:
+        url: str = self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=_check_expiry(expires_seconds),
+        )
+        return url
+
+    def presign_put(self, key: str, expires_seconds: int) -> str:
+        # The content type is signed, so the uploader must send exactly this header (write_url does).
+        url: str = self._client.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key), "ContentType": _OCTET_STREAM},
+            ExpiresIn=_check_expiry(expires_seconds),
+        )
+        return url
+
+    def local_path(self, key: str) -> Path | None:
+        _check_key(key)
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# URLs handed to trainers
+
+
+def _redact(url: str) -> str:
+    """The URL without its query string, which carries the signature of a presigned URL."""
+    return urlunsplit(urlsplit(url)._replace(query="", fragment=""))
+
+
+def _file_url_path(url: str) -> Path:
+    parts = urlsplit(url)
+    path = Path(unquote(parts.path))
+    if parts.netloc not in ("", "localhost") or not path.is_absolute():
+        raise ValueError(f"unsupported file URL {url!r}: write file:///absolute/path")
+    return path
+
+
+def _s3_error_detail(body: bytes) -> str:
+    # S3 errors are XML with a Code and a Message; the rest (StringToSign...) is noise in a log line.
+    text = body.decode("utf-8", "replace")
+    found = [re.search(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL) for tag in ("Code", "Message")]
+    return ": ".join(match.group(1).strip() for match in found if match)
+
+
+def _http(method: str, url: str, body: bytes | None = None) -> bytes:
+    headers = {"Content-Type": _OCTET_STREAM} if method == "PUT" else None
+    try:
+        response = _HTTP.request(method, url, body=body, headers=headers)
+    except urllib3.exceptions.HTTPError as error:
+        # urllib3's messages embed the full URL; report only the reason, and drop the chained
+        # exception so the signature does not reach a traceback either.
+        reason = getattr(error, "reason", None) or error
+        raise StoreError(f"{method} {_redact(url)} failed: {type(reason).__name__}: {reason}") from None
+    if response.status == 404:
+        raise ObjectNotFound(f"no object at {_redact(url)} (HTTP 404 {_s3_error_detail(response.data)})")
+    if response.status >= 300:
+        detail = _s3_error_detail(response.data)
+        raise StoreError(f"{method} {_redact(url)} failed: HTTP {response.status} {detail}".rstrip())
+    return response.data
+
+
+def read_url(url: str) -> bytes:
+    """The bytes behind a presigned http(s) URL or a file:// URL; ObjectNotFound if there are none."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        return _http("GET", url)
+    if scheme == "file":
+        path = _file_url_path(url)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object at {url}: the file does not exist") from None
+    raise ValueError(f"cannot read {_redact(url)!r}: expected an http(s):// presigned URL or a file:// URL")
+
+
+def write_url(url: str, data: bytes) -> None:
+    """Upload `data` to a presigned PUT URL, or write it atomically to a file:// URL."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        _http("PUT", url, data)
+    elif scheme == "file":
+        _write_atomically(_file_url_path(url), lambda target: target.write(data))
+    else:
+        raise ValueError(
+            f"cannot write {_redact(url)!r}: expected an http(s):// presigned URL or a file:// URL"
+        )
+
+
+def open_store(location: str, endpoint: str | None = None, region: str = "us-east-1") -> ObjectStore:
+    """The store at `location`: s3://bucket/prefix, file:///path, or a directory path."""
+    if not location.strip():
+        raise ValueError("empty store location: write s3://bucket/prefix or a directory path")
+    parts = urlsplit(location)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"store location {location!r} has no bucket: write s3://bucket/prefix")
+        return S3Store(bucket=parts.netloc, prefix=parts.path.strip("/"), endpoint=endpoint, region=region)
+    if parts.scheme == "file":
+        return LocalStore(_file_url_path(location))
+    if "://" in location:
+        raise ValueError(
+            f"unsupported store location {location!r}: "
+            "write s3://bucket/prefix, file:///path or a directory path"
+        )
+    return LocalStore(Path(location))

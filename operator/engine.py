@@ -1,0 +1,558 @@
+"""The round state machine: (spec, status, observations, now) -> (actions, status, events).
+
+Pure: no Kubernetes, no object store, no clock. The local runner and the kopf operator are two thin
+drivers of this one function; each observes the world, calls `step`, carries out the actions and
+persists the status. Every action is idempotent (deterministic Job names and object keys), so a
+driver that restarts, or repeats an action it is not sure took effect, does no harm.
+
+A training goes through rounds 0..R-1 of training, then one evaluation round R in which every site
+only scores the final global model, then the final model is merged. Round r's sites first evaluate
+the global model r they receive, so round r's metrics describe global model r.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Literal
+
+from fedtrain.api import (
+    STATUS_HISTORY_LIMIT,
+    Condition,
+    ConditionType,
+    EvalMetrics,
+    FederatedTrainingSpec,
+    FederatedTrainingStatus,
+    Phase,
+    RejectedUpdate,
+    RoundRecord,
+    SiteRoundStatus,
+    SiteState,
+    Stage,
+)
+from fedtrain.messages import RoundManifest, UpdateVerdict
+
+JobMode = Literal["train", "evaluate"]
+
+# --------------------------------------------------------------------------------------------------
+# what the drivers observe
+
+
+class JobState(StrEnum):
+    ABSENT = "Absent"  # never created, or gone (deleted, lost with a restarted local runner)
+    ACTIVE = "Active"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class JobObservation:
+    state: JobState
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Observations:
+    """What a driver saw since the last step, about the current round only."""
+
+    initial_model_uri: str | None = None
+    jobs: Mapping[tuple[str, int], JobObservation] = field(default_factory=dict)  # (site, attempt)
+    verdicts: Mapping[str, UpdateVerdict] = field(default_factory=dict)  # by site
+    manifest: RoundManifest | None = None
+    merged_model_uri: str | None = None
+    aggregator_error: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# what the engine asks for
+
+
+@dataclass(frozen=True)
+class InitializeModel:
+    """Write the round-0 global model."""
+
+
+@dataclass(frozen=True)
+class StartSiteJob:
+    site: str
+    round: int
+    attempt: int
+    mode: JobMode
+
+
+@dataclass(frozen=True)
+class StopSiteJob:
+    site: str
+    round: int
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SubmitUpdate:
+    """Hand a finished site's update (or evaluation report) to the aggregator."""
+
+    site: str
+    round: int
+
+
+@dataclass(frozen=True)
+class CloseRound:
+    round: int
+    participants: tuple[str, ...]
+    rejected: tuple[RejectedUpdate, ...]
+
+
+@dataclass(frozen=True)
+class MergeFinalModel:
+    round: int
+
+
+@dataclass(frozen=True)
+class RecordRound:
+    """Append a closed round to the full history in the object store."""
+
+    record: RoundRecord
+
+
+Action = InitializeModel | StartSiteJob | StopSiteJob | SubmitUpdate | CloseRound | MergeFinalModel | RecordRound
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: FederatedTrainingStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def act(self, action: Action) -> None:
+        self.actions.append(action)
+
+    def normal(self, reason: str, message: str) -> None:
+        self.events.append(Event("Normal", reason, message))
+
+    def warning(self, reason: str, message: str) -> None:
+        self.events.append(Event("Warning", reason, message))
+
+
+# --------------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def select_sites(spec: FederatedTrainingSpec, round_index: int) -> list[str]:
+    """Sites taking part in a training round: all, or a seeded sample of siteFraction of them."""
+    names = [site.name for site in spec.sites]
+    count = spec.aggregation.sites_per_round(len(names))
+    if count >= len(names):
+        return names
+    chosen = set(random.Random(spec.training.seed * 1_000_003 + round_index).sample(sorted(names), count))
+    return [name for name in names if name in chosen]
+
+
+def weighted_evaluation(per_site: Mapping[str, EvalMetrics]) -> EvalMetrics | None:
+    """All sites' validation metrics combined, weighted by validation samples."""
+    total = sum(metrics.samples for metrics in per_site.values())
+    if total == 0:
+        return None
+
+    def mean(attribute: str) -> float:
+        return sum(getattr(m, attribute) * m.samples for m in per_site.values()) / total
+
+    return EvalMetrics(loss=mean("loss"), accuracy=mean("accuracy"), macro_f1=mean("macro_f1"), samples=total)
+
+
+def set_condition(
+    status: FederatedTrainingStatus,
+    kind: ConditionType,
+    value: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+) -> None:
+    """Set a condition; its transition time moves only when its status changes."""
+    text: Literal["True", "False"] = "True" if value else "False"
+    for index, condition in enumerate(status.conditions):
+        if condition.type is kind:
+            changed = condition.status != text
+            status.conditions[index] = Condition(
+                type=kind,
+                status=text,
+                reason=reason,
+                message=message,
+                last_transition_time=now if changed else condition.last_transition_time,
+            )
+            return
+    status.conditions.append(
+        Condition(type=kind, status=text, reason=reason, message=message, last_transition_time=now)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the step
+
+
+def step(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    observations: Observations,
+    now: datetime,
+) -> Decision:
+    """Decide what to do next. Never mutates its arguments."""
+    decision = Decision(status=status.model_copy(deep=True))
+    current = decision.status
+    if current.phase.finished:
+        return decision
+    if spec.suspend:
+        _suspend(current, decision, now)
+        return decision
+    if current.phase is Phase.SUSPENDED:
+        _resume(spec, current, decision, now)
+    if current.phase is Phase.PENDING:
+        current.phase = Phase.RUNNING
+        current.stage = Stage.INITIALIZING
+        current.started_at = now
+        current.message = "writing the initial global model"
+        set_condition(current, ConditionType.PROGRESSING, True, "Initializing", current.message, now)
+        set_condition(current, ConditionType.READY, True, "Running", "the training is running", now)
+    if observations.aggregator_error:
+        _fail(current, decision, "AggregatorError", observations.aggregator_error, now)
+        return decision
+
+    if current.stage is Stage.INITIALIZING:
+        if observations.initial_model_uri is None:
+            decision.act(InitializeModel())
+            return decision
+        current.global_model_uri = observations.initial_model_uri
+        _start_round(spec, current, decision, 0, now)
+        return decision
+
+    if current.stage in (Stage.TRAINING, Stage.EVALUATING):
+        _advance_sites(spec, current, observations, decision, now)
+        if all(site.state.terminal for site in current.sites):
+            _round_complete(spec, current, decision, now)
+
+    if current.stage is Stage.CLOSING:
+        if observations.manifest is None or observations.manifest.round != current.round:
+            decision.act(_close_action(current))
+        else:
+            _record_training_round(spec, current, observations.manifest, decision, now)
+
+    if current.stage is Stage.FINALIZING:
+        if observations.merged_model_uri is None:
+            decision.act(MergeFinalModel(round=current.round))
+        else:
+            current.final_model_uri = observations.merged_model_uri
+            current.stage = Stage.DONE
+            current.phase = Phase.SUCCEEDED
+            current.finished_at = now
+            current.round_deadline = None
+            best = f"best {spec.evaluation.metric.value} {current.best_metric:.4f} at round {current.best_round}"
+            current.message = f"finished after {current.round} rounds; {best}"
+            set_condition(current, ConditionType.SUCCEEDED, True, "Completed", current.message, now)
+            set_condition(current, ConditionType.PROGRESSING, False, "Completed", current.message, now)
+            decision.normal("Succeeded", current.message)
+    return decision
+
+
+def _start_round(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    decision: Decision,
+    round_index: int,
+    now: datetime,
+    mode: JobMode = "train",
+) -> None:
+    sites = select_sites(spec, round_index) if mode == "train" else [site.name for site in spec.sites]
+    status.round = round_index
+    status.stage = Stage.TRAINING if mode == "train" else Stage.EVALUATING
+    status.round_started_at = now
+    status.round_deadline = now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
+    status.sites = [SiteRoundStatus(name=name, started_at=now) for name in sites]
+    for name in sites:
+        decision.act(StartSiteJob(site=name, round=round_index, attempt=0, mode=mode))
+    if mode == "train":
+        status.message = f"round {round_index + 1} of {spec.training.rounds}: {len(sites)} sites training"
+        decision.normal("RoundStarted", f"round {round_index} started with sites {', '.join(sites)}")
+    else:
+        status.message = f"evaluating the final model on {len(sites)} sites"
+        decision.normal("EvaluationStarted", status.message)
+    set_condition(status, ConditionType.PROGRESSING, True, "RoundRunning", status.message, now)
+
+
+def _mode(status: FederatedTrainingStatus) -> JobMode:
+    return "evaluate" if status.stage is Stage.EVALUATING else "train"
+
+
+def _advance_sites(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    observations: Observations,
+    decision: Decision,
+    now: datetime,
+) -> None:
+    mode = _mode(status)
+    for site in status.sites:
+        if site.state is SiteState.TRAINED:
+            verdict = observations.verdicts.get(site.name)
+            if verdict is None:
+                decision.act(SubmitUpdate(site=site.name, round=status.round))
+            else:
+                _apply_verdict(site, verdict, decision, now)
+            continue
+        if site.state.terminal:
+            continue
+        job = observations.jobs.get((site.name, site.attempt), JobObservation(JobState.ABSENT))
+        if job.state is JobState.ABSENT:
+            # Never started, or lost (a restarted local runner, a deleted Job): start it again.
+            # The Job name and the object keys are deterministic, so this cannot duplicate work.
+            decision.act(StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=mode))
+        elif job.state is JobState.ACTIVE:
+            site.state = SiteState.RUNNING
+        elif job.state is JobState.SUCCEEDED:
+            site.state = SiteState.TRAINED
+            verdict = observations.verdicts.get(site.name)
+            if verdict is None:
+                decision.act(SubmitUpdate(site=site.name, round=status.round))
+            else:
+                _apply_verdict(site, verdict, decision, now)
+        elif job.state is JobState.FAILED:
+            _site_failed(spec, status, site, job.message, decision, now)
+
+    deadline = status.round_deadline
+    if deadline is not None and now >= deadline:
+        for site in status.sites:
+            if site.state in (SiteState.PENDING, SiteState.RUNNING):
+                site.state = SiteState.STRAGGLER
+                site.finished_at = now
+                site.message = f"not finished by the round deadline {deadline.isoformat()}"
+                decision.act(
+                    StopSiteJob(site=site.name, round=status.round, attempt=site.attempt, reason="straggler")
+                )
+                decision.warning("Straggler", f"round {status.round}: site {site.name} missed the deadline")
+
+
+def _apply_verdict(site: SiteRoundStatus, verdict: UpdateVerdict, decision: Decision, now: datetime) -> None:
+    site.finished_at = now
+    site.samples = verdict.samples
+    site.evaluation = verdict.evaluation
+    site.update_bytes = verdict.update_bytes
+    site.train_seconds = verdict.train_seconds
+    if verdict.accepted:
+        site.state = SiteState.ACCEPTED
+        site.message = None
+    else:
+        site.state = SiteState.REJECTED
+        site.message = f"{verdict.reason}: {verdict.message}"
+        decision.warning("UpdateRejected", f"round {verdict.round}: site {site.name}: {site.message}")
+
+
+def _site_failed(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    site: SiteRoundStatus,
+    message: str,
+    decision: Decision,
+    now: datetime,
+) -> None:
+    detail = message or "the trainer exited with an error"
+    if site.attempt < spec.aggregation.site_retries:
+        site.attempt += 1
+        site.state = SiteState.PENDING
+        site.started_at = now
+        site.message = f"attempt {site.attempt} after: {detail}"
+        decision.act(StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=_mode(status)))
+        decision.warning("SiteRetry", f"round {status.round}: site {site.name} failed ({detail}); retrying")
+    else:
+        site.state = SiteState.FAILED
+        site.finished_at = now
+        site.message = detail
+        decision.warning("SiteFailed", f"round {status.round}: site {site.name} failed: {detail}")
+
+
+def _close_action(status: FederatedTrainingStatus) -> CloseRound:
+    return CloseRound(
+        round=status.round,
+        participants=tuple(site.name for site in status.sites if site.state is SiteState.ACCEPTED),
+        rejected=tuple(
+            RejectedUpdate(site=site.name, reason=site.message or "rejected")
+            for site in status.sites
+            if site.state is SiteState.REJECTED
+        ),
+    )
+
+
+def _round_complete(
+    spec: FederatedTrainingSpec, status: FederatedTrainingStatus, decision: Decision, now: datetime
+) -> None:
+    accepted = [site.name for site in status.sites if site.state is SiteState.ACCEPTED]
+    if status.stage is Stage.EVALUATING:
+        record = _record(status, now, kind="evaluate", model_uri=status.global_model_uri)
+        _remember(status, record, decision)
+        if record.evaluation is not None:
+            _track_best(spec, status, status.round, status.global_model_uri, record.evaluation)
+        else:
+            decision.warning("EvaluationMissing", "no site reported an evaluation of the final model")
+        status.stage = Stage.FINALIZING
+        status.message = "merging the final model"
+        return
+    needed = spec.aggregation.min_sites
+    if len(accepted) < needed:
+        counts = ", ".join(
+            f"{state.value.lower()}: {sum(site.state is state for site in status.sites)}"
+            for state in (SiteState.ACCEPTED, SiteState.REJECTED, SiteState.FAILED, SiteState.STRAGGLER)
+        )
+        _fail(
+            status,
+            decision,
+            "QuorumNotMet",
+            f"round {status.round}: {len(accepted)} accepted updates, minSites is {needed} ({counts})",
+            now,
+        )
+        return
+    status.stage = Stage.CLOSING
+    status.message = f"closing round {status.round} with {len(accepted)} updates"
+
+
+def _record(
+    status: FederatedTrainingStatus,
+    now: datetime,
+    kind: Literal["train", "evaluate"],
+    model_uri: str | None,
+) -> RoundRecord:
+    per_site = {site.name: site.evaluation for site in status.sites if site.evaluation is not None}
+    return RoundRecord(
+        round=status.round,
+        kind=kind,
+        started_at=status.round_started_at or now,
+        closed_at=now,
+        participants=[site.name for site in status.sites if site.state is SiteState.ACCEPTED],
+        stragglers=[site.name for site in status.sites if site.state is SiteState.STRAGGLER],
+        failed=[site.name for site in status.sites if site.state is SiteState.FAILED],
+        rejected=[
+            RejectedUpdate(site=site.name, reason=site.message or "rejected")
+            for site in status.sites
+            if site.state is SiteState.REJECTED
+        ],
+        evaluation=weighted_evaluation(per_site),
+        site_evaluation=per_site,
+        bytes_uploaded=sum(site.update_bytes or 0 for site in status.sites),
+        model_uri=model_uri,
+    )
+
+
+def _remember(status: FederatedTrainingStatus, record: RoundRecord, decision: Decision) -> None:
+    status.history = [*[r for r in status.history if (r.round, r.kind) != (record.round, record.kind)], record]
+    status.history = status.history[-STATUS_HISTORY_LIMIT:]
+    decision.act(RecordRound(record=record))
+
+
+def _track_best(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    round_index: int,
+    model_uri: str | None,
+    evaluation: EvalMetrics,
+) -> bool:
+    value = evaluation.value(spec.evaluation.metric)
+    if spec.evaluation.improves(value, status.best_metric):
+        status.best_metric = value
+        status.best_round = round_index
+        status.best_model_uri = model_uri
+        status.rounds_without_improvement = 0
+        return True
+    status.rounds_without_improvement += 1
+    return False
+
+
+def _record_training_round(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    manifest: RoundManifest,
+    decision: Decision,
+    now: datetime,
+) -> None:
+    evaluated_model = status.global_model_uri  # the model this round's sites scored before training
+    record = _record(status, now, kind="train", model_uri=manifest.model_uri)
+    _remember(status, record, decision)
+    if record.evaluation is not None:
+        _track_best(spec, status, status.round, evaluated_model, record.evaluation)
+    status.global_model_uri = manifest.model_uri
+    accuracy = f"{record.evaluation.accuracy:.3f}" if record.evaluation else "n/a"
+    decision.normal(
+        "RoundClosed",
+        f"round {status.round} closed with {len(manifest.participants)} updates; "
+        f"global model {status.round} accuracy {accuracy}",
+    )
+    next_round = status.round + 1
+    patience = spec.evaluation.patience
+    if patience is not None and status.rounds_without_improvement >= patience:
+        decision.normal(
+            "EarlyStopped",
+            f"no improvement of {spec.evaluation.metric.value} for {patience} rounds; "
+            f"best was round {status.best_round}",
+        )
+        _start_round(spec, status, decision, next_round, now, mode="evaluate")
+    elif next_round >= spec.training.rounds:
+        _start_round(spec, status, decision, next_round, now, mode="evaluate")
+    else:
+        _start_round(spec, status, decision, next_round, now)
+
+
+def _stop_running_sites(status: FederatedTrainingStatus, decision: Decision, reason: str) -> None:
+    for site in status.sites:
+        if site.state in (SiteState.PENDING, SiteState.RUNNING):
+            decision.act(StopSiteJob(site=site.name, round=status.round, attempt=site.attempt, reason=reason))
+
+
+def _fail(
+    status: FederatedTrainingStatus, decision: Decision, reason: str, message: str, now: datetime
+) -> None:
+    _stop_running_sites(status, decision, "failed")
+    status.phase = Phase.FAILED
+    status.finished_at = now
+    status.round_deadline = None
+    status.message = message
+    set_condition(status, ConditionType.FAILED, True, reason, message, now)
+    set_condition(status, ConditionType.PROGRESSING, False, reason, message, now)
+    set_condition(status, ConditionType.READY, False, reason, message, now)
+    decision.warning(reason, message)
+
+
+def _suspend(status: FederatedTrainingStatus, decision: Decision, now: datetime) -> None:
+    if status.phase is Phase.SUSPENDED:
+        return
+    _stop_running_sites(status, decision, "suspended")
+    status.phase = Phase.SUSPENDED
+    status.message = f"suspended in round {status.round}; set spec.suspend to false to resume"
+    set_condition(status, ConditionType.SUSPENDED, True, "Suspended", status.message, now)
+    set_condition(status, ConditionType.PROGRESSING, False, "Suspended", status.message, now)
+    decision.normal("Suspended", status.message)
+
+
+def _resume(
+    spec: FederatedTrainingSpec, status: FederatedTrainingStatus, decision: Decision, now: datetime
+) -> None:
+    """Sites cut off by the suspension start again under a new attempt; finished sites are kept."""
+    status.phase = Phase.RUNNING if status.started_at else Phase.PENDING
+    if status.stage in (Stage.TRAINING, Stage.EVALUATING):
+        status.round_started_at = now
+        status.round_deadline = now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
+        for site in status.sites:
+            if site.state in (SiteState.PENDING, SiteState.RUNNING):
+                site.attempt += 1
+                site.state = SiteState.PENDING
+                site.started_at = now
+                decision.act(StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=_mode(status)))
+    status.message = f"resumed in round {status.round}"
+    set_condition(status, ConditionType.SUSPENDED, False, "Resumed", status.message, now)
+    set_condition(status, ConditionType.PROGRESSING, True, "Resumed", status.message, now)
+    decision.normal("Resumed", status.message)

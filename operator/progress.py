@@ -1,0 +1,93 @@
+"""Progress of a local run on the terminal: a bar with round, sites done and ETA, a line per round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RoundRecord, Stage
+
+from .engine import Event
+from .local import MERGED_FILE, load_history
+from .report import plot_history, round_table
+
+PLOT_FILE = "plot.png"
+
+
+class RunProgress:
+    def __init__(self, console: Console, spec: FederatedTrainingSpec, run_dir: Path) -> None:
+        self.console = console
+        self.spec = spec
+        self.run_dir = run_dir
+        self.sites = [site.name for site in spec.sites]
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[round_text]}"),
+            BarColumn(),
+            TextColumn("{task.fields[sites_text]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        # The last unit of work is the final evaluation of the model every site scores.
+        self.task = self.progress.add_task("run", total=spec.training.rounds + 1, round_text="starting", sites_text="")
+
+    def __enter__(self) -> RunProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.progress.stop()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def update(self, status: FederatedTrainingStatus) -> None:
+        rounds = self.spec.training.rounds
+        done = sum(site.state.terminal for site in status.sites)
+        if status.stage is Stage.EVALUATING:
+            label = "final evaluation"
+        elif status.stage in (Stage.FINALIZING, Stage.DONE):
+            label = "merging the final model"
+        else:
+            label = f"round {min(status.round + 1, rounds)} of {rounds}"
+        fraction = done / len(status.sites) if status.sites else 0.0
+        completed = status.round + fraction if status.stage is not Stage.DONE else rounds + 1
+        self.progress.update(
+            self.task,
+            completed=completed,
+            round_text=label,
+            sites_text=f"sites done {done}/{len(status.sites)}" if status.sites else "",
+        )
+
+    def event(self, event: Event) -> None:
+        if event.type == "Warning":
+            self.progress.console.print(f"[yellow]warning[/] {event.reason}: {event.message}")
+
+    def round_closed(self, record: RoundRecord, status: FederatedTrainingStatus) -> None:
+        evaluation = record.evaluation
+        per_site = ", ".join(f"{site} {m.accuracy:.3f}" for site, m in record.site_evaluation.items())
+        head = "final model" if record.kind == "evaluate" else f"round {record.round}"
+        scored = f"accuracy {evaluation.accuracy:.3f} loss {evaluation.loss:.3f}" if evaluation else "no evaluation"
+        extra = f", {record.bytes_uploaded / 1024:.0f} KB uploaded" if record.kind == "train" else ""
+        self.progress.console.print(
+            f"{head}: {scored} ({per_site}){extra}, {record.duration_seconds:.0f} s"
+        )
+
+    def summary(self, status: FederatedTrainingStatus, seconds: float) -> None:
+        records = load_history(self.run_dir)
+        if records:
+            self.console.print(round_table(records, self.sites))
+            plot_history(records, self.sites, self.run_dir / PLOT_FILE)
+        self.console.print(f"{status.phase.value} in {seconds:.0f} s: {status.message}")
+        self.console.print(f"run directory {self.run_dir}: status.json, history.jsonl, {PLOT_FILE}, logs/")
+        if status.final_model_uri:
+            self.console.print(f"final merged model: {self.run_dir / MERGED_FILE}")
+        if status.best_model_uri:
+            self.console.print(f"best global model (round {status.best_round}): {status.best_model_uri}")

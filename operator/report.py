@@ -1,0 +1,83 @@
+"""What a person reads after (and during) a run: the per-round table and the loss/accuracy plot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.table import Table
+
+from fedtrain.api import RoundRecord
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    return str(count)
+
+
+def round_table(records: Sequence[RoundRecord], sites: Sequence[str]) -> Table:
+    """One row per round: the global model's validation accuracy per site and weighted."""
+    table = Table(title="global model validation accuracy by round", show_lines=False)
+    table.add_column("round", justify="right")
+    for site in sites:
+        table.add_column(site, justify="right")
+    for column in ("weighted acc", "macro-F1", "loss", "uploaded", "duration", "notes"):
+        table.add_column(column, justify="right" if column != "notes" else "left")
+    for record in records:
+        label = f"{record.round}" + (" (final)" if record.kind == "evaluate" else "")
+        per_site = [
+            f"{record.site_evaluation[site].accuracy:.3f}" if site in record.site_evaluation else "-" for site in sites
+        ]
+        overall = record.evaluation
+        notes = []
+        if record.stragglers:
+            notes.append(f"stragglers: {', '.join(record.stragglers)}")
+        if record.failed:
+            notes.append(f"failed: {', '.join(record.failed)}")
+        if record.rejected:
+            notes.append(f"rejected: {', '.join(r.site for r in record.rejected)}")
+        table.add_row(
+            label,
+            *per_site,
+            f"{overall.accuracy:.3f}" if overall else "-",
+            f"{overall.macro_f1:.3f}" if overall else "-",
+            f"{overall.loss:.3f}" if overall else "-",
+            _bytes(record.bytes_uploaded) if record.kind == "train" else "-",
+            f"{record.duration_seconds:.0f} s",
+            "; ".join(notes),
+        )
+    return table
+
+
+def plot_history(records: Sequence[RoundRecord], sites: Sequence[str], path: Path) -> None:
+    """Validation loss and accuracy of each round's global model, per site and weighted, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    rounds = [record.round for record in records]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for site in sites:
+        points = [(r.round, r.site_evaluation[site]) for r in records if site in r.site_evaluation]
+        xs = [x for x, _ in points]
+        loss_axis.plot(xs, [m.loss for _, m in points], marker=".", alpha=0.6, label=site)
+        accuracy_axis.plot(xs, [m.accuracy for _, m in points], marker=".", alpha=0.6, label=site)
+    weighted = [(r.round, r.evaluation) for r in records if r.evaluation is not None]
+    loss_axis.plot([x for x, _ in weighted], [m.loss for _, m in weighted], "k-o", linewidth=2, label="weighted")
+    accuracy_axis.plot(
+        [x for x, _ in weighted], [m.accuracy for _, m in weighted], "k-o", linewidth=2, label="weighted"
+    )
+    for axis, name in ((loss_axis, "validation loss"), (accuracy_axis, "validation accuracy")):
+        axis.set_xlabel("round (global model evaluated)")
+        axis.set_ylabel(name)
+        axis.set_xticks(rounds)
+        axis.grid(alpha=0.3)
+    accuracy_axis.set_ylim(0, 1)
+    accuracy_axis.legend(loc="lower right", fontsize="small")
+    figure.suptitle("fedtrain: global model on each site's validation split")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

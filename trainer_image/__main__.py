@@ -1,0 +1,58 @@
+"""`python -m fedtrain.trainer --config FILE`: run one site's round and exit.
+
+Exit codes: 0 done; 2 the job file is invalid; 3 the global model does not fit this site's model;
+4 the site's data cannot be read; 1 anything else (a retry may help).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+import yaml
+from pydantic import ValidationError
+
+from fedtrain.api import describe_errors
+from fedtrain.job import TrainerJob
+
+from .data import DataError
+from .model import ModelError
+from .train import IncompatibleModel, run_job
+
+EXIT_INVALID = 2
+EXIT_INCOMPATIBLE = 3
+EXIT_DATA = 4
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="Trainer job (YAML or JSON)."),
+) -> None:
+    """Run one federated round for one site: score the global model, train, upload the update."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("fedtrain.trainer")
+    try:
+        job = TrainerJob.model_validate(yaml.safe_load(config.read_text()))
+    except ValidationError as error:
+        for line in describe_errors(error):
+            log.error("%s: %s", config, line)
+        raise typer.Exit(EXIT_INVALID) from None
+    except yaml.YAMLError as error:
+        log.error("%s is not valid YAML: %s", config, error)
+        raise typer.Exit(EXIT_INVALID) from None
+    try:
+        run_job(job)
+    except (IncompatibleModel, ModelError) as error:
+        log.error("%s", error)
+        raise typer.Exit(EXIT_INCOMPATIBLE) from None
+    except DataError as error:
+        log.error("%s", error)
+        raise typer.Exit(EXIT_DATA) from None
+
+
+if __name__ == "__main__":
+    sys.exit(app())
