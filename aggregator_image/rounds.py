@@ -118,8 +118,12 @@ class RoundAggregator:
         log.log(level, "round %d site %s: %s", round_index, site, verdict.reason or "accepted")
         return verdict
 
-    def _reject(self, round_index: int, site: str, reason: str, message: str, **extra: object) -> UpdateVerdict:
-        return UpdateVerdict(round=round_index, site=site, accepted=False, reason=reason, message=message, **extra)
+    def _reject(
+        self, round_index: int, site: str, reason: str, message: str, **extra: object
+    ) -> UpdateVerdict:
+        return UpdateVerdict(
+            round=round_index, site=site, accepted=False, reason=reason, message=message, **extra
+        )
 
     def _fold(self, round_index: int, site: str, open_round: _OpenRound) -> UpdateVerdict:
         key = self.layout.update(round_index, site)
@@ -196,7 +200,9 @@ class RoundAggregator:
             # After an aggregator restart the sum is empty: fold again what the engine accepted.
             verdict = self.submit(round_index, site)
             if not verdict.accepted:
-                raise AggregationError(f"round {round_index}: participant {site} was rejected: {verdict.message}")
+                raise AggregationError(
+                    f"round {round_index}: participant {site} was rejected: {verdict.message}"
+                )
         used = [site for site in participants if site in open_round.weights]
         if not used:
             raise AggregationError(f"round {round_index} has no accepted update to aggregate")
@@ -255,7 +261,9 @@ class RoundAggregator:
         payload = self.global_model(round_index)
         model = build_model(self.spec, self._pretrained_weights)
         if model.base_fingerprint != payload.meta.base_fingerprint:
-            raise AggregationError("the global model was trained from a different base model than the spec builds")
+            raise AggregationError(
+                "the global model was trained from a different base model than the spec builds"
+            )
         model.load_exchanged(dict(payload.tensors))
         spec_model = self.spec.model
         meta = Metadata(

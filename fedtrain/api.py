@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -19,7 +19,7 @@ from pydantic.alias_generators import to_camel
 GROUP = "fedtrain.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "FederatedTraining"
+KIND: Final = "FederatedTraining"
 PLURAL = "federatedtrainings"
 
 #: How many round records the status keeps; the full history is in the object store as JSON lines.
@@ -170,7 +170,7 @@ class LoraSpec(ApiModel):
             "parameters full fine-tuning; 20-100M rank 8; 100-400M rank 16; larger rank 32)."
         ),
     )
-    alpha: float | None = Field(None, gt=0, description="LoRA scaling alpha; defaults to 2 x rank.")
+    alpha: int | None = Field(None, ge=1, le=4096, description="LoRA scaling alpha; defaults to 2 x rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
@@ -333,9 +333,7 @@ class EvaluationSpec(ApiModel):
 
 
 class StorageSpec(ApiModel):
-    endpoint: str | None = Field(
-        None, description="S3 endpoint URL (MinIO, Ceph RGW); omit for AWS S3."
-    )
+    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph RGW); omit for AWS S3.")
     bucket: str = Field(
         ..., min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$", description="Bucket."
     )

@@ -25,7 +25,7 @@ EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 
 
-class InvalidResource(Exception):
+class InvalidResourceError(Exception):
     def __init__(self, path: Path, problems: list[str]) -> None:
         super().__init__(f"{path}: {len(problems)} problem(s)")
         self.path = path
@@ -37,21 +37,23 @@ def load_resource(path: Path) -> FederatedTraining:
     try:
         document = yaml.safe_load(path.read_text())
     except OSError as error:
-        raise InvalidResource(path, [f"cannot read the file: {error.strerror}"]) from None
+        raise InvalidResourceError(path, [f"cannot read the file: {error.strerror}"]) from None
     except yaml.YAMLError as error:
-        raise InvalidResource(path, [f"not valid YAML: {error}"]) from None
+        raise InvalidResourceError(path, [f"not valid YAML: {error}"]) from None
     if not isinstance(document, dict):
-        raise InvalidResource(path, ["expected a FederatedTraining object (apiVersion, kind, metadata, spec)"])
+        raise InvalidResourceError(
+            path, ["expected a FederatedTraining object (apiVersion, kind, metadata, spec)"]
+        )
     try:
         return FederatedTraining.model_validate(document)
     except ValidationError as error:
-        raise InvalidResource(path, describe_errors(error)) from None
+        raise InvalidResourceError(path, describe_errors(error)) from None
 
 
 def _load_or_exit(path: Path) -> FederatedTraining:
     try:
         return load_resource(path)
-    except InvalidResource as error:
+    except InvalidResourceError as error:
         errors.print(f"[red]error:[/] {error.path} is not a valid FederatedTraining:")
         for problem in error.problems:
             errors.print(f"  {problem}")
@@ -71,16 +73,24 @@ def validate(file: Path = typer.Argument(..., help="FederatedTraining YAML file.
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="FederatedTraining YAML file (the same one you would kubectl apply)."),
+    file: Path = typer.Argument(
+        ..., help="FederatedTraining YAML file (the same one you would kubectl apply)."
+    ),
     run_dir: Path | None = typer.Option(
-        None, "--run-dir", help="Where status, history, plot, logs and the final model go [default: runs/NAME]."
+        None,
+        "--run-dir",
+        help="Where status, history, plot, logs and the final model go [default: runs/NAME].",
     ),
     store: str | None = typer.Option(
         None, "--store", help="Object store: s3://bucket/prefix, or a directory [default: RUN_DIR/store]."
     ),
     endpoint: str | None = typer.Option(None, "--endpoint", help="S3 endpoint URL (MinIO, moto, Ceph RGW)."),
-    parallel: int = typer.Option(0, "--parallel", min=0, help="Trainer processes at once [default: one per core]."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last status."),
+    parallel: int = typer.Option(
+        0, "--parallel", min=0, help="Trainer processes at once [default: one per core]."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --run-dir from its last status."
+    ),
     trainer_command: str | None = typer.Option(
         None,
         "--trainer-command",
@@ -90,7 +100,6 @@ def run(
     """Run a federated training on this machine: one trainer process per site, a local aggregator."""
     resource = _load_or_exit(file)
     from fedtrain.operator.local import LocalRunner, RunError, RunOptions  # torch loads only here
-
     from fedtrain.operator.progress import RunProgress
 
     options = RunOptions(

@@ -111,7 +111,7 @@ class Signature:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def _tensor_digest(item: tuple[str, torch.Tensor]) -> str:
@@ -213,12 +213,12 @@ class _MappedTensors(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: Path) -> None:
         self._handle = safe_open(str(path), framework="pt")
-        self._names = sorted(self._handle.keys())
+        self._names = sorted(self._handle.keys())  # type: ignore[no-untyped-call]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._names:
             raise KeyError(name)
-        tensor: torch.Tensor = self._handle.get_tensor(name)
+        tensor: torch.Tensor = self._handle.get_tensor(name)  # type: ignore[no-untyped-call]
         return tensor
 
     def __iter__(self) -> Iterator[str]:

@@ -118,7 +118,9 @@ class RecordRound:
     record: RoundRecord
 
 
-Action = InitializeModel | StartSiteJob | StopSiteJob | SubmitUpdate | CloseRound | MergeFinalModel | RecordRound
+Action = (
+    InitializeModel | StartSiteJob | StopSiteJob | SubmitUpdate | CloseRound | MergeFinalModel | RecordRound
+)
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ def weighted_evaluation(per_site: Mapping[str, EvalMetrics]) -> EvalMetrics | No
         return None
 
     def mean(attribute: str) -> float:
-        return sum(getattr(m, attribute) * m.samples for m in per_site.values()) / total
+        return float(sum(getattr(m, attribute) * m.samples for m in per_site.values()) / total)
 
     return EvalMetrics(loss=mean("loss"), accuracy=mean("accuracy"), macro_f1=mean("macro_f1"), samples=total)
 
@@ -255,7 +257,9 @@ def step(
             current.phase = Phase.SUCCEEDED
             current.finished_at = now
             current.round_deadline = None
-            best = f"best {spec.evaluation.metric.value} {current.best_metric:.4f} at round {current.best_round}"
+            best = (
+                f"best {spec.evaluation.metric.value} {current.best_metric:.4f} at round {current.best_round}"
+            )
             current.message = f"finished after {current.round} rounds; {best}"
             set_condition(current, ConditionType.SUCCEEDED, True, "Completed", current.message, now)
             set_condition(current, ConditionType.PROGRESSING, False, "Completed", current.message, now)
@@ -369,7 +373,9 @@ def _site_failed(
         site.state = SiteState.PENDING
         site.started_at = now
         site.message = f"attempt {site.attempt} after: {detail}"
-        decision.act(StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=_mode(status)))
+        decision.act(
+            StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=_mode(status))
+        )
         decision.warning("SiteRetry", f"round {status.round}: site {site.name} failed ({detail}); retrying")
     else:
         site.state = SiteState.FAILED
@@ -450,7 +456,10 @@ def _record(
 
 
 def _remember(status: FederatedTrainingStatus, record: RoundRecord, decision: Decision) -> None:
-    status.history = [*[r for r in status.history if (r.round, r.kind) != (record.round, record.kind)], record]
+    status.history = [
+        *[r for r in status.history if (r.round, r.kind) != (record.round, record.kind)],
+        record,
+    ]
     status.history = status.history[-STATUS_HISTORY_LIMIT:]
     decision.act(RecordRound(record=record))
 
@@ -551,7 +560,9 @@ def _resume(
                 site.attempt += 1
                 site.state = SiteState.PENDING
                 site.started_at = now
-                decision.act(StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=_mode(status)))
+                decision.act(
+                    StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=_mode(status))
+                )
     status.message = f"resumed in round {status.round}"
     set_condition(status, ConditionType.SUSPENDED, False, "Resumed", status.message, now)
     set_condition(status, ConditionType.PROGRESSING, True, "Resumed", status.message, now)

@@ -103,7 +103,9 @@ class _JobTable:
             if code == 0:
                 outcome = JobObservation(JobState.SUCCEEDED)
             else:
-                outcome = JobObservation(JobState.FAILED, f"exit code {code}: {_last_error(process.log_path)}")
+                outcome = JobObservation(
+                    JobState.FAILED, f"exit code {code}: {_last_error(process.log_path)}"
+                )
             self.finished[key] = outcome
             seen[key] = outcome
         return seen
@@ -170,7 +172,8 @@ class LocalRunner:
             return FederatedTrainingStatus.model_validate_json(status_path.read_text())
         if status_path.exists():
             raise RunError(
-                f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --run-dir"
+                f"{self.run_dir} already holds a run: "
+                "pass --resume to continue it, or choose another --run-dir"
             )
         for sub in ("jobs", "logs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -273,7 +276,11 @@ class LocalRunner:
             state_put_url=store.presign_put(layout.site_state(job.site), expiry),
         )
         path = self.run_dir / "jobs" / f"round-{job.round:04d}-{job.site}-attempt-{job.attempt}.yaml"
-        path.write_text(yaml.safe_dump(trainer_job.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False))
+        path.write_text(
+            yaml.safe_dump(
+                trainer_job.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
+            )
+        )
         return path
 
     def _launch_queued(self) -> None:
@@ -327,7 +334,9 @@ class LocalRunner:
         except ObjectNotFound:
             lines = []
         kept = [
-            line for line in lines if (json.loads(line)["round"], json.loads(line)["kind"]) != (record.round, record.kind)
+            line
+            for line in lines
+            if (json.loads(line)["round"], json.loads(line)["kind"]) != (record.round, record.kind)
         ]
         text = "\n".join([*kept, record.model_dump_json(by_alias=True)]) + "\n"
         self.store.put_bytes(key, text.encode())

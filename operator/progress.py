@@ -34,7 +34,9 @@ class RunProgress:
             transient=False,
         )
         # The last unit of work is the final evaluation of the model every site scores.
-        self.task = self.progress.add_task("run", total=spec.training.rounds + 1, round_text="starting", sites_text="")
+        self.task = self.progress.add_task(
+            "run", total=spec.training.rounds + 1, round_text="starting", sites_text=""
+        )
 
     def __enter__(self) -> RunProgress:
         self.progress.start()
@@ -74,11 +76,13 @@ class RunProgress:
         evaluation = record.evaluation
         per_site = ", ".join(f"{site} {m.accuracy:.3f}" for site, m in record.site_evaluation.items())
         head = "final model" if record.kind == "evaluate" else f"round {record.round}"
-        scored = f"accuracy {evaluation.accuracy:.3f} loss {evaluation.loss:.3f}" if evaluation else "no evaluation"
-        extra = f", {record.bytes_uploaded / 1024:.0f} KB uploaded" if record.kind == "train" else ""
-        self.progress.console.print(
-            f"{head}: {scored} ({per_site}){extra}, {record.duration_seconds:.0f} s"
+        scored = (
+            f"accuracy {evaluation.accuracy:.3f} loss {evaluation.loss:.3f}"
+            if evaluation
+            else "no evaluation"
         )
+        extra = f", {record.bytes_uploaded / 1024:.0f} KB uploaded" if record.kind == "train" else ""
+        self.progress.console.print(f"{head}: {scored} ({per_site}){extra}, {record.duration_seconds:.0f} s")
 
     def summary(self, status: FederatedTrainingStatus, seconds: float) -> None:
         records = load_history(self.run_dir)

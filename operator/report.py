@@ -29,7 +29,8 @@ def round_table(records: Sequence[RoundRecord], sites: Sequence[str]) -> Table:
     for record in records:
         label = f"{record.round}" + (" (final)" if record.kind == "evaluate" else "")
         per_site = [
-            f"{record.site_evaluation[site].accuracy:.3f}" if site in record.site_evaluation else "-" for site in sites
+            f"{record.site_evaluation[site].accuracy:.3f}" if site in record.site_evaluation else "-"
+            for site in sites
         ]
         overall = record.evaluation
         notes = []
@@ -67,7 +68,9 @@ def plot_history(records: Sequence[RoundRecord], sites: Sequence[str], path: Pat
         loss_axis.plot(xs, [m.loss for _, m in points], marker=".", alpha=0.6, label=site)
         accuracy_axis.plot(xs, [m.accuracy for _, m in points], marker=".", alpha=0.6, label=site)
     weighted = [(r.round, r.evaluation) for r in records if r.evaluation is not None]
-    loss_axis.plot([x for x, _ in weighted], [m.loss for _, m in weighted], "k-o", linewidth=2, label="weighted")
+    loss_axis.plot(
+        [x for x, _ in weighted], [m.loss for _, m in weighted], "k-o", linewidth=2, label="weighted"
+    )
     accuracy_axis.plot(
         [x for x, _ in weighted], [m.accuracy for _, m in weighted], "k-o", linewidth=2, label="weighted"
     )

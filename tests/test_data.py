@@ -8,6 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from fedtrain.api import (
+    WAFER_CLASSES,
+    DataSpec,
+    EvaluationSpec,
+    ImageFolderData,
+    ModelSpec,
+    NpzData,
+    SyntheticData,
+)
 from fedtrain.trainer.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -22,17 +33,6 @@ from fedtrain.trainer.data import (
     site_data_seed,
     split_indices,
     wafer_maps_to_images,
-)
-from PIL import Image
-
-from fedtrain.api import (
-    WAFER_CLASSES,
-    DataSpec,
-    EvaluationSpec,
-    ImageFolderData,
-    ModelSpec,
-    NpzData,
-    SyntheticData,
 )
 
 CLASS = {name: index for index, name in enumerate(WAFER_CLASSES)}

@@ -19,7 +19,7 @@ from fedtrain.job import TrainerJob
 
 from .data import DataError
 from .model import ModelError
-from .train import IncompatibleModel, run_job
+from .train import IncompatibleModelError, run_job
 
 EXIT_INVALID = 2
 EXIT_INCOMPATIBLE = 3
@@ -30,7 +30,9 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="Trainer job (YAML or JSON)."),
+    config: Path = typer.Option(
+        ..., "--config", "-c", exists=True, dir_okay=False, help="Trainer job (YAML or JSON)."
+    ),
 ) -> None:
     """Run one federated round for one site: score the global model, train, upload the update."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,7 +48,7 @@ def main(
         raise typer.Exit(EXIT_INVALID) from None
     try:
         run_job(job)
-    except (IncompatibleModel, ModelError) as error:
+    except (IncompatibleModelError, ModelError) as error:
         log.error("%s", error)
         raise typer.Exit(EXIT_INCOMPATIBLE) from None
     except DataError as error:

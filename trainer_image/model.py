@@ -10,11 +10,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import timm
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from torch import nn
@@ -75,7 +75,7 @@ def _load_weights(source: Path | bytes) -> dict[str, torch.Tensor]:
 def create_backbone(model: ModelSpec, seed: int, weights: Path | bytes | None = None) -> nn.Module:
     """The timm model with the spec's head size; seeded so every site gets identical weights."""
     torch.manual_seed(seed)
-    kwargs = model.architecture.timm_kwargs() if model.architecture else {}
+    kwargs: dict[str, Any] = dict(model.architecture.timm_kwargs()) if model.architecture else {}
     try:
         backbone: nn.Module = timm.create_model(
             model.name,
@@ -138,7 +138,7 @@ def linear_module_names(backbone: nn.Module, exclude: str) -> list[str]:
 class FederatedModel:
     module: nn.Module
     rank: int | None
-    alpha: float | None
+    alpha: int | None
     parameter_count: int
     base_fingerprint: str
 
@@ -166,7 +166,7 @@ class FederatedModel:
         """A plain timm state dict with LoRA folded in, loadable without peft."""
         if self.rank is None:
             return {name: tensor.detach().clone() for name, tensor in self.module.state_dict().items()}
-        merged = copy.deepcopy(self.module).merge_and_unload()
+        merged = cast(PeftModel, copy.deepcopy(self.module)).merge_and_unload()
         return {name: tensor.detach().clone() for name, tensor in merged.state_dict().items()}
 
 
@@ -201,7 +201,7 @@ def build_model(spec: ModelRecipe, weights: Path | bytes | None = None) -> Feder
     )
     if not targets:
         raise ModelError(f"{spec.model.name} has no Linear layers outside its head for LoRA to adapt")
-    alpha = spec.lora.alpha if spec.lora.alpha is not None else 2.0 * rank
+    alpha = spec.lora.alpha if spec.lora.alpha is not None else 2 * rank
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,

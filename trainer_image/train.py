@@ -30,7 +30,7 @@ from .model import FederatedModel, ModelError, build_model
 log = logging.getLogger("fedtrain.trainer")
 
 
-class IncompatibleModel(RuntimeError):
+class IncompatibleModelError(RuntimeError):
     """The global model does not fit the model this site builds (different base or tensors)."""
 
 
@@ -76,7 +76,9 @@ def classification_metrics(
     support = confusion.sum(dim=1)
     predicted = confusion.sum(dim=0)
     present = support > 0
-    precision = torch.where(predicted > 0, true_positive / predicted.clamp(min=1), torch.zeros_like(predicted))
+    precision = torch.where(
+        predicted > 0, true_positive / predicted.clamp(min=1), torch.zeros_like(predicted)
+    )
     recall = true_positive / support.clamp(min=1)
     f1 = torch.where(
         precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(recall)
@@ -89,7 +91,8 @@ def classification_metrics(
         samples=count,
     )
     per_class = {
-        name: (float(recall[index]) if bool(present[index]) else None) for index, name in enumerate(class_names)
+        name: (float(recall[index]) if bool(present[index]) else None)
+        for index, name in enumerate(class_names)
     }
     return Evaluation(metrics, per_class)
 
@@ -134,7 +137,9 @@ def make_optimizer(parameters: Iterable[nn.Parameter], spec: TrainerSpec) -> tor
     settings = spec.training.optimizer
     params = list(parameters)
     if settings.name is OptimizerName.SGD:
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(
+            params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        )
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
@@ -225,7 +230,9 @@ def train_steps(
     loss_sum, correct, seen = 0.0, 0, 0
     report_every = max(1, steps // 5)
     started = time.perf_counter()
-    for step, indices in enumerate(_batches(len(data.train_images), spec.training.batch_size, steps, generator)):
+    for step, indices in enumerate(
+        _batches(len(data.train_images), spec.training.batch_size, steps, generator)
+    ):
         images = data.train_images[indices]
         if spec.training.augment:
             images = augment_batch(images, generator)
@@ -271,21 +278,27 @@ def run_job(job: TrainerJob) -> Metadata:
     model = build_model(spec, weights)
     global_payload = decode(read_url(job.global_model_url), name=f"global model of round {job.round}")
     if global_payload.meta.base_fingerprint != model.base_fingerprint:
-        raise IncompatibleModel(
+        raise IncompatibleModelError(
             "the global model was built from different base weights than this site's "
             "(check model.name, model.pretrained and the torch/timm versions of the trainer image)"
         )
     try:
         model.load_exchanged(dict(global_payload.tensors))
     except ModelError as error:
-        raise IncompatibleModel(str(error)) from None
+        raise IncompatibleModelError(str(error)) from None
     model.module.to(device)
     timings["load_seconds"] = time.perf_counter() - started
 
     eval_started = time.perf_counter()
     class_names = spec.model.class_names()
     evaluation = evaluate(
-        model.module, data.val_images, data.val_labels, class_names, spec.training.batch_size, device, amp_dtype
+        model.module,
+        data.val_images,
+        data.val_labels,
+        class_names,
+        spec.training.batch_size,
+        device,
+        amp_dtype,
     )
     timings["eval_seconds"] = time.perf_counter() - eval_started
     log.info(
