@@ -131,11 +131,16 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return outer.hexdigest()
 
 
+def _squared_norm(tensor: torch.Tensor) -> float:
+    """Squared L2 norm; finite for every finite tensor (fp32 overflows above about 1.8e19 per value)."""
+    squared = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float32)) ** 2
+    if not math.isfinite(squared) and bool(torch.isfinite(tensor).all()):
+        squared = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64)) ** 2
+    return squared
+
+
 def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    total = 0.0
-    for tensor in tensors.values():
-        total += float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float32)) ** 2
-    return math.sqrt(total)
+    return math.sqrt(sum(_squared_norm(tensor) for tensor in tensors.values()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,23 +178,25 @@ def _refuse_non_safetensors(head: bytes, source: str) -> None:
 
 
 def _parse_header(head: bytes, total: int, source: str) -> dict[str, Any]:
+    """The safetensors JSON header. Only what fails to parse is examined for pickle signatures:
+    a valid header length can start with the same byte as a pickle (0x80 is a length of 128)."""
+    header: Any = None
+    if len(head) >= 8:
+        (length,) = struct.unpack("<Q", head[:8])
+        if length <= MAX_HEADER_BYTES and 8 + length <= total:
+            try:
+                header = json.loads(head[8 : 8 + length])
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                header = None
+    if isinstance(header, dict):
+        return header
     _refuse_non_safetensors(head, source)
-    if len(head) < 8:
-        raise CodecError("format", f"{source} is {len(head)} bytes long, too short to be safetensors")
-    (length,) = struct.unpack("<Q", head[:8])
-    if length > MAX_HEADER_BYTES or 8 + length > total:
-        raise CodecError("format", f"{source} is not a safetensors file (header length {length})")
-    try:
-        header = json.loads(head[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CodecError("format", f"{source} is not a safetensors file: {error}") from None
-    if not isinstance(header, dict):
-        raise CodecError("format", f"{source} is not a safetensors file: header is not an object")
-    return header
+    raise CodecError("format", f"{source} is not a safetensors file ({total} bytes, no valid header)")
 
 
 def _metadata_from_header(header: Mapping[str, Any], source: str) -> Metadata:
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    metadata = header.get("__metadata__") or {}
+    raw = metadata.get(METADATA_KEY) if isinstance(metadata, dict) else None
     if raw is None:
         raise CodecError(
             "format", f"{source} has no fedtrain metadata: it was not written by fedtrain.codec.encode"
@@ -293,8 +300,8 @@ def check_update(payload: Payload, signature: Signature, name: str = "update") -
                 f"{name}: tensor {tensor_name} is {tensor.dtype}, but the update declares "
                 f"{meta.transfer_dtype.value}",
             )
-        squared = float(torch.linalg.vector_norm(tensor, dtype=torch.float32)) ** 2
-        if not math.isfinite(squared) and not bool(torch.isfinite(tensor).all()):
+        squared = _squared_norm(tensor)
+        if not math.isfinite(squared):
             raise CodecError("nonfinite", f"{name}: tensor {tensor_name} holds NaN or Inf values")
         total += squared
     return math.sqrt(total)

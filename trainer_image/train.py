@@ -247,7 +247,7 @@ def train_steps(
             nn.utils.clip_grad_norm_(trainable, clip)
         optimizer.step()
         scheduler.step()
-        loss_sum += float(loss) * len(indices)
+        loss_sum += float(loss.detach()) * len(indices)
         correct += int((logits.argmax(dim=1) == targets).sum())
         seen += len(indices)
         if (step + 1) % report_every == 0 or step + 1 == steps:

@@ -1,0 +1,219 @@
+"""End to end: `fedtrain run` as a user runs it, with real trainer processes, store and aggregator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import timm
+import yaml
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+FEDTRAIN = [sys.executable, "-m", "fedtrain.cli"]
+
+
+def training(name: str, rounds: int = 2, sites: int = 3, **spec: Any) -> dict[str, Any]:
+    """A small but learnable training: a 2-block DINOv2-architecture ViT on 28-pixel wafer maps."""
+    document: dict[str, Any] = {
+        "apiVersion": "fedtrain.io/v1alpha1",
+        "kind": "FederatedTraining",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {
+                "name": "vit_small_patch14_dinov2",
+                "numClasses": 9,
+                "imageSize": 28,
+                "architecture": {"depth": 2, "embedDim": 64, "numHeads": 2},
+            },
+            "lora": {"rank": 8},
+            "training": {
+                "rounds": rounds,
+                "localEpochs": 2,
+                "batchSize": 16,
+                "optimizer": {"lr": 0.004},
+                "lrSchedule": {"name": "constant"},
+            },
+            "aggregation": {"minSites": 2},
+            "sites": [
+                {"name": f"fab-{letter}", "data": {"synthetic": {"samples": 240, "dirichletAlpha": 1.0}}}
+                for letter in "abcd"[:sites]
+            ],
+        },
+    }
+    for key, value in spec.items():
+        document["spec"][key] = {**document["spec"].get(key, {}), **value}
+    return document
+
+
+def write(tmp_path: Path, document: dict[str, Any]) -> Path:
+    path = tmp_path / f"{document['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def fedtrain(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FEDTRAIN, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **(env or {}), "COLUMNS": "200"},
+    )
+
+
+def history(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = fedtrain("run", str(write(tmp_path, training("wafers"))), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["phase"] == "Succeeded"
+    records = history(run_dir)
+    assert [(r["round"], r["kind"]) for r in records] == [(0, "train"), (1, "train"), (2, "evaluate")]
+    first, final = records[0]["evaluation"]["accuracy"], records[-1]["evaluation"]["accuracy"]
+    assert final > first, f"validation accuracy did not rise: round 0 {first:.3f}, final {final:.3f}"
+    assert all(sorted(r["participants"]) == ["fab-a", "fab-b", "fab-c"] for r in records)
+    assert all(r["bytesUploaded"] > 0 for r in records[:2])
+
+    assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((run_dir / "logs").glob("*.log"))) == 9, "3 sites x (2 rounds + the final evaluation)"
+    merged = load_file(str(run_dir / "model-merged.safetensors"))
+    model = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        num_classes=9,
+        img_size=28,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+    )
+    model.load_state_dict(merged, strict=True)
+    assert status["finalModelUri"].endswith("model-merged.safetensors")
+    assert status["bestRound"] in (0, 1, 2)
+    manifests = sorted((run_dir / "store").rglob("manifest.json"))
+    assert len(manifests) == 2
+    assert "round 1 of 2" in result.stdout or "final" in result.stdout
+    assert "weighted acc" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"training": {"localSteps": 5}}, "spec.training"),
+        ({"aggregation": {"minSites": 9}}, "minSites"),
+        ({"training": {"lerningRate": 0.1}}, "spec.training.lerningRate"),
+        ({"model": {"imageSize": 0}}, "spec.model.imageSize"),
+    ],
+)
+def test_an_invalid_field_exits_non_zero_naming_it_and_writes_nothing(
+    tmp_path: Path, change: dict[str, Any], field: str
+) -> None:
+    run_dir = tmp_path / "run"
+    result = fedtrain("run", str(write(tmp_path, training("bad", **change))), "--run-dir", str(run_dir))
+    assert result.returncode == 2
+    assert field in result.stderr
+    assert not run_dir.exists()
+
+
+def test_a_corrupted_update_is_rejected_and_the_round_still_closes_at_quorum(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = fedtrain(
+        "run",
+        str(write(tmp_path, training("corrupt", rounds=1))),
+        "--run-dir",
+        str(run_dir),
+        "--trainer-command",
+        f"{sys.executable} {ROOT / 'tests' / 'corrupting_trainer.py'}",
+        env={"FEDTRAIN_TEST_CORRUPT_SITE": "fab-b"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    round_zero = history(run_dir)[0]
+    assert sorted(round_zero["participants"]) == ["fab-a", "fab-c"]
+    assert [r["site"] for r in round_zero["rejected"]] == ["fab-b"]
+    assert "checksum" in round_zero["rejected"][0]["reason"]
+    manifest = json.loads(next((run_dir / "store").rglob("00000/manifest.json")).read_text())
+    assert [p["site"] for p in manifest["participants"]] == ["fab-a", "fab-c"]
+    assert "UpdateRejected" in result.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    path = write(tmp_path, training("resumable", rounds=2, sites=2))
+    process = subprocess.Popen(
+        [*FEDTRAIN, "run", str(path), "--run-dir", str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir / "history.jsonl").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "round 0 did not close in time"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr
+    assert json.loads((run_dir / "status.json").read_text())["phase"] == "Running"
+    leftover = subprocess.run(["pgrep", "-f", str(run_dir / "jobs")], capture_output=True, check=False)
+    assert leftover.stdout == b"", "Ctrl-C must stop the trainer processes"
+
+    again = fedtrain("run", str(path), "--run-dir", str(run_dir))
+    assert again.returncode == 2, "a second run into the same directory needs --resume"
+    resumed = fedtrain("run", str(path), "--run-dir", str(run_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    records = history(run_dir)
+    assert [(r["round"], r["kind"]) for r in records] == [(0, "train"), (1, "train"), (2, "evaluate")]
+
+
+def test_a_run_against_s3_keeps_every_object_in_the_bucket(tmp_path: Path, s3_endpoint: str) -> None:
+    run_dir = tmp_path / "run"
+    document = training("on-s3", rounds=1, sites=2)
+    result = fedtrain(
+        "run",
+        str(write(tmp_path, document)),
+        "--run-dir",
+        str(run_dir),
+        "--store",
+        "s3://fedtrain-e2e/experiments",
+        "--endpoint",
+        s3_endpoint,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    keys = {item["Key"] for item in s3.list_objects_v2(Bucket="fedtrain-e2e")["Contents"]}
+    root = "experiments/local/on-s3"
+    assert f"{root}/rounds/00000/manifest.json" in keys
+    assert f"{root}/rounds/00001/global.safetensors" in keys
+    assert f"{root}/rounds/00000/updates/fab-a.safetensors" in keys
+    assert f"{root}/sites/fab-b/state.safetensors" in keys
+    assert f"{root}/final/model-merged.safetensors" in keys
+    assert f"{root}/history.jsonl" in keys
+    assert not (run_dir / "store").exists(), "nothing goes to the local store when --store is S3"
+    assert json.loads((run_dir / "status.json").read_text())["finalModelUri"].startswith("s3://fedtrain-e2e/")
+
+
+def test_the_example_files_are_valid() -> None:
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        result = fedtrain("validate", str(path))
+        assert result.returncode == 0, f"{path}: {result.stderr}"

@@ -1,0 +1,292 @@
+"""The trainer: model factory rules, metrics, private state, and real rounds through the entrypoint."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from fedtrain.aggregator.rounds import RoundAggregator
+from fedtrain.api import FederatedTrainingSpec
+from fedtrain.codec import PayloadKind, Signature, check_update, decode
+from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.layout import TrainingLayout
+from fedtrain.store import LocalStore
+from fedtrain.trainer.model import ModelError, auto_lora_rank, build_model, resolve_rank
+from fedtrain.trainer.train import (
+    classification_metrics,
+    make_optimizer,
+    make_scheduler,
+    pack_state,
+    run_job,
+    unpack_state,
+)
+
+TINY_ARCHITECTURE = {"depth": 1, "embedDim": 32, "numHeads": 2}
+
+
+def tiny_spec(**overrides: Any) -> FederatedTrainingSpec:
+    document: dict[str, Any] = {
+        "model": {"numClasses": 9, "imageSize": 28, "architecture": TINY_ARCHITECTURE},
+        "lora": {"rank": 4},
+        "training": {"rounds": 3, "localSteps": 3, "batchSize": 8, "seed": 5},
+        "sites": [{"name": "fab-a", "data": {"synthetic": {"samples": 40}}}],
+    }
+    for key, value in overrides.items():
+        document[key] = {**document.get(key, {}), **value}
+    return FederatedTrainingSpec.model_validate(document)
+
+
+# --------------------------------------------------------------------------------------------------
+# the model factory
+
+
+@pytest.mark.parametrize(
+    ("parameters", "rank"),
+    [
+        (5_000_000, None),
+        (19_999_999, None),
+        (20_000_000, 8),
+        (86_000_000, 8),
+        (99_999_999, 8),
+        (100_000_000, 16),
+        (399_999_999, 16),
+        (400_000_000, 32),
+        (1_100_000_000, 32),
+    ],
+)
+def test_auto_rank_follows_model_size(parameters: int, rank: int | None) -> None:
+    assert auto_lora_rank(parameters) == rank
+
+
+def test_explicit_rank_and_none_override_auto() -> None:
+    spec = tiny_spec()
+    assert resolve_rank(spec.lora.model_copy(update={"rank": 12}), 50_000_000) == 12
+    assert resolve_rank(spec.lora.model_copy(update={"rank": "none"}), 500_000_000) is None
+
+
+def test_lora_adapts_linear_layers_and_trains_the_whole_head() -> None:
+    model = build_model(tiny_spec())
+    trainable = model.exchanged_names()
+    head = [name for name in trainable if ".head." in name]
+    assert head, "the classifier head must be trainable"
+    assert all("modules_to_save" in name for name in head), "the head is trained fully, not adapted"
+    assert not any("head" in name and "lora_" in name for name in trainable)
+    lora = [name for name in trainable if "lora_" in name]
+    for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        assert any(layer in name for name in lora), f"{layer} should carry LoRA under all-linear"
+    frozen = [name for name, param in model.module.named_parameters() if not param.requires_grad]
+    assert any("patch_embed" in name for name in frozen)
+    assert model.rank == 4
+    assert model.alpha == 8, "alpha defaults to 2 x rank"
+
+
+def test_auto_rank_on_a_small_model_means_full_fine_tuning() -> None:
+    model = build_model(tiny_spec(lora={"rank": "auto"}))
+    assert model.rank is None
+    assert all(param.requires_grad for param in model.module.parameters())
+
+
+def test_initialisation_is_identical_for_every_site_and_depends_on_the_seed() -> None:
+    first, second = build_model(tiny_spec()), build_model(tiny_spec())
+    assert first.base_fingerprint == second.base_fingerprint
+    for name, tensor in first.exchanged_state().items():
+        assert torch.equal(tensor, second.exchanged_state()[name]), name
+    other = build_model(tiny_spec(training={"seed": 6}))
+    assert other.base_fingerprint != first.base_fingerprint
+
+
+def test_unknown_timm_model_is_a_clear_error() -> None:
+    with pytest.raises(ModelError, match="not a timm model"):
+        build_model(tiny_spec(model={"name": "vit_nonexistent_patch3"}))
+
+
+def test_pretrained_weights_from_a_safetensors_file(tmp_path: Path) -> None:
+    donor = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        num_classes=9,
+        img_size=28,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+    )
+    with torch.no_grad():
+        donor.patch_embed.proj.weight.fill_(0.25)
+    path = tmp_path / "weights.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in donor.state_dict().items()}, str(path))
+    spec = tiny_spec(model={"pretrained": {"source": "file", "location": str(path)}})
+    model = build_model(spec, weights=path)
+    weights = dict(model.module.named_parameters())["base_model.model.patch_embed.proj.weight"]
+    assert torch.all(weights == 0.25)
+
+
+def test_pretrained_pickle_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(pickle.dumps({"patch_embed.proj.weight": [1.0]}))
+    spec = tiny_spec(model={"pretrained": {"source": "file", "location": str(path)}})
+    with pytest.raises(ModelError, match="safetensors"):
+        build_model(spec, weights=path)
+
+
+def test_merged_state_dict_loads_into_plain_timm() -> None:
+    model = build_model(tiny_spec())
+    with torch.no_grad():
+        for name, param in model.module.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    plain = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        num_classes=9,
+        img_size=28,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+    )
+    plain.load_state_dict(model.merged_state_dict(), strict=True)
+    batch = torch.randn(2, 3, 28, 28)
+    model.module.eval()
+    plain.eval()
+    torch.testing.assert_close(plain(batch), model.module(batch), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics and private state
+
+
+def test_classification_metrics_on_a_known_confusion() -> None:
+    targets = torch.tensor([0, 0, 1, 1, 2, 2])
+    predictions = torch.tensor([0, 1, 1, 1, 2, 0])
+    result = classification_metrics(0.5, predictions, targets, ["a", "b", "c", "d"])
+    assert result.metrics.accuracy == pytest.approx(4 / 6)
+    # per class F1: a 0.5, b 0.8, c 2/3; d absent from targets is not averaged
+    assert result.metrics.macro_f1 == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert result.per_class_accuracy == {"a": 0.5, "b": 1.0, "c": 0.5, "d": None}
+    assert result.metrics.samples == 6
+
+
+def test_optimizer_and_schedule_state_round_trip_through_safetensors() -> None:
+    spec = TrainerSpec.for_site(tiny_spec(), "fab-a")
+    model = build_model(spec)
+    params = [p for p in model.module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, spec)
+    scheduler = make_scheduler(optimizer, spec, total_steps=10)
+    for _ in range(3):
+        sum(p.sum() for p in params).backward()  # type: ignore[union-attr]
+        optimizer.step()
+        scheduler.step()
+    tensors, config = pack_state(optimizer, scheduler)
+    fresh = make_optimizer(params, spec)
+    fresh_scheduler = make_scheduler(fresh, spec, total_steps=10)
+    unpack_state(fresh, fresh_scheduler, tensors, config)
+    assert fresh_scheduler.last_epoch == 3
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+    original = optimizer.state_dict()["state"]
+    restored = fresh.state_dict()["state"]
+    for index, values in original.items():
+        for key, value in values.items():
+            assert torch.equal(restored[index][key], value), (index, key)
+
+
+# --------------------------------------------------------------------------------------------------
+# real rounds
+
+
+def _job(
+    store: LocalStore, layout: TrainingLayout, spec: FederatedTrainingSpec, round_index: int, **extra: Any
+) -> TrainerJob:
+    return TrainerJob(
+        training=layout.name,
+        round=round_index,
+        site="fab-a",
+        spec=TrainerSpec.for_site(spec, "fab-a"),
+        global_model_url=store.presign_get(layout.global_model(round_index), 60),
+        update_url=store.presign_put(layout.update(round_index, "fab-a"), 60),
+        state_get_url=store.presign_get(layout.site_state("fab-a"), 60),
+        state_put_url=store.presign_put(layout.site_state("fab-a"), 60),
+        **extra,
+    )
+
+
+def test_a_round_evaluates_trains_and_uploads_a_valid_update(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    store = LocalStore(tmp_path)
+    layout = TrainingLayout("local", "trainer-test")
+    aggregator = RoundAggregator(store, layout, spec)
+    aggregator.initialize()
+
+    meta = run_job(_job(store, layout, spec, 0))
+
+    update = decode(store.get_bytes(layout.update(0, "fab-a")))
+    assert update.meta.kind is PayloadKind.UPDATE
+    norm = check_update(update, Signature.of(aggregator.global_model(0)))
+    assert norm > 0
+    assert update.meta.samples == 32, "40 samples less the 20% validation split"
+    evaluation = update.meta.metrics["evaluation"]
+    assert evaluation["samples"] == 8
+    assert 0.0 <= evaluation["accuracy"] <= 1.0
+    assert set(update.meta.metrics["per_class_accuracy"]) == set(spec.model.class_names())
+    assert update.meta.config["steps"] == 3
+    assert meta.timings["train_seconds"] > 0
+    state = decode(store.get_bytes(layout.site_state("fab-a")))
+    assert state.meta.config["scheduler"]["last_epoch"] == 3
+
+    verdict = aggregator.submit(0, "fab-a")
+    assert verdict.accepted, verdict.message
+    aggregator.close(0, ["fab-a"])
+    run_job(_job(store, layout, spec, 1))
+    state = decode(store.get_bytes(layout.site_state("fab-a")))
+    assert state.meta.config["scheduler"]["last_epoch"] == 6, "the schedule carries over between rounds"
+
+
+def test_evaluation_mode_uploads_a_report_without_tensors(tmp_path: Path) -> None:
+    spec = tiny_spec()
+    store = LocalStore(tmp_path)
+    layout = TrainingLayout("local", "report-test")
+    RoundAggregator(store, layout, spec).initialize()
+    run_job(_job(store, layout, spec, 0, mode="evaluate"))
+    report = decode(store.get_bytes(layout.update(0, "fab-a")))
+    assert report.meta.kind is PayloadKind.REPORT
+    assert len(report.tensors) == 0
+    assert report.meta.metrics["evaluation"]["samples"] == 8
+    assert not store.exists(layout.site_state("fab-a")), "evaluation must not touch the optimizer state"
+
+
+def _run_entrypoint(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedtrain.trainer", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_entrypoint_rejects_an_invalid_job_file_with_exit_code_2(tmp_path: Path) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"training": "t", "round": -1}))
+    result = _run_entrypoint(config)
+    assert result.returncode == 2
+    assert "round" in result.stderr
+
+
+def test_entrypoint_refuses_a_global_model_of_another_base_with_exit_code_3(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    layout = TrainingLayout("local", "mismatch")
+    RoundAggregator(store, layout, tiny_spec(training={"seed": 99})).initialize()
+    job = _job(store, layout, tiny_spec(), 0)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json", by_alias=True)))
+    result = _run_entrypoint(config)
+    assert result.returncode == 3, result.stderr
+    assert "different base weights" in result.stderr
+    assert not store.exists(layout.update(0, "fab-a"))
