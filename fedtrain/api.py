@@ -626,6 +626,6 @@ def describe_errors(error: ValidationError) -> list[str]:
         where = ".".join(str(part) for part in problem["loc"]) or "(document)"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            message = "unknown field: check its spelling against `fedtrain explain`"
+            message = "unknown field: check its spelling (fields are camelCase, as in examples/)"
         lines.append(f"{where}: {message}")
     return lines

@@ -239,6 +239,10 @@ def step(
 
     if current.stage in (Stage.TRAINING, Stage.EVALUATING):
         _advance_sites(spec, current, observations, decision, now)
+        shortfall = _quorum_shortfall(spec, current) if current.stage is Stage.TRAINING else None
+        if shortfall is not None:
+            _fail(current, decision, "QuorumNotMet", shortfall, now)
+            return decision
         if all(site.state.terminal for site in current.sites):
             _round_complete(spec, current, decision, now)
 
@@ -257,8 +261,11 @@ def step(
             current.phase = Phase.SUCCEEDED
             current.finished_at = now
             current.round_deadline = None
+            metric = spec.evaluation.metric.value
             best = (
-                f"best {spec.evaluation.metric.value} {current.best_metric:.4f} at round {current.best_round}"
+                f"best {metric} {current.best_metric:.4f} at round {current.best_round}"
+                if current.best_metric is not None
+                else f"no site reported {metric}"
             )
             current.message = f"finished after {current.round} rounds; {best}"
             set_condition(current, ConditionType.SUCCEEDED, True, "Completed", current.message, now)
@@ -304,9 +311,11 @@ def _advance_sites(
     now: datetime,
 ) -> None:
     mode = _mode(status)
+    deadline = status.round_deadline
+    overdue = deadline is not None and now >= deadline
     for site in status.sites:
         if site.state is SiteState.TRAINED:
-            verdict = observations.verdicts.get(site.name)
+            verdict = _verdict(observations, site.name, status.round)
             if verdict is None:
                 decision.act(SubmitUpdate(site=site.name, round=status.round))
             else:
@@ -318,21 +327,25 @@ def _advance_sites(
         if job.state is JobState.ABSENT:
             # Never started, or lost (a restarted local runner, a deleted Job): start it again.
             # The Job name and the object keys are deterministic, so this cannot duplicate work.
-            decision.act(StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=mode))
+            # Past the deadline the site is about to become a straggler: starting it would only
+            # create a Job to delete in the same breath.
+            if not overdue:
+                decision.act(
+                    StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=mode)
+                )
         elif job.state is JobState.ACTIVE:
             site.state = SiteState.RUNNING
         elif job.state is JobState.SUCCEEDED:
             site.state = SiteState.TRAINED
-            verdict = observations.verdicts.get(site.name)
+            verdict = _verdict(observations, site.name, status.round)
             if verdict is None:
                 decision.act(SubmitUpdate(site=site.name, round=status.round))
             else:
                 _apply_verdict(site, verdict, decision, now)
         elif job.state is JobState.FAILED:
-            _site_failed(spec, status, site, job.message, decision, now)
+            _site_failed(spec, status, site, job.message, decision, now, retry=not overdue)
 
-    deadline = status.round_deadline
-    if deadline is not None and now >= deadline:
+    if deadline is not None and overdue:
         for site in status.sites:
             if site.state in (SiteState.PENDING, SiteState.RUNNING):
                 site.state = SiteState.STRAGGLER
@@ -342,6 +355,12 @@ def _advance_sites(
                     StopSiteJob(site=site.name, round=status.round, attempt=site.attempt, reason="straggler")
                 )
                 decision.warning("Straggler", f"round {status.round}: site {site.name} missed the deadline")
+
+
+def _verdict(observations: Observations, site: str, round_index: int) -> UpdateVerdict | None:
+    """The aggregator's verdict on a site's update of this round; one left over from another is ignored."""
+    verdict = observations.verdicts.get(site)
+    return verdict if verdict is not None and verdict.round == round_index else None
 
 
 def _apply_verdict(site: SiteRoundStatus, verdict: UpdateVerdict, decision: Decision, now: datetime) -> None:
@@ -355,7 +374,7 @@ def _apply_verdict(site: SiteRoundStatus, verdict: UpdateVerdict, decision: Deci
         site.message = None
     else:
         site.state = SiteState.REJECTED
-        site.message = f"{verdict.reason}: {verdict.message}"
+        site.message = ": ".join(part for part in (verdict.reason, verdict.message) if part) or "rejected"
         decision.warning("UpdateRejected", f"round {verdict.round}: site {site.name}: {site.message}")
 
 
@@ -366,9 +385,13 @@ def _site_failed(
     message: str,
     decision: Decision,
     now: datetime,
+    retry: bool,
 ) -> None:
     detail = message or "the trainer exited with an error"
-    if site.attempt < spec.aggregation.site_retries:
+    retries_left = site.attempt < spec.aggregation.site_retries
+    if retries_left and not retry:
+        detail = f"{detail} (not retried: the round deadline has passed)"
+    if retries_left and retry:
         site.attempt += 1
         site.state = SiteState.PENDING
         site.started_at = now
@@ -399,7 +422,6 @@ def _close_action(status: FederatedTrainingStatus) -> CloseRound:
 def _round_complete(
     spec: FederatedTrainingSpec, status: FederatedTrainingStatus, decision: Decision, now: datetime
 ) -> None:
-    accepted = [site.name for site in status.sites if site.state is SiteState.ACCEPTED]
     if status.stage is Stage.EVALUATING:
         record = _record(status, now, kind="evaluate", model_uri=status.global_model_uri)
         _remember(status, record, decision)
@@ -410,22 +432,33 @@ def _round_complete(
         status.stage = Stage.FINALIZING
         status.message = "merging the final model"
         return
-    needed = spec.aggregation.min_sites
-    if len(accepted) < needed:
-        counts = ", ".join(
-            f"{state.value.lower()}: {sum(site.state is state for site in status.sites)}"
-            for state in (SiteState.ACCEPTED, SiteState.REJECTED, SiteState.FAILED, SiteState.STRAGGLER)
-        )
-        _fail(
-            status,
-            decision,
-            "QuorumNotMet",
-            f"round {status.round}: {len(accepted)} accepted updates, minSites is {needed} ({counts})",
-            now,
-        )
-        return
+    accepted = sum(site.state is SiteState.ACCEPTED for site in status.sites)
     status.stage = Stage.CLOSING
-    status.message = f"closing round {status.round} with {len(accepted)} updates"
+    status.message = f"closing round {status.round} with {accepted} updates"
+
+
+def _quorum_shortfall(spec: FederatedTrainingSpec, status: FederatedTrainingStatus) -> str | None:
+    """Why the training round can no longer close, or None while minSites updates may still be accepted.
+
+    Checked as sites finish, not only when all have: once too many are rejected, failed or late, the
+    training fails at once instead of paying for the remaining sites' training.
+    """
+    needed = spec.aggregation.min_sites
+    hopeful = (SiteState.PENDING, SiteState.RUNNING, SiteState.TRAINED, SiteState.ACCEPTED)
+    possible = sum(site.state in hopeful for site in status.sites)
+    if possible >= needed:
+        return None
+    counts = ", ".join(
+        f"{state.value.lower()}: {count}"
+        for state in SiteState
+        if (count := sum(site.state is state for site in status.sites))
+    )
+    accepted = sum(site.state is SiteState.ACCEPTED for site in status.sites)
+    if possible == accepted:
+        return f"round {status.round}: {accepted} accepted updates, minSites is {needed} ({counts})"
+    return (
+        f"round {status.round}: at most {possible} updates can be accepted, minSites is {needed} ({counts})"
+    )
 
 
 def _record(
@@ -543,6 +576,7 @@ def _suspend(status: FederatedTrainingStatus, decision: Decision, now: datetime)
     status.phase = Phase.SUSPENDED
     status.message = f"suspended in round {status.round}; set spec.suspend to false to resume"
     set_condition(status, ConditionType.SUSPENDED, True, "Suspended", status.message, now)
+    set_condition(status, ConditionType.READY, False, "Suspended", status.message, now)
     set_condition(status, ConditionType.PROGRESSING, False, "Suspended", status.message, now)
     decision.normal("Suspended", status.message)
 
@@ -550,20 +584,23 @@ def _suspend(status: FederatedTrainingStatus, decision: Decision, now: datetime)
 def _resume(
     spec: FederatedTrainingSpec, status: FederatedTrainingStatus, decision: Decision, now: datetime
 ) -> None:
-    """Sites cut off by the suspension start again under a new attempt; finished sites are kept."""
+    """Sites cut off by the suspension start again under a new attempt; finished sites are kept.
+
+    Only the attempt is moved on here: the step's `_advance_sites` then finds the new attempt's Job
+    absent and asks for it, once.
+    """
     status.phase = Phase.RUNNING if status.started_at else Phase.PENDING
     if status.stage in (Stage.TRAINING, Stage.EVALUATING):
-        status.round_started_at = now
+        # The round keeps its start (its record's duration includes the pause); the sites get a
+        # full round timeout again from now.
         status.round_deadline = now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
         for site in status.sites:
             if site.state in (SiteState.PENDING, SiteState.RUNNING):
                 site.attempt += 1
                 site.state = SiteState.PENDING
                 site.started_at = now
-                decision.act(
-                    StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=_mode(status))
-                )
     status.message = f"resumed in round {status.round}"
     set_condition(status, ConditionType.SUSPENDED, False, "Resumed", status.message, now)
+    set_condition(status, ConditionType.READY, True, "Running", status.message, now)
     set_condition(status, ConditionType.PROGRESSING, True, "Resumed", status.message, now)
     decision.normal("Resumed", status.message)

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
-from fedtrain.api import FederatedTraining, FederatedTrainingStatus, RoundRecord
+from fedtrain.api import FederatedTraining, FederatedTrainingStatus, PretrainedSource, RoundRecord
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
@@ -139,7 +139,8 @@ class LocalRunner:
         self.parallel = options.parallel or max(1, min(len(self.spec.sites), cores))
         self.threads_per_trainer = max(1, cores // self.parallel)
         self.store: ObjectStore = self._open_store()
-        self.aggregator = RoundAggregator(self.store, self.layout, self.spec)
+        weights, self.pretrained_url = self._pretrained_weights()
+        self.aggregator = RoundAggregator(self.store, self.layout, self.spec, pretrained_weights=weights)
         self.jobs = _JobTable()
         self.verdicts: dict[str, UpdateVerdict] = {}
         self.manifest: RoundManifest | None = None
@@ -156,6 +157,17 @@ class LocalRunner:
         if isinstance(store, S3Store):
             store.ensure_bucket()
         return store
+
+    def _pretrained_weights(self) -> tuple[Path | bytes | None, str | None]:
+        """Base weights for the aggregator, and the URL trainers fetch them from (source uri)."""
+        pretrained = self.spec.model.pretrained
+        if pretrained.source is PretrainedSource.FILE and pretrained.location:
+            return Path(pretrained.location), None
+        if pretrained.source is PretrainedSource.URI and pretrained.location:
+            bucket, _, key = pretrained.location.removeprefix("s3://").partition("/")
+            source = S3Store(bucket, endpoint=self.options.endpoint)
+            return source.get_bytes(key), source.presign_get(key, self.options.url_expiry_seconds)
+        return None, None
 
     def prepare(self) -> FederatedTrainingStatus:
         """Create the run directory, or load the status of the run to resume."""
@@ -274,6 +286,7 @@ class LocalRunner:
             update_url=store.presign_put(layout.update(job.round, job.site), expiry),
             state_get_url=store.presign_get(layout.site_state(job.site), expiry),
             state_put_url=store.presign_put(layout.site_state(job.site), expiry),
+            pretrained_url=self.pretrained_url,
         )
         path = self.run_dir / "jobs" / f"round-{job.round:04d}-{job.site}-attempt-{job.attempt}.yaml"
         path.write_text(

@@ -290,3 +290,38 @@ def test_entrypoint_refuses_a_global_model_of_another_base_with_exit_code_3(tmp_
     assert result.returncode == 3, result.stderr
     assert "different base weights" in result.stderr
     assert not store.exists(layout.update(0, "fab-a"))
+
+
+def test_pretrained_weights_from_the_object_store_through_a_presigned_url(
+    tmp_path: Path, s3_store: Any
+) -> None:
+    donor = timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        num_classes=4,
+        img_size=28,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+    )
+    with torch.no_grad():
+        donor.pos_embed.fill_(0.5)
+    weights = tmp_path / "base.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in donor.state_dict().items()}, str(weights))
+    s3_store.put_file("weights/base.safetensors", weights)
+    uri = s3_store.uri("weights/base.safetensors")
+    spec = tiny_spec(model={"pretrained": {"source": "uri", "location": uri}})
+    store = LocalStore(tmp_path / "store")
+    layout = TrainingLayout("local", "pretrained")
+    base = s3_store.get_bytes("weights/base.safetensors")
+    aggregator = RoundAggregator(store, layout, spec, pretrained_weights=base)
+    aggregator.initialize()
+    url = s3_store.presign_get("weights/base.safetensors", 60)
+
+    run_job(_job(store, layout, spec, 0, pretrained_url=url))
+
+    verdict = aggregator.submit(0, "fab-a")
+    assert verdict.accepted, "the site built the same base (a head of 4 classes is replaced by one of 9)"
+    model = build_model(spec, weights=base)
+    pos_embed = dict(model.module.named_parameters())["base_model.model.pos_embed"]
+    assert torch.all(pos_embed == 0.5)

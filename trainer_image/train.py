@@ -14,12 +14,13 @@ import time
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedtrain.api import EvalMetrics, OptimizerName, Precision, ScheduleName
+from fedtrain.api import EvalMetrics, OptimizerName, Precision, PretrainedSource, ScheduleName
 from fedtrain.codec import CodecError, Metadata, PayloadKind, decode, encode, l2_norm
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.store import ObjectNotFound, read_url, write_url
@@ -274,7 +275,7 @@ def run_job(job: TrainerJob) -> Metadata:
     log.info("site %s round %d (%s) on %s", job.site, job.round, job.mode, device)
 
     data = load_site_data(site.data, spec.model, spec.evaluation, site.name, spec.training.seed)
-    weights = read_url(job.pretrained_url) if job.pretrained_url else None
+    weights = _pretrained_weights(job)
     model = build_model(spec, weights)
     global_payload = decode(read_url(job.global_model_url), name=f"global model of round {job.round}")
     if global_payload.meta.base_fingerprint != model.base_fingerprint:
@@ -357,6 +358,18 @@ def run_job(job: TrainerJob) -> Metadata:
     write_url(job.update_url, encode(delta, meta))
     log.info("update uploaded: %d tensors, norm %.4g", len(delta), meta.norm or 0.0)
     return meta
+
+
+def _pretrained_weights(job: TrainerJob) -> Path | bytes | None:
+    """Base weights: a file on this machine (a mounted volume), or an object behind a URL."""
+    pretrained = job.spec.model.pretrained
+    if pretrained.source is PretrainedSource.FILE and pretrained.location:
+        return Path(pretrained.location)
+    if pretrained.source is PretrainedSource.URI:
+        if not job.pretrained_url:
+            raise ModelError("pretrained.source is uri but the job has no pretrained_url to fetch it from")
+        return read_url(job.pretrained_url)
+    return None
 
 
 def _restore_private_state(
