@@ -1,4 +1,4 @@
-"""A site's private data, as tensors a trainer can use.
+"""A site's private data, as image sets a trainer reads one batch at a time.
 
 Three sources, chosen by the site's `DataSpec`:
 
@@ -10,16 +10,23 @@ Three sources, chosen by the site's `DataSpec`:
 Wafer maps hold one die state per cell: 0 off the wafer, 1 pass, 2 fail. They become 3-channel
 images (one channel per state) so that ImageNet-pretrained ViTs accept them unchanged.
 
+Images stay in their compact form (uint8 die states, or files on disk) and become float tensors
+only a batch at a time, so a site's memory does not grow with its data set: 50,000 images at 224
+pixels would be 30 GB as float32.
+
 Everything here is deterministic given its seeds, and the generator does no I/O: loading files is
-kept in the `load_*` functions.
+kept in the `load_*` functions and the image sets.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import zipfile
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,16 +323,20 @@ def load_npz_wafer_maps(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[
 # images
 
 
+def _check_states(maps: npt.NDArray[np.integer]) -> None:
+    if maps.ndim != 3:
+        raise DataError(f"wafer maps must have shape (N, H, W), not {maps.shape}")
+    if maps.size and (maps.min() < 0 or maps.max() >= DIE_STATES):
+        raise DataError(f"wafer map die states must be 0, 1 or 2, not {maps.min()}..{maps.max()}")
+
+
 def wafer_maps_to_images(maps: npt.NDArray[np.integer], image_size: int) -> torch.Tensor:
     """Float32 images (N, 3, image_size, image_size) in [-1, 1], one channel per die state.
 
     One-hot channels keep the states categorical (fail is not "twice" pass), and three of them
     match the input of ImageNet-pretrained models.
     """
-    if maps.ndim != 3:
-        raise DataError(f"wafer maps must have shape (N, H, W), not {maps.shape}")
-    if maps.size and (maps.min() < 0 or maps.max() >= DIE_STATES):
-        raise DataError(f"wafer map die states must be 0, 1 or 2, not {maps.min()}..{maps.max()}")
+    _check_states(maps)
     states = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.int64))
     one_hot = F.one_hot(states, DIE_STATES).permute(0, 3, 1, 2).to(torch.float32)
     if one_hot.shape[-2:] != (image_size, image_size):
@@ -333,6 +344,80 @@ def wafer_maps_to_images(maps: npt.NDArray[np.integer], image_size: int) -> torc
         # with the flips that augmentation applies.
         one_hot = F.interpolate(one_hot, size=(image_size, image_size), mode="nearest-exact")
     return (one_hot * 2 - 1).contiguous()
+
+
+Indices = torch.Tensor | slice
+
+
+class ImageSet(ABC):
+    """Model inputs decoded on demand: `images[indices]` is a float32 (B, 3, S, S) batch."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def _decode(self, rows: npt.NDArray[np.int64]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def subset(self, rows: npt.NDArray[np.int64]) -> ImageSet:
+        """The images at `rows`, still undecoded."""
+
+    def __getitem__(self, indices: Indices) -> torch.Tensor:
+        rows = np.arange(len(self))[indices] if isinstance(indices, slice) else indices.cpu().numpy()
+        return self._decode(np.asarray(rows, dtype=np.int64))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self[0:1].shape[1:])
+
+
+@dataclass(frozen=True)
+class WaferMapImages(ImageSet):
+    """Wafer maps kept as uint8 die states (one byte a die), one-hot encoded per batch."""
+
+    maps: npt.NDArray[np.uint8]
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def _decode(self, rows: npt.NDArray[np.int64]) -> torch.Tensor:
+        return wafer_maps_to_images(self.maps[rows], self.image_size)
+
+    def subset(self, rows: npt.NDArray[np.int64]) -> WaferMapImages:
+        return WaferMapImages(self.maps[rows], self.image_size)
+
+
+@dataclass(frozen=True)
+class ImageFiles(ImageSet):
+    """Image files read, resized and normalised per batch, several files at a time."""
+
+    files: tuple[Path, ...]
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, rows: npt.NDArray[np.int64]) -> torch.Tensor:
+        # PIL releases the GIL while it decodes and resizes, so threads keep a batch quick.
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            arrays = list(pool.map(lambda row: _read_image(self.files[row], self.image_size), rows.tolist()))
+        if not arrays:
+            return torch.empty((0, 3, self.image_size, self.image_size))
+        return torch.from_numpy(np.stack(arrays))
+
+    def subset(self, rows: npt.NDArray[np.int64]) -> ImageFiles:
+        return ImageFiles(tuple(self.files[row] for row in rows.tolist()), self.image_size)
+
+
+def _check_image(file: Path) -> None:
+    try:
+        with Image.open(file) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(
+            f"{file}: cannot be read as an image ({error}); replace or remove the file"
+        ) from error
 
 
 def _read_image(file: Path, image_size: int) -> FloatArray:
@@ -350,20 +435,19 @@ def _read_image(file: Path, image_size: int) -> FloatArray:
 
 def load_image_folder(
     path: Path, class_names: Sequence[str], image_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of an ImageFolder tree `path/<class>/*.{png,jpg,jpeg,bmp}`, with their labels.
+) -> tuple[ImageFiles, torch.Tensor]:
+    """The images of an ImageFolder tree `path/<class>/*.{png,jpg,jpeg,bmp}`, with their labels.
 
     Each image is converted to RGB, resized (bilinear) and normalised with the ImageNet mean and
-    standard deviation. A label is the index of its directory's name in `class_names`; a class may
-    have no directory (sites rarely hold every class). Files with other suffixes are ignored.
-
-    The whole folder is loaded into memory, which suits site datasets of up to some thousands of
-    images at ViT resolutions; larger sites would need a streaming dataset.
+    standard deviation when its batch is read. A label is the index of its directory's name in
+    `class_names`; a class may have no directory (sites rarely hold every class). Files with other
+    suffixes are ignored. Every file's header is checked here (PIL reads only the header), so an
+    unreadable file fails before training rather than in the middle of a round.
     """
     if not path.is_dir():
         raise DataError(f"{path}: not a directory; check the site's data.imageFolder.path")
     label_of = {name: index for index, name in enumerate(class_names)}
-    images: list[FloatArray] = []
+    images: list[Path] = []
     labels: list[int] = []
     for directory in sorted(entry for entry in path.iterdir() if entry.is_dir()):
         if directory.name not in label_of:
@@ -372,14 +456,16 @@ def load_image_folder(
                 f"({', '.join(class_names)}); rename the directory or add it to model.labels"
             )
         files = sorted(f for f in directory.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        images.extend(_read_image(file, image_size) for file in files)
+        for file in files:
+            _check_image(file)
+        images.extend(files)
         labels.extend([label_of[directory.name]] * len(files))
     if not images:
         raise DataError(
             f"{path}: no images; put them in one sub-directory per class, e.g. "
             f"{path / class_names[0]}/image.png ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+    return ImageFiles(tuple(images), image_size), torch.tensor(labels, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,11 +529,11 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 @dataclass(frozen=True)
 class SiteData:
-    """A site's training and validation split, as images ready for the model."""
+    """A site's training and validation split: images decoded per batch, labels as tensors."""
 
-    train_images: torch.Tensor
+    train_images: ImageSet
     train_labels: torch.Tensor
-    val_images: torch.Tensor
+    val_images: ImageSet
     val_labels: torch.Tensor
     class_names: list[str]
 
@@ -478,11 +564,13 @@ def load_site_data(
         maps, wafer_labels = generate_wafer_maps(
             data.synthetic.samples, data.synthetic.map_size, data.synthetic.dirichlet_alpha, seed
         )
-        images, labels = wafer_maps_to_images(maps, model.image_size), torch.from_numpy(wafer_labels)
+        images: ImageSet = WaferMapImages(maps, model.image_size)
+        labels = torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.npz is not None:
         maps, wafer_labels = load_npz_wafer_maps(Path(data.npz.path))
-        images, labels = wafer_maps_to_images(maps, model.image_size), torch.from_numpy(wafer_labels)
+        _check_states(maps)
+        images, labels = WaferMapImages(maps, model.image_size), torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.image_folder is not None:
         class_names = model.class_names()
@@ -490,13 +578,11 @@ def load_site_data(
     else:  # DataSpec guarantees exactly one source
         raise DataError("the site's data sets none of synthetic, npz or imageFolder")
 
-    train, val = (
-        torch.from_numpy(part) for part in split_indices(len(labels), evaluation.val_fraction, seed)
-    )
+    train, val = split_indices(len(labels), evaluation.val_fraction, seed)
     return SiteData(
-        train_images=images[train],
-        train_labels=labels[train],
-        val_images=images[val],
-        val_labels=labels[val],
+        train_images=images.subset(train),
+        train_labels=labels[torch.from_numpy(train)],
+        val_images=images.subset(val),
+        val_labels=labels[torch.from_numpy(val)],
         class_names=class_names,
     )

@@ -25,7 +25,7 @@ from fedtrain.codec import CodecError, Metadata, PayloadKind, decode, encode, l2
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.store import ObjectNotFound, read_url, write_url
 
-from .data import SiteData, augment_batch, load_site_data
+from .data import ImageSet, SiteData, augment_batch, load_site_data
 from .model import FederatedModel, ModelError, build_model
 
 log = logging.getLogger("fedtrain.trainer")
@@ -101,7 +101,7 @@ def classification_metrics(
 @torch.no_grad()
 def evaluate(
     module: nn.Module,
-    images: torch.Tensor,
+    images: ImageSet,
     labels: torch.Tensor,
     class_names: list[str],
     batch_size: int,
