@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from fedtrain.api import EvalMetrics, FederatedTrainingSpec, RejectedUpdate, TransferDtype
 from fedtrain.codec import CodecError, Metadata, Payload, PayloadKind, Signature, check_update, decode, encode
 from fedtrain.layout import TrainingLayout
@@ -100,9 +102,12 @@ class RoundAggregator:
 
     def _round(self, round_index: int) -> _OpenRound:
         if round_index not in self._open:
-            signature = Signature.of(self.global_model(round_index))
-            self._open[round_index] = _OpenRound(self.strategy.accumulator(signature.shapes))
+            self._open[round_index] = self._new_round(round_index)
         return self._open[round_index]
+
+    def _new_round(self, round_index: int) -> _OpenRound:
+        signature = Signature.of(self.global_model(round_index))
+        return _OpenRound(self.strategy.accumulator(signature.shapes))
 
     def submit(self, round_index: int, site: str) -> UpdateVerdict:
         """Validate a site's uploaded update and fold it into the round; return the verdict."""
@@ -195,7 +200,14 @@ class RoundAggregator:
         existing = self.manifest(round_index)
         if existing is not None:
             return existing
+        participants = list(dict.fromkeys(participants))  # a site listed twice is still one update
         open_round = self._round(round_index)
+        if set(open_round.weights) - set(participants):
+            # A folded update the engine did not count (it arrived after the engine decided to close):
+            # sum exactly the participants again, as a restarted aggregator would, keeping the rejections.
+            rejections = {site: v for site, v in open_round.verdicts.items() if not v.accepted}
+            open_round = self._open[round_index] = self._new_round(round_index)
+            open_round.verdicts.update(rejections)
         for site in participants:
             # After an aggregator restart the sum is empty: fold again what the engine accepted.
             verdict = self.submit(round_index, site)
@@ -208,6 +220,15 @@ class RoundAggregator:
             raise AggregationError(f"round {round_index} has no accepted update to aggregate")
         current = self.global_model(round_index)
         next_tensors = self.strategy.apply(current.tensors, open_round.accumulator.result())
+        broken = sorted(
+            name for name, tensor in next_tensors.items() if not bool(torch.isfinite(tensor).all())
+        )
+        if broken:
+            # Each update was finite, but their weighted sum overflowed fp32: publish nothing.
+            raise AggregationError(
+                f"round {round_index}: the aggregate is not finite in {', '.join(broken[:3])}; "
+                "set aggregation.maxUpdateNorm to reject runaway updates"
+            )
         meta = Metadata(
             kind=PayloadKind.MODEL,
             training=self.layout.name,
@@ -237,7 +258,8 @@ class RoundAggregator:
             ],
             rejected=list(rejected or [])
             + [
-                RejectedUpdate(site=site, reason=verdict.message or verdict.reason or "rejected")
+                # The engine's wording for a rejected site: the stable code, then the explanation.
+                RejectedUpdate(site=site, reason=f"{verdict.reason}: {verdict.message}")
                 for site, verdict in sorted(open_round.verdicts.items())
                 if not verdict.accepted and site not in {r.site for r in rejected or []}
             ],

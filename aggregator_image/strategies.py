@@ -8,6 +8,7 @@ what it needs in its own accumulator, secure aggregation adds masked updates the
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
@@ -24,8 +25,8 @@ def site_weight(weighting: Weighting, samples: int, explicit: float | None) -> f
         return float(samples)
     if weighting is Weighting.UNIFORM:
         return 1.0
-    if explicit is None or explicit <= 0:
-        raise ValueError("weighting is explicit but the site has no positive weight")
+    if explicit is None or not (explicit > 0 and math.isfinite(explicit)):
+        raise ValueError(f"weighting is explicit but the site's weight is {explicit}, not a positive number")
     return float(explicit)
 
 
@@ -48,8 +49,8 @@ class WeightedMean(Accumulator):
         self.count = 0
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
-        if weight <= 0:
-            raise ValueError(f"an update's weight must be positive, got {weight}")
+        if not (weight > 0 and math.isfinite(weight)):  # NaN compares false, so it fails here too
+            raise ValueError(f"an update's weight must be a positive finite number, got {weight}")
         for name, running in self._sum.items():
             # In-place add promotes bf16/fp16 into the fp32 sum without a temporary copy.
             running.add_(delta[name], alpha=weight)
