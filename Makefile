@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 ## demo: a federated LoRA fine-tuning of examples/wafer-defects.yaml on this machine (about 10 minutes on 2 cores)
 demo: $(STAMP)
-	$(VENV)/bin/fedtrain run examples/wafer-defects.yaml --run-dir runs/wafer-defects
+	$(VENV)/bin/fedtrain run examples/wafer-defects.yaml --run-dir runs/wafer-defects --overwrite
 
 ## lint: ruff and mypy over the project
 lint: $(STAMP)

@@ -91,6 +91,7 @@ def run(
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --run-dir from its last status."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in --run-dir first."),
     trainer_command: str | None = typer.Option(
         None,
         "--trainer-command",
@@ -99,6 +100,11 @@ def run(
 ) -> None:
     """Run a federated training on this machine: one trainer process per site, a local aggregator."""
     resource = _load_or_exit(file)
+    if resume and overwrite:
+        errors.print(
+            "[red]error:[/] --resume continues the run in --run-dir, --overwrite deletes it: choose one"
+        )
+        raise typer.Exit(EXIT_INVALID)
     from fedtrain.operator.local import LocalRunner, RunError, RunOptions  # torch loads only here
     from fedtrain.operator.progress import RunProgress
 
@@ -108,6 +114,7 @@ def run(
         endpoint=endpoint,
         parallel=parallel,
         resume=resume,
+        overwrite=overwrite,
     )
     if trainer_command:
         options.trainer_command = trainer_command.split()

@@ -70,6 +70,7 @@ class RunOptions:
     endpoint: str | None = None
     parallel: int = 0  # 0: as many sites as there are cores
     resume: bool = False
+    overwrite: bool = False  # delete an earlier run in run_dir first
     trainer_command: list[str] = field(default_factory=default_trainer_command)
     poll_seconds: float = 0.5
     url_expiry_seconds: int = 6 * 3600
@@ -182,10 +183,12 @@ class LocalRunner:
                     "resume with the same file, or start a new run in another --run-dir"
                 )
             return FederatedTrainingStatus.model_validate_json(status_path.read_text())
+        if self.options.overwrite and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
         if status_path.exists():
             raise RunError(
                 f"{self.run_dir} already holds a run: "
-                "pass --resume to continue it, or choose another --run-dir"
+                "pass --resume to continue it, --overwrite to start again, or choose another --run-dir"
             )
         for sub in ("jobs", "logs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)

@@ -180,6 +180,9 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path: Path) -> Non
 
     again = fedtrain("run", str(path), "--run-dir", str(run_dir))
     assert again.returncode == 2, "a second run into the same directory needs --resume"
+    both = fedtrain("run", str(path), "--run-dir", str(run_dir), "--resume", "--overwrite")
+    assert both.returncode == 2, "--resume and --overwrite contradict each other"
+    assert (run_dir / "status.json").exists()
     resumed = fedtrain("run", str(path), "--run-dir", str(run_dir), "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     records = history(run_dir)
