@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from moto.server import ThreadedMotoServer
@@ -62,3 +63,23 @@ def s3_store(s3_endpoint: str) -> Iterator[S3Store]:
     # moto keeps objects in memory for the whole session; drop this test's.
     for key in store.list():
         store.delete(key)
+
+
+@pytest.fixture
+def plain_vit() -> Callable[..., Any]:
+    """A plain timm DINOv2-architecture ViT at 28 pixels, the tests' tiny model, without peft."""
+
+    def make(num_classes: int = 9, depth: int = 1, embed_dim: int = 32, num_heads: int = 2) -> Any:
+        import timm  # here, so tests that need no model do not pay for importing it
+
+        return timm.create_model(
+            "vit_small_patch14_dinov2",
+            pretrained=False,
+            num_classes=num_classes,
+            img_size=28,
+            depth=depth,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+        )
+
+    return make

@@ -13,10 +13,10 @@ import pickle
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import timm
 import torch
 
 from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
@@ -588,7 +588,9 @@ def test_s3_store_gives_the_local_result(
 # the merged final model
 
 
-def test_merged_model_loads_into_plain_timm_and_matches_the_peft_model(store: LocalStore) -> None:
+def test_merged_model_loads_into_plain_timm_and_matches_the_peft_model(
+    store: LocalStore, plain_vit: Any
+) -> None:
     spec = _spec(sites=["fab-a"], lora_rank=4)
     aggregator = RoundAggregator(store, LAYOUT, spec)
     aggregator.initialize()
@@ -614,15 +616,7 @@ def test_merged_model_loads_into_plain_timm_and_matches_the_peft_model(store: Lo
         "lora" in name or "base_layer" in name or "modules_to_save" in name for name in merged.tensors
     )
 
-    plain = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        num_classes=9,
-        img_size=28,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-    )
+    plain = plain_vit()
     plain.load_state_dict(dict(merged.tensors), strict=True)
     peft_model = build_model(spec)
     peft_model.load_exchanged(_next_global(store))

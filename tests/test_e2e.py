@@ -13,7 +13,6 @@ from typing import Any
 
 import boto3
 import pytest
-import timm
 import yaml
 from safetensors.torch import load_file
 
@@ -80,7 +79,9 @@ def history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
 
-def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_directory(tmp_path: Path) -> None:
+def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_directory(
+    tmp_path: Path, plain_vit: Any
+) -> None:
     run_dir = tmp_path / "run"
     result = fedtrain("run", str(write(tmp_path, training("wafers"))), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -97,15 +98,7 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((run_dir / "logs").glob("*.log"))) == 9, "3 sites x (2 rounds + the final evaluation)"
     merged = load_file(str(run_dir / "model-merged.safetensors"))
-    model = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        num_classes=9,
-        img_size=28,
-        depth=2,
-        embed_dim=64,
-        num_heads=2,
-    )
+    model = plain_vit(depth=2, embed_dim=64)
     model.load_state_dict(merged, strict=True)
     assert status["finalModelUri"].endswith("model-merged.safetensors")
     assert status["bestRound"] in (0, 1, 2)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import timm
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -109,16 +108,8 @@ def test_unknown_timm_model_is_a_clear_error() -> None:
         build_model(tiny_spec(model={"name": "vit_nonexistent_patch3"}))
 
 
-def test_pretrained_weights_from_a_safetensors_file(tmp_path: Path) -> None:
-    donor = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        num_classes=9,
-        img_size=28,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-    )
+def test_pretrained_weights_from_a_safetensors_file(tmp_path: Path, plain_vit: Any) -> None:
+    donor = plain_vit()
     with torch.no_grad():
         donor.patch_embed.proj.weight.fill_(0.25)
     path = tmp_path / "weights.safetensors"
@@ -137,21 +128,13 @@ def test_pretrained_pickle_is_refused(tmp_path: Path) -> None:
         build_model(spec, weights=path)
 
 
-def test_merged_state_dict_loads_into_plain_timm() -> None:
+def test_merged_state_dict_loads_into_plain_timm(plain_vit: Any) -> None:
     model = build_model(tiny_spec())
     with torch.no_grad():
         for name, param in model.module.named_parameters():
             if "lora_B" in name:
                 param.normal_()
-    plain = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        num_classes=9,
-        img_size=28,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-    )
+    plain = plain_vit()
     plain.load_state_dict(model.merged_state_dict(), strict=True)
     batch = torch.randn(2, 3, 28, 28)
     model.module.eval()
@@ -293,17 +276,11 @@ def test_entrypoint_refuses_a_global_model_of_another_base_with_exit_code_3(tmp_
 
 
 def test_pretrained_weights_from_the_object_store_through_a_presigned_url(
-    tmp_path: Path, s3_store: Any
+    tmp_path: Path,
+    s3_store: Any,
+    plain_vit: Any,
 ) -> None:
-    donor = timm.create_model(
-        "vit_small_patch14_dinov2",
-        pretrained=False,
-        num_classes=4,
-        img_size=28,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-    )
+    donor = plain_vit(num_classes=4)
     with torch.no_grad():
         donor.pos_embed.fill_(0.5)
     weights = tmp_path / "base.safetensors"
