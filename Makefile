@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
+# The folder operator/ (the package fedtrain.operator) would shadow the standard library's
+# `operator` for any `python -m` run from this directory: keep the working directory off sys.path.
+export PYTHONSAFEPATH := 1
 
 .PHONY: demo test lint unit crd clean
 
@@ -24,11 +27,11 @@ lint: $(STAMP)
 
 ## test: lint, then the whole pytest suite, end-to-end runs included
 test: lint
-	$(PY) -m pytest
+	$(VENV)/bin/pytest
 
 ## unit: the fast tests only
 unit: $(STAMP)
-	$(PY) -m pytest -m "not e2e"
+	$(VENV)/bin/pytest -m "not e2e"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -81,6 +81,30 @@ RSS_MODELS_TARGET = 2
 RSS_ALLOWANCE = 200 * 1024 * 1024
 BYTES_PER_ELEMENT = {TransferDtype.FP32: 4, TransferDtype.BF16: 2, TransferDtype.FP16: 2}
 
+# Stages of the streaming aggregator's wall time, in the order they happen.
+DECODE_GLOBAL = "submit: decode global model (sha256)"
+DECODE_UPDATE = "submit: decode update (sha256)"
+CHECK = "submit: check_update (norm, finite)"
+ACCUMULATE = "submit: accumulate (add_ into fp32 sum)"
+SUBMIT_OTHER = "submit: other (zeroed fp32 sum, manifest lookups)"
+DIVIDE = "close: divide (result)"
+APPLY = "close: apply to global"
+ENCODE = "close: encode next global (sha256, bytes)"
+WRITE = "close: write model + manifest (fsync)"
+CLOSE_OTHER = "close: other (finite scan, sha256 of bytes, ...)"
+STAGES = [
+    DECODE_GLOBAL,
+    DECODE_UPDATE,
+    CHECK,
+    ACCUMULATE,
+    SUBMIT_OTHER,
+    DIVIDE,
+    APPLY,
+    ENCODE,
+    WRITE,
+    CLOSE_OTHER,
+]
+
 
 # --------------------------------------------------------------------------------------------------
 # shared helpers
@@ -179,7 +203,7 @@ def _timed(stages: dict[str, float], stage: str | Callable[..., str], function: 
 
 def _decode_stage(*args: Any, **kwargs: Any) -> str:
     name = str(kwargs.get("name", args[1] if len(args) > 1 else ""))
-    return "decode global model (sha256)" if name.endswith("global.safetensors") else "decode update (sha256)"
+    return DECODE_GLOBAL if name.endswith("global.safetensors") else DECODE_UPDATE
 
 
 def child_streaming(root: Path, count: int, profile: bool) -> dict[str, Any]:
@@ -198,12 +222,12 @@ def child_streaming(root: Path, count: int, profile: bool) -> dict[str, Any]:
     stages: dict[str, float] = {}
     wrapped: list[tuple[Any, str, str | Callable[..., str]]] = [
         (rounds, "decode", _decode_stage),
-        (rounds, "check_update", "check_update (norm, finite)"),
-        (strategies.WeightedMean, "add", "accumulate (add_ into fp32 sum)"),
-        (strategies.WeightedMean, "result", "close: divide (result)"),
-        (strategies.FedAvg, "apply", "close: apply to global"),
-        (rounds, "encode", "close: encode next global (sha256, bytes)"),
-        (store, "put_bytes", "close: write model + manifest (fsync)"),
+        (rounds, "check_update", CHECK),
+        (strategies.WeightedMean, "add", ACCUMULATE),
+        (strategies.WeightedMean, "result", DIVIDE),
+        (strategies.FedAvg, "apply", APPLY),
+        (rounds, "encode", ENCODE),
+        (store, "put_bytes", WRITE),
     ]
     for owner, attribute, stage in wrapped:
         setattr(owner, attribute, _timed(stages, stage, getattr(owner, attribute)))
@@ -560,6 +584,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{stream['update_bytes'] / GB:.2f}",
             f"{stream['seconds']:.2f}",
             f"{stream_rate:.3f}",
+            f"{stream['update_bytes'] / stream['submit_seconds'] / GB:.3f}",
         ]
         memory_run = in_memory.get(count)
         if memory_run:
@@ -584,6 +609,7 @@ def main(argv: list[str] | None = None) -> None:
             "update GB",
             "stream s",
             "stream GB/s",
+            "stream GB/s (submits only)",
             "in-mem s",
             "in-mem GB/s (load+reduce)",
             "in-mem GB/s (reduce)",
@@ -638,19 +664,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     print("## where the streaming aggregator spends its time (seconds; timing wrappers in the child)")
-    stage_names = sorted({name for count in counts for name in streaming[count]["stages"]})
+    for count in counts:
+        stages = streaming[count]["stages"]
+        measured = {
+            phase: sum(v for k, v in stages.items() if k.startswith(phase)) for phase in ("submit", "close")
+        }
+        stages[SUBMIT_OTHER] = streaming[count]["submit_seconds"] - measured["submit"]
+        stages[CLOSE_OTHER] = streaming[count]["close_seconds"] - measured["close"]
     rows = []
-    for name in [*stage_names, "other (manifest reads, verdicts, python)"]:
+    for name in STAGES:
         row = [name]
         for count in counts:
             stream = streaming[count]
-            value = (
-                stream["stages"].get(name, 0.0)
-                if name in stage_names
-                else stream["seconds"] - sum(stream["stages"].values())
-            )
+            value = stream["stages"].get(name, 0.0)
             row.append(f"{value:.2f} ({100 * value / stream['seconds']:.0f}%)")
         rows.append(row)
+    rows.append(["total", *[f"{streaming[count]['seconds']:.2f}" for count in counts]])
     print_table(["stage", *[f"N={count}" for count in counts]], rows)
     print()
     print(f"## elementwise kernels on this machine ({dtype.value} update of 16M elements, best of 5)")

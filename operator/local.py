@@ -304,7 +304,13 @@ class LocalRunner:
             job = self.jobs.queued.pop(0)
             config = self._job_file(job)
             log_path = self.run_dir / "logs" / f"{config.stem}.log"
-            env = {**os.environ, "OMP_NUM_THREADS": str(self.threads_per_trainer), "PYTHONUNBUFFERED": "1"}
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": str(self.threads_per_trainer),
+                "PYTHONUNBUFFERED": "1",
+                # Run from a checkout, the folder operator/ would shadow the standard library.
+                "PYTHONSAFEPATH": "1",
+            }
             with log_path.open("wb") as output:
                 # A session of its own: Ctrl-C reaches this runner, which stops the trainers itself.
                 popen = subprocess.Popen(
