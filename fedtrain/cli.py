@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Federated fine-tuning of vision models across sites that never share their data.",
 )
-console = Console(highlight=False)
+# Output captured in a file or CI log gets room for a per-site table; a terminal keeps its width.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 132)
 errors = Console(stderr=True, highlight=False)
 
 EXIT_FAILED = 1

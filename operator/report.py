@@ -20,14 +20,17 @@ def _bytes(count: int) -> str:
 
 def round_table(records: Sequence[RoundRecord], sites: Sequence[str]) -> Table:
     """One row per round: the global model's validation accuracy per site and weighted."""
-    table = Table(title="global model validation accuracy by round", show_lines=False)
+    table = Table(title="validation accuracy of each round's global model", show_lines=False)
     table.add_column("round", justify="right")
     for site in sites:
         table.add_column(site, justify="right")
-    for column in ("weighted acc", "macro-F1", "loss", "uploaded", "duration", "notes"):
-        table.add_column(column, justify="right" if column != "notes" else "left")
+    for column in ("all", "macro-F1", "loss", "upload", "time"):
+        table.add_column(column, justify="right")
+    notes_column = any(record.stragglers or record.failed or record.rejected for record in records)
+    if notes_column:
+        table.add_column("notes")
     for record in records:
-        label = f"{record.round}" + (" (final)" if record.kind == "evaluate" else "")
+        label = "final" if record.kind == "evaluate" else str(record.round)
         per_site = [
             f"{record.site_evaluation[site].accuracy:.3f}" if site in record.site_evaluation else "-"
             for site in sites
@@ -48,7 +51,7 @@ def round_table(records: Sequence[RoundRecord], sites: Sequence[str]) -> Table:
             f"{overall.loss:.3f}" if overall else "-",
             _bytes(record.bytes_uploaded) if record.kind == "train" else "-",
             f"{record.duration_seconds:.0f} s",
-            "; ".join(notes),
+            *(["; ".join(notes)] if notes_column else []),
         )
     return table
 

@@ -105,7 +105,8 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     manifests = sorted((run_dir / "store").rglob("manifest.json"))
     assert len(manifests) == 2
     assert "round 1 of 2" in result.stdout or "final" in result.stdout
-    assert "weighted acc" in result.stdout
+    assert "validation accuracy of each round's global model" in result.stdout
+    assert "notes" not in result.stdout, "no straggler, failure or rejection to note"
 
 
 @pytest.mark.parametrize(
@@ -146,6 +147,7 @@ def test_a_corrupted_update_is_rejected_and_the_round_still_closes_at_quorum(tmp
     manifest = json.loads(next((run_dir / "store").rglob("00000/manifest.json")).read_text())
     assert [p["site"] for p in manifest["participants"]] == ["fab-a", "fab-c"]
     assert "UpdateRejected" in result.stdout
+    assert "rejected: fab-b" in result.stdout, "the table notes the rejection"
 
 
 def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path: Path) -> None:
