@@ -64,7 +64,7 @@ import psutil
 import torch
 
 from fedtrain.api import FederatedTrainingSpec, TransferDtype
-from fedtrain.codec import Metadata, PayloadKind, encode
+from fedtrain.codec import Metadata, PayloadKind, encode, tensors_digest
 from fedtrain.layout import TrainingLayout
 from fedtrain.store import LocalStore
 
@@ -363,35 +363,57 @@ def run_child(mode: str, root: Path, count: int, threads: int, profile: bool) ->
 # parent: write the data, run the children, print the tables
 
 
-def kernel_rates(dtype: TransferDtype, elements: int = 1 << 24, repeats: int = 5) -> dict[str, float]:
-    """GB/s (of update bytes) of the elementwise kernels a reduction can use, best of `repeats`."""
-    torch_dtype = {TransferDtype.FP32: torch.float32, TransferDtype.BF16: torch.bfloat16}.get(
-        dtype, torch.float16
-    )
-    update = torch.randn(elements).to(torch_dtype)
-    running = torch.zeros(elements)
-    scratch = torch.empty(elements)
-    size = update.numel() * update.element_size()
-    kernels: dict[str, Callable[[], object]] = {
-        f"running.add_({dtype.value} update, alpha=w)": lambda: running.add_(update, alpha=0.5),
-        "scratch.copy_(update); running.add_(scratch, alpha=w)": lambda: running.add_(
-            scratch.copy_(update), alpha=0.5
-        ),
-        "vector_norm(update, dtype=float32)": lambda: torch.linalg.vector_norm(update, dtype=torch.float32),
-        "scratch.copy_(update); vector_norm(scratch)": lambda: torch.linalg.vector_norm(
-            scratch.copy_(update)
-        ),
-        "isfinite(update).all()": lambda: torch.isfinite(update).all(),
+def torch_dtype_of(dtype: TransferDtype) -> torch.dtype:
+    return {TransferDtype.FP32: torch.float32, TransferDtype.BF16: torch.bfloat16}.get(dtype, torch.float16)
+
+
+def pass_rates(
+    shapes: dict[str, tuple[int, ...]], dtype: TransferDtype, repeats: int = 3
+) -> list[tuple[str, float, float]]:
+    """(pass, seconds, GB/s of update bytes) of one pass over one in-memory update, best of `repeats`.
+
+    Each pass walks every tensor of an update of the benchmark's shapes once, as the aggregator's
+    stages do, so the rates show which kernel bounds which stage.
+    """
+    generator = torch.Generator().manual_seed(1)
+    update = {
+        name: torch.randn(shape, generator=generator).to(torch_dtype_of(dtype))
+        for name, shape in shapes.items()
     }
-    rates = {}
-    for name, kernel in kernels.items():
-        kernel()
+    running = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    scratch = torch.empty(max(tensor.numel() for tensor in update.values()))
+    size = sum(tensor.numel() * tensor.element_size() for tensor in update.values())
+
+    def staged(tensor: torch.Tensor) -> torch.Tensor:
+        return scratch[: tensor.numel()].view(tensor.shape).copy_(tensor)
+
+    passes: dict[str, Callable[[], object]] = {
+        "codec.tensors_digest (sha256, 4 threads)": lambda: tensors_digest(update),
+        "vector_norm(t, dtype=float32) (check_update)": lambda: [
+            torch.linalg.vector_norm(t, dtype=torch.float32) for t in update.values()
+        ],
+        "isfinite(t).all()": lambda: [bool(torch.isfinite(t).all()) for t in update.values()],
+        "running.add_(t, alpha=w) (WeightedMean.add)": lambda: [
+            running[name].add_(t, alpha=0.5) for name, t in update.items()
+        ],
+        "fp32 scratch: copy_(t); dot(scratch, scratch)": lambda: [
+            torch.dot(staged(t).view(-1), staged(t).view(-1)) for t in update.values()
+        ],
+        "fp32 scratch: copy_(t); running.add_(scratch, alpha=w)": lambda: [
+            running[name].add_(staged(t), alpha=0.5) for name, t in update.items()
+        ],
+        "torch.zeros of one fp32 model (fresh pages)": lambda: [
+            torch.zeros(shape) for shape in shapes.values()
+        ],
+    }
+    rates = []
+    for name, run in passes.items():
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()
-            kernel()
+            run()
             best = min(best, time.perf_counter() - started)
-        rates[name] = size / best / GB
+        rates.append((name, best, size / best / GB))
     return rates
 
 
@@ -409,9 +431,7 @@ def write_round(
     meta = Metadata(kind=PayloadKind.MODEL, training=TRAINING, round=0, base_fingerprint=BASE_FINGERPRINT)
     store.put_bytes(plan.global_model(0), encode(global_tensors, meta))
     del global_tensors
-    torch_dtype = {TransferDtype.FP32: torch.float32, TransferDtype.BF16: torch.bfloat16}.get(
-        dtype, torch.float16
-    )
+    torch_dtype = torch_dtype_of(dtype)
     for index in range(count):
         delta = {
             name: (torch.randn(shape, generator=generator) * 1e-3).to(torch_dtype)
@@ -544,6 +564,12 @@ def main(argv: list[str] | None = None) -> None:
     for count, fits in in_memory_fits.items():
         if not fits:
             print(f"in-memory N={count} skipped: {count} updates would not fit in RAM with the baseline")
+        elif 2 * count * update_estimate + model_bytes > memory.total * 0.85:
+            print(
+                f"note: in-memory N={count} holds {count * update_estimate / GB:.1f} GB of updates while "
+                "their files fill the page cache: the page cache cannot hold both, so part of its loading "
+                "(and of the streaming reads) comes from disk"
+            )
 
     root = Path(tempfile.mkdtemp(prefix="fedtrain-bench-aggregate-", dir=tmp_parent))
     try:
@@ -682,10 +708,10 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(["total", *[f"{streaming[count]['seconds']:.2f}" for count in counts]])
     print_table(["stage", *[f"N={count}" for count in counts]], rows)
     print()
-    print(f"## elementwise kernels on this machine ({dtype.value} update of 16M elements, best of 5)")
+    print(f"## one pass over one {dtype.value} update in memory, per kernel (best of 3, in this process)")
     print_table(
-        ["kernel", "GB/s of update"],
-        [[name, f"{rate:.2f}"] for name, rate in kernel_rates(dtype).items()],
+        ["pass", "seconds", "GB/s of update"],
+        [[name, f"{seconds:.3f}", f"{rate:.2f}"] for name, seconds, rate in pass_rates(shapes, dtype)],
     )
     if args.repeats > 1:
         print()
