@@ -8,19 +8,32 @@ in the store when the round is closed with the participants the engine recorded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fedtrain.api import EvalMetrics, FederatedTrainingSpec, RejectedUpdate, TransferDtype
-from fedtrain.codec import CodecError, Metadata, Payload, PayloadKind, Signature, check_update, decode, encode
+from fedtrain.codec import (
+    CodecError,
+    Metadata,
+    Payload,
+    PayloadKind,
+    Signature,
+    check_update,
+    decode,
+    encode,
+    encode_file,
+    squared_norm,
+)
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
 from fedtrain.store import ObjectNotFound, ObjectStore
-from fedtrain.trainer.model import build_model
 
 from .strategies import Accumulator, make_strategy, site_weight
 
@@ -35,7 +48,8 @@ class AggregationError(RuntimeError):
 class _OpenRound:
     accumulator: Accumulator
     verdicts: dict[str, UpdateVerdict] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # of the updates in the sum
+    dirty: bool = False  # part of a rejected update is in the sum: rebuild it
 
 
 class RoundAggregator:
@@ -52,25 +66,36 @@ class RoundAggregator:
         self.strategy = make_strategy(spec.aggregation.strategy)
         self._pretrained_weights = pretrained_weights
         self._open: dict[int, _OpenRound] = {}
-        self._globals: dict[int, Payload] = {}
+        # The current round's global model signature and metadata; checked once per round.
+        self._signatures: dict[int, tuple[Signature, Metadata]] = {}
 
     # ---------------------------------------------------------------------------------------------
     # reading
 
-    def _read(self, key: str) -> tuple[Payload, int]:
-        """Decode an object: memory-mapped from a local store, downloaded whole from S3; and its size."""
+    @contextmanager
+    def _opened(self, key: str, verify: bool) -> Iterator[tuple[Payload, int]]:
+        """An object decoded for reading tensor by tensor, and its size in bytes.
+
+        A local store's file is read in place; an S3 object is first downloaded to a temporary
+        file, so neither needs memory for more than the tensors being worked on.
+        """
         path = self.store.local_path(key)
         if path is not None:
             if not path.exists():
                 raise ObjectNotFound(self.store.uri(key))
-            return decode(path, name=key), path.stat().st_size
-        data = self.store.get_bytes(key)
-        return decode(data, name=key), len(data)
+            yield decode(path, name=key, verify=verify), path.stat().st_size
+            return
+        with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
+            local = Path(scratch) / "object.safetensors"
+            self.store.get_file(key, local)
+            yield decode(local, name=key, verify=verify), local.stat().st_size
 
-    def global_model(self, round_index: int) -> Payload:
-        if round_index not in self._globals:
-            self._globals = {round_index: self._read(self.layout.global_model(round_index))[0]}
-        return self._globals[round_index]
+    def signature(self, round_index: int) -> Signature:
+        """Names, shapes and base fingerprint of round `round_index`'s global model (checked once)."""
+        if round_index not in self._signatures:
+            with self._opened(self.layout.global_model(round_index), verify=True) as (payload, _):
+                self._signatures = {round_index: (Signature.of(payload), payload.meta)}
+        return self._signatures[round_index][0]
 
     def manifest(self, round_index: int) -> RoundManifest | None:
         try:
@@ -83,6 +108,8 @@ class RoundAggregator:
 
     def initialize(self) -> str:
         """Write the initial global model (round 0) unless it exists; return its URI."""
+        from fedtrain.trainer.model import build_model  # timm and peft only where a model is built
+
         key = self.layout.global_model(0)
         if not self.store.exists(key):
             model = build_model(self.spec, self._pretrained_weights)
@@ -106,8 +133,7 @@ class RoundAggregator:
         return self._open[round_index]
 
     def _new_round(self, round_index: int) -> _OpenRound:
-        signature = Signature.of(self.global_model(round_index))
-        return _OpenRound(self.strategy.accumulator(signature.shapes))
+        return _OpenRound(self.strategy.accumulator(self.signature(round_index).shapes))
 
     def submit(self, round_index: int, site: str) -> UpdateVerdict:
         """Validate a site's uploaded update and fold it into the round; return the verdict."""
@@ -119,6 +145,8 @@ class RoundAggregator:
             return open_round.verdicts[site]
         verdict = self._fold(round_index, site, open_round)
         open_round.verdicts[site] = verdict
+        if not verdict.accepted and open_round.dirty:
+            self._rebuild(round_index, list(open_round.weights))
         level = logging.INFO if verdict.accepted else logging.WARNING
         log.log(level, "round %d site %s: %s", round_index, site, verdict.reason or "accepted")
         return verdict
@@ -131,13 +159,25 @@ class RoundAggregator:
         )
 
     def _fold(self, round_index: int, site: str, open_round: _OpenRound) -> UpdateVerdict:
+        """Check an update and fold it in the same single read of each tensor.
+
+        Tensors are added as they pass their own checks; if the update is then rejected as a
+        whole (checksum, a later tensor, the norm bound), `open_round.dirty` is set and the caller
+        rebuilds the sum from the accepted updates. Rejections are rare; reading every update once
+        instead of twice is what keeps aggregation near memory speed.
+        """
         key = self.layout.update(round_index, site)
         try:
-            payload, size = self._read(key)
+            with self._opened(key, verify=False) as (payload, size):
+                return self._fold_payload(round_index, site, key, payload, size, open_round)
         except ObjectNotFound:
             return self._reject(round_index, site, "missing", f"no update at {self.store.uri(key)}")
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error))
+
+    def _fold_payload(
+        self, round_index: int, site: str, key: str, payload: Payload, size: int, open_round: _OpenRound
+    ) -> UpdateVerdict:
         meta = payload.meta
         if (meta.training, meta.round, meta.site) != (self.layout.name, round_index, site):
             return self._reject(
@@ -146,34 +186,59 @@ class RoundAggregator:
                 "mismatch",
                 f"{key} is the update of training {meta.training} round {meta.round} site {meta.site}",
             )
-        evaluation = _evaluation(meta)
         common = {
             "samples": meta.samples,
             "sha256": meta.tensors_sha256,
             "update_bytes": size,
-            "evaluation": evaluation,
+            "evaluation": _evaluation(meta),
             "train_seconds": meta.timings.get("train_seconds"),
         }
         if meta.kind is PayloadKind.REPORT:
             return UpdateVerdict(round=round_index, site=site, accepted=True, **common)
-        try:
-            norm = check_update(payload, Signature.of(self.global_model(round_index)), name=key)
-        except CodecError as error:
-            return self._reject(round_index, site, error.reason, str(error), **common)
-        bound = self.spec.aggregation.max_update_norm
-        if bound is not None and norm > bound:
-            message = f"update norm {norm:.4g} exceeds aggregation.maxUpdateNorm {bound:.4g}"
-            return self._reject(round_index, site, "norm", message, norm=norm, **common)
         site_spec = next((s for s in self.spec.sites if s.name == site), None)
         if site_spec is None:
             return self._reject(round_index, site, "unknown-site", f"{site} is not a site of this training")
         try:
             weight = site_weight(self.spec.aggregation.weighting, meta.samples, site_spec.weight)
         except ValueError as error:
-            return self._reject(round_index, site, "samples", str(error), norm=norm, **common)
-        open_round.accumulator.add(payload.tensors, weight)
+            return self._reject(round_index, site, "samples", str(error), **common)
+
+        accumulator = open_round.accumulator
+
+        def fold(name: str, tensor: torch.Tensor) -> None:
+            open_round.dirty = True
+            accumulator.add_tensor(name, tensor, weight)
+
+        try:
+            norm = check_update(payload, self.signature(round_index), name=key, on_tensor=fold)
+        except CodecError as error:
+            return self._reject(round_index, site, error.reason, str(error), **common)
+        bound = self.spec.aggregation.max_update_norm
+        if bound is not None and norm > bound:
+            message = f"update norm {norm:.4g} exceeds aggregation.maxUpdateNorm {bound:.4g}"
+            return self._reject(round_index, site, "norm", message, norm=norm, **common)
+        accumulator.count(weight)
+        open_round.dirty = False
         open_round.weights[site] = weight
         return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
+
+    def _rebuild(self, round_index: int, sites: list[str]) -> _OpenRound:
+        """A fresh sum of exactly `sites`' updates, read again from the store; other verdicts kept.
+
+        Used after a rejected update left part of itself in the sum, after a restart (the sum is
+        gone), and when the engine closes a round without an update the aggregator had folded.
+        """
+        previous = self._open.get(round_index)
+        rebuilt = self._open[round_index] = self._new_round(round_index)
+        if previous is not None:
+            rebuilt.verdicts = {
+                site: verdict for site, verdict in previous.verdicts.items() if site not in sites
+            }
+        for site in sites:
+            rebuilt.verdicts[site] = self._fold(round_index, site, rebuilt)
+            if rebuilt.dirty:  # the object changed in the store since it was accepted
+                return self._rebuild(round_index, [s for s in sites if s != site])
+        return rebuilt
 
     @staticmethod
     def _verdict_from_manifest(manifest: RoundManifest, site: str) -> UpdateVerdict:
@@ -202,45 +267,36 @@ class RoundAggregator:
             return existing
         participants = list(dict.fromkeys(participants))  # a site listed twice is still one update
         open_round = self._round(round_index)
-        if set(open_round.weights) - set(participants):
-            # A folded update the engine did not count (it arrived after the engine decided to close):
-            # sum exactly the participants again, as a restarted aggregator would, keeping the rejections.
-            rejections = {site: v for site, v in open_round.verdicts.items() if not v.accepted}
-            open_round = self._open[round_index] = self._new_round(round_index)
-            open_round.verdicts.update(rejections)
+        if set(open_round.weights) != set(participants):
+            # After a restart the sum is empty; or an update arrived after the engine decided to
+            # close without it: sum exactly the participants, as the engine recorded them.
+            open_round = self._rebuild(round_index, participants)
         for site in participants:
-            # After an aggregator restart the sum is empty: fold again what the engine accepted.
-            verdict = self.submit(round_index, site)
+            verdict = open_round.verdicts[site]
             if not verdict.accepted:
                 raise AggregationError(
                     f"round {round_index}: participant {site} was rejected: {verdict.message}"
                 )
-        used = [site for site in participants if site in open_round.weights]
-        if not used:
+        if not participants:
             raise AggregationError(f"round {round_index} has no accepted update to aggregate")
-        current = self.global_model(round_index)
-        next_tensors = self.strategy.apply(current.tensors, open_round.accumulator.result())
-        broken = sorted(
-            name for name, tensor in next_tensors.items() if not bool(torch.isfinite(tensor).all())
-        )
-        if broken:
-            # Each update was finite, but their weighted sum overflowed fp32: publish nothing.
-            raise AggregationError(
-                f"round {round_index}: the aggregate is not finite in {', '.join(broken[:3])}; "
-                "set aggregation.maxUpdateNorm to reject runaway updates"
-            )
+        self.signature(round_index)
+        current_meta = self._signatures[round_index][1]
         meta = Metadata(
             kind=PayloadKind.MODEL,
             training=self.layout.name,
             round=round_index + 1,
             transfer_dtype=TransferDtype.FP32,
-            base_fingerprint=current.meta.base_fingerprint,
-            config=current.meta.config,
+            base_fingerprint=current_meta.base_fingerprint,
+            config=current_meta.config,
         )
         model_key = self.layout.global_model(round_index + 1)
-        encoded = encode(next_tensors, meta)
-        self.store.put_bytes(model_key, encoded)
-        total = sum(open_round.weights[site] for site in used)
+        try:
+            model_sha256 = self._write_next_model(round_index, open_round, meta, model_key)
+        finally:
+            # The sum was turned into the next model in place: whatever happened, a retry must
+            # rebuild it from the updates in the store.
+            del self._open[round_index]
+        total = sum(open_round.weights[site] for site in participants)
         manifest = RoundManifest(
             training=self.layout.name,
             round=round_index,
@@ -254,7 +310,7 @@ class RoundAggregator:
                     sha256=open_round.verdicts[site].sha256 or "",
                     norm=open_round.verdicts[site].norm or 0.0,
                 )
-                for site in used
+                for site in participants
             ],
             rejected=list(rejected or [])
             + [
@@ -265,28 +321,50 @@ class RoundAggregator:
             ],
             model_key=model_key,
             model_uri=self.store.uri(model_key),
-            model_sha256=hashlib.sha256(encoded).hexdigest(),
+            model_sha256=model_sha256,
         )
         # The manifest is written last: its presence is what says the round is closed.
         self.store.put_bytes(self.layout.manifest(round_index), manifest.model_dump_json(indent=2).encode())
-        del self._open[round_index]
         return manifest
+
+    def _write_next_model(self, round_index: int, open_round: _OpenRound, meta: Metadata, key: str) -> str:
+        """Apply the aggregate to the global model and upload the result; returns its file sha256."""
+        with (
+            self._opened(self.layout.global_model(round_index), verify=False) as (current, _),
+            tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch,
+        ):
+            next_tensors = self.strategy.apply(current.tensors, open_round.accumulator.result())
+            # A finite sum of squares means every value is finite (a norm is cheaper than isfinite).
+            broken = sorted(name for name, t in next_tensors.items() if not math.isfinite(squared_norm(t)))
+            if broken:
+                # Each update was finite, but their weighted sum overflowed fp32: publish nothing.
+                raise AggregationError(
+                    f"round {round_index}: the aggregate is not finite in {', '.join(broken[:3])}; "
+                    "set aggregation.maxUpdateNorm to reject runaway updates"
+                )
+            staged = Path(scratch) / "global.safetensors"
+            _, file_sha256 = encode_file(next_tensors, meta, staged)
+            del next_tensors
+            self.store.put_file(key, staged)
+        return file_sha256
 
     # ---------------------------------------------------------------------------------------------
     # the final model
 
     def merge(self, round_index: int) -> str:
         """Write the global model of `round_index` with LoRA folded in, as a plain timm state dict."""
+        from fedtrain.trainer.model import build_model  # timm and peft only where a model is built
+
         key = self.layout.merged_model()
         if self.store.exists(key):
             return self.store.uri(key)
-        payload = self.global_model(round_index)
         model = build_model(self.spec, self._pretrained_weights)
-        if model.base_fingerprint != payload.meta.base_fingerprint:
-            raise AggregationError(
-                "the global model was trained from a different base model than the spec builds"
-            )
-        model.load_exchanged(dict(payload.tensors))
+        with self._opened(self.layout.global_model(round_index), verify=True) as (payload, _):
+            if model.base_fingerprint != payload.meta.base_fingerprint:
+                raise AggregationError(
+                    "the global model was trained from a different base model than the spec builds"
+                )
+            model.load_exchanged(dict(payload.tensors))
         spec_model = self.spec.model
         meta = Metadata(
             kind=PayloadKind.MERGED,
@@ -301,7 +379,10 @@ class RoundAggregator:
                 "architecture": spec_model.architecture.timm_kwargs() if spec_model.architecture else {},
             },
         )
-        self.store.put_bytes(key, encode(model.merged_state_dict(), meta))
+        with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
+            staged = Path(scratch) / "merged.safetensors"
+            encode_file(model.merged_state_dict(), meta, staged)  # a model's size: never held twice
+            self.store.put_file(key, staged)
         return self.store.uri(key)
 
 

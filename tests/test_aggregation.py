@@ -504,10 +504,18 @@ class RecordingStore(LocalStore):
         self.written: list[str] = []
         self.fail_suffix: str | None = None
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def _check(self, key: str) -> None:
         if self.fail_suffix is not None and key.endswith(self.fail_suffix):
             raise StoreError(f"injected failure writing {key}")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._check(key)
         super().put_bytes(key, data)
+        self.written.append(key)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._check(key)
+        super().put_file(key, path)
         self.written.append(key)
 
 
@@ -657,7 +665,7 @@ def test_the_accumulator_holds_one_fp32_tensor_per_name() -> None:
             assert running is held[name]  # summed in place, never reallocated
             assert running.dtype == torch.float32
             assert tuple(running.shape) == SHAPES[name]
-    assert accumulator.count == 9
+    assert accumulator.updates == 9
     assert accumulator.total_weight == pytest.approx(45.0)
     assert sorted(accumulator.result()) == sorted(SHAPES)
 
@@ -683,7 +691,7 @@ def test_weighted_mean_refuses_a_bad_weight(weight: float) -> None:
     accumulator = WeightedMean(SHAPES)
     with pytest.raises(ValueError, match="positive finite"):
         accumulator.add(_random(SHAPES, seed=0), weight)
-    assert accumulator.count == 0
+    assert accumulator.updates == 0
 
 
 def test_site_weight() -> None:

@@ -7,6 +7,7 @@ under test and not the checksum.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedtrain.api import TransferDtype
@@ -30,6 +33,7 @@ from fedtrain.codec import (
     check_update,
     decode,
     encode,
+    encode_file,
     l2_norm,
     read_metadata,
     tensors_digest,
@@ -394,3 +398,38 @@ def test_digest_changes_with_any_byte_name_dtype_or_shape() -> None:
 def test_digest_of_non_contiguous_tensors_is_that_of_their_values() -> None:
     tensor = torch.randn(6, 4)
     assert tensors_digest({"w": tensor.t()}) == tensors_digest({"w": tensor.t().contiguous()})
+
+
+# --------------------------------------------------------------------------------------------------
+# the format, checked against the safetensors library in both directions
+
+
+@pytest.mark.parametrize("dtype", list(TransferDtype))
+def test_what_fedtrain_writes_the_safetensors_library_reads(dtype: TransferDtype, tmp_path: Path) -> None:
+    tensors = {**_tensors(), "step": torch.tensor(7, dtype=torch.int64), "empty": torch.zeros(0)}
+    meta = _meta(transfer_dtype=dtype)
+    data = encode(tensors, meta)
+    loaded = load_safetensors(data)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        expected = tensor.to(TORCH_DTYPES[dtype]) if tensor.is_floating_point() else tensor
+        assert torch.equal(loaded[name], expected), name
+    path = tmp_path / "payload.safetensors"
+    written, file_sha256 = encode_file(tensors, meta, path)
+    assert path.read_bytes() == data, "the file and the in-memory encoding are the same bytes"
+    assert file_sha256 == hashlib.sha256(data).hexdigest()
+    assert written.tensors_sha256 == read_metadata(data).tensors_sha256
+    with safe_open(str(path), framework="pt") as handle:
+        assert json.loads(handle.metadata()[METADATA_KEY])["site"] == "fab-a"
+
+
+def test_what_the_safetensors_library_writes_fedtrain_reads(tmp_path: Path) -> None:
+    tensors = {**_tensors(), "step": torch.tensor([1, 2, 3], dtype=torch.int32)}
+    data = _craft(tensors, _meta())
+    path = tmp_path / "library.safetensors"
+    path.write_bytes(data)
+    for source in (data, path):
+        payload = decode(source)
+        assert set(payload.tensors) == set(tensors)
+        for name, tensor in tensors.items():
+            assert torch.equal(payload.tensors[name], tensor), name

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.api import FederatedTrainingSpec
-from fedtrain.codec import PayloadKind, Signature, check_update, decode
+from fedtrain.codec import PayloadKind, check_update, decode
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.store import LocalStore
@@ -211,7 +211,7 @@ def test_a_round_evaluates_trains_and_uploads_a_valid_update(tmp_path: Path) -> 
 
     update = decode(store.get_bytes(layout.update(0, "fab-a")))
     assert update.meta.kind is PayloadKind.UPDATE
-    norm = check_update(update, Signature.of(aggregator.global_model(0)))
+    norm = check_update(update, aggregator.signature(0))
     assert norm > 0
     assert update.meta.samples == 32, "40 samples less the 20% validation split"
     evaluation = update.meta.metrics["evaluation"]
