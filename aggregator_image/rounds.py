@@ -343,9 +343,12 @@ class RoundAggregator:
                     "set aggregation.maxUpdateNorm to reject runaway updates"
                 )
             staged = Path(scratch) / "global.safetensors"
-            _, file_sha256 = encode_file(next_tensors, meta, staged)
+            written, file_sha256 = encode_file(next_tensors, meta, staged)
+            shapes = {name: tuple(tensor.shape) for name, tensor in next_tensors.items()}
             del next_tensors
             self.store.put_file(key, staged)
+        # The next round starts from this model: its signature is known without reading it back.
+        self._signatures = {round_index + 1: (Signature(shapes, written.base_fingerprint), written)}
         return file_sha256
 
     # ---------------------------------------------------------------------------------------------

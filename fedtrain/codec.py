@@ -359,17 +359,21 @@ class _StoredTensors(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        length = entry.end - entry.begin
-        if self._path is not None:
-            with self._path.open("rb") as handle:
-                raw = bytearray(os.pread(handle.fileno(), length, self._start + entry.begin))
-            if len(raw) != length:
-                raise CodecError("format", f"{self._path} was truncated while it was read")
-        else:
-            raw = bytearray(self._data[self._start + entry.begin : self._start + entry.end])
-        if not raw:
-            return torch.empty(entry.shape, dtype=entry.dtype)
-        return torch.frombuffer(raw, dtype=entry.dtype).reshape(entry.shape)
+        tensor = torch.empty(entry.shape, dtype=entry.dtype)
+        target = tensor.reshape(-1).view(torch.uint8).numpy().data  # the tensor's own memory
+        start = self._start + entry.begin
+        if self._path is None:
+            target[:] = self._data[start : self._start + entry.end]
+            return tensor
+        # Read straight into the tensor: one copy from the page cache, no intermediate buffer.
+        with self._path.open("rb") as handle:
+            done = 0
+            while done < len(target):
+                count = os.preadv(handle.fileno(), [target[done:]], start + done)
+                if count == 0:
+                    raise CodecError("format", f"{self._path} was truncated while it was read")
+                done += count
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))
