@@ -82,21 +82,19 @@ RSS_ALLOWANCE = 200 * 1024 * 1024
 BYTES_PER_ELEMENT = {TransferDtype.FP32: 4, TransferDtype.BF16: 2, TransferDtype.FP16: 2}
 
 # Stages of the streaming aggregator's wall time, in the order they happen.
-DECODE_GLOBAL = "submit: decode global model (sha256)"
-DECODE_UPDATE = "submit: decode update (sha256)"
-CHECK = "submit: check_update (norm, finite)"
-ACCUMULATE = "submit: accumulate (add_ into fp32 sum)"
+DECODE_GLOBAL = "submit: decode + verify the global model (sha256), once a round"
+DECODE_UPDATE = "submit: decode update headers"
+CHECK = "submit: one pass per update (read, sha256, norm, add_ into the fp32 sum)"
 SUBMIT_OTHER = "submit: other (zeroed fp32 sum, manifest lookups)"
-DIVIDE = "close: divide (result)"
-APPLY = "close: apply to global"
-ENCODE = "close: encode next global (sha256, bytes)"
-WRITE = "close: write model + manifest (fsync)"
-CLOSE_OTHER = "close: other (finite scan, sha256 of bytes, ...)"
+DIVIDE = "close: divide the sum in place (result)"
+APPLY = "close: add the global model in place (apply)"
+ENCODE = "close: stream the next global to a temp file (digest, file sha256)"
+WRITE = "close: upload model + manifest to the store (copy, fsync)"
+CLOSE_OTHER = "close: other (finite check by norm, ...)"
 STAGES = [
     DECODE_GLOBAL,
     DECODE_UPDATE,
     CHECK,
-    ACCUMULATE,
     SUBMIT_OTHER,
     DIVIDE,
     APPLY,
@@ -223,10 +221,10 @@ def child_streaming(root: Path, count: int, profile: bool) -> dict[str, Any]:
     wrapped: list[tuple[Any, str, str | Callable[..., str]]] = [
         (rounds, "decode", _decode_stage),
         (rounds, "check_update", CHECK),
-        (strategies.WeightedMean, "add", ACCUMULATE),
         (strategies.WeightedMean, "result", DIVIDE),
         (strategies.FedAvg, "apply", APPLY),
-        (rounds, "encode", ENCODE),
+        (rounds, "encode_file", ENCODE),
+        (store, "put_file", WRITE),
         (store, "put_bytes", WRITE),
     ]
     for owner, attribute, stage in wrapped:

@@ -228,7 +228,11 @@ def train_steps(
     module.train()
     trainable = [param for param in module.parameters() if param.requires_grad]
     clip = spec.training.grad_clip_norm
-    loss_sum, correct, seen = 0.0, 0, 0
+    # Running sums stay on the device: reading a value back each step would make the CPU wait for
+    # the GPU; they are read only when progress is logged.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     report_every = max(1, steps // 5)
     started = time.perf_counter()
     for step, indices in enumerate(
@@ -248,16 +252,16 @@ def train_steps(
             nn.utils.clip_grad_norm_(trainable, clip)
         optimizer.step()
         scheduler.step()
-        loss_sum += float(loss.detach()) * len(indices)
-        correct += int((logits.argmax(dim=1) == targets).sum())
+        loss_sum += loss.detach() * len(indices)
+        correct += (logits.argmax(dim=1) == targets).sum()
         seen += len(indices)
         if (step + 1) % report_every == 0 or step + 1 == steps:
             rate = seen / max(time.perf_counter() - started, 1e-9)
-            log.info("step %d/%d loss %.4f (%.1f img/s)", step + 1, steps, loss_sum / seen, rate)
+            log.info("step %d/%d loss %.4f (%.1f img/s)", step + 1, steps, float(loss_sum) / seen, rate)
     elapsed = time.perf_counter() - started
     return {
-        "train_loss": loss_sum / max(seen, 1),
-        "train_accuracy": correct / max(seen, 1),
+        "train_loss": float(loss_sum) / max(seen, 1),
+        "train_accuracy": int(correct) / max(seen, 1),
         "train_samples_seen": float(seen),
         "samples_per_second": seen / max(elapsed, 1e-9),
         "lr": float(scheduler.get_last_lr()[0]),
