@@ -107,6 +107,13 @@ class Payload:
     tensors: Mapping[str, torch.Tensor]
     meta: Metadata
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes; from the header when the tensors are not read yet."""
+        if isinstance(self.tensors, _StoredTensors):
+            return self.tensors.shapes()
+        return {name: tuple(tensor.shape) for name, tensor in self.tensors.items()}
+
 
 @dataclass(frozen=True)
 class Signature:
@@ -117,10 +124,7 @@ class Signature:
 
     @classmethod
     def of(cls, payload: Payload) -> Signature:
-        return cls(
-            shapes={name: tuple(tensor.shape) for name, tensor in payload.tensors.items()},
-            base_fingerprint=payload.meta.base_fingerprint,
-        )
+        return cls(shapes=payload.shapes, base_fingerprint=payload.meta.base_fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,6 +378,9 @@ class _StoredTensors(Mapping[str, torch.Tensor]):
                     raise CodecError("format", f"{self._path} was truncated while it was read")
                 done += count
         return tensor
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: entry.shape for name, entry in sorted(self._entries.items())}
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))
