@@ -195,8 +195,9 @@ class RoundAggregator:
         }
         if meta.kind is PayloadKind.REPORT:
             return UpdateVerdict(round=round_index, site=site, accepted=True, **common)
-        site_spec = next((s for s in self.spec.sites if s.name == site), None)
-        if site_spec is None:
+        try:
+            site_spec = self.spec.site(site)
+        except KeyError:
             return self._reject(round_index, site, "unknown-site", f"{site} is not a site of this training")
         try:
             weight = site_weight(self.spec.aggregation.weighting, meta.samples, site_spec.weight)

@@ -28,7 +28,7 @@ from fedtrain.api import FederatedTraining, FederatedTrainingStatus, PretrainedS
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
-from fedtrain.store import LocalStore, ObjectNotFound, ObjectStore, S3Store, open_store
+from fedtrain.store import ObjectNotFound, ObjectStore, S3Store, open_store
 
 from .engine import (
     Action,
@@ -355,11 +355,7 @@ class LocalRunner:
             lines = self.store.get_bytes(key).decode().splitlines()
         except ObjectNotFound:
             lines = []
-        kept = [
-            line
-            for line in lines
-            if (json.loads(line)["round"], json.loads(line)["kind"]) != (record.round, record.kind)
-        ]
+        kept = [line for line in lines if _round_key(json.loads(line)) != (record.round, record.kind)]
         text = "\n".join([*kept, record.model_dump_json(by_alias=True)]) + "\n"
         self.store.put_bytes(key, text.encode())
         (self.run_dir / HISTORY_FILE).write_text(text)
@@ -385,11 +381,12 @@ def _terminate(popen: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> N
         pass
 
 
+def _round_key(record: dict[str, object]) -> tuple[object, object]:
+    return record["round"], record["kind"]
+
+
 def load_history(run_dir: Path) -> list[RoundRecord]:
     path = run_dir / HISTORY_FILE
     if not path.exists():
         return []
     return [RoundRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-__all__ = ["LocalRunner", "LocalStore", "RunError", "RunOptions", "load_history"]

@@ -568,8 +568,7 @@ def load_site_data(
         labels = torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.npz is not None:
-        maps, wafer_labels = load_npz_wafer_maps(Path(data.npz.path))
-        _check_states(maps)
+        maps, wafer_labels = load_npz_wafer_maps(Path(data.npz.path))  # checks shapes and die states
         images, labels = WaferMapImages(maps, model.image_size), torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.image_folder is not None:
