@@ -359,7 +359,22 @@ class SyntheticData(ApiModel):
 
 
 class NpzData(ApiModel):
-    path: str = Field(..., min_length=1, description="NPZ file with 'maps' (N,H,W die states) and 'labels'.")
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description="NPZ file with 'maps' (N,H,W die states) and 'labels', e.g. on the site's dataVolume.",
+    )
+    uri: str | None = Field(
+        None,
+        pattern=r"^(https?|file)://",
+        description="http(s):// or file:// URL the trainer downloads the NPZ file from (instead of path).",
+    )
+
+    @model_validator(mode="after")
+    def _one_location(self) -> NpzData:
+        if (self.path is None) == (self.uri is None):
+            raise ValueError("set exactly one of path or uri")
+        return self
 
 
 class ImageFolderData(ApiModel):
@@ -389,14 +404,65 @@ class Resources(ApiModel):
     )
 
 
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration, e.g. for the nvidia.com/gpu taint of GPU nodes."""
+
+    key: str | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
+    operator: TolerationOperator = Field(TolerationOperator.EQUAL, description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value (operator Equal).")
+    effect: TaintEffect | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute.")
+    toleration_seconds: int | None = Field(None, ge=0, description="How long a NoExecute taint is tolerated.")
+
+
+class DataVolume(ApiModel):
+    """A PersistentVolumeClaim in the site's namespace, mounted into the trainer read-only."""
+
+    claim_name: str = Field(..., min_length=1, max_length=253, description="PersistentVolumeClaim name.")
+    mount_path: str = Field(
+        "/data", pattern=r"^/", description="Where the trainer sees the volume; data paths point inside it."
+    )
+    sub_path: str | None = Field(None, description="Mount only this sub-directory of the volume.")
+
+
 class SiteSpec(ApiModel):
     name: str = Field(..., min_length=1, max_length=40, pattern=DNS_LABEL, description="Site name.")
     namespace: str = Field(
         "default", min_length=1, max_length=63, pattern=DNS_LABEL, description="Site namespace."
     )
     data: DataSpec = Field(..., description="The site's private data.")
+    data_volume: DataVolume | None = Field(
+        None, description="PersistentVolumeClaim holding the site's data (read-only in the trainer)."
+    )
     resources: Resources = Field(default_factory=Resources, description="Trainer container resources.")
     weight: float | None = Field(None, gt=0, description="Aggregation weight (weighting: explicit).")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the trainer pod must run on, e.g. a GPU type."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints the trainer pod tolerates (GPU nodes are often tainted)."
+    )
+    affinity: dict[str, Any] | None = Field(
+        None, description="A Kubernetes Affinity object for the trainer pod, passed through as written."
+    )
+    priority_class_name: str | None = Field(None, description="PriorityClass of the trainer pod.")
+    scheduler_name: str | None = Field(None, description="Scheduler for the trainer pod.")
+    service_account_name: str | None = Field(
+        None, description="ServiceAccount the trainer runs as (its token is not mounted)."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets in the site's namespace for pulling the trainer image."
+    )
 
 
 # --------------------------------------------------------------------------------------------------

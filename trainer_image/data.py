@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
@@ -37,6 +38,7 @@ import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from PIL import Image, UnidentifiedImageError
 
 from fedtrain.api import WAFER_CLASSES, DataSpec, EvaluationSpec, ModelSpec
+from fedtrain.store import ObjectNotFound, StoreError, read_url
 
 OFF_WAFER, PASS, FAIL = 0, 1, 2
 DIE_STATES = 3
@@ -273,6 +275,22 @@ def _npz_array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> npt.NDArr
             f"{path}: '{key}' has dtype {array.dtype}; save integer values, e.g. {key}.astype(np.int64)"
         )
     return array
+
+
+def _npz_from(path: str | None, uri: str | None) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """An NPZ file on a mounted volume (path), or downloaded once from a URL into a temporary file."""
+    if path is not None:
+        return load_npz_wafer_maps(Path(path))
+    if uri is None:
+        raise DataError("the site's data.npz sets neither path nor uri")
+    try:
+        payload = read_url(uri)
+    except (ObjectNotFound, StoreError) as error:
+        raise DataError(f"{error}; check the site's data.npz.uri") from error
+    with tempfile.TemporaryDirectory(prefix="fedtrain-data-") as scratch:
+        local = Path(scratch) / "data.npz"
+        local.write_bytes(payload)
+        return load_npz_wafer_maps(local)
 
 
 def load_npz_wafer_maps(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
@@ -568,7 +586,7 @@ def load_site_data(
         labels = torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.npz is not None:
-        maps, wafer_labels = load_npz_wafer_maps(Path(data.npz.path))  # checks shapes and die states
+        maps, wafer_labels = _npz_from(data.npz.path, data.npz.uri)  # checks shapes and die states
         images, labels = WaferMapImages(maps, model.image_size), torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.image_folder is not None:
