@@ -1,0 +1,110 @@
+"""A Kubernetes API for tests: kmock's KubernetesEmulator served over HTTP from a thread of its own.
+
+The operator (kopf and the kubernetes client), the kubelet fixture and the tests all reach it over
+real HTTP through a kubeconfig file, exactly as they would reach a cluster's API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import kmock
+import yaml
+
+from fedtrain.api import GROUP, PLURAL, VERSION
+
+VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+
+#: What the emulator serves: kopf needs namespaces, events and CRDs besides what fedtrain uses.
+RESOURCES: dict[str, kmock.ResourceInfo] = {
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS),
+    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS),
+    "v1/secrets": kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=VERBS),
+    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS),
+    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS),
+    "apps/v1/deployments": kmock.ResourceInfo(
+        kind="Deployment", namespaced=True, verbs=VERBS, subresources=["status"]
+    ),
+    "batch/v1/jobs": kmock.ResourceInfo(kind="Job", namespaced=True, verbs=VERBS, subresources=["status"]),
+    "coordination.k8s.io/v1/leases": kmock.ResourceInfo(kind="Lease", namespaced=True, verbs=VERBS),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs=VERBS
+    ),
+    f"{GROUP}/{VERSION}/{PLURAL}": kmock.ResourceInfo(
+        kind="FederatedTraining",
+        singular="federatedtraining",
+        namespaced=True,
+        verbs=VERBS,
+        shortnames=["ft", "fedtrain"],
+        subresources=["status"],
+    ),
+}
+
+
+class Emulator:
+    """The emulator and its HTTP server, running on an event loop in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self.handler: kmock.KubernetesEmulator | None = None
+        self.url = ""
+        self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as error:  # surfaced by start()
+            self._error = error
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with kmock.KubernetesEmulator() as handler, kmock.Server(handler) as server:
+            for key, info in RESOURCES.items():
+                handler.resources[key] = info
+            self.handler = handler
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> Emulator:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise RuntimeError("the Kubernetes emulator did not start") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def write_kubeconfig(self, path: Path) -> Path:
+        config: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
+            "current-context": "emulator",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+
+@contextmanager
+def running_emulator() -> Iterator[Emulator]:
+    emulator = Emulator().start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
