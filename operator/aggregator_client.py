@@ -1,0 +1,76 @@
+"""The operator's side of the aggregator's HTTP API (`python -m fedtrain.aggregator serve`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from fedtrain.api import RejectedUpdate
+from fedtrain.messages import RoundManifest, UpdateVerdict
+
+
+class AggregatorUnavailableError(RuntimeError):
+    """Not reachable, not ready, or answered 5xx: try again later (it may be starting or restarting)."""
+
+
+class AggregatorRefusedError(RuntimeError):
+    """The aggregator refused the request for good (e.g. a round it cannot close): fail the training."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AggregatorClient:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, token: str, timeout: float) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        url = f"{self.base_url}{path}"
+        try:
+            async with self.session.post(url, json=body, headers=self.headers, timeout=self.timeout) as reply:
+                payload = await _json(reply)
+                if reply.status < 300:
+                    return payload
+                error: dict[str, Any] = payload["error"] if isinstance(payload.get("error"), dict) else {}
+                code = str(error.get("code") or reply.status)
+                message = str(error.get("message") or payload.get("message") or reply.reason)
+                if reply.status == 409 and code != "no-global-model":
+                    raise AggregatorRefusedError(code, message)
+                # 401 (a token Secret replaced under a running pod), 409 no-global-model (a restarted
+                # aggregator's store not caught up), 503 (not ready): all pass with time.
+                raise AggregatorUnavailableError(f"POST {path}: HTTP {reply.status} {code}: {message}")
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise AggregatorUnavailableError(f"POST {path}: {type(error).__name__}: {error}") from error
+
+    async def initialize(self) -> str:
+        return str((await self._post("/v1/initialize"))["model_uri"])
+
+    async def submit(self, round_index: int, site: str) -> UpdateVerdict:
+        return UpdateVerdict.model_validate(
+            await self._post(f"/v1/rounds/{round_index}/updates", {"site": site})
+        )
+
+    async def close(
+        self, round_index: int, participants: list[str], rejected: list[RejectedUpdate]
+    ) -> RoundManifest:
+        body = {
+            "participants": participants,
+            "rejected": [item.model_dump(mode="json") for item in rejected],
+        }
+        return RoundManifest.model_validate(await self._post(f"/v1/rounds/{round_index}/close", body))
+
+    async def merge(self, round_index: int) -> str:
+        return str((await self._post("/v1/merge", {"round": round_index}))["model_uri"])
+
+
+async def _json(reply: aiohttp.ClientResponse) -> dict[str, Any]:
+    try:
+        payload = await reply.json(content_type=None)
+    except ValueError:
+        return {"message": (await reply.text())[:300]}
+    return payload if isinstance(payload, dict) else {"message": str(payload)[:300]}

@@ -1,0 +1,142 @@
+"""The kopf handlers: thin wrappers that hand each event to `reconcile.py` and the engine.
+
+- a daemon per FederatedTraining runs reconciles one after another: woken at once by its Jobs'
+  watch events and its own spec changes, and at the latest at the round deadline or resync;
+- the Job watch keeps the Job table current (no listing per reconcile);
+- deletion (a finalizer, since owner references cannot cross namespaces) removes the training's
+  Jobs and Secrets from every site namespace, and its aggregator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import kopf
+
+from fedtrain.api import GROUP, PLURAL, VERSION
+
+from . import manifests
+from .kube import Kube, KubeError, load_api_client
+from .reconcile import Context, Reconciler, TrainingRuntime, training_ref
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+#: How long to wait before reconciling again after an API error (a conflict, an API server restart).
+ERROR_RETRY_SECONDS = 5.0
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # The CRD's structural schema would prune kopf's own status fields: keep its state in annotations.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/cleanup"
+    # Events are the engine's own (RoundStarted, Straggler, ...); kopf's per-handler chatter is noise.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    operator_settings = memo.get("settings") or OperatorSettings()
+    memo["context"] = Context(
+        settings=operator_settings,
+        kube=Kube(memo.get("api_client") or load_api_client()),
+        session=aiohttp.ClientSession(),
+    )
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    context: Context | None = memo.get("context")
+    if context is not None:
+        await context.session.close()
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={manifests.MANAGED_BY: manifests.MANAGER})
+def job_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    context: Context = memo["context"]
+    uid = context.jobs.update(body, deleted=event.get("type") == "DELETED")
+    if uid is not None:
+        context.wake(uid)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def training_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Wake a training's daemon when its spec changes (not for the status patches it makes itself)."""
+    context: Context = memo["context"]
+    runtime = context.runtimes.get(body.meta.uid or "")
+    if runtime is None:
+        return
+    spec = json.dumps(dict(body.spec), sort_keys=True)
+    if spec != runtime.spec_seen:
+        runtime.spec_seen = spec
+        runtime.wake.set()
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=30)
+async def run_training(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any) -> None:
+    context: Context = memo["context"]
+    runtime = context.runtime(training_ref(body))
+    runtime.spec_seen = json.dumps(dict(body.spec), sort_keys=True)
+    while not stopped and not runtime.deleting:
+        runtime.wake.clear()
+        async with runtime.lock:
+            if runtime.deleting or body.meta.get("deletionTimestamp"):
+                return
+            try:
+                outcome = await Reconciler(context, body).reconcile()
+            except KubeError as error:
+                log.warning("%s/%s: %s; retrying", runtime.ref.namespace, runtime.ref.name, error)
+                delay: float | None = ERROR_RETRY_SECONDS
+            else:
+                # After the status write succeeded: an event never tells of a step that was not saved.
+                for event in outcome.events:
+                    kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+                delay = None if outcome.delay < 0 else outcome.delay
+        if delay != 0:
+            await _sleep(runtime, stopped, delay)
+
+
+async def _sleep(runtime: TrainingRuntime, stopped: kopf.DaemonStopped, delay: float | None) -> None:
+    """Until woken (a Job or spec change), stopped, or `delay` seconds pass (None: no limit)."""
+    woken = asyncio.ensure_future(runtime.wake.wait())
+    stopping = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        woken.cancel()
+        stopping.cancel()
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def delete_training(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    context: Context = memo["context"]
+    await cleanup(context, body)
+
+
+async def cleanup(context: Context, body: Mapping[str, Any]) -> None:
+    """Remove everything made for a training, in every namespace it touched."""
+    ref = training_ref(body)
+    runtime = context.runtime(ref)
+    runtime.deleting = True
+    runtime.wake.set()
+    async with runtime.lock:  # a reconcile in flight finishes first: nothing is created after this
+        sites = (body.get("spec") or {}).get("sites") or []
+        namespaces = {ref.namespace} | {site.get("namespace") or "default" for site in sites}
+        selector = {manifests.TRAINING_UID: ref.uid}
+        removed = 0
+        for namespace in sorted(namespaces):
+            for kind in ("Job", "Secret", "Deployment", "Service", "ConfigMap"):
+                if kind in ("Deployment", "Service", "ConfigMap") and namespace != ref.namespace:
+                    continue
+                for item in await context.kube.list_labelled(kind, namespace, selector):
+                    removed += await context.kube.delete(kind, namespace, item["metadata"]["name"])
+        log.info("%s/%s deleted: removed %d objects", ref.namespace, ref.name, removed)
+    context.jobs.forget(ref.uid)
+    context.runtimes.pop(ref.uid, None)

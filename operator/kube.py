@@ -1,0 +1,224 @@
+"""The few Kubernetes API calls the operator makes, as async functions over the kubernetes client.
+
+The kubernetes client is synchronous; its calls run in worker threads so the operator's event loop
+(kopf's) never blocks. Objects travel as plain dicts (`_preload_content=False`): the builders in
+`manifests.py` make dicts, and parsing replies into the client's model classes would only cost time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kubernetes
+from kubernetes.client import ApiClient, ApiException
+
+from fedtrain.api import GROUP, PLURAL, VERSION
+
+Manifest = dict[str, Any]
+
+# The client would otherwise label a dict body as a JSON patch (a list of operations).
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeError(RuntimeError):
+    """An API call failed for a reason other than the object existing or missing."""
+
+    def __init__(self, action: str, error: ApiException) -> None:
+        detail = error.reason or ""
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(error.body or "{}").get("message", detail)
+        super().__init__(f"{action}: HTTP {error.status}: {detail}")
+        self.status = error.status
+
+
+def load_api_client() -> ApiClient:
+    """In a pod, its service account; elsewhere the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    return ApiClient()
+
+
+def _decode(response: Any) -> Manifest:
+    data = response.data
+    return json.loads(data) if data else {}
+
+
+def _matches(item: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    # Selectors are also checked here: a server that ignores labelSelector must not widen a delete.
+    have = item.get("metadata", {}).get("labels") or {}
+    return all(have.get(key) == value for key, value in labels.items())
+
+
+class Kube:
+    """Create, patch, list and delete the kinds the operator manages, and its resource's status."""
+
+    def __init__(self, api_client: ApiClient) -> None:
+        self.api_client = api_client
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.batch = kubernetes.client.BatchV1Api(api_client)
+        self.apps = kubernetes.client.AppsV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+
+    async def _call(self, action: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(function, *args, _preload_content=False, **kwargs)
+        except ApiException as error:
+            if error.status in (404, 409):
+                raise
+            raise KubeError(action, error) from error
+
+    def _methods(self, kind: str) -> tuple[Callable[..., Any], ...]:
+        """(create, read, patch, delete, list) for a kind."""
+        table: dict[str, tuple[Callable[..., Any], ...]] = {
+            "Job": (
+                self.batch.create_namespaced_job,
+                self.batch.read_namespaced_job,
+                self.batch.patch_namespaced_job,
+                self.batch.delete_namespaced_job,
+                self.batch.list_namespaced_job,
+            ),
+            "Secret": (
+                self.core.create_namespaced_secret,
+                self.core.read_namespaced_secret,
+                self.core.patch_namespaced_secret,
+                self.core.delete_namespaced_secret,
+                self.core.list_namespaced_secret,
+            ),
+            "ConfigMap": (
+                self.core.create_namespaced_config_map,
+                self.core.read_namespaced_config_map,
+                self.core.patch_namespaced_config_map,
+                self.core.delete_namespaced_config_map,
+                self.core.list_namespaced_config_map,
+            ),
+            "Service": (
+                self.core.create_namespaced_service,
+                self.core.read_namespaced_service,
+                self.core.patch_namespaced_service,
+                self.core.delete_namespaced_service,
+                self.core.list_namespaced_service,
+            ),
+            "Deployment": (
+                self.apps.create_namespaced_deployment,
+                self.apps.read_namespaced_deployment,
+                self.apps.patch_namespaced_deployment,
+                self.apps.delete_namespaced_deployment,
+                self.apps.list_namespaced_deployment,
+            ),
+        }
+        return table[kind]
+
+    async def create(self, manifest: Manifest) -> Manifest | None:
+        """Create an object; None if one of that name exists already (the deterministic-name case)."""
+        kind, namespace = manifest["kind"], manifest["metadata"]["namespace"]
+        create = self._methods(kind)[0]
+        try:
+            return _decode(await self._call(f"create {kind}", create, namespace, manifest))
+        except ApiException as error:
+            if error.status == 409:
+                return None
+            raise KubeError(f"create {kind} {namespace}/{manifest['metadata']['name']}", error) from error
+
+    async def read(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        try:
+            return _decode(await self._call(f"read {kind}", self._methods(kind)[1], name, namespace))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise KubeError(f"read {kind} {namespace}/{name}", error) from error
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: Manifest) -> Manifest | None:
+        try:
+            reply = await self._call(
+                f"patch {kind}", self._methods(kind)[2], name, namespace, patch, _content_type=MERGE_PATCH
+            )
+            return _decode(reply)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise KubeError(f"patch {kind} {namespace}/{name}", error) from error
+
+    async def apply(self, manifest: Manifest) -> Manifest:
+        """Create the object, or patch it to the manifest's labels and spec (data) if it exists."""
+        created = await self.create(manifest)
+        if created is not None:
+            return created
+        metadata = manifest["metadata"]
+        patch = {key: value for key, value in manifest.items() if key not in ("apiVersion", "kind")}
+        patched = await self.patch(manifest["kind"], metadata["namespace"], metadata["name"], patch)
+        return patched or manifest
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete an object and, for a Job, its pods; False if it was gone already."""
+        try:
+            await self._call(
+                f"delete {kind}", self._methods(kind)[3], name, namespace, propagation_policy="Background"
+            )
+            return True
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise KubeError(f"delete {kind} {namespace}/{name}", error) from error
+
+    async def list_labelled(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[Manifest]:
+        selector = ",".join(f"{key}={value}" for key, value in labels.items())
+        try:
+            reply = _decode(
+                await self._call(f"list {kind}", self._methods(kind)[4], namespace, label_selector=selector)
+            )
+        except ApiException as error:
+            raise KubeError(f"list {kind} in {namespace}", error) from error
+        return [item for item in reply.get("items", []) if _matches(item, labels)]
+
+    async def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's values, decoded; None if there is no such Secret."""
+        secret = await self.read("Secret", namespace, name)
+        if secret is None:
+            return None
+        values = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
+        # An API server turns stringData into data; a test server may keep it as written.
+        values.update(secret.get("stringData") or {})
+        return values
+
+    async def patch_training_status(self, namespace: str, name: str, status_patch: Manifest) -> bool:
+        """Merge-patch the status subresource; False if the training is gone."""
+        try:
+            await self._call(
+                "patch status",
+                self.custom.patch_namespaced_custom_object_status,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status_patch},
+                _content_type=MERGE_PATCH,
+            )
+            return True
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise KubeError(f"patch status of {namespace}/{name}", error) from error
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: removed keys become None."""
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            nested = merge_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif key not in old or before != value:
+            patch[key] = value
+    return patch

@@ -1,0 +1,443 @@
+"""Pure builders of every Kubernetes object the operator creates: plain dicts, no API calls.
+
+Names are deterministic (training, site, round, attempt), so a restarted operator that creates an
+object again gets "already exists" instead of a duplicate. Every object carries the labels that the
+operator watches and cleans up by.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from fedtrain.api import API_VERSION, KIND, FederatedTrainingSpec, SiteSpec
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "fedtrain-operator"
+NAME_LABEL = "app.kubernetes.io/name"
+COMPONENT = "app.kubernetes.io/component"
+TRAINING = "fedtrain.io/training"
+TRAINING_NAMESPACE = "fedtrain.io/training-namespace"
+TRAINING_UID = "fedtrain.io/training-uid"
+SITE = "fedtrain.io/site"
+ROUND = "fedtrain.io/round"
+ATTEMPT = "fedtrain.io/attempt"
+MODE = "fedtrain.io/mode"
+
+AGGREGATOR_PORT = 8080
+AGGREGATOR_PORT_NAME = "http"
+JOB_CONFIG_DIR = "/etc/fedtrain/job"
+JOB_CONFIG_FILE = "job.yaml"
+TRAINING_DIR = "/etc/fedtrain/training"
+TRAINING_FILE = "training.yaml"
+TOKEN_DIR = "/etc/fedtrain/token"
+TOKEN_KEY = "token"
+RUN_AS = 1000
+
+_DNS_UNSAFE = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclass(frozen=True)
+class TrainingRef:
+    """The FederatedTraining an object belongs to."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    def labels(self) -> dict[str, str]:
+        return {
+            MANAGED_BY: MANAGER,
+            NAME_LABEL: "fedtrain",
+            TRAINING: self.name,
+            TRAINING_NAMESPACE: self.namespace,
+            TRAINING_UID: self.uid,
+        }
+
+    def selector(self) -> str:
+        """Label selector of everything the operator made for this training, in any namespace."""
+        return f"{TRAINING_UID}={self.uid}"
+
+    def owner_reference(self) -> dict[str, Any]:
+        """Owner of the objects in the training's own namespace (garbage-collected with it)."""
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class PodDefaults:
+    """What the operator's settings say about every pod it makes."""
+
+    trainer_image: str
+    aggregator_image: str
+    image_pull_policy: str = "IfNotPresent"
+    job_grace_seconds: int = 300
+    job_ttl_seconds: int = 86400
+    aggregator_resources: dict[str, Any] | None = None
+
+
+def dns_name(*parts: str | int, limit: int = 63) -> str:
+    """A DNS-1035 label from parts: readable when short, a hash suffix keeps long ones unique."""
+    readable = _DNS_UNSAFE.sub("-", "-".join(str(part).lower() for part in parts)).strip("-")
+    if not readable[:1].isalpha():
+        readable = f"ft-{readable}"
+    if len(readable) <= limit:
+        return readable
+    digest = hashlib.sha256(readable.encode()).hexdigest()[:8]
+    return f"{readable[: limit - 9].rstrip('-')}-{digest}"
+
+
+def job_name(training: TrainingRef, site: str, round_index: int, attempt: int) -> str:
+    """One name per (training, site, round, attempt): creating it twice can only fail, never duplicate.
+
+    The training's namespace is hashed in, so two trainings of one name in different namespaces that
+    share a site namespace never collide.
+    """
+    owner = hashlib.sha256(f"{training.namespace}/{training.name}".encode()).hexdigest()[:5]
+    return dns_name(training.name, site, f"r{round_index}", f"a{attempt}", owner)
+
+
+def aggregator_name(training: TrainingRef) -> str:
+    return dns_name(training.name, "aggregator")
+
+
+def token_secret_name(training: TrainingRef) -> str:
+    return dns_name(training.name, "aggregator-token")
+
+
+def _restricted_pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _restricted_container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _scratch_env() -> list[dict[str, str]]:
+    # The root filesystem is read-only: every library that caches or spools must use /tmp.
+    return [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+    ]
+
+
+def _resources(site: SiteSpec) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    if site.resources.requests:
+        resources["requests"] = {key: str(value) for key, value in site.resources.requests.items()}
+    if site.resources.limits:
+        resources["limits"] = {key: str(value) for key, value in site.resources.limits.items()}
+    return resources
+
+
+# --------------------------------------------------------------------------------------------------
+# a site's trainer Job and its Secret
+
+
+def trainer_secret(
+    training: TrainingRef, site: SiteSpec, round_index: int, attempt: int, job_config: dict[str, Any]
+) -> dict[str, Any]:
+    """The trainer's job file: its slice of the spec and presigned URLs, nothing else."""
+    name = job_name(training, site.name, round_index, attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "namespace": site.namespace,
+            "labels": _job_labels(training, site.name, round_index, attempt),
+        },
+        "stringData": {JOB_CONFIG_FILE: yaml.safe_dump(job_config, sort_keys=False)},
+    }
+
+
+def _job_labels(training: TrainingRef, site: str, round_index: int, attempt: int) -> dict[str, str]:
+    return {
+        **training.labels(),
+        COMPONENT: "trainer",
+        SITE: site,
+        ROUND: str(round_index),
+        ATTEMPT: str(attempt),
+    }
+
+
+def trainer_job(
+    training: TrainingRef,
+    spec: FederatedTrainingSpec,
+    site: SiteSpec,
+    round_index: int,
+    attempt: int,
+    mode: str,
+    defaults: PodDefaults,
+) -> dict[str, Any]:
+    name = job_name(training, site.name, round_index, attempt)
+    labels = _job_labels(training, site.name, round_index, attempt)
+    mounts: list[dict[str, Any]] = [
+        {"name": "job", "mountPath": JOB_CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        # PyTorch data loaders share batches through /dev/shm, which is 64 MiB in a container.
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "job", "secret": {"secretName": name, "defaultMode": 0o440}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    if site.data_volume is not None:
+        mount: dict[str, Any] = {"name": "data", "mountPath": site.data_volume.mount_path, "readOnly": True}
+        if site.data_volume.sub_path:
+            mount["subPath"] = site.data_volume.sub_path
+        mounts.append(mount)
+        volumes.append(
+            {
+                "name": "data",
+                "persistentVolumeClaim": {"claimName": site.data_volume.claim_name, "readOnly": True},
+            }
+        )
+    container: dict[str, Any] = {
+        "name": "trainer",
+        "image": defaults.trainer_image,
+        "imagePullPolicy": defaults.image_pull_policy,
+        "command": ["python", "-m", "fedtrain.trainer"],
+        "args": ["--config", f"{JOB_CONFIG_DIR}/{JOB_CONFIG_FILE}"],
+        "env": _scratch_env(),
+        "volumeMounts": mounts,
+        "securityContext": _restricted_container_security(),
+    }
+    resources = _resources(site)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # The trainer talks to nothing but presigned URLs: it needs no Kubernetes credentials.
+        "automountServiceAccountToken": False,
+        "securityContext": _restricted_pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    optional: dict[str, Any] = {
+        "nodeSelector": dict(site.node_selector) or None,
+        "tolerations": [t.to_api() for t in site.tolerations] or None,
+        "affinity": site.affinity,
+        "priorityClassName": site.priority_class_name,
+        "schedulerName": site.scheduler_name,
+        "serviceAccountName": site.service_account_name,
+        "imagePullSecrets": [{"name": secret} for secret in site.image_pull_secrets] or None,
+    }
+    pod.update({key: value for key, value in optional.items() if value is not None})
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": site.namespace,
+            "labels": labels,
+            "annotations": {MODE: mode},
+        },
+        "spec": {
+            # The engine retries a failed site with a new attempt (a new Job), so Kubernetes must not.
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": spec.aggregation.round_timeout_seconds + defaults.job_grace_seconds,
+            "ttlSecondsAfterFinished": defaults.job_ttl_seconds,
+            "template": {"metadata": {"labels": labels, "annotations": {MODE: mode}}, "spec": pod},
+        },
+    }
+
+
+def secret_owner_patch(job: dict[str, Any]) -> dict[str, Any]:
+    """Make a trainer's Secret belong to its Job, so the Job's TTL clean-up takes the URLs with it."""
+    metadata = job["metadata"]
+    return {
+        "metadata": {
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": metadata["name"], "uid": metadata["uid"]}
+            ]
+        }
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the aggregator: Secret (token), ConfigMap (the training), Deployment, Service
+
+
+def aggregator_labels(training: TrainingRef) -> dict[str, str]:
+    return {**training.labels(), COMPONENT: "aggregator"}
+
+
+def aggregator_selector(training: TrainingRef) -> dict[str, str]:
+    return {TRAINING_UID: training.uid, COMPONENT: "aggregator"}
+
+
+def token_secret(training: TrainingRef, token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": token_secret_name(training),
+            "namespace": training.namespace,
+            "labels": aggregator_labels(training),
+            "ownerReferences": [training.owner_reference()],
+        },
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def training_document(training: TrainingRef, spec: FederatedTrainingSpec) -> dict[str, Any]:
+    """What the aggregator is told of its training: identity and spec."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": training.name, "namespace": training.namespace},
+        "spec": spec.to_api(),
+    }
+
+
+def aggregator_config_map(training: TrainingRef, spec: FederatedTrainingSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": aggregator_name(training),
+            "namespace": training.namespace,
+            "labels": aggregator_labels(training),
+            "ownerReferences": [training.owner_reference()],
+        },
+        "data": {TRAINING_FILE: yaml.safe_dump(training_document(training, spec), sort_keys=False)},
+    }
+
+
+def aggregator_deployment(
+    training: TrainingRef, spec: FederatedTrainingSpec, defaults: PodDefaults
+) -> dict[str, Any]:
+    labels = aggregator_labels(training)
+    # A changed spec changes the ConfigMap; this annotation rolls the pod so it reads the new one.
+    config_hash = hashlib.sha256(
+        json.dumps(training_document(training, spec), sort_keys=True).encode()
+    ).hexdigest()[:16]
+    env: list[dict[str, Any]] = [
+        *_scratch_env(),
+        {"name": "FEDTRAIN_AGGREGATOR_TRAINING_FILE", "value": f"{TRAINING_DIR}/{TRAINING_FILE}"},
+        {"name": "FEDTRAIN_AGGREGATOR_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
+        {"name": "FEDTRAIN_AGGREGATOR_PORT", "value": str(AGGREGATOR_PORT)},
+    ]
+    storage = spec.storage
+    if storage is not None and storage.credentials_secret:
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+        ):
+            env.append(
+                {
+                    "name": key,
+                    "valueFrom": {
+                        "secretKeyRef": {"name": storage.credentials_secret, "key": key, "optional": optional}
+                    },
+                }
+            )
+    probe_port = {"port": AGGREGATOR_PORT_NAME}
+    container: dict[str, Any] = {
+        "name": "aggregator",
+        "image": defaults.aggregator_image,
+        "imagePullPolicy": defaults.image_pull_policy,
+        "command": ["python", "-m", "fedtrain.aggregator", "serve"],
+        "env": env,
+        "ports": [{"name": AGGREGATOR_PORT_NAME, "containerPort": AGGREGATOR_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", **probe_port}, "periodSeconds": 5},
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", **probe_port},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "volumeMounts": [
+            {"name": "training", "mountPath": TRAINING_DIR, "readOnly": True},
+            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": _restricted_container_security(),
+    }
+    if defaults.aggregator_resources:
+        container["resources"] = defaults.aggregator_resources
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": aggregator_name(training),
+            "namespace": training.namespace,
+            "labels": labels,
+            "ownerReferences": [training.owner_reference()],
+        },
+        "spec": {
+            "replicas": 1,
+            # Two aggregators of one training would each hold half the round: never overlap them.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": aggregator_selector(training)},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"fedtrain.io/config-hash": config_hash}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": _restricted_pod_security(),
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "training", "configMap": {"name": aggregator_name(training)}},
+                        {
+                            "name": "token",
+                            "secret": {"secretName": token_secret_name(training), "defaultMode": 0o440},
+                        },
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def aggregator_service(training: TrainingRef) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": aggregator_name(training),
+            "namespace": training.namespace,
+            "labels": aggregator_labels(training),
+            "ownerReferences": [training.owner_reference()],
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": aggregator_selector(training),
+            "ports": [
+                {
+                    "name": AGGREGATOR_PORT_NAME,
+                    "port": AGGREGATOR_PORT,
+                    "targetPort": AGGREGATOR_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }

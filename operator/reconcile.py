@@ -1,0 +1,488 @@
+"""The Kubernetes driver of the round engine: observe Jobs and the aggregator, step, act, write status.
+
+One `TrainingRuntime` per FederatedTraining holds what the operator learnt since it started (the
+aggregator's verdicts and replies, the status it last wrote). None of it needs to survive a restart:
+the status in the resource is where the engine resumes from, and every action is idempotent (Job
+names, object keys, and the aggregator's submit and close all give the recorded result again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from pydantic import ValidationError
+
+from fedtrain.api import (
+    ConditionType,
+    FederatedTrainingSpec,
+    FederatedTrainingStatus,
+    RoundRecord,
+    describe_errors,
+)
+from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.layout import TrainingLayout
+from fedtrain.messages import RoundManifest, UpdateVerdict
+from fedtrain.store import ObjectNotFound, S3Store
+
+from . import manifests
+from .aggregator_client import AggregatorClient, AggregatorRefusedError, AggregatorUnavailableError
+from .engine import (
+    Action,
+    CloseRound,
+    Event,
+    InitializeModel,
+    JobObservation,
+    JobState,
+    MergeFinalModel,
+    Observations,
+    RecordRound,
+    StartSiteJob,
+    StopSiteJob,
+    SubmitUpdate,
+    set_condition,
+    step,
+)
+from .kube import Kube, merge_patch
+from .manifests import PodDefaults, TrainingRef
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+#: How soon to look again when the aggregator is not reachable yet (a pod starting, an image pull).
+AGGREGATOR_RETRY_SECONDS = 2.0
+WAITING = " (waiting: "
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs, as the watch reports them
+
+
+def job_observation(job: Mapping[str, Any]) -> JobObservation:
+    """A Job's state as the engine sees it, from its status conditions and counters."""
+    status = job.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    if "Complete" in conditions or "SuccessCriteriaMet" in conditions or status.get("succeeded"):
+        return JobObservation(JobState.SUCCEEDED)
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    if failed is not None:
+        reason = failed.get("reason") or "Failed"
+        return JobObservation(JobState.FAILED, f"{reason}: {failed.get('message') or 'the trainer failed'}")
+    return JobObservation(JobState.ACTIVE)
+
+
+JobKey = tuple[str, int, int]  # site, round, attempt
+
+
+@dataclass
+class JobTable:
+    """Every trainer Job of every training, kept current by the Job watch."""
+
+    by_training: dict[str, dict[JobKey, JobObservation]] = field(default_factory=dict)
+
+    def update(self, job: Mapping[str, Any], deleted: bool) -> str | None:
+        """Record a watch event; returns the training uid it belongs to, if it is one of ours."""
+        labels = (job.get("metadata") or {}).get("labels") or {}
+        uid: str | None = labels.get(manifests.TRAINING_UID)
+        try:
+            key = (labels[manifests.SITE], int(labels[manifests.ROUND]), int(labels[manifests.ATTEMPT]))
+        except (KeyError, ValueError):
+            return None
+        if uid is None:
+            return None
+        jobs = self.by_training.setdefault(uid, {})
+        if deleted:
+            jobs.pop(key, None)
+        else:
+            jobs[key] = job_observation(job)
+        return uid
+
+    def assume_active(self, uid: str, key: JobKey) -> None:
+        """A Job just created (or found existing) counts as active until its watch event arrives."""
+        self.by_training.setdefault(uid, {}).setdefault(key, JobObservation(JobState.ACTIVE))
+
+    def round_view(self, uid: str, round_index: int) -> dict[tuple[str, int], JobObservation]:
+        jobs = self.by_training.get(uid, {})
+        return {(site, attempt): seen for (site, r, attempt), seen in jobs.items() if r == round_index}
+
+    def forget(self, uid: str) -> None:
+        self.by_training.pop(uid, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# one training
+
+
+@dataclass
+class TrainingRuntime:
+    ref: TrainingRef
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    status: FederatedTrainingStatus | None = None  # as last written by this operator
+    written: dict[str, Any] | None = None  # the same, as sent to the API server
+    spec_seen: str | None = None
+    aggregator_config: str | None = None  # the spec the aggregator objects were last applied for
+    token: str | None = None
+    store: S3Store | None = None
+    verdicts_round: int = -1
+    verdicts: dict[str, UpdateVerdict] = field(default_factory=dict)
+    manifest: RoundManifest | None = None
+    initial_model_uri: str | None = None
+    merged_model_uri: str | None = None
+    aggregator_error: str | None = None
+    waiting_for: str | None = None  # why the last reconcile could not act (aggregator not ready, ...)
+    invalid: str | None = None
+    deleting: bool = False  # set by the delete handler: no reconcile may act any more
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reconcile (or clean-up) at a time
+
+
+@dataclass
+class Context:
+    """What every handler shares: settings, API clients, the Job table and the runtimes."""
+
+    settings: OperatorSettings
+    kube: Kube
+    session: aiohttp.ClientSession
+    jobs: JobTable = field(default_factory=JobTable)
+    runtimes: dict[str, TrainingRuntime] = field(default_factory=dict)
+
+    @property
+    def pod_defaults(self) -> PodDefaults:
+        settings = self.settings
+        return PodDefaults(
+            trainer_image=settings.trainer_image,
+            aggregator_image=settings.aggregator_image,
+            image_pull_policy=settings.image_pull_policy,
+            job_grace_seconds=settings.job_grace_seconds,
+            job_ttl_seconds=settings.job_ttl_seconds,
+            aggregator_resources=settings.aggregator_resources,
+        )
+
+    def runtime(self, ref: TrainingRef) -> TrainingRuntime:
+        if ref.uid not in self.runtimes:
+            self.runtimes[ref.uid] = TrainingRuntime(ref)
+        return self.runtimes[ref.uid]
+
+    def wake(self, uid: str) -> None:
+        runtime = self.runtimes.get(uid)
+        if runtime is not None:
+            runtime.wake.set()
+
+
+def training_ref(body: Mapping[str, Any]) -> TrainingRef:
+    metadata = body["metadata"]
+    return TrainingRef(namespace=metadata["namespace"], name=metadata["name"], uid=metadata["uid"])
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did: when to look again, and the events to post once the status is saved."""
+
+    delay: float
+    events: list[Event]
+
+
+class Reconciler:
+    """One reconcile of one training: validate, make sure the aggregator exists, step the engine, act."""
+
+    def __init__(self, context: Context, body: Mapping[str, Any]) -> None:
+        self.context = context
+        self.kube = context.kube
+        self.settings = context.settings
+        self.body = body
+        self.ref = training_ref(body)
+        self.runtime = context.runtime(self.ref)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _current_status(self) -> FederatedTrainingStatus:
+        """The status this operator last wrote, or after a restart the one in the resource."""
+        if self.runtime.status is not None:
+            return self.runtime.status
+        raw = self.body.get("status") or {}
+        try:
+            status = FederatedTrainingStatus.model_validate(raw)
+        except ValidationError as error:
+            # Only someone editing the status by hand gets here; the rounds in the bucket are kept,
+            # so starting from a fresh status repeats work but loses none.
+            log.warning(
+                "%s/%s: unreadable status (%s); starting afresh", self.ref.namespace, self.ref.name, error
+            )
+            status = FederatedTrainingStatus()
+        self.runtime.status = status
+        self.runtime.written = raw
+        return status
+
+    async def reconcile(self) -> Outcome:
+        now = datetime.now(UTC)
+        status = self._current_status()
+        try:
+            spec = FederatedTrainingSpec.model_validate(self.body.get("spec") or {})
+            if spec.storage is None:
+                raise _InvalidSpecError(
+                    "spec.storage: required on a cluster (weights move only through object storage): "
+                    "set storage.bucket, and storage.endpoint for MinIO or Ceph"
+                )
+        except ValidationError as error:
+            return await self._invalid(status, "; ".join(describe_errors(error)), now)
+        except _InvalidSpecError as error:
+            return await self._invalid(status, str(error), now)
+
+        events: list[Event] = []
+        if self.runtime.invalid is not None or _condition_true(status, ConditionType.INVALID):
+            status = status.model_copy(deep=True)
+            set_condition(status, ConditionType.INVALID, False, "Valid", "the spec is valid", now)
+            self.runtime.invalid = None
+            events.append(Event("Normal", "SpecValid", "the spec is valid again"))
+
+        if not status.phase.finished:
+            await self._ensure_aggregator(spec)
+
+        decision = step(spec, status, self._observe(status), now)
+        self.runtime.waiting_for = None
+        progressed = False
+        for action in decision.actions:
+            progressed |= await self._execute(spec, action)
+        new_status = decision.status
+        if not new_status.phase.finished:
+            base = (new_status.message or "").split(WAITING)[0]
+            waiting = f"{WAITING}{self.runtime.waiting_for})" if self.runtime.waiting_for else ""
+            new_status.message = f"{base}{waiting}" or None
+        if new_status.phase.finished and not status.phase.finished:
+            await self._scale_aggregator(0)
+        saved = await self._write_status(new_status)
+        if not saved:
+            return Outcome(delay=-1, events=[])
+        return Outcome(delay=self._next_delay(new_status, progressed, now), events=events + decision.events)
+
+    def _next_delay(self, status: FederatedTrainingStatus, progressed: bool, now: datetime) -> float:
+        if status.phase.finished:
+            return -1
+        if progressed:
+            return 0
+        if self.runtime.waiting_for:
+            return AGGREGATOR_RETRY_SECONDS
+        delay = self.settings.resync_seconds
+        if status.round_deadline is not None:
+            delay = min(delay, max(0.05, (status.round_deadline - now).total_seconds() + 0.05))
+        return delay
+
+    async def _invalid(self, status: FederatedTrainingStatus, message: str, now: datetime) -> Outcome:
+        """An invalid spec: an Invalid condition and an event, and nothing else happens."""
+        new_status = status.model_copy(deep=True)
+        set_condition(new_status, ConditionType.INVALID, True, "InvalidSpec", message, now)
+        set_condition(new_status, ConditionType.READY, False, "InvalidSpec", message, now)
+        new_status.message = f"invalid spec: {message}"
+        events = [] if self.runtime.invalid == message else [Event("Warning", "InvalidSpec", message)]
+        self.runtime.invalid = message
+        await self._write_status(new_status)
+        return Outcome(delay=self.settings.resync_seconds, events=events)
+
+    # ---------------------------------------------------------------------------------------------
+    # observations
+
+    def _observe(self, status: FederatedTrainingStatus) -> Observations:
+        runtime = self.runtime
+        if runtime.verdicts_round != status.round:
+            runtime.verdicts_round = status.round
+            runtime.verdicts = {}
+        manifest = runtime.manifest if runtime.manifest and runtime.manifest.round == status.round else None
+        return Observations(
+            initial_model_uri=runtime.initial_model_uri,
+            jobs=self.context.jobs.round_view(self.ref.uid, status.round),
+            verdicts=dict(runtime.verdicts),
+            manifest=manifest,
+            merged_model_uri=runtime.merged_model_uri,
+            aggregator_error=runtime.aggregator_error,
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    # the aggregator's objects and client
+
+    async def _ensure_aggregator(self, spec: FederatedTrainingSpec) -> None:
+        runtime = self.runtime
+        if runtime.token is None:
+            name = manifests.token_secret_name(self.ref)
+            existing = await self.kube.secret_data(self.ref.namespace, name)
+            token = (existing or {}).get(manifests.TOKEN_KEY)
+            if not token:
+                token = secrets.token_urlsafe(32)
+                created = await self.kube.create(manifests.token_secret(self.ref, token))
+                if created is None:  # another reconcile made it between the read and the create
+                    token = (await self.kube.secret_data(self.ref.namespace, name) or {})[manifests.TOKEN_KEY]
+            runtime.token = token
+        config = json.dumps(spec.to_api(), sort_keys=True)
+        if runtime.aggregator_config != config:
+            defaults = self.context.pod_defaults
+            await self.kube.apply(manifests.aggregator_config_map(self.ref, spec))
+            await self.kube.apply(manifests.aggregator_deployment(self.ref, spec, defaults))
+            await self.kube.apply(manifests.aggregator_service(self.ref))
+            runtime.aggregator_config = config
+            runtime.store = None  # the storage spec may have changed with it
+
+    async def _scale_aggregator(self, replicas: int) -> None:
+        name = manifests.aggregator_name(self.ref)
+        await self.kube.patch("Deployment", self.ref.namespace, name, {"spec": {"replicas": replicas}})
+
+    def _client(self) -> AggregatorClient:
+        url = self.settings.aggregator_base_url(
+            self.ref.namespace, manifests.aggregator_name(self.ref), manifests.AGGREGATOR_PORT
+        )
+        return AggregatorClient(
+            self.context.session, url, self.runtime.token or "", self.settings.aggregator_timeout_seconds
+        )
+
+    async def _store(self, spec: FederatedTrainingSpec) -> S3Store:
+        """The training's bucket, with the keys of its credentialsSecret (for presigning and history)."""
+        if self.runtime.store is None:
+            storage = spec.storage
+            if storage is None:  # checked before any action
+                raise _InvalidSpecError("spec.storage is required")
+            access_key = secret_key = None
+            if storage.credentials_secret:
+                keys = await self.kube.secret_data(self.ref.namespace, storage.credentials_secret)
+                if keys is None:
+                    secret = f"{self.ref.namespace}/{storage.credentials_secret}"
+                    raise _WaitingError(f"Secret {secret} (spec.storage.credentialsSecret) does not exist")
+                access_key, secret_key = keys.get("AWS_ACCESS_KEY_ID"), keys.get("AWS_SECRET_ACCESS_KEY")
+            self.runtime.store = await asyncio.to_thread(S3Store.from_spec, storage, access_key, secret_key)
+        return self.runtime.store
+
+    # ---------------------------------------------------------------------------------------------
+    # actions
+
+    async def _execute(self, spec: FederatedTrainingSpec, action: Action) -> bool:
+        """Carry out one action; True if its result is there to use at once (step again now)."""
+        runtime = self.runtime
+        try:
+            if isinstance(action, InitializeModel):
+                runtime.initial_model_uri = await self._client().initialize()
+                return True
+            if isinstance(action, StartSiteJob):
+                await self._start_job(spec, action)
+            elif isinstance(action, StopSiteJob):
+                await self._stop_job(spec, action)
+            elif isinstance(action, SubmitUpdate):
+                runtime.verdicts[action.site] = await self._client().submit(action.round, action.site)
+                return True
+            elif isinstance(action, CloseRound):
+                runtime.manifest = await self._client().close(
+                    action.round, list(action.participants), list(action.rejected)
+                )
+                return True
+            elif isinstance(action, MergeFinalModel):
+                runtime.merged_model_uri = await self._client().merge(action.round)
+                return True
+            elif isinstance(action, RecordRound):
+                await self._record(spec, action.record)
+        except AggregatorRefusedError as error:
+            runtime.aggregator_error = str(error)
+            return True
+        except (AggregatorUnavailableError, _WaitingError) as error:
+            log.info("%s/%s: waiting: %s", self.ref.namespace, self.ref.name, error)
+            runtime.waiting_for = str(error)
+        return False
+
+    async def _start_job(self, spec: FederatedTrainingSpec, action: StartSiteJob) -> None:
+        site = spec.site(action.site)
+        store = await self._store(spec)
+        layout = TrainingLayout(self.ref.namespace, self.ref.name)
+        expiry = self.settings.presign_seconds(spec.aggregation.round_timeout_seconds)
+        # Exactly what this attempt may touch, for as long as the round may last: no bucket keys.
+        trainer_job = TrainerJob(
+            training=self.ref.name,
+            round=action.round,
+            site=action.site,
+            attempt=action.attempt,
+            mode=action.mode,
+            spec=TrainerSpec.for_site(spec, action.site),
+            global_model_url=store.presign_get(layout.global_model(action.round), expiry),
+            update_url=store.presign_put(layout.update(action.round, action.site), expiry),
+            state_get_url=store.presign_get(layout.site_state(action.site), expiry),
+            state_put_url=store.presign_put(layout.site_state(action.site), expiry),
+            pretrained_url=self._pretrained_url(spec, expiry),
+        )
+        config = trainer_job.model_dump(mode="json", by_alias=True, exclude_none=True)
+        await self.kube.create(manifests.trainer_secret(self.ref, site, action.round, action.attempt, config))
+        job = manifests.trainer_job(
+            self.ref, spec, site, action.round, action.attempt, action.mode, self.context.pod_defaults
+        )
+        created = await self.kube.create(job)
+        self.context.jobs.assume_active(self.ref.uid, (action.site, action.round, action.attempt))
+        if created is not None and created.get("metadata", {}).get("uid"):
+            # The Secret goes when the Job does (its TTL), taking the URLs with it.
+            await self.kube.patch(
+                "Secret", site.namespace, job["metadata"]["name"], manifests.secret_owner_patch(created)
+            )
+
+    def _pretrained_url(self, spec: FederatedTrainingSpec, expiry: int) -> str | None:
+        pretrained = spec.model.pretrained
+        if pretrained.source.value != "uri" or not pretrained.location:
+            return None
+        bucket, _, key = pretrained.location.removeprefix("s3://").partition("/")
+        storage = spec.storage
+        source = S3Store(bucket, endpoint=storage.endpoint if storage else None)
+        return source.presign_get(key, expiry)
+
+    async def _stop_job(self, spec: FederatedTrainingSpec, action: StopSiteJob) -> None:
+        namespace = spec.site(action.site).namespace
+        name = manifests.job_name(self.ref, action.site, action.round, action.attempt)
+        await self.kube.delete("Job", namespace, name)
+        await self.kube.delete("Secret", namespace, name)
+
+    async def _record(self, spec: FederatedTrainingSpec, record: RoundRecord) -> None:
+        """Append a closed round to the full history in the bucket (the status keeps the last few)."""
+        store = await self._store(spec)
+        key = TrainingLayout(self.ref.namespace, self.ref.name).history()
+
+        def append() -> None:
+            try:
+                lines = store.get_bytes(key).decode().splitlines()
+            except ObjectNotFound:
+                lines = []
+            kept = [
+                line for line in lines if line.strip() and _round_key(line) != (record.round, record.kind)
+            ]
+            store.put_bytes(key, ("\n".join([*kept, record.model_dump_json(by_alias=True)]) + "\n").encode())
+
+        await asyncio.to_thread(append)
+
+    # ---------------------------------------------------------------------------------------------
+    # status
+
+    async def _write_status(self, status: FederatedTrainingStatus) -> bool:
+        """One merge patch per reconcile, only of what changed; False if the training is gone."""
+        generation = (self.body.get("metadata") or {}).get("generation")
+        if generation is not None:
+            status.observed_generation = int(generation)
+        document = status.to_api()
+        previous = self.runtime.written or {}
+        patch = merge_patch(previous, document)
+        if patch and not await self.kube.patch_training_status(self.ref.namespace, self.ref.name, patch):
+            return False
+        self.runtime.status = status
+        self.runtime.written = document
+        return True
+
+
+class _InvalidSpecError(ValueError):
+    pass
+
+
+class _WaitingError(RuntimeError):
+    pass
+
+
+def _round_key(line: str) -> tuple[object, object]:
+    record = json.loads(line)
+    return record.get("round"), record.get("kind")
+
+
+def _condition_true(status: FederatedTrainingStatus, kind: ConditionType) -> bool:
+    return any(c.type is kind and c.status == "True" for c in status.conditions)

@@ -1,0 +1,81 @@
+"""Start the kopf operator: in-process (tests, benchmarks) or as `python -m fedtrain.operator`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+
+import kopf
+from kubernetes.client import ApiClient
+
+from .kube import load_api_client
+from .leader import LeaderElector
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+StopFlag = asyncio.Event | threading.Event
+
+
+async def _wait_flag(flag: StopFlag) -> None:
+    if isinstance(flag, asyncio.Event):
+        await flag.wait()
+        return
+    while not flag.is_set():  # a flag set from another thread (a test)
+        await asyncio.sleep(0.1)
+
+
+async def run_operator(
+    settings: OperatorSettings,
+    *,
+    stop_flag: StopFlag | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+    api_client: ApiClient | None = None,
+) -> int:
+    """Run until `stop_flag` is set (or a signal, or lost leadership: exit code 1)."""
+    from . import handlers  # noqa: F401  (registers the handlers with kopf)
+
+    api_client = api_client or load_api_client()
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(_wait_flag(stop_flag)) if stop_flag is not None else None
+    if watcher is not None:
+        watcher.add_done_callback(lambda _: stop.set())
+    elector = LeaderElector(api_client, settings) if settings.leader_election else None
+    lost_leadership = False
+    try:
+        if elector is not None:
+            log.info("%s waiting for the lease %s", settings.identity, settings.lease_name)
+            if not await elector.acquire(stop):
+                return 0
+            log.info("%s leads", settings.identity)
+        liveness = (
+            f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port is not None else None
+        )
+        operator = asyncio.create_task(
+            kopf.operator(
+                clusterwide=not settings.namespaces,
+                namespaces=settings.namespaces,
+                standalone=True,  # leadership is the Lease's business, not kopf's peering
+                stop_flag=stop,
+                ready_flag=ready_flag,
+                liveness_endpoint=liveness,
+                memo=kopf.Memo(settings=settings, api_client=api_client),
+            )
+        )
+        if elector is not None:
+            holding = asyncio.create_task(elector.hold(stop))
+            await asyncio.wait({operator, holding}, return_when=asyncio.FIRST_COMPLETED)
+            if holding.done() and not stop.is_set():
+                lost_leadership = True
+                stop.set()
+            holding.cancel()
+        await operator
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if elector is not None and not lost_leadership:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(elector.release)
+    return 1 if lost_leadership else 0

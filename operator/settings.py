@@ -1,0 +1,104 @@
+"""The operator's settings: environment variables with one prefix, checked once at start-up."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "FEDTRAIN_OPERATOR_"
+
+#: SigV4 presigned URLs live at most 7 days: S3 refuses a longer expiry.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator can be told, as FEDTRAIN_OPERATOR_<NAME> environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", validate_default=True)
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated namespaces whose FederatedTrainings are served; empty: all namespaces.",
+    )
+    trainer_image: str = Field(
+        "ghcr.io/fedtrain/trainer:0.1.0", min_length=1, description="Image of the site trainer Jobs."
+    )
+    aggregator_image: str = Field(
+        "ghcr.io/fedtrain/aggregator:0.1.0", min_length=1, description="Image of the aggregator Deployment."
+    )
+    image_pull_policy: str = Field(
+        "IfNotPresent", pattern="^(Always|IfNotPresent|Never)$", description="Pull policy of both images."
+    )
+    presign_grace_seconds: int = Field(
+        900,
+        ge=60,
+        description=(
+            "Presigned URLs handed to a trainer expire this long after the round's timeout "
+            "(aggregation.roundTimeoutSeconds): short-lived, yet valid for the whole attempt."
+        ),
+    )
+    job_grace_seconds: int = Field(
+        300,
+        ge=0,
+        description="A trainer Job's activeDeadlineSeconds is the round timeout plus this grace.",
+    )
+    job_ttl_seconds: int = Field(
+        86400,
+        ge=60,
+        description=(
+            "ttlSecondsAfterFinished of trainer Jobs. Keep it longer than a round: a Job removed "
+            "before the operator saw it finish is started again."
+        ),
+    )
+    aggregator_url: str | None = Field(
+        None,
+        description=(
+            "URL template of a training's aggregator, with {namespace}, {service} and {port}; for an "
+            "operator outside the cluster, e.g. through `kubectl proxy`: http://127.0.0.1:8001/api/v1/"
+            "namespaces/{namespace}/services/{service}:{port}/proxy. Default: the Service's cluster DNS name."
+        ),
+    )
+    aggregator_timeout_seconds: float = Field(
+        600, gt=0, description="How long one aggregator call (a fold, a close, a merge) may take."
+    )
+    aggregator_resources: dict[str, Any] = Field(
+        default_factory=lambda: {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+        description="Resources of the aggregator container, as JSON (requests and limits).",
+    )
+    resync_seconds: float = Field(
+        30, gt=0, description="A training is reconciled at least this often, even with nothing to wake it."
+    )
+    leader_election: bool = Field(
+        False, description="Hold a Lease before acting, so that of several replicas only one ever acts."
+    )
+    lease_name: str = Field("fedtrain-operator", min_length=1, description="Name of the leader Lease.")
+    lease_namespace: str = Field(
+        "default", min_length=1, description="Namespace of the leader Lease (the operator's own)."
+    )
+    lease_duration_seconds: float = Field(
+        15, gt=0, description="A leader that has not renewed its Lease for this long is replaced."
+    )
+    lease_renew_seconds: float = Field(5, gt=0, description="How often the leader renews its Lease.")
+    identity: str = Field(
+        default_factory=socket.gethostname, min_length=1, description="This replica's name in the Lease."
+    )
+    liveness_port: int | None = Field(
+        8080, ge=1, le=65535, description="Port of kopf's /healthz liveness endpoint; unset: none."
+    )
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    def presign_seconds(self, round_timeout_seconds: int) -> int:
+        return min(MAX_PRESIGN_SECONDS, round_timeout_seconds + self.presign_grace_seconds)
+
+    def aggregator_base_url(self, namespace: str, service: str, port: int) -> str:
+        template = self.aggregator_url or "http://{service}.{namespace}.svc:{port}"
+        return template.format(namespace=namespace, service=service, port=port).rstrip("/")

@@ -1,0 +1,172 @@
+"""The operator's manifest builders: valid Kubernetes objects, for a minimal and a fully loaded site."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from fedtrain.api import FederatedTrainingSpec
+from fedtrain.operator import manifests
+from fedtrain.operator.manifests import PodDefaults, TrainingRef
+
+KUBERNETES_VERSIONS = ["1.30", "1.33"]
+
+TRAINING = TrainingRef(namespace="research", name="wafer-defects", uid="0a1b2c3d-0000-4000-8000-000000000001")
+DEFAULTS = PodDefaults(
+    trainer_image="registry.example/fedtrain/trainer:0.1.0",
+    aggregator_image="registry.example/fedtrain/aggregator:0.1.0",
+    aggregator_resources={"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+)
+
+MINIMAL_SITE: dict[str, Any] = {"name": "fab-a", "data": {"synthetic": {}}}
+LOADED_SITE: dict[str, Any] = {
+    "name": "fab-hsinchu",
+    "namespace": "fab-hsinchu",
+    "data": {"npz": {"path": "/data/wafers/maps.npz"}},
+    "dataVolume": {"claimName": "wafer-maps", "mountPath": "/data", "subPath": "2026"},
+    "resources": {
+        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1},
+        "limits": {"memory": "24Gi", "nvidia.com/gpu": 1},
+    },
+    "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    "tolerations": [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoExecute",
+         "tolerationSeconds": 600},
+    ],
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In",
+                                           "values": ["tw-1a", "tw-1b"]}]}
+                ]
+            }
+        }
+    },
+    "priorityClassName": "training-high",
+    "schedulerName": "volcano",
+    "serviceAccountName": "fedtrain-trainer",
+    "imagePullSecrets": ["registry-credentials"],
+}
+
+
+def spec_with(site: dict[str, Any]) -> FederatedTrainingSpec:
+    return FederatedTrainingSpec.model_validate(
+        {
+            "model": {"name": "vit_small_patch14_dinov2", "numClasses": 9, "imageSize": 28},
+            "storage": {"bucket": "fedtrain-models", "credentialsSecret": "fedtrain-s3"},
+            "sites": [site],
+        }
+    )
+
+
+def valid(manifest: dict[str, Any]) -> None:
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(manifest, desired_version=version, strict=True)
+
+
+@pytest.mark.parametrize("site", [MINIMAL_SITE, LOADED_SITE], ids=["minimal", "loaded"])
+def test_trainer_job_and_secret_validate(site: dict[str, Any]) -> None:
+    spec = spec_with(site)
+    site_spec = spec.sites[0]
+    job = manifests.trainer_job(TRAINING, spec, site_spec, 3, 1, "train", DEFAULTS)
+    secret = manifests.trainer_secret(TRAINING, site_spec, 3, 1, {"round": 3, "site": site_spec.name})
+    valid(job)
+    valid(secret)
+    assert job["metadata"]["namespace"] == site_spec.namespace
+    assert secret["metadata"]["name"] == job["metadata"]["name"]
+    assert yaml.safe_load(secret["stringData"]["job.yaml"]) == {"round": 3, "site": site_spec.name}
+
+
+def test_loaded_site_reaches_the_pod() -> None:
+    spec = spec_with(LOADED_SITE)
+    job = manifests.trainer_job(TRAINING, spec, spec.sites[0], 0, 0, "train", DEFAULTS)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == LOADED_SITE["nodeSelector"]
+    assert pod["tolerations"][1] == LOADED_SITE["tolerations"][1]
+    assert pod["affinity"] == LOADED_SITE["affinity"]
+    assert (pod["priorityClassName"], pod["schedulerName"], pod["serviceAccountName"]) == (
+        "training-high",
+        "volcano",
+        "fedtrain-trainer",
+    )
+    assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    data_mount = next(m for m in container["volumeMounts"] if m["name"] == "data")
+    assert data_mount == {"name": "data", "mountPath": "/data", "readOnly": True, "subPath": "2026"}
+    claim = next(v for v in pod["volumes"] if v["name"] == "data")["persistentVolumeClaim"]
+    assert claim == {"claimName": "wafer-maps", "readOnly": True}
+
+
+def test_trainer_pod_is_restricted() -> None:
+    spec = spec_with(MINIMAL_SITE)
+    job = manifests.trainer_job(TRAINING, spec, spec.sites[0], 0, 0, "train", DEFAULTS)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["activeDeadlineSeconds"] == spec.aggregation.round_timeout_seconds + 300
+    assert job["spec"]["ttlSecondsAfterFinished"] == 86400
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+
+
+@pytest.mark.parametrize("site", [MINIMAL_SITE, LOADED_SITE], ids=["minimal", "loaded"])
+def test_aggregator_objects_validate(site: dict[str, Any]) -> None:
+    spec = spec_with(site)
+    deployment = manifests.aggregator_deployment(TRAINING, spec, DEFAULTS)
+    service = manifests.aggregator_service(TRAINING)
+    for manifest in (
+        deployment,
+        service,
+        manifests.token_secret(TRAINING, "s3cr3t"),
+        manifests.aggregator_config_map(TRAINING, spec),
+    ):
+        valid(manifest)
+        assert manifest["metadata"]["namespace"] == TRAINING.namespace
+        assert manifest["metadata"]["ownerReferences"][0]["uid"] == TRAINING.uid
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= template_labels.items()
+    env = {item["name"]: item for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "fedtrain-s3"
+
+
+def test_config_change_rolls_the_aggregator() -> None:
+    spec = spec_with(MINIMAL_SITE)
+    before = manifests.aggregator_deployment(TRAINING, spec, DEFAULTS)
+    grown = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": 50})})
+    after = manifests.aggregator_deployment(TRAINING, grown, DEFAULTS)
+    key = "fedtrain.io/config-hash"
+    assert before["spec"]["template"]["metadata"]["annotations"][key] != (
+        after["spec"]["template"]["metadata"]["annotations"][key]
+    )
+
+
+def test_job_names_are_deterministic_unique_and_valid() -> None:
+    names = {
+        manifests.job_name(TRAINING, site, round_index, attempt)
+        for site in ("fab-a", "fab-b")
+        for round_index in range(3)
+        for attempt in range(2)
+    }
+    assert len(names) == 12
+    assert manifests.job_name(TRAINING, "fab-a", 1, 0) == manifests.job_name(TRAINING, "fab-a", 1, 0)
+    elsewhere = TrainingRef(namespace="other", name=TRAINING.name, uid="another-uid")
+    assert manifests.job_name(elsewhere, "fab-a", 1, 0) != manifests.job_name(TRAINING, "fab-a", 1, 0)
+    long = TrainingRef(namespace="n", name="x" * 63, uid="u")
+    name = manifests.job_name(long, "y" * 40, 12345, 9)
+    assert len(name) <= 63
+    assert name != manifests.job_name(long, "y" * 40, 12345, 8)
+    assert manifests.dns_name("9lives") == "ft-9lives"
