@@ -21,7 +21,7 @@ import kopf
 from fedtrain.api import GROUP, PLURAL, VERSION
 
 from . import manifests
-from .kube import Kube, KubeError, load_api_client
+from .kube import Kube, KubeError, connection_info, load_api_client
 from .reconcile import Context, Reconciler, TrainingRuntime, training_ref
 from .settings import OperatorSettings
 
@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 
 #: How long to wait before reconciling again after an API error (a conflict, an API server restart).
 ERROR_RETRY_SECONDS = 5.0
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
+    """Log kopf in exactly as the kubernetes client is (a kubeconfig given in settings, or in-cluster)."""
+    api_client = memo.get("api_client") or load_api_client(memo["settings"].kubeconfig)
+    memo["api_client"] = api_client
+    return kopf.ConnectionInfo(**connection_info(api_client))
 
 
 @kopf.on.startup()
@@ -43,10 +51,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
-    operator_settings = memo.get("settings") or OperatorSettings()
+    operator_settings: OperatorSettings = memo.get("settings") or OperatorSettings()
     memo["context"] = Context(
         settings=operator_settings,
-        kube=Kube(memo.get("api_client") or load_api_client()),
+        kube=Kube(memo.get("api_client") or load_api_client(operator_settings.kubeconfig)),
         session=aiohttp.ClientSession(),
     )
 

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -36,13 +37,37 @@ class KubeError(RuntimeError):
         self.status = error.status
 
 
-def load_api_client() -> ApiClient:
-    """In a pod, its service account; elsewhere the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+def load_api_client(kubeconfig: Path | None = None) -> ApiClient:
+    """A kubeconfig file if given; in a pod, its service account; else $KUBECONFIG or ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    if kubeconfig is not None:
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig), client_configuration=configuration
+        )
+        return ApiClient(configuration)
     try:
-        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+        kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-    return ApiClient()
+        kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return ApiClient(configuration)
+
+
+def connection_info(api_client: ApiClient) -> dict[str, Any]:
+    """kopf's connection settings from the client's, so both talk to one API server as one user."""
+    config = api_client.configuration
+    header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return {
+        "server": config.host,
+        "ca_path": config.ssl_ca_cert,
+        "insecure": not config.verify_ssl,
+        "username": config.username or None,
+        "password": config.password or None,
+        "scheme": scheme or None,
+        "token": token or None,
+        "certificate_path": config.cert_file,
+        "private_key_path": config.key_file,
+    }
 
 
 def _decode(response: Any) -> Manifest:

@@ -37,7 +37,7 @@ async def run_operator(
     """Run until `stop_flag` is set (or a signal, or lost leadership: exit code 1)."""
     from . import handlers  # noqa: F401  (registers the handlers with kopf)
 
-    api_client = api_client or load_api_client()
+    api_client = api_client or load_api_client(settings.kubeconfig)
     stop = asyncio.Event()
     watcher = asyncio.create_task(_wait_flag(stop_flag)) if stop_flag is not None else None
     if watcher is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
@@ -22,6 +23,9 @@ class OperatorSettings(BaseSettings):
     namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated namespaces whose FederatedTrainings are served; empty: all namespaces.",
+    )
+    kubeconfig: Path | None = Field(
+        None, description="A kubeconfig file to use; default: in a pod its service account, else $KUBECONFIG."
     )
     trainer_image: str = Field(
         "ghcr.io/fedtrain/trainer:0.1.0", min_length=1, description="Image of the site trainer Jobs."

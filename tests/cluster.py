@@ -7,9 +7,12 @@ real HTTP through a kubeconfig file, exactly as they would reach a cluster's API
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,80 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
 }
 
 
+class ApiServer(kmock.KubernetesEmulator):
+    """kmock's emulator with the metadata an API server assigns: uid, resourceVersion, generation.
+
+    kopf guards its own patches with the resourceVersion (a JSON-patch `test`), and the operator's
+    observedGeneration needs a generation that moves when the spec changes.
+    """
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1)
+
+    async def _handle(self, request: Any) -> Any:
+        data = request.data
+        if request.resource is not None and request.action == kmock.action.CREATE and isinstance(data, dict):
+            metadata = data.setdefault("metadata", {})
+            if not metadata.get("name") and metadata.get("generateName"):
+                metadata["name"] = f"{metadata['generateName']}{uuid.uuid4().hex[:8]}"
+            metadata.setdefault("uid", str(uuid.uuid4()))
+            metadata.setdefault("creationTimestamp", _now())
+            metadata["resourceVersion"] = str(next(self._versions))
+            metadata["generation"] = 1
+        elif request.resource is not None and request.action == kmock.action.UPDATE and request.name:
+            self._check_version(request)
+            version = str(next(self._versions))
+            if isinstance(data, dict):
+                data.setdefault("metadata", {})["resourceVersion"] = version
+                if "spec" in data:
+                    data["metadata"]["generation"] = self._generation(request) + 1
+            elif isinstance(data, list):
+                data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
+        return await super()._handle(request)
+
+    def _check_version(self, request: Any) -> None:
+        """Optimistic concurrency as an API server does it: a stale resourceVersion is refused."""
+        data = request.data
+        if isinstance(data, list):
+            expected = [op.get("value") for op in data if op.get("op") == "test" and op.get("path") == _RV_PATH]
+            status, reason = 422, "Invalid"  # kopf reads 422 as "newer changes pending, try again"
+        elif isinstance(data, dict):
+            expected = [v] if (v := (data.get("metadata") or {}).get("resourceVersion")) else []
+            status, reason = 409, "Conflict"
+        else:
+            return
+        current = self._stored(request).get("metadata", {}).get("resourceVersion")
+        if expected and current is not None and expected[0] != current:
+            raise kmock.KubernetesError(
+                status=status,
+                reason=reason,
+                message=f"the object has been modified (resourceVersion {current}, not {expected[0]})",
+            )
+
+    def _stored(self, request: Any) -> dict[str, Any]:
+        key = (request.resource, request.namespace, request.name)
+        try:
+            return dict(self.objects[key])
+        except KeyError:
+            return {}
+
+    def _generation(self, request: Any) -> int:
+        key = (request.resource, request.namespace, request.name)
+        try:
+            stored = self.objects[key]
+        except KeyError:
+            return 0
+        return int((stored.get("metadata") or {}).get("generation") or 0)
+
+
+_RV_PATH = "/metadata/resourceVersion"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class Emulator:
     """The emulator and its HTTP server, running on an event loop in a daemon thread."""
 
@@ -53,7 +130,7 @@ class Emulator:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
-        self.handler: kmock.KubernetesEmulator | None = None
+        self.handler: ApiServer | None = None
         self.url = ""
         self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
         self._error: BaseException | None = None
@@ -68,7 +145,7 @@ class Emulator:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        async with kmock.KubernetesEmulator() as handler, kmock.Server(handler) as server:
+        async with ApiServer() as handler, kmock.Server(handler) as server:
             for key, info in RESOURCES.items():
                 handler.resources[key] = info
             self.handler = handler
