@@ -85,7 +85,8 @@ class ApiServer(kmock.KubernetesEmulator):
         """Optimistic concurrency as an API server does it: a stale resourceVersion is refused."""
         data = request.data
         if isinstance(data, list):
-            expected = [op.get("value") for op in data if op.get("op") == "test" and op.get("path") == _RV_PATH]
+            tests = [op for op in data if op.get("op") == "test" and op.get("path") == _RV_PATH]
+            expected = [op.get("value") for op in tests]
             status, reason = 422, "Invalid"  # kopf reads 422 as "newer changes pending, try again"
         elif isinstance(data, dict):
             expected = [v] if (v := (data.get("metadata") or {}).get("resourceVersion")) else []
