@@ -1,0 +1,319 @@
+"""The kopf operator end to end: a FederatedTraining on an emulated cluster, with real trainers,
+a real aggregator service and S3, through success, failing and hanging sites, restarts of the
+operator and of the aggregator, suspension, deletion and an invalid spec."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtrain.layout import TrainingLayout
+from fedtrain.operator import manifests
+from fedtrain.operator.settings import OperatorSettings
+from fedtrain.store import S3Store
+
+from cluster import Emulator, running_emulator
+from kubelet import Kubelet
+from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, Api, OperatorThread, tiny_training, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+class Cluster:
+    def __init__(self, emulator: Emulator, kubelet: Kubelet, kubeconfig: Path, bucket: str, endpoint: str):
+        self.emulator = emulator
+        self.kubelet = kubelet
+        self.kubeconfig = kubeconfig
+        self.api = Api(kubeconfig)
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.operators: list[OperatorThread] = []
+
+    def settings(self, **overrides: Any) -> OperatorSettings:
+        values: dict[str, Any] = {
+            "kubeconfig": self.kubeconfig,
+            "aggregator_url": self.kubelet.service_proxy_template(),
+            "liveness_port": None,
+            "resync_seconds": 2,
+            "aggregator_timeout_seconds": 120,
+        }
+        values.update(overrides)
+        return OperatorSettings(**values)
+
+    def start_operator(self, **overrides: Any) -> OperatorThread:
+        operator = OperatorThread(self.settings(**overrides)).start()
+        self.operators.append(operator)
+        return operator
+
+    def training(self, name: str, **kwargs: Any) -> dict[str, Any]:
+        return tiny_training(name, self.bucket, self.endpoint, **kwargs)
+
+    def store(self, name: str) -> tuple[S3Store, TrainingLayout]:
+        return S3Store(self.bucket, prefix="fedtrain", endpoint=self.endpoint), TrainingLayout(
+            TRAINING_NAMESPACE, name
+        )
+
+    def phase(self, name: str) -> str | None:
+        return self.api.status(name).get("phase")
+
+    def finished(self, name: str) -> dict[str, Any] | None:
+        status = self.api.status(name)
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    def trainer_jobs(self, name: str) -> list[dict[str, Any]]:
+        return [
+            job
+            for job in self.api.jobs()
+            if job["metadata"].get("labels", {}).get(manifests.TRAINING) == name
+        ]
+
+    def event_reasons(self, name: str) -> list[str]:
+        return [
+            event.get("reason", "")
+            for event in self.api.events()
+            if (event.get("involvedObject") or {}).get("name") == name
+        ]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, s3_endpoint: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    override = getattr(request, "param", None)
+    bucket = f"ft-{uuid.uuid4().hex[:12]}"
+    S3Store(bucket, endpoint=s3_endpoint).ensure_bucket()
+    with running_emulator() as emulator:
+        kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig")
+        kubelet = Kubelet(emulator.url, tmp_path / "logs", override=override).start()
+        state = Cluster(emulator, kubelet, kubeconfig, bucket, s3_endpoint)
+        state.api.create_credentials()
+        try:
+            yield state
+        finally:
+            for operator in state.operators:
+                operator.stop()
+            kubelet.close()
+
+
+def created_once(cluster: Cluster) -> None:
+    """No Job name was ever created twice, and no Job's container ever ran twice."""
+    names = [(record.namespace, record.name) for record in cluster.kubelet.jobs_seen]
+    assert len(names) == len(set(names)), names
+    assert all(count == 1 for count in cluster.kubelet.starts.values()), cluster.kubelet.starts
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_training_succeeds_with_history_events_and_models(cluster: Cluster) -> None:
+    cluster.start_operator()
+    cluster.api.apply(cluster.training("wafer", rounds=2, sites=3))
+    status = wait_for("the training to finish", lambda: cluster.finished("wafer"), timeout=420)
+
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert status["round"] == 2
+    assert status["observedGeneration"] == 1
+    assert [(r["round"], r["kind"]) for r in status["history"]] == [
+        (0, "train"),
+        (1, "train"),
+        (2, "evaluate"),
+    ]
+    for record in status["history"][:2]:
+        assert sorted(record["participants"]) == ["fab-a", "fab-b", "fab-c"]
+        assert record["evaluation"]["samples"] > 0
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True"
+    assert conditions["Progressing"]["status"] == "False"
+    assert status["finalModelUri"].endswith("final/model-merged.safetensors")
+    assert status["bestRound"] in (0, 1, 2)
+
+    # One Job per site per round (3 sites x 3 rounds, the last one evaluation), each in its site's
+    # namespace and each created and run once.
+    jobs = cluster.trainer_jobs("wafer")
+    assert len(jobs) == 9
+    assert {job["metadata"]["namespace"] for job in jobs} == {"site-a", "site-b", "site-c"}
+    created_once(cluster)
+
+    # A site's Secret holds presigned URLs for exactly its own objects, and no store keys.
+    secret = next(
+        s
+        for s in cluster.api.secrets("site-b")
+        if s["metadata"].get("labels", {}).get(manifests.ROUND) == "1"
+    )
+    text = str(secret.get("stringData") or secret.get("data"))
+    assert "X-Amz-Signature" in text
+    assert SECRET_KEY not in text
+    assert "rounds/00001/updates/fab-b.safetensors" in text
+    assert "updates/fab-a" not in text and "sites/fab-a" not in text
+
+    reasons = cluster.event_reasons("wafer")
+    for reason in ("RoundStarted", "RoundClosed", "EvaluationStarted", "Succeeded"):
+        assert reason in reasons, reasons
+
+    store, layout = cluster.store("wafer")
+    for key in (layout.global_model(1), layout.global_model(2), layout.manifest(1), layout.merged_model()):
+        assert store.exists(key), key
+    history = store.get_bytes(layout.history()).decode().splitlines()
+    assert len(history) == 3
+
+    # Finished: the aggregator is scaled to zero.
+    deployment = cluster.api.apps.read_namespaced_deployment("wafer-aggregator", TRAINING_NAMESPACE)
+    assert deployment.spec.replicas == 0
+
+
+def _fail_or_hang(job: dict[str, Any]) -> list[str] | None:
+    labels = job["metadata"].get("labels", {})
+    if labels.get(manifests.SITE) == "fab-c":
+        return [
+            "python",
+            "-c",
+            "import sys; print('CUDA error: out of memory', file=sys.stderr); sys.exit(1)",
+        ]
+    if labels.get(manifests.SITE) == "fab-d" and labels.get(manifests.ROUND) == "0":
+        return ["sleep", "3600"]
+    return None
+
+
+@pytest.mark.parametrize("cluster", [_fail_or_hang], indirect=True)
+def test_failing_site_and_straggler_are_recorded(cluster: Cluster) -> None:
+    cluster.start_operator()
+    training = cluster.training(
+        "faults", rounds=1, sites=4, aggregation={"minSites": 2, "roundTimeoutSeconds": 40, "siteRetries": 1}
+    )
+    cluster.api.apply(training)
+    status = wait_for("the training to finish", lambda: cluster.finished("faults"), timeout=420)
+
+    assert status["phase"] == "Succeeded", status.get("message")
+    first = status["history"][0]
+    assert sorted(first["participants"]) == ["fab-a", "fab-b"]
+    assert first["failed"] == ["fab-c"]
+    assert first["stragglers"] == ["fab-d"]
+    reasons = cluster.event_reasons("faults")
+    assert {"SiteRetry", "SiteFailed", "Straggler"} <= set(reasons), reasons
+    # fab-c ran twice in round 0 (siteRetries: 1), each attempt a Job of its own.
+    attempts = [
+        j
+        for j in cluster.trainer_jobs("faults")
+        if j["metadata"]["labels"][manifests.SITE] == "fab-c"
+        and j["metadata"]["labels"][manifests.ROUND] == "0"
+    ]
+    assert sorted(j["metadata"]["labels"][manifests.ATTEMPT] for j in attempts) == ["0", "1"]
+    # The straggler's Job was deleted at the deadline, and its process with it.
+    straggler = manifests.job_name(manifests.TrainingRef(TRAINING_NAMESPACE, "faults", ""), "fab-d", 0, 0)
+    assert all(j["metadata"]["name"] != straggler for j in cluster.api.jobs("site-d"))
+    created_once(cluster)
+
+
+def test_operator_restart_mid_round_duplicates_nothing(cluster: Cluster) -> None:
+    first = cluster.start_operator()
+    cluster.api.apply(cluster.training("restart", rounds=1, sites=2))
+    wait_for("round 0's Jobs", lambda: len(cluster.trainer_jobs("restart")) >= 2, timeout=120)
+    first.stop()
+    assert first.exit_code == 0
+    cluster.start_operator()
+    status = wait_for("the training to finish", lambda: cluster.finished("restart"), timeout=420)
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert len(cluster.trainer_jobs("restart")) == 4  # 2 sites x (round 0 + evaluation)
+    created_once(cluster)
+
+
+def test_aggregator_killed_mid_round_closes_with_the_same_result(cluster: Cluster) -> None:
+    cluster.start_operator()
+    cluster.api.apply(cluster.training("agg", rounds=1, sites=3))
+
+    def accepted_some() -> bool:
+        sites = cluster.api.status("agg").get("sites") or []
+        return (
+            any(site.get("state") == "Accepted" for site in sites) and cluster.api.status("agg")["round"] == 0
+        )
+
+    wait_for("a first accepted update", accepted_some, timeout=300, interval=0.05)
+    cluster.kubelet.kill_deployment_pod(TRAINING_NAMESPACE, "agg-aggregator")
+    status = wait_for("the training to finish", lambda: cluster.finished("agg"), timeout=420)
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert sorted(status["history"][0]["participants"]) == ["fab-a", "fab-b", "fab-c"]
+
+    # The restarted aggregator folded every update again: the next model is exactly the weighted
+    # mean the manifest records, applied to the round's global model.
+    store, layout = cluster.store("agg")
+    manifest = json.loads(store.get_bytes(layout.manifest(0)))
+    scratch = Path(cluster.kubelet.work_dir) / "check"
+    scratch.mkdir(exist_ok=True)
+    store.get_file(layout.global_model(0), scratch / "g0.safetensors")
+    store.get_file(layout.global_model(1), scratch / "g1.safetensors")
+    start, produced = load_file(scratch / "g0.safetensors"), load_file(scratch / "g1.safetensors")
+    expected = {name: tensor.float().clone() for name, tensor in start.items()}
+    for participant in manifest["participants"]:
+        path = scratch / f"{participant['site']}.safetensors"
+        store.get_file(layout.update(0, participant["site"]), path)
+        for name, delta in load_file(path).items():
+            expected[name] += participant["weight"] * delta.float()
+    for name, tensor in produced.items():
+        torch.testing.assert_close(tensor.float(), expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_deleting_mid_round_removes_jobs_and_secrets_everywhere(cluster: Cluster) -> None:
+    cluster.start_operator()
+    cluster.api.apply(cluster.training("gone", rounds=3, sites=3))
+    wait_for("round 0's Jobs", lambda: len(cluster.trainer_jobs("gone")) >= 3, timeout=120)
+    cluster.api.delete("gone")
+    wait_for("the training to be deleted", lambda: cluster.api.get("gone") is None, timeout=60)
+
+    def leftovers() -> list[str]:
+        names = []
+        for namespace in ("site-a", "site-b", "site-c", TRAINING_NAMESPACE):
+            names += [f"job {namespace}/{j['metadata']['name']}" for j in cluster.api.jobs(namespace)]
+            names += [
+                f"secret {namespace}/{s['metadata']['name']}"
+                for s in cluster.api.secrets(namespace)
+                if s["metadata"].get("labels", {}).get(manifests.TRAINING) == "gone"
+            ]
+        return names
+
+    wait_for("no Jobs or Secrets left", lambda: not leftovers(), timeout=30)
+    wait_for("no trainer processes left", lambda: not cluster.kubelet.running_jobs(), timeout=30)
+
+
+def test_invalid_spec_gets_a_condition_an_event_and_no_jobs(cluster: Cluster) -> None:
+    cluster.start_operator()
+    training = cluster.training("broken", rounds=1, sites=2)
+    training["spec"]["training"]["localEpochs"] = 1  # with localSteps: one or the other
+    cluster.api.apply(training)
+
+    def invalid() -> dict[str, Any] | None:
+        conditions = {c["type"]: c for c in cluster.api.status("broken").get("conditions") or []}
+        return conditions.get("Invalid") if conditions.get("Invalid", {}).get("status") == "True" else None
+
+    condition = wait_for("the Invalid condition", invalid, timeout=30)
+    assert "localEpochs" in condition["message"] and "localSteps" in condition["message"]
+    wait_for("an InvalidSpec event", lambda: "InvalidSpec" in cluster.event_reasons("broken"), timeout=30)
+    assert cluster.trainer_jobs("broken") == []
+    assert cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items == []
+
+    # Fixing the spec starts the training.
+    cluster.api.patch_spec("broken", {"training": {"localEpochs": None}})
+    wait_for("Jobs after the fix", lambda: cluster.trainer_jobs("broken"), timeout=60)
+
+
+def test_suspend_stops_jobs_and_resume_finishes(cluster: Cluster) -> None:
+    cluster.start_operator()
+    cluster.api.apply(cluster.training("pause", rounds=1, sites=2))
+    wait_for("round 0's Jobs", lambda: len(cluster.trainer_jobs("pause")) >= 2, timeout=120)
+    cluster.api.patch_spec("pause", {"suspend": True})
+    wait_for("Suspended", lambda: cluster.phase("pause") == "Suspended", timeout=60)
+
+    def first_attempts() -> list[dict[str, Any]]:
+        return [j for j in cluster.trainer_jobs("pause") if j["metadata"]["labels"][manifests.ATTEMPT] == "0"]
+
+    wait_for("the running Jobs to be deleted", lambda: not first_attempts(), timeout=60)
+    assert "Suspended" in cluster.event_reasons("pause")
+    cluster.api.patch_spec("pause", {"suspend": False})
+    status = wait_for("the training to finish", lambda: cluster.finished("pause"), timeout=420)
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert "Resumed" in cluster.event_reasons("pause")
+    created_once(cluster)
