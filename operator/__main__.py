@@ -14,6 +14,9 @@ from .settings import ENV_PREFIX, OperatorSettings
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf logs every handler call at INFO ("Handler 'job_event' succeeded"), thousands a minute
+    # with many trainings; the operator's own log lines say what happens.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         settings = OperatorSettings()
     except ValidationError as error:

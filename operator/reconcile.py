@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -247,8 +248,12 @@ class Reconciler:
         decision = step(spec, status, self._observe(status), now)
         self.runtime.waiting_for = None
         progressed = False
+        # Jobs of different sites are independent: create (or delete) them at once, not one by one.
+        job_actions = [a for a in decision.actions if isinstance(a, StartSiteJob | StopSiteJob)]
         for action in decision.actions:
-            progressed |= await self._execute(spec, action)
+            if not isinstance(action, StartSiteJob | StopSiteJob):
+                progressed |= await self._timed(spec, action)
+        progressed |= any(await asyncio.gather(*(self._timed(spec, action) for action in job_actions)))
         new_status = decision.status
         if not new_status.phase.finished:
             base = (new_status.message or "").split(WAITING)[0]
@@ -356,6 +361,13 @@ class Reconciler:
 
     # ---------------------------------------------------------------------------------------------
     # actions
+
+    async def _timed(self, spec: FederatedTrainingSpec, action: Action) -> bool:
+        started = time.perf_counter()
+        progressed = await self._execute(spec, action)
+        elapsed = time.perf_counter() - started
+        log.debug("%s/%s: %s in %.3f s", self.ref.namespace, self.ref.name, type(action).__name__, elapsed)
+        return progressed
 
     async def _execute(self, spec: FederatedTrainingSpec, action: Action) -> bool:
         """Carry out one action; True if its result is there to use at once (step again now)."""

@@ -34,15 +34,27 @@ LOADED_SITE: dict[str, Any] = {
     "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
     "tolerations": [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-        {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoExecute",
-         "tolerationSeconds": 600},
+        {
+            "key": "dedicated",
+            "operator": "Equal",
+            "value": "training",
+            "effect": "NoExecute",
+            "tolerationSeconds": 600,
+        },
     ],
     "affinity": {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In",
-                                           "values": ["tw-1a", "tw-1b"]}]}
+                    {
+                        "matchExpressions": [
+                            {
+                                "key": "topology.kubernetes.io/zone",
+                                "operator": "In",
+                                "values": ["tw-1a", "tw-1b"],
+                            }
+                        ]
+                    }
                 ]
             }
         }
@@ -120,7 +132,8 @@ def test_trainer_pod_is_restricted() -> None:
     assert job["spec"]["backoffLimit"] == 0
     assert job["spec"]["activeDeadlineSeconds"] == spec.aggregation.round_timeout_seconds + 300
     assert job["spec"]["ttlSecondsAfterFinished"] == 86400
-    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert "nodeSelector" not in pod
+    assert "tolerations" not in pod
 
 
 @pytest.mark.parametrize("site", [MINIMAL_SITE, LOADED_SITE], ids=["minimal", "loaded"])
@@ -149,8 +162,9 @@ def test_config_change_rolls_the_aggregator() -> None:
     grown = spec.model_copy(update={"training": spec.training.model_copy(update={"rounds": 50})})
     after = manifests.aggregator_deployment(TRAINING, grown, DEFAULTS)
     key = "fedtrain.io/config-hash"
-    assert before["spec"]["template"]["metadata"]["annotations"][key] != (
-        after["spec"]["template"]["metadata"]["annotations"][key]
+    assert (
+        before["spec"]["template"]["metadata"]["annotations"][key]
+        != (after["spec"]["template"]["metadata"]["annotations"][key])
     )
 
 

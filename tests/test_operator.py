@@ -12,16 +12,15 @@ from typing import Any
 
 import pytest
 import torch
+from cluster import Emulator, running_emulator
+from kubelet import Kubelet
+from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, Api, OperatorThread, tiny_training, wait_for
 from safetensors.torch import load_file
 
 from fedtrain.layout import TrainingLayout
 from fedtrain.operator import manifests
 from fedtrain.operator.settings import OperatorSettings
 from fedtrain.store import S3Store
-
-from cluster import Emulator, running_emulator
-from kubelet import Kubelet
-from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, Api, OperatorThread, tiny_training, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -149,7 +148,8 @@ def test_training_succeeds_with_history_events_and_models(cluster: Cluster) -> N
     assert "X-Amz-Signature" in text
     assert SECRET_KEY not in text
     assert "rounds/00001/updates/fab-b.safetensors" in text
-    assert "updates/fab-a" not in text and "sites/fab-a" not in text
+    assert "updates/fab-a" not in text
+    assert "sites/fab-a" not in text
 
     reasons = cluster.event_reasons("wafer")
     for reason in ("RoundStarted", "RoundClosed", "EvaluationStarted", "Succeeded"):
@@ -290,7 +290,8 @@ def test_invalid_spec_gets_a_condition_an_event_and_no_jobs(cluster: Cluster) ->
         return conditions.get("Invalid") if conditions.get("Invalid", {}).get("status") == "True" else None
 
     condition = wait_for("the Invalid condition", invalid, timeout=30)
-    assert "localEpochs" in condition["message"] and "localSteps" in condition["message"]
+    assert "localEpochs" in condition["message"]
+    assert "localSteps" in condition["message"]
     wait_for("an InvalidSpec event", lambda: "InvalidSpec" in cluster.event_reasons("broken"), timeout=30)
     assert cluster.trainer_jobs("broken") == []
     assert cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items == []

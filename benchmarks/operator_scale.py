@@ -1,0 +1,322 @@
+"""How the operator scales: N trainings of 8 sites each against the Kubernetes API emulator.
+
+The operator runs as its own process (`python -m fedtrain.operator`, as in a pod) so its memory is
+its own. Trainer Jobs complete at once: the kubelet fixture, instead of starting a container,
+writes a real (zero) update or evaluation report to the Job's presigned URL and marks the Job
+succeeded. The aggregators are the real aggregator library and HTTP app, one per training, hosted
+in this process behind one port (200 aggregator processes would not fit on a laptop), reached
+through the operator's aggregator URL template.
+
+Measured per training and round: the latency from the last site Job of a round completing to the
+first Job of the next round existing (this includes the aggregator folding the updates and writing
+the next global model). Printed: rounds closed per second, p50/p95 of that latency, the operator's
+peak RSS.
+
+    .venv/bin/python benchmarks/operator_scale.py --trainings 10 50 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+from kubernetes import client, config
+from moto.server import ThreadedMotoServer
+from prometheus_client import CollectorRegistry
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the emulator and kubelet fixtures the tests use
+
+from cluster import Emulator  # noqa: E402
+from kubelet import Kubelet, Pod  # noqa: E402
+
+from fedtrain.aggregator.rounds import RoundAggregator  # noqa: E402
+from fedtrain.aggregator.service import create_app  # noqa: E402
+from fedtrain.api import GROUP, PLURAL, VERSION, FederatedTraining  # noqa: E402
+from fedtrain.codec import Metadata, PayloadKind, decode, encode  # noqa: E402
+from fedtrain.job import TrainerJob  # noqa: E402
+from fedtrain.layout import TrainingLayout  # noqa: E402
+from fedtrain.operator import manifests  # noqa: E402
+from fedtrain.store import S3Store, read_url, write_url  # noqa: E402
+
+SITES = 8
+NAMESPACE = "bench"
+BUCKET = "fedtrain-bench"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def training(name: str, endpoint: str, rounds: int) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FederatedTraining",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "model": {
+                "name": "vit_small_patch14_dinov2",
+                "numClasses": 9,
+                "imageSize": 14,
+                "architecture": {"depth": 1, "embedDim": 16, "numHeads": 1},
+            },
+            "lora": {"rank": 2},
+            "training": {"rounds": rounds, "localSteps": 1, "batchSize": 4},
+            "aggregation": {"minSites": SITES},
+            "storage": {"bucket": BUCKET, "endpoint": endpoint},
+            "sites": [
+                {"name": f"site-{i}", "namespace": f"site-{i}", "data": {"synthetic": {"samples": 10}}}
+                for i in range(SITES)
+            ],
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the instant trainer
+
+
+class InstantTrainer:
+    """Plays a trainer that finishes at once: a zero update (or a report) to the presigned URL."""
+
+    def __init__(self) -> None:
+        self.completed: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, job: dict[str, Any], pod: Pod) -> None:
+        job_file = pod.files[manifests.JOB_CONFIG_DIR] / manifests.JOB_CONFIG_FILE
+        trainer_job = TrainerJob.model_validate(yaml.safe_load(job_file.read_text()))
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "global.safetensors"
+            path.write_bytes(read_url(trainer_job.global_model_url))
+            payload = decode(path)
+            common = {
+                "training": trainer_job.training,
+                "round": trainer_job.round,
+                "site": trainer_job.site,
+                "base_fingerprint": payload.meta.base_fingerprint,
+                "metrics": {"evaluation": {"loss": 2.0, "accuracy": 0.5, "macro_f1": 0.4, "samples": 4}},
+            }
+            if trainer_job.mode == "evaluate":
+                write_url(trainer_job.update_url, encode({}, Metadata(kind=PayloadKind.REPORT, **common)))
+            else:
+                delta = {name: tensor.clone().zero_() for name, tensor in payload.tensors.items()}
+                meta = Metadata(kind=PayloadKind.UPDATE, samples=8, norm=0.0, **common)
+                write_url(trainer_job.update_url, encode(delta, meta))
+        with self._lock:
+            self.completed[(job["metadata"]["namespace"], job["metadata"]["name"])] = time.time()
+
+
+# --------------------------------------------------------------------------------------------------
+# the aggregators, one app per training behind one port
+
+
+class AggregatorHost:
+    """ASGI: /{namespace}/{service}/... goes to that training's aggregator app, made on first use."""
+
+    def __init__(self, kubeconfig: Path, endpoint: str) -> None:
+        api_client = config.new_client_from_config(str(kubeconfig))
+        self.core = client.CoreV1Api(api_client)
+        self.endpoint = endpoint
+        self.apps: dict[tuple[str, str], Any] = {}
+        self.model_lock = asyncio.Lock()
+
+    def _create(self, namespace: str, service: str) -> Any:
+        config_map = self.core.read_namespaced_config_map(service, namespace)
+        resource = FederatedTraining.model_validate(yaml.safe_load(config_map.data[manifests.TRAINING_FILE]))
+        token_secret = manifests.token_secret_name(
+            manifests.TrainingRef(namespace, resource.metadata.name, "")
+        )
+        secret = json.loads(
+            self.core.read_namespaced_secret(token_secret, namespace, _preload_content=False).data
+        )
+        token = (secret.get("stringData") or {}).get(manifests.TOKEN_KEY)
+        assert resource.spec.storage is not None
+        store = S3Store.from_spec(resource.spec.storage)
+        aggregator = RoundAggregator(store, TrainingLayout(namespace, resource.metadata.name), resource.spec)
+        return create_app(aggregator, token, registry=CollectorRegistry())
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            message = await receive()
+            while message["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+                message = await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        _, namespace, service, rest = scope["path"].split("/", 3)
+        key = (namespace, service)
+        if key not in self.apps:
+            self.apps[key] = await asyncio.to_thread(self._create, namespace, service)
+        app = self.apps[key]
+        inner = dict(scope, path="/" + rest, raw_path=("/" + rest).encode())
+        if rest.startswith(("v1/initialize", "v1/merge")):
+            # Building a model seeds torch's global generator: in one process, two builds at once
+            # would interleave and differ. (Each real aggregator is a process of its own.)
+            async with self.model_lock:
+                await app(inner, receive, send)
+        else:
+            await app(inner, receive, send)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def peak_rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    while not stop.is_set():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+        except FileNotFoundError:
+            return
+        stop.wait(0.2)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, float]:
+    emulator = Emulator().start()
+    kubeconfig = emulator.write_kubeconfig(work / f"kubeconfig-{trainings}")
+    trainer = InstantTrainer()
+    kubelet = Kubelet(
+        emulator.url,
+        work / f"logs-{trainings}",
+        complete_instantly=trainer,
+        deployment_override=lambda deployment: ["sleep", "86400"],
+        instant_workers=16,
+    ).start()
+    host_port = free_port()
+    host = uvicorn.Server(
+        uvicorn.Config(
+            AggregatorHost(kubeconfig, endpoint), host="127.0.0.1", port=host_port, log_level="warning"
+        )
+    )
+    threading.Thread(target=host.run, daemon=True).start()
+    env = {
+        **os.environ,
+        "PYTHONSAFEPATH": "1",
+        "FEDTRAIN_OPERATOR_KUBECONFIG": str(kubeconfig),
+        "FEDTRAIN_OPERATOR_AGGREGATOR_URL": f"http://127.0.0.1:{host_port}/{{namespace}}/{{service}}",
+        "FEDTRAIN_OPERATOR_LIVENESS_PORT": str(free_port()),
+    }
+    log_path = work / f"operator-{trainings}.log"
+    with log_path.open("wb") as log:
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "fedtrain.operator"], env=env, stdout=log, stderr=log
+        )
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=peak_rss_sampler, args=(operator.pid, stop, peak), daemon=True)
+    sampler.start()
+    api = client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
+    try:
+        time.sleep(3)  # the operator's start-up (imports, watches) is not what is measured
+        started = time.time()
+        for index in range(trainings):
+            api.create_namespaced_custom_object(
+                GROUP, VERSION, NAMESPACE, PLURAL, training(f"t{index:03d}", endpoint, rounds)
+            )
+        phases: dict[str, str] = {}
+        while True:
+            items = api.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL)["items"]
+            phases = {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in items}
+            if (
+                all(phase in ("Succeeded", "Failed") for phase in phases.values())
+                and len(phases) == trainings
+            ):
+                break
+            if operator.poll() is not None:
+                raise RuntimeError(f"the operator exited with {operator.returncode}; see {log_path}")
+            time.sleep(0.5)
+        wall = time.time() - started
+    finally:
+        stop.set()
+        operator.terminate()
+        operator.wait(30)
+        kubelet.close()
+        host.should_exit = True
+        emulator.stop()
+
+    # latency: last Job of round r completed -> first Job of round r+1 seen
+    by_round: dict[tuple[str, int], list[Any]] = {}
+    for record in kubelet.jobs_seen:
+        labels = record.labels
+        by_round.setdefault((labels[manifests.TRAINING], int(labels[manifests.ROUND])), []).append(record)
+    latencies = []
+    for (name, round_index), records in by_round.items():
+        following = by_round.get((name, round_index + 1))
+        if not following:
+            continue
+        done = [trainer.completed.get((r.namespace, r.name)) for r in records]
+        if any(moment is None for moment in done):
+            continue
+        latencies.append(min(r.seen_at for r in following) - max(t for t in done if t is not None))
+    failed = sum(phase != "Succeeded" for phase in phases.values())
+    return {
+        "trainings": trainings,
+        "failed": failed,
+        "wall_s": wall,
+        "rounds_per_s": trainings * rounds / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": percentile(latencies, 0.95),
+        "max_s": max(latencies),
+        "rss_mb": peak[0] / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--trainings", type=int, nargs="+", default=[10, 50, 200])
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="training rounds per training (plus evaluation)"
+    )
+    args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    )
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    S3Store(BUCKET, endpoint=endpoint).ensure_bucket()
+    print(
+        f"{'trainings':>9} {'failed':>6} {'wall s':>7} {'rounds/s':>8} "
+        f"{'p50 s':>6} {'p95 s':>6} {'max s':>6} {'RSS MB':>7}"
+    )
+    with tempfile.TemporaryDirectory(prefix="fedtrain-bench-") as scratch:
+        for count in args.trainings:
+            result = run(count, args.rounds, endpoint, Path(scratch))
+            print(
+                f"{result['trainings']:>9} {result['failed']:>6} {result['wall_s']:>7.1f} "
+                f"{result['rounds_per_s']:>8.2f} {result['p50_s']:>6.3f} {result['p95_s']:>6.3f} "
+                f"{result['max_s']:>6.3f} {result['rss_mb']:>7.0f}",
+                flush=True,
+            )
+    moto.stop()
+
+
+if __name__ == "__main__":
+    main()
