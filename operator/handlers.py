@@ -34,8 +34,10 @@ ERROR_RETRY_SECONDS = 5.0
 @kopf.on.login()
 def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """Log kopf in exactly as the kubernetes client is (a kubeconfig given in settings, or in-cluster)."""
-    api_client = memo.get("api_client") or load_api_client(memo["settings"].kubeconfig)
-    memo["api_client"] = api_client
+    # Under `kopf run` nothing has put settings in the memo yet: read them from the environment.
+    settings: OperatorSettings = memo.get("settings") or OperatorSettings()
+    api_client = memo.get("api_client") or load_api_client(settings.kubeconfig)
+    memo["settings"], memo["api_client"] = settings, api_client
     return kopf.ConnectionInfo(**connection_info(api_client))
 
 
