@@ -29,6 +29,10 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest
 
+## crd: regenerate crds/federatedtrainings.fedtrain.io.yaml from fedtrain/api.py
+crd: $(STAMP)
+	$(VENV)/bin/fedtrain crd
+
 ## unit: the fast tests only
 unit: $(STAMP)
 	$(VENV)/bin/pytest -m "not e2e"

@@ -41,6 +41,16 @@ WAFER_CLASSES: tuple[str, ...] = (
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
+def _cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
+    """The CRD's CEL rules for a model (fedtrain/crd.py carries them into the schema as they are).
+
+    Each repeats a validator of the model in CEL, so that `kubectl apply` rejects what the operator
+    would; `has()` guards every optional field, because the API server applies the schema's defaults
+    only inside objects the user wrote. Rules that read `oldSelf` only run on updates.
+    """
+    return {"x-kubernetes-validations": list(rules)}
+
+
 class ApiModel(BaseModel):
     """Base of every API model: camelCase in YAML, unknown fields rejected (a typo is an error)."""
 
@@ -69,6 +79,31 @@ class PretrainedSource(StrEnum):
 
 
 class Pretrained(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "!has(self.source) || !(self.source in ['uri', 'file'])"
+                " || (has(self.location) && size(self.location) > 0)",
+                "message": "location is required when source is uri or file: set it to "
+                "s3://bucket/key.safetensors (uri) or an absolute path (file)",
+                "fieldPath": ".location",
+                "reason": "FieldValueRequired",
+            },
+            {
+                "rule": "!has(self.source) || self.source != 'uri'"
+                " || (has(self.location) && self.location.startsWith('s3://'))",
+                "message": "location must be an s3://bucket/key URI when source is uri",
+                "fieldPath": ".location",
+            },
+            {
+                "rule": "!has(self.location) || size(self.location) == 0"
+                " || (has(self.source) && self.source != 'none')",
+                "message": "location is set but source is none: set source to hub, uri or file",
+                "fieldPath": ".location",
+            },
+        )
+    )
+
     source: PretrainedSource = Field(
         PretrainedSource.NONE,
         description=(
@@ -99,6 +134,18 @@ class Pretrained(ApiModel):
 class Architecture(ApiModel):
     """Overrides of the named timm architecture, for small experiments and tests."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "!has(self.embedDim) || !has(self.numHeads) || self.embedDim % self.numHeads == 0",
+                "message": "embedDim must be divisible by numHeads: change one of them",
+                "messageExpression": "'embedDim ' + string(self.embedDim) + ' is not divisible by numHeads '"
+                " + string(self.numHeads) + ': change one of them'",
+                "fieldPath": ".embedDim",
+            },
+        )
+    )
+
     depth: int | None = Field(None, ge=1, le=64, description="Number of transformer blocks.")
     embed_dim: int | None = Field(None, ge=8, le=4096, description="Token embedding width.")
     num_heads: int | None = Field(None, ge=1, le=64, description="Attention heads per block.")
@@ -115,6 +162,23 @@ class Architecture(ApiModel):
 
 
 class ModelSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "has(self.numClasses) || has(self.labels)",
+                "message": "set numClasses or labels",
+                "reason": "FieldValueRequired",
+            },
+            {
+                "rule": "!has(self.numClasses) || !has(self.labels) || self.numClasses == size(self.labels)",
+                "message": "numClasses differs from the number of labels: make them agree or drop numClasses",
+                "messageExpression": "'numClasses is ' + string(self.numClasses) + ' but labels has '"
+                " + string(size(self.labels)) + ' names: make them agree or drop numClasses'",
+                "fieldPath": ".numClasses",
+            },
+        )
+    )
+
     name: str = Field(
         "vit_small_patch14_dinov2",
         min_length=1,
@@ -129,6 +193,7 @@ class ModelSpec(ApiModel):
     labels: list[str] | None = Field(
         None,
         min_length=2,
+        max_length=1000,
         description="Class names in label order; ImageFolder directories are matched to these names.",
     )
     image_size: int = Field(224, ge=8, le=2048, description="Square input size in pixels.")
@@ -163,6 +228,16 @@ class ModelSpec(ApiModel):
 
 
 class LoraSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "!has(self.rank) || type(self.rank) != int || (self.rank >= 1 && self.rank <= 1024)",
+                "message": "rank must be between 1 and 1024, or none, or auto",
+                "fieldPath": ".rank",
+            },
+        )
+    )
+
     rank: int | Literal["none", "auto"] = Field(
         "auto",
         description=(
@@ -231,6 +306,17 @@ class TransferDtype(StrEnum):
 
 
 class TrainingSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "!has(self.localEpochs) || !has(self.localSteps)",
+                "message": "set localEpochs or localSteps, not both: remove one of them",
+                "fieldPath": ".localSteps",
+                "reason": "FieldValueForbidden",
+            },
+        )
+    )
+
     rounds: int = Field(10, ge=1, le=10000, description="Federated rounds to run.")
     local_epochs: float | None = Field(
         None, gt=0, le=1000, description="Local epochs per round (set this or localSteps; default 1)."
@@ -359,6 +445,15 @@ class SyntheticData(ApiModel):
 
 
 class NpzData(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "has(self.path) != has(self.uri)",
+                "message": "set exactly one of path (a file the trainer reads) or uri (a URL it downloads)",
+            },
+        )
+    )
+
     path: str | None = Field(
         None,
         min_length=1,
@@ -382,6 +477,16 @@ class ImageFolderData(ApiModel):
 
 
 class DataSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "(has(self.synthetic) ? 1 : 0) + (has(self.npz) ? 1 : 0)"
+                " + (has(self.imageFolder) ? 1 : 0) == 1",
+                "message": "set exactly one of synthetic, npz or imageFolder",
+            },
+        )
+    )
+
     synthetic: SyntheticData | None = Field(None, description="Generated WM-811K-style wafer maps.")
     npz: NpzData | None = Field(None, description="Wafer maps in an NPZ file.")
     image_folder: ImageFolderData | None = Field(None, description="An ImageFolder directory tree.")
@@ -436,6 +541,20 @@ class DataVolume(ApiModel):
 
 
 class SiteSpec(ApiModel):
+    # A transition rule on a list item is allowed because the CRD makes spec.sites a map list keyed by
+    # name: the API server pairs each site with the old site of the same name.
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "(has(self.namespace) ? self.namespace : 'default')"
+                " == (has(oldSelf.namespace) ? oldSelf.namespace : 'default')",
+                "message": "a site's namespace cannot change after creation (its Jobs and secrets live "
+                "there): create a new FederatedTraining",
+                "fieldPath": ".namespace",
+            },
+        )
+    )
+
     name: str = Field(..., min_length=1, max_length=40, pattern=DNS_LABEL, description="Site name.")
     namespace: str = Field(
         "default", min_length=1, max_length=63, pattern=DNS_LABEL, description="Site namespace."
@@ -450,7 +569,9 @@ class SiteSpec(ApiModel):
         default_factory=dict, description="Node labels the trainer pod must run on, e.g. a GPU type."
     )
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Taints the trainer pod tolerates (GPU nodes are often tainted)."
+        default_factory=list,
+        max_length=32,
+        description="Taints the trainer pod tolerates (GPU nodes are often tainted).",
     )
     affinity: dict[str, Any] | None = Field(
         None, description="A Kubernetes Affinity object for the trainer pod, passed through as written."
@@ -461,7 +582,9 @@ class SiteSpec(ApiModel):
         None, description="ServiceAccount the trainer runs as (its token is not mounted)."
     )
     image_pull_secrets: list[str] = Field(
-        default_factory=list, description="Secrets in the site's namespace for pulling the trainer image."
+        default_factory=list,
+        max_length=16,
+        description="Secrets in the site's namespace for pulling the trainer image.",
     )
 
 
@@ -470,6 +593,63 @@ class SiteSpec(ApiModel):
 
 
 class FederatedTrainingSpec(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "!has(self.aggregation) || !has(self.aggregation.minSites)"
+                " || self.aggregation.minSites <= size(self.sites)",
+                "message": "aggregation.minSites is larger than the number of sites: "
+                "lower minSites or add sites",
+                "messageExpression": "'aggregation.minSites is ' + string(self.aggregation.minSites)"
+                " + ' but there are only ' + string(size(self.sites))"
+                " + ' sites: lower minSites or add sites'",
+                "fieldPath": ".aggregation.minSites",
+            },
+            {
+                "rule": "!has(self.aggregation) || !has(self.aggregation.weighting)"
+                " || self.aggregation.weighting != 'explicit' || self.sites.all(s, has(s.weight))",
+                "message": "aggregation.weighting is explicit but a site has no weight: "
+                "set weight on every site",
+                "fieldPath": ".sites",
+                "reason": "FieldValueRequired",
+            },
+            {
+                "rule": "!self.sites.exists(s, has(s.data.synthetic) || has(s.data.npz))"
+                f" || (has(self.model.labels) ? size(self.model.labels) == {len(WAFER_CLASSES)}"
+                f" : has(self.model.numClasses) && self.model.numClasses == {len(WAFER_CLASSES)})",
+                "message": f"synthetic and npz wafer data have {len(WAFER_CLASSES)} classes but the "
+                "model has another number: set model.labels to the WM-811K classes or "
+                f"numClasses: {len(WAFER_CLASSES)}",
+                "fieldPath": ".model",
+            },
+            {
+                "rule": "self.model == oldSelf.model",
+                "message": "model cannot change after creation: create a new FederatedTraining",
+                "fieldPath": ".model",
+            },
+            {
+                "rule": "has(self.lora) == has(oldSelf.lora)"
+                " && (!has(self.lora) || self.lora == oldSelf.lora)",
+                "message": "lora cannot change after creation (the updates of every round depend on it): "
+                "create a new FederatedTraining",
+                "fieldPath": ".lora",
+            },
+            {
+                "rule": "has(self.storage) == has(oldSelf.storage)"
+                " && (!has(self.storage) || self.storage == oldSelf.storage)",
+                "message": "storage cannot change after creation (the models and updates are there): "
+                "create a new FederatedTraining",
+                "fieldPath": ".storage",
+            },
+            {
+                "rule": "self.sites.map(s, s.name) == oldSelf.sites.map(s, s.name)",
+                "message": "sites cannot be added, removed, renamed or reordered after creation: "
+                "create a new FederatedTraining",
+                "fieldPath": ".sites",
+            },
+        )
+    )
+
     model: ModelSpec = Field(..., description="The model every site fine-tunes.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Low-rank adaptation settings.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Local training settings.")
@@ -482,7 +662,9 @@ class FederatedTrainingSpec(ApiModel):
     storage: StorageSpec | None = Field(
         None, description="S3-compatible object storage for models and updates (required on a cluster)."
     )
-    sites: list[SiteSpec] = Field(..., min_length=1, description="Participating sites, unique by name.")
+    sites: list[SiteSpec] = Field(
+        ..., min_length=1, max_length=256, description="Participating sites, unique by name."
+    )
     suspend: bool = Field(False, description="Stop running Jobs and hold the training until false.")
 
     @model_validator(mode="after")
@@ -632,9 +814,13 @@ class FederatedTrainingStatus(ApiModel):
     round: int = Field(0, ge=0, description="Current round, from 0.")
     round_started_at: datetime | None = Field(None, description="When the current round started.")
     round_deadline: datetime | None = Field(None, description="When unfinished sites become stragglers.")
-    sites: list[SiteRoundStatus] = Field(default_factory=list, description="Sites of the current round.")
+    sites: list[SiteRoundStatus] = Field(
+        default_factory=list, max_length=256, description="Sites of the current round."
+    )
     history: list[RoundRecord] = Field(
-        default_factory=list, description=f"The last {STATUS_HISTORY_LIMIT} closed rounds."
+        default_factory=list,
+        max_length=STATUS_HISTORY_LIMIT,
+        description=f"The last {STATUS_HISTORY_LIMIT} closed rounds.",
     )
     global_model_uri: str | None = Field(None, description="The current global model.")
     best_model_uri: str | None = Field(None, description="The global model that scored best.")
@@ -646,7 +832,7 @@ class FederatedTrainingStatus(ApiModel):
     started_at: datetime | None = Field(None, description="When the training started.")
     finished_at: datetime | None = Field(None, description="When the training finished.")
     observed_generation: int | None = Field(None, description="Spec generation this status reflects.")
-    conditions: list[Condition] = Field(default_factory=list, description="Typed conditions.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Typed conditions.")
 
     def site(self, name: str) -> SiteRoundStatus:
         for site in self.sites:
@@ -670,6 +856,16 @@ class ObjectMeta(BaseModel):
 
 
 class FederatedTraining(ApiModel):
+    # The API server accepts any DNS subdomain as a name; ObjectMeta above wants a DNS label.
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "size(self.metadata.name) <= 63 && !self.metadata.name.contains('.')",
+                "message": "metadata.name must be a DNS label: at most 63 characters and no dots",
+            },
+        )
+    )
+
     api_version: Annotated[str, Field(validation_alias=AliasChoices("apiVersion", "api_version"))] = (
         API_VERSION
     )

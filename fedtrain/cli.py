@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from fedtrain.api import FederatedTraining, describe_errors
+from fedtrain.crd import CRD_FILENAME, render_crd
 
 app = typer.Typer(
     add_completion=False,
@@ -145,6 +146,34 @@ def run(
     if status.phase.value != "Succeeded":
         errors.print(f"[red]training failed:[/] {status.message}")
         raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def crd(
+    output_dir: Path = typer.Option(Path("crds"), "--output-dir", help="Folder the CRD file is written to."),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="Write nothing; exit 1 if the file differs from what fedtrain/api.py generates.",
+    ),
+) -> None:
+    """Generate the FederatedTraining CustomResourceDefinition from the API models."""
+    path = output_dir / CRD_FILENAME
+    text = render_crd()
+    if check:
+        try:
+            current = path.read_text()
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            state = "is missing" if current is None else "is out of date with fedtrain/api.py"
+            errors.print(f"[red]error:[/] {path} {state}: run `make crd` (fedtrain crd) and commit the file")
+            raise typer.Exit(EXIT_FAILED)
+        console.print(f"{path}: up to date")
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":
