@@ -41,7 +41,9 @@ def emulator() -> Iterator[Emulator]:
 
 def elector(emulator: Emulator, tmp_path: Path, identity: str, clock: Clock) -> LeaderElector:
     kubeconfig = emulator.write_kubeconfig(tmp_path / f"kubeconfig-{identity}")
-    settings = OperatorSettings(identity=identity, lease_namespace="fedtrain-system", lease_duration_seconds=15)
+    settings = OperatorSettings(
+        identity=identity, lease_namespace="fedtrain-system", lease_duration_seconds=15
+    )
     return LeaderElector(config.new_client_from_config(str(kubeconfig)), settings, clock=clock)
 
 
