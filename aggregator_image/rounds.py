@@ -103,6 +103,17 @@ class RoundAggregator:
         except ObjectNotFound:
             return None
 
+    def open_verdicts(self, round_index: int) -> dict[str, UpdateVerdict]:
+        """The verdicts given in an open round since this aggregator started (none after a restart)."""
+        open_round = self._open.get(round_index)
+        return dict(open_round.verdicts) if open_round is not None else {}
+
+    @classmethod
+    def verdicts_from_manifest(cls, manifest: RoundManifest) -> dict[str, UpdateVerdict]:
+        """The verdict a closed round gives each site its manifest names, as submit() would."""
+        sites = [p.site for p in manifest.participants] + [r.site for r in manifest.rejected]
+        return {site: cls._verdict_from_manifest(manifest, site) for site in sites}
+
     # ---------------------------------------------------------------------------------------------
     # round 0
 

@@ -7,8 +7,9 @@ models over the aggregator's HTTP API. Either way the engine sees these as obser
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from fedtrain.api import EvalMetrics, RejectedUpdate
 
@@ -54,3 +55,111 @@ class RoundManifest(Message):
     model_uri: str
     model_sha256: str
     closed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+# --------------------------------------------------------------------------------------------------
+# The aggregator's HTTP API (`python -m fedtrain.aggregator serve`): request and reply bodies.
+
+#: Site names are DNS labels (fedtrain.api.SiteSpec); anything else could not name an object key.
+SITE_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def _json_number(value: object) -> object:
+    # Pydantic's lax mode reads true as 1 and "3" as 3; JSON Schema's integer is a number without a
+    # fraction, so 3.0 stays valid and is left to the int validation.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected an integer, not {value!r}")
+    return value
+
+
+#: An integer as JSON Schema means it: a number with no fractional part (3 or 3.0, never true or "3").
+JsonInteger = Annotated[int, BeforeValidator(_json_number)]
+
+
+class SubmitUpdateRequest(Message):
+    """Hand a site's uploaded update of a round to the aggregator."""
+
+    site: str = Field(
+        ...,
+        min_length=1,
+        max_length=63,
+        pattern=SITE_NAME,
+        description="The site whose update (at the layout's update key of the round) to validate and fold.",
+    )
+
+
+class CloseRoundRequest(Message):
+    """Close a round with the participants the engine recorded; closing a closed round is a no-op."""
+
+    participants: list[Annotated[str, Field(min_length=1, max_length=63, pattern=SITE_NAME)]] = Field(
+        ...,
+        description=(
+            "Sites whose accepted updates make up the next global model, as the engine recorded them. "
+            "After a restart the aggregator rebuilds the round from exactly these updates."
+        ),
+    )
+    rejected: list[RejectedUpdate] = Field(
+        default_factory=list,
+        description=(
+            "Rejections the engine recorded; in the manifest they take precedence over the aggregator's own."
+        ),
+    )
+
+
+class MergeRequest(Message):
+    """Write the final model: a round's global model with LoRA folded in."""
+
+    round: JsonInteger = Field(
+        ..., ge=0, description="The round whose global model to merge (the last closed round + 1)."
+    )
+
+
+class ModelReply(Message):
+    """Where a model the aggregator wrote (or found already written) lives."""
+
+    model_uri: str = Field(..., description="URI of the model in the object store, s3://bucket/key.")
+
+
+class RoundReply(Message):
+    """What the aggregator knows of a round."""
+
+    round: int = Field(..., description="Round index, from 0.")
+    closed: bool = Field(..., description="Whether the round's manifest exists.")
+    manifest: RoundManifest | None = Field(None, description="The round's manifest once it is closed.")
+    verdicts: dict[str, UpdateVerdict] = Field(
+        default_factory=dict,
+        description=(
+            "Verdicts by site: those given since this aggregator started while the round is open (empty "
+            "after a restart), or derived from the manifest once it is closed."
+        ),
+    )
+
+
+class FieldProblem(Message):
+    """One thing wrong with a request."""
+
+    field: str = Field(
+        ..., description="Where: a body field ('participants.1'), a path parameter, or 'body'."
+    )
+    problem: str = Field(..., description="What is wrong with it.")
+    type: str = Field(..., description="Pydantic's error type, e.g. missing, int_parsing, extra_forbidden.")
+
+
+class ErrorBody(Message):
+    """What went wrong, with a code a client can branch on."""
+
+    code: str = Field(
+        ...,
+        description=(
+            "Stable code: unauthorized, invalid-request, not-found, method-not-allowed, no-global-model, "
+            "aggregation-failed, store-unavailable, internal."
+        ),
+    )
+    message: str = Field(..., description="What went wrong, for a person or a status message.")
+    details: list[FieldProblem] | None = Field(None, description="Each problem of an invalid request.")
+
+
+class ErrorReply(Message):
+    """Every error the aggregator answers with, whatever the status code."""
+
+    error: ErrorBody = Field(..., description="The error.")

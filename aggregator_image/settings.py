@@ -1,0 +1,141 @@
+"""Settings of the aggregator service, from FEDTRAIN_AGGREGATOR_* environment variables.
+
+The operator writes the training into a ConfigMap file and the bearer token into a Secret file;
+S3 credentials are the standard AWS variables (boto3's default chain), never settings of their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedtrain.api import FederatedTraining, PretrainedSource, describe_errors
+from fedtrain.layout import TrainingLayout
+from fedtrain.store import S3Store
+
+ENV_PREFIX = "FEDTRAIN_AGGREGATOR_"
+
+#: The namespace of a training file whose metadata names none, as kubectl would assume.
+DEFAULT_NAMESPACE = "default"
+
+
+class SettingsError(ValueError):
+    """Settings the service cannot start with; each problem names the variable to fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class AggregatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    training_file: Path = Field(
+        ...,
+        description=(
+            "YAML or JSON file holding the FederatedTraining resource (apiVersion, kind, metadata.name, "
+            "metadata.namespace, spec with spec.storage)."
+        ),
+    )
+    token: SecretStr | None = Field(
+        None, description="Bearer token every /v1 request must carry; set this or TOKEN_FILE."
+    )
+    token_file: Path | None = Field(
+        None, description="File holding the bearer token (a mounted Secret key); set this or TOKEN."
+    )
+    host: str = Field("0.0.0.0", description="Address to listen on (all interfaces: the pod's port).")
+    port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> AggregatorSettings:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError(
+                f"set exactly one of {ENV_PREFIX}TOKEN and {ENV_PREFIX}TOKEN_FILE "
+                f"({'both are' if self.token is not None else 'neither is'} set)"
+            )
+        return self
+
+    def bearer_token(self) -> str:
+        """The token, read from TOKEN_FILE if that is how it was given (a Secret file ends in a newline)."""
+        if self.token is not None:
+            token = self.token.get_secret_value().strip()
+            variable = f"{ENV_PREFIX}TOKEN"
+        else:
+            assert self.token_file is not None  # _one_token
+            variable = f"{ENV_PREFIX}TOKEN_FILE={self.token_file}"
+            try:
+                token = self.token_file.read_text().strip()
+            except (OSError, UnicodeDecodeError) as error:
+                raise SettingsError([f"{variable}: cannot read the token: {error}"]) from None
+        if not token:
+            raise SettingsError([f"{variable}: the token is empty"])
+        return token
+
+    def training(self) -> FederatedTraining:
+        """The training resource, which must name its storage: the aggregator works only through S3."""
+        # Imported here: fedtrain.cli pulls in rich and typer, which the settings do not need otherwise.
+        from fedtrain.cli import InvalidResourceError, load_resource
+
+        variable = f"{ENV_PREFIX}TRAINING_FILE={self.training_file}"
+        try:
+            resource = load_resource(self.training_file)
+        except InvalidResourceError as error:
+            raise SettingsError([f"{variable}: {problem}" for problem in error.problems]) from None
+        if resource.spec.storage is None:
+            raise SettingsError(
+                [f"{variable}: spec.storage is required: the aggregator keeps models and updates in S3"]
+            )
+        return resource
+
+
+def load_settings(
+    training_file: Path | None = None, host: str | None = None, port: int | None = None
+) -> AggregatorSettings:
+    """Settings from the environment; the arguments (command-line options) take precedence when given."""
+    given: dict[str, Any] = {"training_file": training_file, "host": host, "port": port}
+    try:
+        return AggregatorSettings(**{name: value for name, value in given.items() if value is not None})
+    except ValidationError as error:
+        problems = []
+        for line, problem in zip(describe_errors(error), error.errors(), strict=True):
+            field = str(problem["loc"][0]) if problem["loc"] else ""
+            # Name the variable the operator (or a person) sets, not the Python field.
+            where = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+            message = "is not set" if problem["type"] == "missing" else line.partition(": ")[2]
+            problems.append(f"{where}: {message}")
+        raise SettingsError(problems) from None
+
+
+def layout_of(resource: FederatedTraining) -> TrainingLayout:
+    return TrainingLayout(resource.metadata.namespace or DEFAULT_NAMESPACE, resource.metadata.name)
+
+
+def store_of(resource: FederatedTraining) -> S3Store:
+    """The training's store; keys left to boto3's default chain (AWS_ACCESS_KEY_ID, IRSA, ...)."""
+    if resource.spec.storage is None:
+        raise SettingsError(["spec.storage is required: the aggregator keeps models and updates in S3"])
+    return S3Store.from_spec(resource.spec.storage)
+
+
+def pretrained_weights(resource: FederatedTraining) -> Path | bytes | None:
+    """Base weights for initialize() and merge(), as the local runner finds them.
+
+    A uri source is read through the training's S3 endpoint with the same credentials as the store;
+    hub weights are left to timm, which fetches them when the model is built.
+    """
+    pretrained = resource.spec.model.pretrained
+    if pretrained.source is PretrainedSource.FILE and pretrained.location:
+        return Path(pretrained.location)
+    if pretrained.source is PretrainedSource.URI and pretrained.location:
+        storage = resource.spec.storage
+        bucket, _, key = pretrained.location.removeprefix("s3://").partition("/")
+        source = S3Store(
+            bucket,
+            endpoint=storage.endpoint if storage else None,
+            region=storage.region if storage else "us-east-1",
+        )
+        return source.get_bytes(key)
+    return None
