@@ -79,7 +79,15 @@ class ApiServer(kmock.KubernetesEmulator):
                     data["metadata"]["generation"] = self._generation(request) + 1
             elif isinstance(data, list):
                 data.append({"op": "add", "path": "/metadata/resourceVersion", "value": version})
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        finally:
+            # kmock logs every request and scans the whole log on each new one, so every request costs
+            # more than the last; nothing here asserts on past requests: keep only those in flight.
+            for index, seen in enumerate(self._requests):
+                if seen is request:
+                    del self._requests[index]
+                    break
 
     def _check_version(self, request: Any) -> None:
         """Optimistic concurrency as an API server does it: a stale resourceVersion is refused."""
