@@ -159,6 +159,9 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_run(tmp_path: Path) -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job starts with SIGINT ignored, and Python keeps an inherited
+        # SIG_IGN: give the run the default handling a terminal's Ctrl-C would find.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not (run_dir / "history.jsonl").exists():
