@@ -26,6 +26,7 @@ from fedtrain.api import (
     FederatedTrainingSpec,
     FederatedTrainingStatus,
     RoundRecord,
+    StorageSpec,
     describe_errors,
 )
 from fedtrain.job import TrainerJob, TrainerSpec
@@ -131,6 +132,7 @@ class TrainingRuntime:
     aggregator_config: str | None = None  # the spec the aggregator objects were last applied for
     token: str | None = None
     store: S3Store | None = None
+    keys: tuple[str | None, str | None] = (None, None)  # of spec.storage.credentialsSecret
     verdicts_round: int = -1
     verdicts: dict[str, UpdateVerdict] = field(default_factory=dict)
     manifest: RoundManifest | None = None
@@ -152,6 +154,16 @@ class Context:
     session: aiohttp.ClientSession
     jobs: JobTable = field(default_factory=JobTable)
     runtimes: dict[str, TrainingRuntime] = field(default_factory=dict)
+    # A boto3 client costs ~12 MB: trainings that share a bucket and keys share one store.
+    stores: dict[tuple[str | None, ...], S3Store] = field(default_factory=dict)
+    stores_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def store(self, storage: StorageSpec, access_key: str | None, secret_key: str | None) -> S3Store:
+        key = (storage.bucket, storage.prefix, storage.endpoint, storage.region, access_key, secret_key)
+        async with self.stores_lock:
+            if key not in self.stores:
+                self.stores[key] = await asyncio.to_thread(S3Store.from_spec, storage, access_key, secret_key)
+            return self.stores[key]
 
     @property
     def pod_defaults(self) -> PodDefaults:
@@ -356,7 +368,8 @@ class Reconciler:
                     secret = f"{self.ref.namespace}/{storage.credentials_secret}"
                     raise _WaitingError(f"Secret {secret} (spec.storage.credentialsSecret) does not exist")
                 access_key, secret_key = keys.get("AWS_ACCESS_KEY_ID"), keys.get("AWS_SECRET_ACCESS_KEY")
-            self.runtime.store = await asyncio.to_thread(S3Store.from_spec, storage, access_key, secret_key)
+            self.runtime.keys = (access_key, secret_key)
+            self.runtime.store = await self.context.store(storage, access_key, secret_key)
         return self.runtime.store
 
     # ---------------------------------------------------------------------------------------------
@@ -418,7 +431,7 @@ class Reconciler:
             update_url=store.presign_put(layout.update(action.round, action.site), expiry),
             state_get_url=store.presign_get(layout.site_state(action.site), expiry),
             state_put_url=store.presign_put(layout.site_state(action.site), expiry),
-            pretrained_url=self._pretrained_url(spec, expiry),
+            pretrained_url=await self._pretrained_url(spec, expiry),
         )
         config = trainer_job.model_dump(mode="json", by_alias=True, exclude_none=True)
         await self.kube.create(manifests.trainer_secret(self.ref, site, action.round, action.attempt, config))
@@ -433,14 +446,16 @@ class Reconciler:
                 "Secret", site.namespace, job["metadata"]["name"], manifests.secret_owner_patch(created)
             )
 
-    def _pretrained_url(self, spec: FederatedTrainingSpec, expiry: int) -> str | None:
+    async def _pretrained_url(self, spec: FederatedTrainingSpec, expiry: int) -> str | None:
         pretrained = spec.model.pretrained
-        if pretrained.source.value != "uri" or not pretrained.location:
+        if pretrained.source.value != "uri" or not pretrained.location or spec.storage is None:
             return None
         bucket, _, key = pretrained.location.removeprefix("s3://").partition("/")
-        storage = spec.storage
-        source = S3Store(bucket, endpoint=storage.endpoint if storage else None)
-        return source.presign_get(key, expiry)
+        # The base weights' bucket, reached with the training's endpoint and keys.
+        await self._store(spec)
+        source = spec.storage.model_copy(update={"bucket": bucket, "prefix": ""})
+        store = await self.context.store(source, *self.runtime.keys)
+        return store.presign_get(key, expiry)
 
     async def _stop_job(self, spec: FederatedTrainingSpec, action: StopSiteJob) -> None:
         namespace = spec.site(action.site).namespace
