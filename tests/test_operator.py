@@ -38,7 +38,7 @@ class Cluster:
     def settings(self, **overrides: Any) -> OperatorSettings:
         values: dict[str, Any] = {
             "kubeconfig": self.kubeconfig,
-            "aggregator_url": self.kubelet.service_proxy_template(),
+            "aggregator_url": self.kubelet.service_proxy_template,
             "liveness_port": None,
             "resync_seconds": 2,
             "aggregator_timeout_seconds": 120,
