@@ -108,7 +108,7 @@ async def run_training(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.
                 # After the status write succeeded: an event never tells of a step that was not saved.
                 for event in outcome.events:
                     kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-                delay = None if outcome.delay < 0 else outcome.delay
+                delay = outcome.delay
         if delay != 0:
             await _sleep(runtime, stopped, delay)
 
@@ -140,13 +140,13 @@ async def cleanup(context: Context, body: Mapping[str, Any]) -> None:
         sites = (body.get("spec") or {}).get("sites") or []
         namespaces = {ref.namespace} | {site.get("namespace") or "default" for site in sites}
         selector = {manifests.TRAINING_UID: ref.uid}
+        # Jobs and Secrets may be in any of them; the aggregator's objects only in the training's.
+        targets = [(kind, namespace) for namespace in sorted(namespaces) for kind in ("Job", "Secret")]
+        targets += [(kind, ref.namespace) for kind in ("Deployment", "Service", "ConfigMap")]
         removed = 0
-        for namespace in sorted(namespaces):
-            for kind in ("Job", "Secret", "Deployment", "Service", "ConfigMap"):
-                if kind in ("Deployment", "Service", "ConfigMap") and namespace != ref.namespace:
-                    continue
-                for item in await context.kube.list_labelled(kind, namespace, selector):
-                    removed += await context.kube.delete(kind, namespace, item["metadata"]["name"])
+        for kind, namespace in targets:
+            for item in await context.kube.list_labelled(kind, namespace, selector):
+                removed += await context.kube.delete(kind, namespace, item["metadata"]["name"])
         log.info("%s/%s deleted: removed %d objects", ref.namespace, ref.name, removed)
     context.jobs.forget(ref.uid)
     context.runtimes.pop(ref.uid, None)

@@ -90,18 +90,8 @@ class Kube:
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
-
-    async def _call(self, action: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await asyncio.to_thread(function, *args, _preload_content=False, **kwargs)
-        except ApiException as error:
-            if error.status in (404, 409):
-                raise
-            raise KubeError(action, error) from error
-
-    def _methods(self, kind: str) -> tuple[Callable[..., Any], ...]:
-        """(create, read, patch, delete, list) for a kind."""
-        table: dict[str, tuple[Callable[..., Any], ...]] = {
+        # The typed client's calls for each managed kind: (create, read, patch, delete, list).
+        self._by_kind: dict[str, tuple[Callable[..., Any], ...]] = {
             "Job": (
                 self.batch.create_namespaced_job,
                 self.batch.read_namespaced_job,
@@ -138,12 +128,19 @@ class Kube:
                 self.apps.list_namespaced_deployment,
             ),
         }
-        return table[kind]
+
+    async def _call(self, action: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(function, *args, _preload_content=False, **kwargs)
+        except ApiException as error:
+            if error.status in (404, 409):
+                raise
+            raise KubeError(action, error) from error
 
     async def create(self, manifest: Manifest) -> Manifest | None:
         """Create an object; None if one of that name exists already (the deterministic-name case)."""
         kind, namespace = manifest["kind"], manifest["metadata"]["namespace"]
-        create = self._methods(kind)[0]
+        create = self._by_kind[kind][0]
         try:
             return _decode(await self._call(f"create {kind}", create, namespace, manifest))
         except ApiException as error:
@@ -153,7 +150,7 @@ class Kube:
 
     async def read(self, kind: str, namespace: str, name: str) -> Manifest | None:
         try:
-            return _decode(await self._call(f"read {kind}", self._methods(kind)[1], name, namespace))
+            return _decode(await self._call(f"read {kind}", self._by_kind[kind][1], name, namespace))
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -162,7 +159,7 @@ class Kube:
     async def patch(self, kind: str, namespace: str, name: str, patch: Manifest) -> Manifest | None:
         try:
             reply = await self._call(
-                f"patch {kind}", self._methods(kind)[2], name, namespace, patch, _content_type=MERGE_PATCH
+                f"patch {kind}", self._by_kind[kind][2], name, namespace, patch, _content_type=MERGE_PATCH
             )
             return _decode(reply)
         except ApiException as error:
@@ -184,7 +181,7 @@ class Kube:
         """Delete an object and, for a Job, its pods; False if it was gone already."""
         try:
             await self._call(
-                f"delete {kind}", self._methods(kind)[3], name, namespace, propagation_policy="Background"
+                f"delete {kind}", self._by_kind[kind][3], name, namespace, propagation_policy="Background"
             )
             return True
         except ApiException as error:
@@ -196,7 +193,7 @@ class Kube:
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
         try:
             reply = _decode(
-                await self._call(f"list {kind}", self._methods(kind)[4], namespace, label_selector=selector)
+                await self._call(f"list {kind}", self._by_kind[kind][4], namespace, label_selector=selector)
             )
         except ApiException as error:
             raise KubeError(f"list {kind} in {namespace}", error) from error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -67,7 +68,8 @@ class LeaderElector:
         name, namespace = self.settings.lease_name, self.settings.lease_namespace
         now = self.clock()
         try:
-            lease = self.api.read_namespaced_lease(name, namespace).to_dict()
+            # Raw JSON: the API's field names and times as written, not the client's model.
+            lease = json.loads(self.api.read_namespaced_lease(name, namespace, _preload_content=False).data)
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -85,7 +87,7 @@ class LeaderElector:
                 raise
             self.last_renewed = now
             return True
-        spec = _camel_lease(lease.get("spec") or {})
+        spec = lease.get("spec") or {}
         if not may_take(spec, self.identity, now):
             return False
         ours = spec.get("holderIdentity") == self.identity
@@ -93,7 +95,7 @@ class LeaderElector:
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if ours else 1)
         patch = {
             # The resourceVersion makes the API server refuse the patch if another replica wrote first.
-            "metadata": {"resourceVersion": (lease.get("metadata") or {}).get("resource_version")},
+            "metadata": {"resourceVersion": (lease.get("metadata") or {}).get("resourceVersion")},
             "spec": self._lease(now, acquired, transitions),
         }
         if patch["metadata"]["resourceVersion"] is None:
@@ -155,20 +157,3 @@ class LeaderElector:
             )
         except ApiException as error:
             log.warning("lease %s: release failed: %s", self.settings.lease_name, error)
-
-
-def _camel_lease(spec: dict[str, Any]) -> dict[str, Any]:
-    """The client's snake_case model dict back in the API's field names."""
-    names = {
-        "holder_identity": "holderIdentity",
-        "lease_duration_seconds": "leaseDurationSeconds",
-        "acquire_time": "acquireTime",
-        "renew_time": "renewTime",
-        "lease_transitions": "leaseTransitions",
-    }
-    result: dict[str, Any] = {}
-    for key, value in spec.items():
-        if isinstance(value, datetime):
-            value = _micro_time(value)
-        result[names.get(key, key)] = value
-    return result

@@ -8,7 +8,6 @@ is saved after every step, so `--resume` carries on from wherever a run stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -45,6 +44,7 @@ from .engine import (
     SubmitUpdate,
     step,
 )
+from .history import append_record
 
 log = logging.getLogger(__name__)
 
@@ -350,14 +350,7 @@ class LocalRunner:
         self.merged_model_uri = uri
 
     def _record(self, record: RoundRecord, status: FederatedTrainingStatus) -> None:
-        key = self.layout.history()
-        try:
-            lines = self.store.get_bytes(key).decode().splitlines()
-        except ObjectNotFound:
-            lines = []
-        kept = [line for line in lines if _round_key(json.loads(line)) != (record.round, record.kind)]
-        text = "\n".join([*kept, record.model_dump_json(by_alias=True)]) + "\n"
-        self.store.put_bytes(key, text.encode())
+        text = append_record(self.store, self.layout.history(), record)
         (self.run_dir / HISTORY_FILE).write_text(text)
         self.on_round(record, status)
 
@@ -379,10 +372,6 @@ def _terminate(popen: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> N
         popen.wait()
     except ProcessLookupError:
         pass
-
-
-def _round_key(record: dict[str, object]) -> tuple[object, object]:
-    return record["round"], record["kind"]
 
 
 def load_history(run_dir: Path) -> list[RoundRecord]:

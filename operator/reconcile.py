@@ -32,7 +32,7 @@ from fedtrain.api import (
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
-from fedtrain.store import ObjectNotFound, S3Store
+from fedtrain.store import S3Store
 
 from . import manifests
 from .aggregator_client import AggregatorClient, AggregatorRefusedError, AggregatorUnavailableError
@@ -52,6 +52,7 @@ from .engine import (
     set_condition,
     step,
 )
+from .history import append_record
 from .kube import Kube, merge_patch
 from .manifests import PodDefaults, TrainingRef
 from .settings import OperatorSettings
@@ -197,7 +198,7 @@ def training_ref(body: Mapping[str, Any]) -> TrainingRef:
 class Outcome:
     """What one reconcile did: when to look again, and the events to post once the status is saved."""
 
-    delay: float
+    delay: float | None  # seconds; None: only a Job or spec change wakes it (a finished training)
     events: list[Event]
 
 
@@ -275,12 +276,12 @@ class Reconciler:
             await self._scale_aggregator(0)
         saved = await self._write_status(new_status)
         if not saved:
-            return Outcome(delay=-1, events=[])
+            return Outcome(delay=None, events=[])
         return Outcome(delay=self._next_delay(new_status, progressed, now), events=events + decision.events)
 
-    def _next_delay(self, status: FederatedTrainingStatus, progressed: bool, now: datetime) -> float:
+    def _next_delay(self, status: FederatedTrainingStatus, progressed: bool, now: datetime) -> float | None:
         if status.phase.finished:
-            return -1
+            return None
         if progressed:
             return 0
         if self.runtime.waiting_for:
@@ -467,18 +468,7 @@ class Reconciler:
         """Append a closed round to the full history in the bucket (the status keeps the last few)."""
         store = await self._store(spec)
         key = TrainingLayout(self.ref.namespace, self.ref.name).history()
-
-        def append() -> None:
-            try:
-                lines = store.get_bytes(key).decode().splitlines()
-            except ObjectNotFound:
-                lines = []
-            kept = [
-                line for line in lines if line.strip() and _round_key(line) != (record.round, record.kind)
-            ]
-            store.put_bytes(key, ("\n".join([*kept, record.model_dump_json(by_alias=True)]) + "\n").encode())
-
-        await asyncio.to_thread(append)
+        await asyncio.to_thread(append_record, store, key, record)
 
     # ---------------------------------------------------------------------------------------------
     # status
@@ -504,11 +494,6 @@ class _InvalidSpecError(ValueError):
 
 class _WaitingError(RuntimeError):
     pass
-
-
-def _round_key(line: str) -> tuple[object, object]:
-    record = json.loads(line)
-    return record.get("round"), record.get("kind")
 
 
 def _condition_true(status: FederatedTrainingStatus, kind: ConditionType) -> bool:
