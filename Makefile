@@ -7,13 +7,21 @@ PYTHON ?= python3
 # `operator` for any `python -m` run from this directory: keep the working directory off sys.path.
 export PYTHONSAFEPATH := 1
 
-.PHONY: demo test lint unit crd clean
+.PHONY: demo test lint unit crd manifests clean
+
+# Debian's prometheus package: promtool for the alert-rule tests and a real server for a scrape test.
+PROMTOOL := /usr/bin/promtool
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,dev]'
 	touch $(STAMP)
+
+$(PROMTOOL):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus
 
 ## demo: a federated LoRA fine-tuning of examples/wafer-defects.yaml on this machine (about 10 minutes on 2 cores)
 demo: $(STAMP)
@@ -26,15 +34,20 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy fedtrain operator trainer_image aggregator_image
 
 ## test: lint, then the whole pytest suite, end-to-end runs included
-test: lint
+test: lint $(PROMTOOL)
 	$(VENV)/bin/pytest
 
 ## crd: regenerate crds/federatedtrainings.fedtrain.io.yaml from fedtrain/api.py
 crd: $(STAMP)
 	$(VENV)/bin/fedtrain crd
 
+## manifests: copy the CRDs into the chart and render manifests/install.yaml from it
+manifests: $(STAMP)
+	$(VENV)/bin/fedtrain crd
+	$(VENV)/bin/python tools/render_manifests.py
+
 ## unit: the fast tests only
-unit: $(STAMP)
+unit: $(STAMP) $(PROMTOOL)
 	$(VENV)/bin/pytest -m "not e2e"
 
 clean:

@@ -203,6 +203,7 @@ class RoundAggregator:
             "update_bytes": size,
             "evaluation": _evaluation(meta),
             "train_seconds": meta.timings.get("train_seconds"),
+            "train_metrics": _train_metrics(meta),
         }
         if meta.kind is PayloadKind.REPORT:
             return UpdateVerdict(round=round_index, site=site, accepted=True, **common)
@@ -399,6 +400,15 @@ class RoundAggregator:
             encode_file(model.merged_state_dict(), meta, staged)  # a model's size: never held twice
             self.store.put_file(key, staged)
         return self.store.uri(key)
+
+
+def _train_metrics(meta: Metadata) -> dict[str, float]:
+    """The trainer's scalar figures (loss, accuracy, samples/s); the evaluation is reported apart."""
+    return {
+        name: float(value)
+        for name, value in meta.metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def _evaluation(meta: Metadata) -> EvalMetrics | None:

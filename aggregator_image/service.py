@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +73,8 @@ READINESS_TTL_SECONDS = 5.0
 READINESS_TIMEOUT_SECONDS = 0.8
 
 #: Folding one update reads it once: seconds for a small LoRA update, minutes for a full model.
+#: Update norms: a LoRA delta of a few layers is ~0.01-1, a full fine-tune's much larger.
+NORM_BUCKETS = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
 FOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -163,6 +166,20 @@ class ServiceMetrics:
             buckets=FOLD_BUCKETS,
             registry=self.registry,
         )
+        self._update_norm = Histogram(
+            "fedtrain_aggregator_update_norm",
+            "L2 norm of each update received (rejected ones too, where it could be computed).",
+            labels,
+            buckets=NORM_BUCKETS,
+            registry=self.registry,
+        )
+        self._close_seconds = Histogram(
+            "fedtrain_aggregator_close_seconds",
+            "Closing a round: writing the next global model and the manifest.",
+            labels,
+            buckets=FOLD_BUCKETS,
+            registry=self.registry,
+        )
         self._rounds_closed = Counter(
             "fedtrain_aggregator_rounds_closed",
             "Rounds this process closed (a closed round closed again is not counted).",
@@ -189,10 +206,13 @@ class ServiceMetrics:
         self._updates.labels(**self._training, verdict=kind, reason=verdict.reason or "").inc()
         self._update_bytes.labels(**self._training).inc(verdict.update_bytes)
         self._fold_seconds.labels(**self._training).observe(seconds)
+        if verdict.norm is not None and math.isfinite(verdict.norm):
+            self._update_norm.labels(**self._training).observe(verdict.norm)
 
-    def round_closed(self, round_index: int, newly: bool) -> None:
+    def round_closed(self, round_index: int, newly: bool, seconds: float) -> None:
         if newly:
             self._rounds_closed.labels(**self._training).inc()
+            self._close_seconds.labels(**self._training).observe(seconds)
         if round_index > self._last_round:
             self._last_round = round_index
             self._round.labels(**self._training).set(round_index)
@@ -562,8 +582,9 @@ def create_app(
     def close_round(round: RoundIndex, request: CloseRoundRequest) -> RoundManifest:
         def work(agg: RoundAggregator) -> RoundManifest:
             newly = agg.manifest(round) is None
+            started = time.perf_counter()
             manifest = agg.close(round, list(request.participants), list(request.rejected))
-            metrics.round_closed(round, newly)
+            metrics.round_closed(round, newly, time.perf_counter() - started)
             return manifest
 
         return library.call(f"round {round} close", work)

@@ -206,7 +206,7 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
         deployment_override=lambda deployment: ["sleep", "86400"],
         instant_workers=16,
     ).start()
-    host_port = free_port()
+    host_port, metrics_port = free_port(), free_port()
     host = uvicorn.Server(
         uvicorn.Config(
             AggregatorHost(kubeconfig, endpoint), host="127.0.0.1", port=host_port, log_level="warning"
@@ -219,6 +219,7 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
         "FEDTRAIN_OPERATOR_KUBECONFIG": str(kubeconfig),
         "FEDTRAIN_OPERATOR_AGGREGATOR_URL": f"http://127.0.0.1:{host_port}/{{namespace}}/{{service}}",
         "FEDTRAIN_OPERATOR_LIVENESS_PORT": str(free_port()),
+        "FEDTRAIN_OPERATOR_METRICS_PORT": str(metrics_port),
     }
     log_path = work / f"operator-{trainings}.log"
     with log_path.open("wb") as log:

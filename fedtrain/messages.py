@@ -32,6 +32,9 @@ class UpdateVerdict(Message):
     update_bytes: int = 0
     evaluation: EvalMetrics | None = None
     train_seconds: float | None = None
+    train_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The trainer's own figures: train_loss, samples_per_second, ..."
+    )
 
 
 class Participant(Message):

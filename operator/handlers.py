@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from fedtrain.api import GROUP, PLURAL, VERSION
 
 from . import manifests
 from .kube import Kube, KubeError, connection_info, load_api_client
+from .metrics import OperatorMetrics
 from .reconcile import Context, Reconciler, TrainingRuntime, training_ref
 from .settings import OperatorSettings
 
@@ -54,10 +56,19 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     operator_settings: OperatorSettings = memo.get("settings") or OperatorSettings()
+    metrics: OperatorMetrics | None = memo.get("metrics")
+    if metrics is None:  # under `kopf run`: no runner made them
+        metrics = OperatorMetrics()
+        metrics.leader.set(1)
+        if operator_settings.metrics_port is not None:
+            metrics.serve(operator_settings.metrics_port)
+        memo["metrics"] = metrics
+        memo["own_metrics"] = True
     memo["context"] = Context(
         settings=operator_settings,
         kube=Kube(memo.get("api_client") or load_api_client(operator_settings.kubeconfig)),
         session=aiohttp.ClientSession(),
+        metrics=metrics,
     )
 
 
@@ -66,6 +77,8 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     context: Context | None = memo.get("context")
     if context is not None:
         await context.session.close()
+    if memo.get("own_metrics"):
+        memo["metrics"].close()
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={manifests.MANAGED_BY: manifests.MANAGER})
@@ -99,16 +112,23 @@ async def run_training(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.
         async with runtime.lock:
             if runtime.deleting or body.meta.get("deletionTimestamp"):
                 return
+            started = time.perf_counter()
             try:
                 outcome = await Reconciler(context, body).reconcile()
             except KubeError as error:
+                context.metrics.reconcile_errors.labels(error=type(error).__name__).inc()
                 log.warning("%s/%s: %s; retrying", runtime.ref.namespace, runtime.ref.name, error)
                 delay: float | None = ERROR_RETRY_SECONDS
+            except Exception as error:  # kopf logs it and restarts the daemon after a back-off
+                context.metrics.reconcile_errors.labels(error=type(error).__name__).inc()
+                raise
             else:
                 # After the status write succeeded: an event never tells of a step that was not saved.
                 for event in outcome.events:
                     kopf.event(body, type=event.type, reason=event.reason, message=event.message)
                 delay = outcome.delay
+            finally:
+                context.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         if delay != 0:
             await _sleep(runtime, stopped, delay)
 
@@ -150,3 +170,4 @@ async def cleanup(context: Context, body: Mapping[str, Any]) -> None:
         log.info("%s/%s deleted: removed %d objects", ref.namespace, ref.name, removed)
     context.jobs.forget(ref.uid)
     context.runtimes.pop(ref.uid, None)
+    context.metrics.forget(ref)

@@ -55,6 +55,7 @@ from .engine import (
 from .history import append_record
 from .kube import Kube, merge_patch
 from .manifests import PodDefaults, TrainingRef
+from .metrics import OperatorMetrics
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class Context:
     kube: Kube
     session: aiohttp.ClientSession
     jobs: JobTable = field(default_factory=JobTable)
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     runtimes: dict[str, TrainingRuntime] = field(default_factory=dict)
     # A boto3 client costs ~12 MB: trainings that share a bucket and keys share one store.
     stores: dict[tuple[str | None, ...], S3Store] = field(default_factory=dict)
@@ -277,6 +279,8 @@ class Reconciler:
         saved = await self._write_status(new_status)
         if not saved:
             return Outcome(delay=None, events=[])
+        metrics = self.context.metrics
+        metrics.status_written(self.ref, spec.training.rounds, status, new_status, self.runtime.verdicts)
         return Outcome(delay=self._next_delay(new_status, progressed, now), events=events + decision.events)
 
     def _next_delay(self, status: FederatedTrainingStatus, progressed: bool, now: datetime) -> float | None:
@@ -299,7 +303,8 @@ class Reconciler:
         new_status.message = f"invalid spec: {message}"
         events = [] if self.runtime.invalid == message else [Event("Warning", "InvalidSpec", message)]
         self.runtime.invalid = message
-        await self._write_status(new_status)
+        if await self._write_status(new_status):
+            self.context.metrics.status_written(self.ref, None, status, new_status, {})
         return Outcome(delay=self.settings.resync_seconds, events=events)
 
     # ---------------------------------------------------------------------------------------------
@@ -395,7 +400,9 @@ class Reconciler:
             elif isinstance(action, StopSiteJob):
                 await self._stop_job(spec, action)
             elif isinstance(action, SubmitUpdate):
-                runtime.verdicts[action.site] = await self._client().submit(action.round, action.site)
+                verdict = await self._client().submit(action.round, action.site)
+                runtime.verdicts[action.site] = verdict
+                self.context.metrics.verdict(self.ref, verdict)
                 return True
             elif isinstance(action, CloseRound):
                 runtime.manifest = await self._client().close(
@@ -407,6 +414,7 @@ class Reconciler:
                 return True
             elif isinstance(action, RecordRound):
                 await self._record(spec, action.record)
+                self.context.metrics.round_recorded(self.ref, action.record)
         except AggregatorRefusedError as error:
             runtime.aggregator_error = str(error)
             return True

@@ -12,6 +12,7 @@ from kubernetes.client import ApiClient
 
 from .kube import load_api_client
 from .leader import LeaderElector
+from .metrics import OperatorMetrics
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,16 @@ async def run_operator(
         watcher.add_done_callback(lambda _: stop.set())
     elector = LeaderElector(api_client, settings) if settings.leader_election else None
     lost_leadership = False
+    metrics = OperatorMetrics()
+    if settings.metrics_port is not None:  # a standby serves them too: its leader gauge is 0
+        metrics.serve(settings.metrics_port)
     try:
         if elector is not None:
             log.info("%s waiting for the lease %s", settings.identity, settings.lease_name)
             if not await elector.acquire(stop):
                 return 0
             log.info("%s leads", settings.identity)
+        metrics.leader.set(1)
         liveness = (
             f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port is not None else None
         )
@@ -61,7 +66,7 @@ async def run_operator(
                 stop_flag=stop,
                 ready_flag=ready_flag,
                 liveness_endpoint=liveness,
-                memo=kopf.Memo(settings=settings, api_client=api_client),
+                memo=kopf.Memo(settings=settings, api_client=api_client, metrics=metrics),
             )
         )
         if elector is not None:
@@ -73,6 +78,8 @@ async def run_operator(
             holding.cancel()
         await operator
     finally:
+        metrics.leader.set(0)
+        metrics.close()
         if watcher is not None:
             watcher.cancel()
         if elector is not None and not lost_leadership:

@@ -92,6 +92,9 @@ class OperatorSettings(BaseSettings):
     liveness_port: int | None = Field(
         8080, ge=1, le=65535, description="Port of kopf's /healthz liveness endpoint; unset: none."
     )
+    metrics_port: int | None = Field(
+        8081, ge=1, le=65535, description="Port of the Prometheus /metrics endpoint; unset: none."
+    )
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ operator and of the aggregator, suspension, deletion and an invalid spec."""
 from __future__ import annotations
 
 import json
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from cluster import Emulator, running_emulator
 from kubelet import Kubelet
 from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, Api, OperatorThread, tiny_training, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_server import PrometheusServer, Target, free_port, values
 from safetensors.torch import load_file
 
 from fedtrain.layout import TrainingLayout
@@ -40,6 +43,7 @@ class Cluster:
             "kubeconfig": self.kubeconfig,
             "aggregator_url": self.kubelet.service_proxy_template,
             "liveness_port": None,
+            "metrics_port": None,
             "resync_seconds": 2,
             "aggregator_timeout_seconds": 120,
         }
@@ -109,10 +113,20 @@ def created_once(cluster: Cluster) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_training_succeeds_with_history_events_and_models(cluster: Cluster) -> None:
-    cluster.start_operator()
-    cluster.api.apply(cluster.training("wafer", rounds=2, sites=3))
-    status = wait_for("the training to finish", lambda: cluster.finished("wafer"), timeout=420)
+def test_training_succeeds_with_history_events_models_and_metrics(cluster: Cluster, tmp_path: Path) -> None:
+    metrics_port = free_port()
+    cluster.start_operator(metrics_port=metrics_port)
+    aggregator = cluster.kubelet.service_proxy_template.format(
+        namespace=TRAINING_NAMESPACE, service="wafer-aggregator", port=manifests.AGGREGATOR_PORT
+    )
+    targets = [
+        Target("fedtrain-operator", f"http://127.0.0.1:{metrics_port}/metrics"),
+        Target("fedtrain-aggregator", f"{aggregator}/metrics"),
+    ]
+    with PrometheusServer(tmp_path / "prometheus", targets) as prometheus:
+        cluster.api.apply(cluster.training("wafer", rounds=2, sites=3))
+        status = wait_for("the training to finish", lambda: cluster.finished("wafer"), timeout=420)
+        check_scraped_metrics(prometheus)
 
     assert status["phase"] == "Succeeded", status.get("message")
     assert status["round"] == 2
@@ -166,6 +180,51 @@ def test_training_succeeds_with_history_events_and_models(cluster: Cluster) -> N
     assert deployment.spec.replicas == 0
 
 
+def check_scraped_metrics(prometheus: PrometheusServer) -> None:
+    """What a real Prometheus scraped from the operator and the aggregator during the run."""
+    training = 'training="wafer"'
+    wait_for(
+        "Prometheus to scrape the finished training",
+        lambda: values(prometheus.query(f'fedtrain_training_phase{{{training},phase="Succeeded"}} == 1')),
+        timeout=30,
+    )
+    assert values(prometheus.query(f"fedtrain_rounds_completed_total{{{training}}}")) == {"": 3}
+    assert values(prometheus.query(f"fedtrain_training_round{{{training}}}")) == {"": 2}
+    outcomes = values(
+        prometheus.query(f"sum by (outcome) (fedtrain_site_jobs_total{{{training}}})"), "outcome"
+    )
+    assert outcomes == {"succeeded": 9}  # 3 sites x (2 rounds + the final evaluation), no failure
+    throughput = values(prometheus.query(f"fedtrain_site_samples_per_second{{{training}}}"), "site")
+    assert sorted(throughput) == ["fab-a", "fab-b", "fab-c"]
+    assert min(throughput.values()) > 0
+    accuracy = values(prometheus.query(f"fedtrain_validation_accuracy{{{training}}}"))[""]
+    assert 0 <= accuracy <= 1
+    # The aggregator is scaled to zero at the end: read what was scraped while it ran.
+    accepted = values(
+        prometheus.query(
+            f'max_over_time(fedtrain_aggregator_updates_total{{{training},verdict="accepted"}}[1h])'
+        )
+    )
+    assert accepted[""] >= 6, accepted  # the training rounds' updates, at the least
+    norms = values(
+        prometheus.query(f"max_over_time(fedtrain_aggregator_update_norm_count{{{training}}}[1h])")
+    )
+    assert norms[""] >= 6, norms
+    up = values(prometheus.query('max_over_time(up{job="fedtrain-aggregator"}[1h])'))
+    assert up == {"": 1}
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The operator's /metrics, as {(sample name, labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def _fail_or_hang(job: dict[str, Any]) -> list[str] | None:
     labels = job["metadata"].get("labels", {})
     if labels.get(manifests.SITE) == "fab-c":
@@ -181,7 +240,8 @@ def _fail_or_hang(job: dict[str, Any]) -> list[str] | None:
 
 @pytest.mark.parametrize("cluster", [_fail_or_hang], indirect=True)
 def test_failing_site_and_straggler_are_recorded(cluster: Cluster) -> None:
-    cluster.start_operator()
+    metrics_port = free_port()
+    cluster.start_operator(metrics_port=metrics_port)
     training = cluster.training(
         "faults", rounds=1, sites=4, aggregation={"minSites": 2, "roundTimeoutSeconds": 40, "siteRetries": 1}
     )
@@ -207,6 +267,23 @@ def test_failing_site_and_straggler_are_recorded(cluster: Cluster) -> None:
     straggler = manifests.job_name(manifests.TrainingRef(TRAINING_NAMESPACE, "faults", ""), "fab-d", 0, 0)
     assert all(j["metadata"]["name"] != straggler for j in cluster.api.jobs("site-d"))
     created_once(cluster)
+
+    # The operator's metrics count every attempt once, by how it ended.
+    samples = scrape(metrics_port)
+
+    def jobs(site: str, outcome: str) -> float:
+        labels = {"namespace": TRAINING_NAMESPACE, "training": "faults", "site": site, "outcome": outcome}
+        return samples.get(("fedtrain_site_jobs_total", frozenset(labels.items())), 0)
+
+    fab_c_attempts = len(
+        [j for j in cluster.trainer_jobs("faults") if j["metadata"]["labels"][manifests.SITE] == "fab-c"]
+    )
+    assert jobs("fab-c", "failed") == fab_c_attempts
+    assert jobs("fab-c", "succeeded") == 0
+    assert jobs("fab-d", "straggler") == 1
+    assert jobs("fab-a", "succeeded") == 2  # round 0 and the final evaluation
+    straggler_labels = {"namespace": TRAINING_NAMESPACE, "training": "faults", "site": "fab-d"}
+    assert samples[("fedtrain_stragglers_total", frozenset(straggler_labels.items()))] == 1
 
 
 def test_operator_restart_mid_round_duplicates_nothing(cluster: Cluster) -> None:
