@@ -1,16 +1,18 @@
 """How the operator scales: N trainings of 8 sites each against the Kubernetes API emulator.
 
-The operator runs as its own process (`python -m fedtrain.operator`, as in a pod) so its memory is
-its own. Trainer Jobs complete at once: the kubelet fixture, instead of starting a container,
-writes a real (zero) update or evaluation report to the Job's presigned URL and marks the Job
-succeeded. The aggregators are the real aggregator library and HTTP app, one per training, hosted
-in this process behind one port (200 aggregator processes would not fit on a laptop), reached
-through the operator's aggregator URL template.
+Each part is a process of its own, as on a cluster: the operator (`python -m fedtrain.operator`,
+as in a pod, so its memory is its own), the API server emulator, moto's S3, and the aggregators.
+The aggregators are the real aggregator library and HTTP app, one per training, hosted in one
+process behind one port (200 aggregator processes would not fit on one machine), reached through
+the operator's aggregator URL template. Trainer Jobs complete at once: the kubelet fixture, in this
+process, writes a real (zero) update or evaluation report to the Job's presigned URL instead of
+starting a container, and marks the Job succeeded.
 
-Measured per training and round: the latency from the last site Job of a round completing to the
-first Job of the next round existing (this includes the aggregator folding the updates and writing
-the next global model). Printed: rounds closed per second, p50/p95 of that latency, the operator's
-peak RSS.
+Measured per training and round, from the last site Job of a round completing to the first Job of
+the next round existing: the whole latency, and its two parts: the aggregator's (the last updates
+folded and the round closed: the next global model written) and the operator's own (from the
+close's reply to the next round's Jobs). Printed: rounds closed per second, p50/p95 of each, and
+the operator's peak RSS.
 
     .venv/bin/python benchmarks/operator_scale.py --trainings 10 50 200
 """
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +140,7 @@ class AggregatorHost:
         self.endpoint = endpoint
         self.apps: dict[tuple[str, str], Any] = {}
         self.model_lock = asyncio.Lock()
+        self.closed: dict[str, float] = {}  # "service round" -> when the close was answered
 
     def _create(self, namespace: str, service: str) -> Any:
         config_map = self.core.read_namespaced_config_map(service, namespace)
@@ -161,6 +165,17 @@ class AggregatorHost:
                 message = await receive()
             await send({"type": "lifespan.shutdown.complete"})
             return
+        if scope["path"] == "/_closed":  # for the benchmark: when each close was answered
+            body = json.dumps(self.closed).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
         _, namespace, service, rest = scope["path"].split("/", 3)
         key = (namespace, service)
         if key not in self.apps:
@@ -174,6 +189,8 @@ class AggregatorHost:
                 await app(inner, receive, send)
         else:
             await app(inner, receive, send)
+        if rest.startswith("v1/rounds/") and rest.endswith("/close"):
+            self.closed.setdefault(f"{service} {int(rest.split('/')[2])}", time.time())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,24 +212,48 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} is not listening on {port} after {timeout} s")
+
+
+def serve(role: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    """This script in another process, serving one part (see `main`)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, __file__, "--serve", role, *args], stdout=out, stderr=subprocess.STDOUT
+        )
+
+
 def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, float]:
-    emulator = Emulator().start()
-    kubeconfig = emulator.write_kubeconfig(work / f"kubeconfig-{trainings}")
+    kubeconfig = work / f"kubeconfig-{trainings}"
+    kubeconfig.unlink(missing_ok=True)
+    parts = work / f"parts-{trainings}.log"
+    emulator = serve("emulator", str(kubeconfig), log=parts)
+    deadline = time.monotonic() + 60
+    while not kubeconfig.exists():
+        if emulator.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the API server emulator did not start; see {parts}")
+        time.sleep(0.1)
+    server = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    host_port, metrics_port = free_port(), free_port()
+    host = serve("aggregators", str(kubeconfig), endpoint, str(host_port), log=parts)
+    wait_for_port(host_port, host, "the aggregator host")
     trainer = InstantTrainer()
     kubelet = Kubelet(
-        emulator.url,
+        server,
         work / f"logs-{trainings}",
         complete_instantly=trainer,
         deployment_override=lambda deployment: ["sleep", "86400"],
         instant_workers=16,
     ).start()
-    host_port, metrics_port = free_port(), free_port()
-    host = uvicorn.Server(
-        uvicorn.Config(
-            AggregatorHost(kubeconfig, endpoint), host="127.0.0.1", port=host_port, log_level="warning"
-        )
-    )
-    threading.Thread(target=host.run, daemon=True).start()
     env = {
         **os.environ,
         "PYTHONSAFEPATH": "1",
@@ -231,7 +272,7 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
     sampler.start()
     api = client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
     try:
-        time.sleep(3)  # the operator's start-up (imports, watches) is not what is measured
+        wait_for_port(metrics_port, operator, "the operator")  # start-up is not what is measured
         started = time.time()
         for index in range(trainings):
             api.create_namespaced_custom_object(
@@ -250,39 +291,71 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
                 raise RuntimeError(f"the operator exited with {operator.returncode}; see {log_path}")
             time.sleep(0.5)
         wall = time.time() - started
+        with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/_closed", timeout=30) as reply:
+            closed: dict[str, float] = json.load(reply)
     finally:
         stop.set()
         operator.terminate()
         operator.wait(30)
         kubelet.close()
-        host.should_exit = True
-        emulator.stop()
+        for part in (host, emulator):
+            part.terminate()
+            part.wait(30)
 
-    # latency: last Job of round r completed -> first Job of round r+1 seen
+    # per round transition: last Job of round r completed -> round r closed -> first Job of r+1 seen
     by_round: dict[tuple[str, int], list[Any]] = {}
     for record in kubelet.jobs_seen:
         labels = record.labels
         by_round.setdefault((labels[manifests.TRAINING], int(labels[manifests.ROUND])), []).append(record)
-    latencies = []
+    total, aggregator, operator_share = [], [], []
     for (name, round_index), records in by_round.items():
         following = by_round.get((name, round_index + 1))
-        if not following:
-            continue
         done = [trainer.completed.get((r.namespace, r.name)) for r in records]
-        if any(moment is None for moment in done):
+        if not following or any(moment is None for moment in done):
             continue
-        latencies.append(min(r.seen_at for r in following) - max(t for t in done if t is not None))
+        last_done = max(t for t in done if t is not None)
+        next_seen = min(r.seen_at for r in following)
+        service = manifests.aggregator_name(manifests.TrainingRef(NAMESPACE, name, ""))
+        closed_at = closed.get(f"{service} {round_index}")
+        total.append(next_seen - last_done)
+        if closed_at is not None:
+            aggregator.append(closed_at - last_done)
+            operator_share.append(next_seen - closed_at)
     failed = sum(phase != "Succeeded" for phase in phases.values())
     return {
         "trainings": trainings,
         "failed": failed,
         "wall_s": wall,
         "rounds_per_s": trainings * rounds / wall,
-        "p50_s": statistics.median(latencies),
-        "p95_s": percentile(latencies, 0.95),
-        "max_s": max(latencies),
+        "p50_s": statistics.median(total),
+        "p95_s": percentile(total, 0.95),
+        "aggregator_p50_s": statistics.median(aggregator),
+        "aggregator_p95_s": percentile(aggregator, 0.95),
+        "operator_p50_s": statistics.median(operator_share),
+        "operator_p95_s": percentile(operator_share, 0.95),
         "rss_mb": peak[0] / 1e6,
     }
+
+
+def serve_part(role: str, args: list[str]) -> None:
+    """Run one part until terminated: the API server emulator, moto's S3, or the aggregators."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
+    if role == "emulator":
+        emulator = Emulator().start()
+        staged = Path(args[0] + ".part")
+        emulator.write_kubeconfig(staged)
+        staged.rename(args[0])  # appears whole
+        threading.Event().wait()
+    elif role == "moto":
+        ThreadedMotoServer(ip_address="127.0.0.1", port=int(args[0]), verbose=False).start()
+        threading.Event().wait()
+    elif role == "aggregators":
+        kubeconfig, endpoint, port = args
+        uvicorn.run(
+            AggregatorHost(Path(kubeconfig), endpoint), host="127.0.0.1", port=int(port), log_level="warning"
+        )
+    else:
+        raise SystemExit(f"unknown part {role!r}")
 
 
 def main() -> None:
@@ -293,30 +366,44 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="training rounds per training (plus evaluation)"
     )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep the operator's log (operator-N.log) and the Job logs here; default: a temporary folder",
+    )
+    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # one part, in a child process
     args = parser.parse_args()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
     os.environ.update(
         {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     )
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    S3Store(BUCKET, endpoint=endpoint).ensure_bucket()
-    print(
-        f"{'trainings':>9} {'failed':>6} {'wall s':>7} {'rounds/s':>8} "
-        f"{'p50 s':>6} {'p95 s':>6} {'max s':>6} {'RSS MB':>7}"
-    )
+    if args.serve:
+        serve_part(args.serve[0], args.serve[1:])
+        return
     with tempfile.TemporaryDirectory(prefix="fedtrain-bench-") as scratch:
-        for count in args.trainings:
-            result = run(count, args.rounds, endpoint, Path(scratch))
-            print(
-                f"{result['trainings']:>9} {result['failed']:>6} {result['wall_s']:>7.1f} "
-                f"{result['rounds_per_s']:>8.2f} {result['p50_s']:>6.3f} {result['p95_s']:>6.3f} "
-                f"{result['max_s']:>6.3f} {result['rss_mb']:>7.0f}",
-                flush=True,
-            )
-    moto.stop()
+        work = args.work_dir or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        moto = serve("moto", str(port), log=work / "moto.log")
+        wait_for_port(port, moto, "moto")
+        endpoint = f"http://127.0.0.1:{port}"
+        S3Store(BUCKET, endpoint=endpoint).ensure_bucket()
+        print(
+            f"{'trainings':>9} {'failed':>6} {'wall s':>7} {'rounds/s':>8} {'p50 s':>6} {'p95 s':>6} "
+            f"{'agg p50':>7} {'agg p95':>7} {'op p50':>6} {'op p95':>6} {'RSS MB':>7}"
+        )
+        try:
+            for count in args.trainings:
+                r = run(count, args.rounds, endpoint, work)
+                print(
+                    f"{r['trainings']:>9} {r['failed']:>6} {r['wall_s']:>7.1f} {r['rounds_per_s']:>8.2f} "
+                    f"{r['p50_s']:>6.2f} {r['p95_s']:>6.2f} {r['aggregator_p50_s']:>7.2f} "
+                    f"{r['aggregator_p95_s']:>7.2f} {r['operator_p50_s']:>6.2f} {r['operator_p95_s']:>6.2f} "
+                    f"{r['rss_mb']:>7.0f}",
+                    flush=True,
+                )
+        finally:
+            moto.terminate()
+            moto.wait(30)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,6 @@ from .settings import ENV_PREFIX, OperatorSettings
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # kopf logs every handler call at INFO ("Handler 'job_event' succeeded"), thousands a minute
-    # with many trainings; the operator's own log lines say what happens.
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
         settings = OperatorSettings()
     except ValidationError as error:
@@ -24,6 +20,12 @@ def main() -> int:
             field = ".".join(str(part) for part in problem["loc"])
             print(f"{ENV_PREFIX}{field.upper()}: {problem['msg']}", file=sys.stderr)
         return 2
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The operator's own lines at the level asked for; kopf logs every handler call at INFO
+    # ("Handler 'job_event' succeeded"), thousands a minute with many trainings: warnings only.
+    logging.getLogger("fedtrain").setLevel(settings.log_level)
+    logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     return asyncio.run(run_operator(settings))
 
 

@@ -38,7 +38,7 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """Log kopf in exactly as the kubernetes client is (a kubeconfig given in settings, or in-cluster)."""
     # Under `kopf run` nothing has put settings in the memo yet: read them from the environment.
     settings: OperatorSettings = memo.get("settings") or OperatorSettings()
-    api_client = memo.get("api_client") or load_api_client(settings.kubeconfig)
+    api_client = memo.get("api_client") or load_api_client(settings.kubeconfig, settings.api_concurrency)
     memo["settings"], memo["api_client"] = settings, api_client
     return kopf.ConnectionInfo(**connection_info(api_client))
 
@@ -66,7 +66,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo["own_metrics"] = True
     memo["context"] = Context(
         settings=operator_settings,
-        kube=Kube(memo.get("api_client") or load_api_client(operator_settings.kubeconfig)),
+        kube=Kube(
+            memo.get("api_client")
+            or load_api_client(operator_settings.kubeconfig, operator_settings.api_concurrency)
+        ),
         session=aiohttp.ClientSession(),
         metrics=metrics,
     )

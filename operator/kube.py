@@ -37,9 +37,14 @@ class KubeError(RuntimeError):
         self.status = error.status
 
 
-def load_api_client(kubeconfig: Path | None = None) -> ApiClient:
-    """A kubeconfig file if given; in a pod, its service account; else $KUBECONFIG or ~/.kube/config."""
+def load_api_client(kubeconfig: Path | None = None, connections: int | None = None) -> ApiClient:
+    """A kubeconfig file if given; in a pod, its service account; else $KUBECONFIG or ~/.kube/config.
+
+    `connections`: how many pooled connections to the API server (the client's default is a few).
+    """
     configuration = kubernetes.client.Configuration()
+    if connections is not None:
+        configuration.connection_pool_maxsize = connections
     if kubeconfig is not None:
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=str(kubeconfig), client_configuration=configuration

@@ -159,19 +159,34 @@ def _resources(site: SiteSpec) -> dict[str, Any]:
 
 
 def trainer_secret(
-    training: TrainingRef, site: SiteSpec, round_index: int, attempt: int, job_config: dict[str, Any]
+    training: TrainingRef,
+    site: SiteSpec,
+    round_index: int,
+    attempt: int,
+    job_config: dict[str, Any],
+    job: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The trainer's job file: its slice of the spec and presigned URLs, nothing else."""
+    """The trainer's job file: its slice of the spec and presigned URLs, nothing else.
+
+    Given the Job as the API server returned it, the Secret belongs to it: the Job's TTL clean-up
+    (or its deletion) takes the URLs with it.
+    """
     name = job_name(training, site.name, round_index, attempt)
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": site.namespace,
+        "labels": _job_labels(training, site.name, round_index, attempt),
+    }
+    if job is not None:
+        owner = job["metadata"]
+        metadata["ownerReferences"] = [
+            {"apiVersion": "batch/v1", "kind": "Job", "name": owner["name"], "uid": owner["uid"]}
+        ]
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": {
-            "name": name,
-            "namespace": site.namespace,
-            "labels": _job_labels(training, site.name, round_index, attempt),
-        },
+        "metadata": metadata,
         "stringData": {JOB_CONFIG_FILE: yaml.safe_dump(job_config, sort_keys=False)},
     }
 
@@ -266,18 +281,6 @@ def trainer_job(
             "ttlSecondsAfterFinished": defaults.job_ttl_seconds,
             "template": {"metadata": {"labels": labels, "annotations": {MODE: mode}}, "spec": pod},
         },
-    }
-
-
-def secret_owner_patch(job: dict[str, Any]) -> dict[str, Any]:
-    """Make a trainer's Secret belong to its Job, so the Job's TTL clean-up takes the URLs with it."""
-    metadata = job["metadata"]
-    return {
-        "metadata": {
-            "ownerReferences": [
-                {"apiVersion": "batch/v1", "kind": "Job", "name": metadata["name"], "uid": metadata["uid"]}
-            ]
-        }
     }
 
 

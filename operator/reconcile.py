@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 #: How soon to look again when the aggregator is not reachable yet (a pod starting, an image pull).
 AGGREGATOR_RETRY_SECONDS = 2.0
 WAITING = " (waiting: "
+INDEPENDENT_ACTIONS = (StartSiteJob, StopSiteJob, SubmitUpdate, RecordRound)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,12 +264,13 @@ class Reconciler:
         decision = step(spec, status, self._observe(status), now)
         self.runtime.waiting_for = None
         progressed = False
-        # Jobs of different sites are independent: create (or delete) them at once, not one by one.
-        job_actions = [a for a in decision.actions if isinstance(a, StartSiteJob | StopSiteJob)]
+        # Actions on different sites (and the history record) are independent: all at once, after the
+        # aggregator's own calls (initialize, close, merge), which are done in order.
+        independent = [a for a in decision.actions if isinstance(a, INDEPENDENT_ACTIONS)]
         for action in decision.actions:
-            if not isinstance(action, StartSiteJob | StopSiteJob):
+            if not isinstance(action, INDEPENDENT_ACTIONS):
                 progressed |= await self._timed(spec, action)
-        progressed |= any(await asyncio.gather(*(self._timed(spec, action) for action in job_actions)))
+        progressed |= any(await asyncio.gather(*(self._timed(spec, action) for action in independent)))
         new_status = decision.status
         if not new_status.phase.finished:
             base = (new_status.message or "").split(WAITING)[0]
@@ -443,17 +445,20 @@ class Reconciler:
             pretrained_url=await self._pretrained_url(spec, expiry),
         )
         config = trainer_job.model_dump(mode="json", by_alias=True, exclude_none=True)
-        await self.kube.create(manifests.trainer_secret(self.ref, site, action.round, action.attempt, config))
         job = manifests.trainer_job(
             self.ref, spec, site, action.round, action.attempt, action.mode, self.context.pod_defaults
         )
-        created = await self.kube.create(job)
+        # The Job first, then its Secret owned by it (two calls, not three). Its pod waits for the
+        # Secret volume, which follows within milliseconds; a Job that exists already (a restart
+        # between the two calls) is read back so that its Secret can be made.
+        name = job["metadata"]["name"]
+        created = await self.kube.create(job) or await self.kube.read("Job", site.namespace, name)
         self.context.jobs.assume_active(self.ref.uid, (action.site, action.round, action.attempt))
-        if created is not None and created.get("metadata", {}).get("uid"):
-            # The Secret goes when the Job does (its TTL), taking the URLs with it.
-            await self.kube.patch(
-                "Secret", site.namespace, job["metadata"]["name"], manifests.secret_owner_patch(created)
-            )
+        if created is None:  # deleted again at once (a suspend): nothing to hand the URLs to
+            return
+        await self.kube.create(
+            manifests.trainer_secret(self.ref, site, action.round, action.attempt, config, created)
+        )
 
     async def _pretrained_url(self, spec: FederatedTrainingSpec, expiry: int) -> str | None:
         pretrained = spec.model.pretrained

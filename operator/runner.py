@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 from kubernetes.client import ApiClient
@@ -38,7 +39,12 @@ async def run_operator(
     """Run until `stop_flag` is set (or a signal, or lost leadership: exit code 1)."""
     from . import handlers  # noqa: F401  (registers the handlers with kopf)
 
-    api_client = api_client or load_api_client(settings.kubeconfig)
+    api_client = api_client or load_api_client(settings.kubeconfig, settings.api_concurrency)
+    # The kubernetes client is synchronous: its calls run in this loop's default executor, whose
+    # few default threads (cores + 4) would queue a round's Job starts one behind another.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=settings.api_concurrency, thread_name_prefix="kube")
+    )
     stop = asyncio.Event()
     watcher = asyncio.create_task(_wait_flag(stop_flag)) if stop_flag is not None else None
     if watcher is not None:

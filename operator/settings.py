@@ -72,6 +72,15 @@ class OperatorSettings(BaseSettings):
         default_factory=lambda: {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
         description="Resources of the aggregator container, as JSON (requests and limits).",
     )
+    api_concurrency: int = Field(
+        32,
+        ge=1,
+        le=512,
+        description=(
+            "Kubernetes API calls in flight at once (worker threads and pooled connections): "
+            "a round of many sites starts its Jobs together."
+        ),
+    )
     resync_seconds: float = Field(
         30, gt=0, description="A training is reconciled at least this often, even with nothing to wake it."
     )
@@ -91,6 +100,11 @@ class OperatorSettings(BaseSettings):
     )
     liveness_port: int | None = Field(
         8080, ge=1, le=65535, description="Port of kopf's /healthz liveness endpoint; unset: none."
+    )
+    log_level: str = Field(
+        "INFO",
+        pattern="^(DEBUG|INFO|WARNING|ERROR)$",
+        description="Log level: DEBUG adds each action's duration; WARNING keeps only the problems.",
     )
     metrics_port: int | None = Field(
         8081, ge=1, le=65535, description="Port of the Prometheus /metrics endpoint; unset: none."

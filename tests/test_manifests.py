@@ -86,11 +86,20 @@ def test_trainer_job_and_secret_validate(site: dict[str, Any]) -> None:
     spec = spec_with(site)
     site_spec = spec.sites[0]
     job = manifests.trainer_job(TRAINING, spec, site_spec, 3, 1, "train", DEFAULTS)
-    secret = manifests.trainer_secret(TRAINING, site_spec, 3, 1, {"round": 3, "site": site_spec.name})
+    created = {**job, "metadata": {**job["metadata"], "uid": "6f1c0d2e-0000-4000-8000-000000000001"}}
+    config = {"round": 3, "site": site_spec.name}
+    secret = manifests.trainer_secret(TRAINING, site_spec, 3, 1, config, created)
     valid(job)
     valid(secret)
     assert job["metadata"]["namespace"] == site_spec.namespace
     assert secret["metadata"]["name"] == job["metadata"]["name"]
+    # The Secret belongs to its Job: the Job's TTL removes the presigned URLs with it.
+    [owner] = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == (
+        "Job",
+        job["metadata"]["name"],
+        created["metadata"]["uid"],
+    )
     assert yaml.safe_load(secret["stringData"]["job.yaml"]) == {"round": 3, "site": site_spec.name}
 
 

@@ -1,0 +1,135 @@
+"""The operator's metrics: attempts counted once from status changes, and a training's series removed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import CollectorRegistry
+
+from fedtrain.api import (
+    EvalMetrics,
+    FederatedTrainingStatus,
+    Phase,
+    RoundRecord,
+    SiteRoundStatus,
+    SiteState,
+    Stage,
+)
+from fedtrain.messages import UpdateVerdict
+from fedtrain.operator.manifests import TrainingRef
+from fedtrain.operator.metrics import OperatorMetrics, SiteOutcome, site_outcomes
+
+REF = TrainingRef("research", "wafer", "uid-1")
+LABELS = {"namespace": "research", "training": "wafer"}
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def status(
+    round_index: int, *sites: tuple[str, SiteState, int], stage: Stage = Stage.TRAINING
+) -> FederatedTrainingStatus:
+    return FederatedTrainingStatus(
+        phase=Phase.RUNNING,
+        stage=stage,
+        round=round_index,
+        round_deadline=NOW + timedelta(minutes=10),
+        sites=[SiteRoundStatus(name=name, state=state, attempt=attempt) for name, state, attempt in sites],
+    )
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, {**LABELS, **labels})
+
+
+def test_each_ended_attempt_is_counted_once() -> None:
+    before = status(1, ("a", SiteState.RUNNING, 0), ("b", SiteState.RUNNING, 0), ("c", SiteState.RUNNING, 0))
+    after = status(
+        1, ("a", SiteState.ACCEPTED, 0), ("b", SiteState.RUNNING, 1), ("c", SiteState.STRAGGLER, 0)
+    )
+    assert site_outcomes(before, after) == [
+        SiteOutcome("a", "succeeded"),
+        SiteOutcome("b", "failed"),  # attempt 0 failed, attempt 1 runs
+        SiteOutcome("c", "straggler"),
+    ]
+    # The same status again (a resync, a restart reading the status back) counts nothing.
+    assert site_outcomes(after, after) == []
+
+
+def test_a_retry_that_fails_at_once_counts_both_attempts() -> None:
+    before = status(0, ("b", SiteState.RUNNING, 0))
+    after = status(0, ("b", SiteState.FAILED, 1))
+    assert site_outcomes(before, after) == [SiteOutcome("b", "failed"), SiteOutcome("b", "failed")]
+
+
+def test_a_new_round_is_not_compared_with_the_last() -> None:
+    before = status(1, ("a", SiteState.ACCEPTED, 0))
+    after = status(2, ("a", SiteState.RUNNING, 0))
+    assert site_outcomes(before, after) == []
+
+
+def test_rejections_are_counted_by_reason_and_gauges_follow_the_status() -> None:
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    before = status(0, ("a", SiteState.TRAINED, 0), ("b", SiteState.TRAINED, 0))
+    after = status(0, ("a", SiteState.REJECTED, 0), ("b", SiteState.ACCEPTED, 0))
+    verdicts = {"a": UpdateVerdict(round=0, site="a", accepted=False, reason="norm")}
+    metrics.status_written(REF, 5, before, after, verdicts)
+    metrics.status_written(REF, 5, after, after, verdicts)  # nothing new
+
+    assert value(registry, "fedtrain_updates_rejected_total", reason="norm") == 1
+    assert value(registry, "fedtrain_site_jobs_total", site="a", outcome="succeeded") == 1
+    assert value(registry, "fedtrain_training_phase", phase="Running") == 1
+    assert value(registry, "fedtrain_training_phase", phase="Failed") == 0
+    assert value(registry, "fedtrain_training_rounds") == 5
+    deadline = value(registry, "fedtrain_training_round_deadline_timestamp_seconds")
+    assert deadline == (NOW + timedelta(minutes=10)).timestamp()
+
+    finished = after.model_copy(update={"phase": Phase.SUCCEEDED, "stage": Stage.DONE})
+    metrics.status_written(REF, 5, after, finished, verdicts)
+    assert value(registry, "fedtrain_training_round_deadline_timestamp_seconds") == 0
+    assert value(registry, "fedtrain_training_phase", phase="Succeeded") == 1
+
+
+def test_trainer_figures_and_rounds_then_forget() -> None:
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    evaluation = EvalMetrics(loss=1.25, accuracy=0.5, macro_f1=0.4, samples=10)
+    verdict = UpdateVerdict(
+        round=0,
+        site="a",
+        accepted=True,
+        evaluation=evaluation,
+        train_seconds=12.5,
+        train_metrics={"train_loss": 0.75, "samples_per_second": 320.0},
+    )
+    metrics.verdict(REF, verdict)
+    record = RoundRecord(
+        round=0,
+        started_at=NOW,
+        closed_at=NOW + timedelta(seconds=90),
+        participants=["a"],
+        evaluation=evaluation,
+        bytes_uploaded=4096,
+    )
+    metrics.round_recorded(REF, record)
+
+    assert value(registry, "fedtrain_site_train_loss", site="a") == 0.75
+    assert value(registry, "fedtrain_site_samples_per_second", site="a") == 320.0
+    assert value(registry, "fedtrain_site_train_seconds", site="a") == 12.5
+    assert value(registry, "fedtrain_site_validation_accuracy", site="a") == 0.5
+    assert value(registry, "fedtrain_site_train_accuracy", site="a") is None  # not reported
+    assert value(registry, "fedtrain_rounds_completed_total") == 1
+    assert value(registry, "fedtrain_round_duration_seconds_sum") == 90
+    assert value(registry, "fedtrain_round_update_bytes") == 4096
+    assert value(registry, "fedtrain_validation_loss") == 1.25
+
+    other = TrainingRef("research", "other", "uid-2")
+    metrics.round_recorded(other, record)
+    metrics.forget(REF)
+    assert value(registry, "fedtrain_site_train_loss", site="a") is None
+    assert value(registry, "fedtrain_rounds_completed_total") is None
+    assert (
+        registry.get_sample_value(
+            "fedtrain_rounds_completed_total", {"namespace": "research", "training": "other"}
+        )
+        == 1
+    )
