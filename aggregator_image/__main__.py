@@ -30,6 +30,10 @@ app = typer.Typer(
 )
 
 
+#: Longer than the operator's client keeps an idle connection (aiohttp: 15 s).
+KEEP_ALIVE_SECONDS = 30
+
+
 @app.callback()
 def main() -> None:
     """The fedtrain aggregator (settings: FEDTRAIN_AGGREGATOR_* environment variables)."""
@@ -85,7 +89,17 @@ def serve(
         aggregator.store.uri(layout.root),
     )
     # log_config=None: uvicorn's loggers (one access line per request) go through the root handler above.
-    server = uvicorn.Server(uvicorn.Config(service, host=settings.host, port=settings.port, log_config=None))
+    # The operator keeps connections open for 15 s (aiohttp's default): a server that closed them
+    # sooner would race the operator's next request on them.
+    server = uvicorn.Server(
+        uvicorn.Config(
+            service,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        )
+    )
     server.run()
     if not server.started:  # the port was taken, or the app failed its start-up
         raise typer.Exit(EXIT_FAILED)

@@ -352,7 +352,11 @@ def serve_part(role: str, args: list[str]) -> None:
     elif role == "aggregators":
         kubeconfig, endpoint, port = args
         uvicorn.run(
-            AggregatorHost(Path(kubeconfig), endpoint), host="127.0.0.1", port=int(port), log_level="warning"
+            AggregatorHost(Path(kubeconfig), endpoint),
+            host="127.0.0.1",
+            port=int(port),
+            log_level="warning",
+            timeout_keep_alive=30,  # as the real service (aggregator __main__)
         )
     else:
         raise SystemExit(f"unknown part {role!r}")

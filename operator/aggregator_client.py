@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from fedtrain.api import RejectedUpdate
 from fedtrain.messages import RoundManifest, UpdateVerdict
@@ -30,22 +31,34 @@ class AggregatorClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        url = f"{self.base_url}{path}"
         try:
-            async with self.session.post(url, json=body, headers=self.headers, timeout=self.timeout) as reply:
-                payload = await _json(reply)
-                if reply.status < 300:
-                    return payload
-                error: dict[str, Any] = payload["error"] if isinstance(payload.get("error"), dict) else {}
-                code = str(error.get("code") or reply.status)
-                message = str(error.get("message") or payload.get("message") or reply.reason)
-                if reply.status == 409 and code != "no-global-model":
-                    raise AggregatorRefusedError(code, message)
-                # 401 (a token Secret replaced under a running pod), 409 no-global-model (a restarted
-                # aggregator's store not caught up), 503 (not ready): all pass with time.
-                raise AggregatorUnavailableError(f"POST {path}: HTTP {reply.status} {code}: {message}")
+            # A pooled connection the server had just closed: send once more on a fresh one (every
+            # call is idempotent, so a request that was carried out after all is answered the same).
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(aiohttp.ServerDisconnectedError),
+                stop=stop_after_attempt(2),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._post_once(path, body)
         except (aiohttp.ClientError, TimeoutError) as error:
             raise AggregatorUnavailableError(f"POST {path}: {type(error).__name__}: {error}") from error
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _post_once(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        url = f"{self.base_url}{path}"
+        async with self.session.post(url, json=body, headers=self.headers, timeout=self.timeout) as reply:
+            payload = await _json(reply)
+            if reply.status < 300:
+                return payload
+            error: dict[str, Any] = payload["error"] if isinstance(payload.get("error"), dict) else {}
+            code = str(error.get("code") or reply.status)
+            message = str(error.get("message") or payload.get("message") or reply.reason)
+            if reply.status == 409 and code != "no-global-model":
+                raise AggregatorRefusedError(code, message)
+            # 401 (a token Secret replaced under a running pod), 409 no-global-model (a restarted
+            # aggregator's store not caught up), 503 (not ready): all pass with time.
+            raise AggregatorUnavailableError(f"POST {path}: HTTP {reply.status} {code}: {message}")
 
     async def initialize(self) -> str:
         return str((await self._post("/v1/initialize"))["model_uri"])
