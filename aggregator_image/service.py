@@ -36,6 +36,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.process_collector import ProcessCollector
 from pydantic import Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -143,7 +144,10 @@ class ServiceMetrics:
     """The service's Prometheus metrics, in a registry of its own (one app, one registry)."""
 
     def __init__(self, layout: TrainingLayout, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:  # a process of its own: its memory and CPU too
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+        self.registry = registry
         # One training per process, but dashboards aggregate many: every series names its training.
         self._training = {"namespace": layout.namespace, "training": layout.name}
         labels = list(self._training)

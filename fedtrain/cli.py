@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from fedtrain.api import FederatedTraining, describe_errors
-from fedtrain.crd import CRD_FILENAME, render_crd
+from fedtrain.crd import CRD_DIRS, CRD_FILENAME, render_crd
 
 app = typer.Typer(
     add_completion=False,
@@ -150,30 +150,41 @@ def run(
 
 @app.command()
 def crd(
-    output_dir: Path = typer.Option(Path("crds"), "--output-dir", help="Folder the CRD file is written to."),
+    output_dirs: list[Path] = typer.Option(
+        [Path(folder) for folder in CRD_DIRS],
+        "--output-dir",
+        metavar="DIR",
+        help="Folder to write the CRD file to; repeat the option for several.",
+    ),
     check: bool = typer.Option(
         False,
         "--check",
-        help="Write nothing; exit 1 if the file differs from what fedtrain/api.py generates.",
+        help="Write nothing; exit 1 if a file differs from what fedtrain/api.py generates.",
     ),
 ) -> None:
     """Generate the FederatedTraining CustomResourceDefinition from the API models."""
-    path = output_dir / CRD_FILENAME
     text = render_crd()
+    paths = [folder / CRD_FILENAME for folder in output_dirs]
     if check:
-        try:
-            current = path.read_text()
-        except FileNotFoundError:
-            current = None
-        if current != text:
+        stale = False
+        for path in paths:
+            try:
+                current = path.read_text()
+            except FileNotFoundError:
+                current = None
+            if current == text:
+                console.print(f"{path}: up to date")
+                continue
+            stale = True
             state = "is missing" if current is None else "is out of date with fedtrain/api.py"
             errors.print(f"[red]error:[/] {path} {state}: run `make crd` (fedtrain crd) and commit the file")
+        if stale:
             raise typer.Exit(EXIT_FAILED)
-        console.print(f"{path}: up to date")
         return
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    console.print(f"wrote {path}")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        console.print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -238,13 +238,19 @@ class OperatorMetrics:
         running = after.phase is Phase.RUNNING and after.stage is not Stage.DONE
         deadline = after.round_deadline.timestamp() if running and after.round_deadline is not None else 0
         self.deadline.labels(**labels).set(deadline)
+        for current in after.sites:
+            # Series start at 0, so that increase() sees a site's first failure or straggle too.
+            site_labels = {**labels, "site": current.name}
+            for outcome_name in (SUCCEEDED, FAILED, STRAGGLER):
+                self.site_jobs.labels(**site_labels, outcome=outcome_name)
+            self.stragglers.labels(**site_labels)
         for outcome in site_outcomes(before, after):
             site_labels = {**labels, "site": outcome.site}
             self.site_jobs.labels(**site_labels, outcome=outcome.outcome).inc()
             if outcome.outcome == STRAGGLER:
                 self.stragglers.labels(**site_labels).inc()
-        for site in _newly(before, after, SiteState.REJECTED):
-            verdict = verdicts.get(site)
+        for name in _newly(before, after, SiteState.REJECTED):
+            verdict = verdicts.get(name)
             self.rejected.labels(**labels, reason=(verdict.reason if verdict else None) or "unknown").inc()
 
     def verdict(self, ref: TrainingRef, verdict: UpdateVerdict) -> None:

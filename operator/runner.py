@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import kopf
+from aiohttp import web
 from kubernetes.client import ApiClient
 
 from .kube import load_api_client
@@ -27,6 +28,22 @@ async def _wait_flag(flag: StopFlag) -> None:
         return
     while not flag.is_set():  # a flag set from another thread (a test)
         await asyncio.sleep(0.1)
+
+
+async def _standby_liveness(port: int | None) -> web.AppRunner | None:
+    """`/healthz` on the liveness port while this replica waits for the Lease."""
+    if port is None:
+        return None
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"standby": True})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    return runner
 
 
 async def run_operator(
@@ -57,8 +74,14 @@ async def run_operator(
     try:
         if elector is not None:
             log.info("%s waiting for the lease %s", settings.identity, settings.lease_name)
-            if not await elector.acquire(stop):
-                return 0
+            # A standby is alive too: answer the liveness probe until kopf's own endpoint takes over.
+            standby = await _standby_liveness(settings.liveness_port)
+            try:
+                if not await elector.acquire(stop):
+                    return 0
+            finally:
+                if standby is not None:
+                    await standby.cleanup()
             log.info("%s leads", settings.identity)
         metrics.leader.set(1)
         liveness = (

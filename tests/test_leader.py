@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 import pytest
 from cluster import Emulator, running_emulator
 from kubernetes import config
+from operator_harness import OperatorThread, wait_for
+from prometheus_server import free_port
 
 from fedtrain.operator.leader import LeaderElector, may_take
 from fedtrain.operator.settings import OperatorSettings
@@ -70,3 +74,48 @@ def test_release_hands_over_at_once(emulator: Emulator, tmp_path: Path) -> None:
     assert first.try_acquire_or_renew()
     first.release()
     assert second.try_acquire_or_renew()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read()
+    except OSError:
+        return 0, b""
+
+
+def test_a_standby_replica_is_alive_and_says_it_does_not_lead(emulator: Emulator, tmp_path: Path) -> None:
+    """Two operators with leader election: the standby answers its liveness probe (or a kubelet would
+    restart it over and over) and exports leader 0; the leader exports 1."""
+    kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig")
+    ports = {name: (free_port(), free_port()) for name in ("first", "second")}
+    operators = {
+        name: OperatorThread(
+            OperatorSettings(
+                kubeconfig=kubeconfig,
+                identity=name,
+                leader_election=True,
+                lease_namespace="fedtrain-system",
+                liveness_port=liveness,
+                metrics_port=metrics,
+            )
+        )
+        for name, (liveness, metrics) in ports.items()
+    }
+    operators["first"].start()
+    try:
+        operators["second"].thread.start()  # never ready: kopf starts only once it leads
+        standby_liveness, standby_metrics = ports["second"]
+        _, body = wait_for(
+            "the standby's liveness endpoint",
+            lambda: (reply := get(f"http://127.0.0.1:{standby_liveness}/healthz"))[0] == 200 and reply,
+            timeout=30,
+        )
+        assert json.loads(body) == {"standby": True}
+        assert b"fedtrain_operator_leader 0.0" in get(f"http://127.0.0.1:{standby_metrics}/metrics")[1]
+        leader_liveness, leader_metrics = ports["first"]
+        assert get(f"http://127.0.0.1:{leader_liveness}/healthz")[0] == 200  # kopf's own
+        assert b"fedtrain_operator_leader 1.0" in get(f"http://127.0.0.1:{leader_metrics}/metrics")[1]
+    finally:
+        for operator in operators.values():
+            operator.stop()

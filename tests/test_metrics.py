@@ -1,10 +1,23 @@
-"""The operator's metrics: attempts counted once from status changes, and a training's series removed."""
+"""The operator's metrics: attempts counted once from status changes, a training's series removed, and
+every metric the chart's dashboard and alert rules read exported by the running operator or aggregator."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import yaml
+from cluster import running_emulator
+from operator_harness import OperatorThread, tiny_training, wait_for
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_server import free_port
+from promql import CONTRACT_METRICS, chart_expressions, unknown_metrics
 
 from fedtrain.api import (
     EvalMetrics,
@@ -18,6 +31,7 @@ from fedtrain.api import (
 from fedtrain.messages import UpdateVerdict
 from fedtrain.operator.manifests import TrainingRef
 from fedtrain.operator.metrics import OperatorMetrics, SiteOutcome, site_outcomes
+from fedtrain.operator.settings import OperatorSettings
 
 REF = TrainingRef("research", "wafer", "uid-1")
 LABELS = {"namespace": "research", "training": "wafer"}
@@ -133,3 +147,80 @@ def test_trainer_figures_and_rounds_then_forget() -> None:
         )
         == 1
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# the dashboard and the alert rules read only what the running code exports
+
+
+def exported(exposition: str) -> set[str]:
+    """Every metric a /metrics page declares, samples or not, as Prometheus will name its series."""
+    names = set()
+    for family in text_string_to_metric_families(exposition):
+        names.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    return names
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text: str = reply.read().decode()
+        return text
+
+
+def test_every_chart_expression_names_a_metric_the_running_code_exports(
+    tmp_path: Path, s3_endpoint: str
+) -> None:
+    # A running operator (on the API server emulator) ...
+    metrics_port = free_port()
+    with running_emulator() as emulator:
+        settings = OperatorSettings(
+            kubeconfig=emulator.write_kubeconfig(tmp_path / "kubeconfig"),
+            liveness_port=None,
+            metrics_port=metrics_port,
+        )
+        operator = OperatorThread(settings).start()
+        try:
+            operator_page = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+        finally:
+            operator.stop()
+
+    # ... and a running aggregator service, as its Deployment starts it.
+    training = tiny_training("metrics", f"ft-{uuid.uuid4().hex[:12]}", s3_endpoint)
+    del training["spec"]["storage"]["credentialsSecret"]
+    (tmp_path / "training.yaml").write_text(yaml.safe_dump(training))
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONSAFEPATH": "1",
+        "FEDTRAIN_AGGREGATOR_TRAINING_FILE": str(tmp_path / "training.yaml"),
+        "FEDTRAIN_AGGREGATOR_TOKEN": "token",
+        "FEDTRAIN_AGGREGATOR_HOST": "127.0.0.1",
+        "FEDTRAIN_AGGREGATOR_PORT": str(port),
+    }
+    with (tmp_path / "aggregator.log").open("wb") as log:
+        service = subprocess.Popen(
+            [sys.executable, "-m", "fedtrain.aggregator", "serve"], env=env, stdout=log, stderr=log
+        )
+    try:
+        aggregator_page = wait_for(
+            "the aggregator's /metrics",
+            lambda: _try_get(f"http://127.0.0.1:{port}/metrics", service),
+            timeout=120,
+        )
+    finally:
+        service.terminate()
+        service.wait(30)
+
+    known = exported(operator_page) | exported(aggregator_page)
+    assert unknown_metrics(chart_expressions(), known) == set()
+    # The contract the dashboard tests check offline is what the code really exports.
+    assert known >= CONTRACT_METRICS, CONTRACT_METRICS - known
+
+
+def _try_get(url: str, process: subprocess.Popen[bytes]) -> str | None:
+    if process.poll() is not None:
+        raise RuntimeError(f"the aggregator exited with {process.returncode}")
+    try:
+        return http_get(url)
+    except OSError:
+        return None
