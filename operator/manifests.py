@@ -158,13 +158,18 @@ def _resources(site: SiteSpec) -> dict[str, Any]:
 # a site's trainer Job and its Secret
 
 
-#: libyaml's emitter where PyYAML has it: the pure-Python one took a quarter of the operator's event
-#: loop at 50 trainings (a Secret per Job).
+#: libyaml's emitter where PyYAML has it: the pure-Python one (4.6 ms for a job file, 0.5 ms with
+#: libyaml) took a quarter of the operator's event loop at 50 trainings.
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def to_yaml(document: dict[str, Any]) -> str:
     return yaml.dump(document, Dumper=_DUMPER, sort_keys=False)
+
+
+def to_job_file(document: dict[str, Any]) -> str:
+    """A trainer's job file, made per Job: JSON (which is YAML too) takes 0.09 ms, libyaml 0.5 ms."""
+    return json.dumps(document, indent=1)
 
 
 def trainer_secret(
@@ -196,7 +201,7 @@ def trainer_secret(
         "kind": "Secret",
         "type": "Opaque",
         "metadata": metadata,
-        "stringData": {JOB_CONFIG_FILE: to_yaml(job_config)},
+        "stringData": {JOB_CONFIG_FILE: to_job_file(job_config)},
     }
 
 

@@ -431,6 +431,9 @@ class Reconciler:
         layout = TrainingLayout(self.ref.namespace, self.ref.name)
         expiry = self.settings.presign_seconds(spec.aggregation.round_timeout_seconds)
         # Exactly what this attempt may touch, for as long as the round may last: no bucket keys.
+        # An evaluation neither reads nor writes the site's optimizer state.
+        training = action.mode == "train"
+        state_key = layout.site_state(action.site)
         trainer_job = TrainerJob(
             training=self.ref.name,
             round=action.round,
@@ -440,8 +443,8 @@ class Reconciler:
             spec=TrainerSpec.for_site(spec, action.site),
             global_model_url=store.presign_get(layout.global_model(action.round), expiry),
             update_url=store.presign_put(layout.update(action.round, action.site), expiry),
-            state_get_url=store.presign_get(layout.site_state(action.site), expiry),
-            state_put_url=store.presign_put(layout.site_state(action.site), expiry),
+            state_get_url=store.presign_get(state_key, expiry) if training else None,
+            state_put_url=store.presign_put(state_key, expiry) if training else None,
             pretrained_url=await self._pretrained_url(spec, expiry),
         )
         config = trainer_job.model_dump(mode="json", by_alias=True, exclude_none=True)
