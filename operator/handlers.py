@@ -168,7 +168,16 @@ async def cleanup(context: Context, body: Mapping[str, Any]) -> None:
         targets += [(kind, ref.namespace) for kind in ("Deployment", "Service", "ConfigMap")]
         removed = 0
         for kind, namespace in targets:
-            for item in await context.kube.list_labelled(kind, namespace, selector):
+            try:
+                items = await context.kube.list_labelled(kind, namespace, selector)
+            except KubeError as error:
+                if error.status != 403:
+                    raise
+                # A namespace this operator may not touch (not in its namespaces): it cannot have
+                # made anything there, and a finalizer that waits for it would wait forever.
+                log.warning("%s/%s: %s: skipped", ref.namespace, ref.name, error)
+                continue
+            for item in items:
                 removed += await context.kube.delete(kind, namespace, item["metadata"]["name"])
         log.info("%s/%s deleted: removed %d objects", ref.namespace, ref.name, removed)
     context.jobs.forget(ref.uid)

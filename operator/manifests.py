@@ -85,6 +85,7 @@ class PodDefaults:
     job_grace_seconds: int = 300
     job_ttl_seconds: int = 86400
     aggregator_resources: dict[str, Any] | None = None
+    image_pull_secrets: tuple[str, ...] = ()
 
 
 def dns_name(*parts: str | int, limit: int = 63) -> str:
@@ -420,6 +421,11 @@ def aggregator_deployment(
                 "spec": {
                     "automountServiceAccountToken": False,
                     "securityContext": _restricted_pod_security(),
+                    **(
+                        {"imagePullSecrets": [{"name": name} for name in defaults.image_pull_secrets]}
+                        if defaults.image_pull_secrets
+                        else {}
+                    ),
                     "containers": [container],
                     "volumes": [
                         {"name": "training", "configMap": {"name": aggregator_name(training)}},

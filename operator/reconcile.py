@@ -179,6 +179,7 @@ class Context:
             job_grace_seconds=settings.job_grace_seconds,
             job_ttl_seconds=settings.job_ttl_seconds,
             aggregator_resources=settings.aggregator_resources,
+            image_pull_secrets=tuple(settings.image_pull_secrets),
         )
 
     def runtime(self, ref: TrainingRef) -> TrainingRuntime:

@@ -36,6 +36,13 @@ class OperatorSettings(BaseSettings):
     image_pull_policy: str = Field(
         "IfNotPresent", pattern="^(Always|IfNotPresent|Never)$", description="Pull policy of both images."
     )
+    image_pull_secrets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Comma-separated Secret names the aggregator pods pull their image with (in each training's "
+            "namespace); trainer pods take theirs from spec.sites[].imagePullSecrets."
+        ),
+    )
     presign_grace_seconds: int = Field(
         900,
         ge=60,
@@ -91,8 +98,8 @@ class OperatorSettings(BaseSettings):
     lease_namespace: str = Field(
         "default", min_length=1, description="Namespace of the leader Lease (the operator's own)."
     )
-    lease_duration_seconds: float = Field(
-        15, gt=0, description="A leader that has not renewed its Lease for this long is replaced."
+    lease_duration_seconds: int = Field(
+        15, ge=1, description="A leader that has not renewed its Lease for this many seconds is replaced."
     )
     lease_renew_seconds: float = Field(5, gt=0, description="How often the leader renews its Lease.")
     identity: str = Field(
@@ -110,7 +117,7 @@ class OperatorSettings(BaseSettings):
         8081, ge=1, le=65535, description="Port of the Prometheus /metrics endpoint; unset: none."
     )
 
-    @field_validator("namespaces", mode="before")
+    @field_validator("namespaces", "image_pull_secrets", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
