@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import kubernetes_validate
@@ -163,6 +165,12 @@ def test_aggregator_objects_validate(site: dict[str, Any]) -> None:
     assert service["spec"]["selector"].items() <= template_labels.items()
     env = {item["name"]: item for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "fedtrain-s3"
+    assert "imagePullSecrets" not in deployment["spec"]["template"]["spec"]  # none configured
+
+    private = dataclasses.replace(DEFAULTS, image_pull_secrets=("aggregator-pull",))
+    pulled = manifests.aggregator_deployment(TRAINING, spec, private)
+    valid(pulled)
+    assert pulled["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "aggregator-pull"}]
 
 
 def test_config_change_rolls_the_aggregator() -> None:
