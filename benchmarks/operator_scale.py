@@ -11,8 +11,10 @@ starting a container, and marks the Job succeeded.
 Measured per training and round, from the last site Job of a round completing to the first Job of
 the next round existing: the whole latency, and its two parts: the aggregator's (the last updates
 folded and the round closed: the next global model written) and the operator's own (from the
-close's reply to the next round's Jobs). Printed: rounds closed per second, p50/p95 of each, and
-the operator's peak RSS.
+close's reply to the next round's Jobs). Printed: rounds closed per second, p50/p95 of each, the
+operator's peak RSS, and its CPU time per training round (the final evaluation counted as a round):
+on a machine where the emulated cluster shares the cores with the operator, the latencies say how
+busy the machine is, while the CPU time says what the operator itself costs.
 
     .venv/bin/python benchmarks/operator_scale.py --trainings 10 50 200
 """
@@ -207,6 +209,12 @@ def peak_rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
         stop.wait(0.2)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -291,6 +299,7 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
                 raise RuntimeError(f"the operator exited with {operator.returncode}; see {log_path}")
             time.sleep(0.5)
         wall = time.time() - started
+        cpu_seconds = process_cpu_seconds(operator.pid)
         with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/_closed", timeout=30) as reply:
             closed: dict[str, float] = json.load(reply)
     finally:
@@ -334,6 +343,8 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
         "operator_p50_s": statistics.median(operator_share),
         "operator_p95_s": percentile(operator_share, 0.95),
         "rss_mb": peak[0] / 1e6,
+        # the operator's CPU (user + system) for each training round, start-up included
+        "cpu_ms_per_round": cpu_seconds * 1000 / (trainings * (rounds + 1)),
     }
 
 
@@ -393,7 +404,7 @@ def main() -> None:
         S3Store(BUCKET, endpoint=endpoint).ensure_bucket()
         print(
             f"{'trainings':>9} {'failed':>6} {'wall s':>7} {'rounds/s':>8} {'p50 s':>6} {'p95 s':>6} "
-            f"{'agg p50':>7} {'agg p95':>7} {'op p50':>6} {'op p95':>6} {'RSS MB':>7}"
+            f"{'agg p50':>7} {'agg p95':>7} {'op p50':>6} {'op p95':>6} {'RSS MB':>7} {'CPU ms/round':>12}"
         )
         try:
             for count in args.trainings:
@@ -402,7 +413,7 @@ def main() -> None:
                     f"{r['trainings']:>9} {r['failed']:>6} {r['wall_s']:>7.1f} {r['rounds_per_s']:>8.2f} "
                     f"{r['p50_s']:>6.2f} {r['p95_s']:>6.2f} {r['aggregator_p50_s']:>7.2f} "
                     f"{r['aggregator_p95_s']:>7.2f} {r['operator_p50_s']:>6.2f} {r['operator_p95_s']:>6.2f} "
-                    f"{r['rss_mb']:>7.0f}",
+                    f"{r['rss_mb']:>7.0f} {r['cpu_ms_per_round']:>12.1f}",
                     flush=True,
                 )
         finally:
