@@ -133,23 +133,15 @@ async def run_training(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.
             finally:
                 context.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         if delay != 0:
-            await _sleep(runtime, stopped, delay, context.settings.coalesce_seconds)
+            await _sleep(runtime, stopped, delay)
 
 
-async def _sleep(
-    runtime: TrainingRuntime, stopped: kopf.DaemonStopped, delay: float | None, coalesce: float
-) -> None:
-    """Until woken (a Job or spec change), stopped, or `delay` seconds pass (None: no limit).
-
-    Woken, it waits `coalesce` seconds more: the Jobs of a round often change together, and one
-    reconcile for all of them costs a fraction of one for each.
-    """
+async def _sleep(runtime: TrainingRuntime, stopped: kopf.DaemonStopped, delay: float | None) -> None:
+    """Until woken (a Job or spec change), stopped, or `delay` seconds pass (None: no limit)."""
     woken = asyncio.ensure_future(runtime.wake.wait())
     stopping = asyncio.ensure_future(stopped.wait())
     try:
         await asyncio.wait({woken, stopping}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        if woken.done() and not stopping.done() and coalesce > 0:
-            await asyncio.wait({stopping}, timeout=coalesce)
     finally:
         woken.cancel()
         stopping.cancel()

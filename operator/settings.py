@@ -88,15 +88,6 @@ class OperatorSettings(BaseSettings):
             "a round of many sites starts its Jobs together."
         ),
     )
-    coalesce_seconds: float = Field(
-        0.1,
-        ge=0,
-        le=5,
-        description=(
-            "After a Job or spec change wakes a training, wait this long for more before reconciling: "
-            "a round's Jobs often finish together, and one reconcile for all costs less than one each."
-        ),
-    )
     resync_seconds: float = Field(
         30, gt=0, description="A training is reconciled at least this often, even with nothing to wake it."
     )

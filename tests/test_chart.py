@@ -252,7 +252,6 @@ def test_the_full_variables_parse_into_the_settings_they_mean(
     assert settings.aggregator_url == values["workloads"]["aggregator"]["url"]
     assert settings.aggregator_resources == values["workloads"]["aggregator"]["resources"]
     assert settings.resync_seconds == 15.5
-    assert settings.coalesce_seconds == 0.25
     assert (settings.lease_name, settings.lease_renew_seconds) == ("fedtrain-leader", 4)
     assert (settings.liveness_port, settings.metrics_port) == (9090, 9091)
     assert settings.image_pull_policy == "Always"
