@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the emulator and kubelet fixtures the
 
 from cluster import Emulator  # noqa: E402
 from kubelet import Kubelet, Pod  # noqa: E402
+from ports import free_port  # noqa: E402
 
 from fedtrain.aggregator.rounds import RoundAggregator  # noqa: E402
 from fedtrain.aggregator.service import create_app  # noqa: E402
@@ -61,13 +62,6 @@ from fedtrain.store import S3Store, read_url, write_url  # noqa: E402
 SITES = 8
 NAMESPACE = "bench"
 BUCKET = "fedtrain-bench"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def training(name: str, endpoint: str, rounds: int) -> dict[str, Any]:

@@ -9,7 +9,6 @@ operator that restarts counts from the status in the resource and never counts a
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -203,13 +202,12 @@ class OperatorMetrics:
             self.train_seconds,
         )
         self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------------------------------------
     # serving
 
     def serve(self, port: int, address: str = "0.0.0.0") -> None:
-        self._server, self._thread = start_http_server(port, address, registry=self.registry)
+        self._server, _ = start_http_server(port, address, registry=self.registry)
 
     def close(self) -> None:
         if self._server is not None:

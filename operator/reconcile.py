@@ -282,8 +282,9 @@ class Reconciler:
         saved = await self._write_status(new_status)
         if not saved:
             return Outcome(delay=None, events=[])
-        metrics = self.context.metrics
-        metrics.status_written(self.ref, spec.training.rounds, status, new_status, self.runtime.verdicts)
+        self.context.metrics.status_written(
+            self.ref, spec.training.rounds, status, new_status, self.runtime.verdicts
+        )
         return Outcome(delay=self._next_delay(new_status, progressed, now), events=events + decision.events)
 
     def _next_delay(self, status: FederatedTrainingStatus, progressed: bool, now: datetime) -> float | None:

@@ -8,7 +8,6 @@ every test gets a bucket of its own, so tests neither wait for a server nor see 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 # library's `operator` (Python 3.11+: keep the working directory off sys.path).
 os.environ["PYTHONSAFEPATH"] = "1"
 from moto.server import ThreadedMotoServer
+from ports import free_port
 
 from fedtrain.store import S3Store
 
@@ -30,13 +30,6 @@ _FAKE_AWS_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """The URL of a moto S3 server that lives for the test session."""
@@ -44,7 +37,7 @@ def s3_endpoint() -> Iterator[str]:
     # a developer's real AWS keys from ever reaching a test.
     saved = {name: os.environ.get(name) for name in _FAKE_AWS_ENV}
     os.environ.update(_FAKE_AWS_ENV)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -68,7 +68,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -85,6 +84,7 @@ from typing import Any, TypeVar
 import aiohttp
 import yarl
 from aiohttp import web
+from ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +236,7 @@ def _localize(pod: Pod, command: list[str]) -> list[str]:
 
 def _free_port(taken: set[int]) -> int:
     while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
+        port = free_port()
         if port not in taken:
             taken.add(port)
             return port

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ports import free_port
 
 PROMETHEUS = "prometheus"
 MISSING = "the prometheus server is not installed: `make test` installs Debian's prometheus package"
@@ -27,13 +27,6 @@ MISSING = "the prometheus server is not installed: `make test` installs Debian's
 class Target:
     job: str
     url: str  # http://host:port/path of a /metrics endpoint
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class PrometheusServer:

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import yaml
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
@@ -73,13 +73,6 @@ V1_CALLS: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/v1/rounds/0", None),
     ("POST", "/v1/merge", {"round": 0}),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _app(store: ObjectStore, **options: Any) -> FastAPI:
@@ -173,7 +166,7 @@ def test_probes_and_metrics_need_no_token(anonymous: TestClient) -> None:
 
 def test_readyz_is_503_when_the_store_is_unreachable(s3_endpoint: str) -> None:
     # s3_endpoint only for its fake AWS keys: without keys botocore would first ask the EC2 metadata.
-    closed_port = _free_port()
+    closed_port = free_port()
     unreachable = S3Store(bucket="nowhere", endpoint=f"http://127.0.0.1:{closed_port}")
     with TestClient(_app(unreachable, readiness_timeout_seconds=0.5)) as client:
         started = time.monotonic()
@@ -653,7 +646,7 @@ def test_the_service_runs_from_the_command_line(s3_endpoint: str, tmp_path: Path
     S3Store(bucket=bucket, endpoint=s3_endpoint).ensure_bucket()
     training_file = tmp_path / "training.yaml"
     training_file.write_text(yaml.safe_dump(_training_document({"bucket": bucket, "endpoint": s3_endpoint})))
-    port = _free_port()
+    port = free_port()
     env = _env(TOKEN=TOKEN, PORT=str(port), HOST="127.0.0.1")
     log_path = tmp_path / "aggregator.log"
     with log_path.open("wb") as log:

@@ -146,41 +146,27 @@ def image(request: pytest.FixtureRequest) -> Image:
     return parse(str(request.param))
 
 
+#: A minimal training, the reference and the defaults the builders below are called with.
+SPEC = FederatedTrainingSpec.model_validate(
+    {
+        "model": {"name": "vit_small_patch14_dinov2", "numClasses": 9, "imageSize": 28},
+        "storage": {"bucket": "fedtrain-models"},
+        "sites": [{"name": "fab-a", "data": {"synthetic": {}}}],
+    }
+)
+TRAINING = manifests.TrainingRef("research", "wafer-defects", "uid-1")
+DEFAULTS = manifests.PodDefaults(trainer_image="trainer:test", aggregator_image="aggregator:test")
+
+
 def trainer_container() -> dict[str, Any]:
     """The trainer container of a Job, as the operator builds it."""
-    spec = FederatedTrainingSpec.model_validate(
-        {
-            "model": {"name": "vit_small_patch14_dinov2", "numClasses": 9, "imageSize": 28},
-            "storage": {"bucket": "fedtrain-models"},
-            "sites": [{"name": "fab-a", "data": {"synthetic": {}}}],
-        }
-    )
-    job = manifests.trainer_job(
-        manifests.TrainingRef("research", "wafer-defects", "uid-1"),
-        spec,
-        spec.sites[0],
-        0,
-        0,
-        "train",
-        manifests.PodDefaults(trainer_image="trainer:test", aggregator_image="aggregator:test"),
-    )
+    job = manifests.trainer_job(TRAINING, SPEC, SPEC.sites[0], 0, 0, "train", DEFAULTS)
     container: dict[str, Any] = job["spec"]["template"]["spec"]["containers"][0]
     return container
 
 
 def aggregator_container() -> dict[str, Any]:
-    spec = FederatedTrainingSpec.model_validate(
-        {
-            "model": {"name": "vit_small_patch14_dinov2", "numClasses": 9, "imageSize": 28},
-            "storage": {"bucket": "fedtrain-models"},
-            "sites": [{"name": "fab-a", "data": {"synthetic": {}}}],
-        }
-    )
-    deployment = manifests.aggregator_deployment(
-        manifests.TrainingRef("research", "wafer-defects", "uid-1"),
-        spec,
-        manifests.PodDefaults(trainer_image="trainer:test", aggregator_image="aggregator:test"),
-    )
+    deployment = manifests.aggregator_deployment(TRAINING, SPEC, DEFAULTS)
     container: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
     return container
 

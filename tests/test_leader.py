@@ -12,7 +12,7 @@ import pytest
 from cluster import Emulator, running_emulator
 from kubernetes import config
 from operator_harness import OperatorThread, wait_for
-from prometheus_server import free_port
+from ports import free_port
 
 from fedtrain.operator.leader import LeaderElector, may_take
 from fedtrain.operator.settings import OperatorSettings

@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 from cluster import running_emulator
 from operator_harness import OperatorThread, tiny_training, wait_for
+from ports import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_server import free_port
 from promql import CONTRACT_METRICS, chart_expressions, unknown_metrics
 
 from fedtrain.api import (

@@ -16,8 +16,9 @@ import torch
 from cluster import Emulator, running_emulator
 from kubelet import Kubelet
 from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, Api, OperatorThread, tiny_training, wait_for
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_server import PrometheusServer, Target, free_port, values
+from prometheus_server import PrometheusServer, Target, values
 from safetensors.torch import load_file
 
 from fedtrain.layout import TrainingLayout
