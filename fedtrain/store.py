@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -28,6 +29,7 @@ import urllib3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
 from fedtrain.api import StorageSpec
 
@@ -47,6 +49,9 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _TEMP_PREFIX = ".fedtrain-tmp-"
 
 _OCTET_STREAM = "application/octet-stream"
+
+#: Buffer size for copying a file or a response body into a file.
+_COPY_CHUNK = 1024 * 1024
 
 # One pool for every presigned transfer of the process. allowed_methods=None retries PUT too: a
 # presigned PUT of the same bytes is idempotent.
@@ -151,16 +156,20 @@ def _check_expiry(expires_seconds: int) -> int:
     return expires_seconds
 
 
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write through a temp file in the target's directory, so readers see the old or the new file."""
+def _write_atomically(path: Path, write: Callable[[IO[bytes]], object], durable: bool = True) -> None:
+    """Write through a temp file in the target's directory, so readers see the old or the new file.
+
+    `durable=False` skips the fsync: for copies of what is kept elsewhere (a downloaded object).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
     try:
         with os.fdopen(descriptor, "wb") as temp_file:
             write(temp_file)
-            # Without fsync a crash after the rename can leave an empty file under the final name.
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
+            if durable:
+                # Without fsync a crash after the rename can leave an empty file under the final name.
+                temp_file.flush()
+                os.fsync(temp_file.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -199,7 +208,7 @@ class LocalStore(ObjectStore):
     def put_file(self, key: str, path: Path) -> None:
         target = self._path(key)
         with Path(path).open("rb") as source:
-            _write_atomically(target, lambda out: shutil.copyfileobj(source, out, 1024 * 1024))
+            _write_atomically(target, lambda out: shutil.copyfileobj(source, out, _COPY_CHUNK))
 
     def get_file(self, key: str, path: Path) -> None:
         try:
@@ -207,7 +216,9 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._not_found(key) from None
         with source:
-            _write_atomically(Path(path), lambda out: shutil.copyfileobj(source, out, 1024 * 1024))
+            _write_atomically(
+                Path(path), lambda out: shutil.copyfileobj(source, out, _COPY_CHUNK), durable=False
+            )
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -306,6 +317,7 @@ class S3Store(ObjectStore):
             config=config,
         )
         # Parts keep boto3's 8 MiB default, above S3's 5 MiB minimum whatever the threshold.
+        self._multipart_threshold = multipart_threshold
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold)
 
     @classmethod
@@ -367,13 +379,41 @@ class S3Store(ObjectStore):
         data: bytes = response["Body"].read()
         return data
 
+    # Below the multipart threshold a file moves in one PutObject or GetObject request. s3transfer
+    # (upload_file, download_file) is kept for large files, whose parts it moves in parallel: for a
+    # small one it costs a HEAD request before the GET and a thread pool per call, several times
+    # the work of the transfer itself for a LoRA update of a few MB.
+
     def put_file(self, key: str, path: Path) -> None:
-        self._client.upload_file(str(path), self.bucket, self._key(key), Config=self._transfer)
+        full_key = self._key(key)
+        if Path(path).stat().st_size >= self._multipart_threshold:
+            self._client.upload_file(str(path), self.bucket, full_key, Config=self._transfer)
+            return
+        with Path(path).open("rb") as body:
+            self._client.put_object(Bucket=self.bucket, Key=full_key, Body=body)
 
     def get_file(self, key: str, path: Path) -> None:
         full_key = self._key(key)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=full_key)
+        except ClientError as error:
+            if _is_not_found(error):
+                raise self._not_found(key) from None
+            raise
+        body = response["Body"]
+        if response["ContentLength"] < self._multipart_threshold:
+            try:
+                with closing(body):
+                    _write_atomically(
+                        Path(path), lambda out: shutil.copyfileobj(body, out, _COPY_CHUNK), durable=False
+                    )
+                return
+            except S3_RETRYABLE_DOWNLOAD_ERRORS:
+                pass  # the stream broke part-way: s3transfer, which retries, fetches it again
+        else:
+            body.close()  # large: fetched again in parallel ranged parts
         # s3transfer downloads into a temp name beside `path` and renames it: atomic like LocalStore.
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._client.download_file(self.bucket, full_key, str(path), Config=self._transfer)
         except ClientError as error:

@@ -132,6 +132,95 @@ def test_large_file_round_trips_multipart(store: ObjectStore, tmp_path: Path) ->
         assert head["ContentLength"] == 12 * MIB
 
 
+def _s3_calls(store: S3Store) -> list[str]:
+    """The S3 operations the store's client sends from now on (botocore's own event hook)."""
+    calls: list[str] = []
+    store._client.meta.events.register(
+        "before-call.s3.*", lambda model, **_: calls.append(model.name), unique_id="test-calls"
+    )
+    return calls
+
+
+def test_s3_small_files_move_in_one_request(s3_store: S3Store, tmp_path: Path) -> None:
+    store = _with_threshold(s3_store, 5 * MIB)
+    assert isinstance(store, S3Store)
+    calls = _s3_calls(store)
+    source = tmp_path / "update.safetensors"
+    source.write_bytes(os.urandom(5 * MIB - 1))  # just below the threshold
+    store.put_file("sites/a/update.safetensors", source)
+    store.get_file("sites/a/update.safetensors", tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == source.read_bytes()
+    assert calls == ["PutObject", "GetObject"]
+    # At the threshold, s3transfer's multipart upload and ranged download take over.
+    source.write_bytes(os.urandom(5 * MIB))
+    calls.clear()
+    store.put_file("models/big.bin", source)
+    store.get_file("models/big.bin", tmp_path / "big.bin")
+    assert (tmp_path / "big.bin").read_bytes() == source.read_bytes()
+    assert "CreateMultipartUpload" in calls
+    assert "CompleteMultipartUpload" in calls
+    assert calls.count("GetObject") >= 2  # the first one's body is dropped, then the ranged parts
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fedtrain-tmp-")]
+
+
+class _BreakingS3(http.server.ThreadingHTTPServer):
+    """Serves one object at /bucket/key; the first GET breaks off after a few bytes."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(("127.0.0.1", 0), _BreakingS3Handler)
+        self.data = data
+        self.requests: list[str] = []
+
+
+class _BreakingS3Handler(http.server.BaseHTTPRequestHandler):
+    server: _BreakingS3
+    protocol_version = "HTTP/1.1"
+
+    def _headers(self, length: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(length))
+        self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
+        self.send_header("Last-Modified", "Sun, 22 Nov 2026 06:00:00 GMT")
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self.server.requests.append("HEAD")
+        self._headers(len(self.server.data))
+
+    def do_GET(self) -> None:
+        self.server.requests.append("GET")
+        self._headers(len(self.server.data))
+        if self.server.requests.count("GET") == 1:
+            self.wfile.write(self.server.data[:100])
+            self.close_connection = True
+            return
+        self.wfile.write(self.server.data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_s3_small_file_stream_broken_part_way_is_fetched_again(tmp_path: Path) -> None:
+    data = os.urandom(200_000)
+    server = _BreakingS3(data)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        store = S3Store(
+            "bucket",
+            endpoint=f"http://127.0.0.1:{server.server_address[1]}",
+            access_key="testing",
+            secret_key="testing",
+        )
+        store.get_file("key", tmp_path / "copy.bin")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (tmp_path / "copy.bin").read_bytes() == data
+    assert server.requests == ["GET", "HEAD", "GET"]  # broken, then s3transfer's download
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.bin"]  # no temp file left behind
+
+
 def test_presigned_put_and_get(store: ObjectStore) -> None:
     payload = os.urandom(100_000)
     write_url(store.presign_put("sites/a/round-1.update", 300), payload)
