@@ -53,6 +53,13 @@ class _OpenRound:
 
 
 class RoundAggregator:
+    """One training's rounds: updates checked and folded as they arrive, rounds closed into models.
+
+    It assumes it is the only writer of its training's round manifests (the aggregator Deployment
+    runs one replica and is replaced with Recreate; the local runner has one in-process): a round it
+    holds open or has seen closed is known without reading the store again.
+    """
+
     def __init__(
         self,
         store: ObjectStore,
@@ -66,6 +73,7 @@ class RoundAggregator:
         self.strategy = make_strategy(spec.aggregation.strategy)
         self._pretrained_weights = pretrained_weights
         self._open: dict[int, _OpenRound] = {}
+        self._manifests: dict[int, RoundManifest] = {}  # closed rounds as read or written
         # The current round's global model signature and metadata; checked once per round.
         self._signatures: dict[int, tuple[Signature, Metadata]] = {}
 
@@ -98,10 +106,19 @@ class RoundAggregator:
         return self._signatures[round_index][0]
 
     def manifest(self, round_index: int) -> RoundManifest | None:
+        """The round's manifest if it is closed; None while it is open."""
+        if round_index in self._manifests:
+            return self._manifests[round_index]
+        if round_index in self._open:
+            return None  # open here, and no one else closes it
         try:
-            return RoundManifest.model_validate_json(self.store.get_bytes(self.layout.manifest(round_index)))
+            manifest = RoundManifest.model_validate_json(
+                self.store.get_bytes(self.layout.manifest(round_index))
+            )
         except ObjectNotFound:
             return None
+        self._manifests[round_index] = manifest
+        return manifest
 
     def open_verdicts(self, round_index: int) -> dict[str, UpdateVerdict]:
         """The verdicts given in an open round since this aggregator started (none after a restart)."""
@@ -338,6 +355,7 @@ class RoundAggregator:
         )
         # The manifest is written last: its presence is what says the round is closed.
         self.store.put_bytes(self.layout.manifest(round_index), manifest.model_dump_json(indent=2).encode())
+        self._manifests[round_index] = manifest
         return manifest
 
     def _write_next_model(self, round_index: int, open_round: _OpenRound, meta: Metadata, key: str) -> str:

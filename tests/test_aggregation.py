@@ -497,12 +497,21 @@ def test_close_folds_exactly_the_participants(
 
 
 class RecordingStore(LocalStore):
-    """A LocalStore that records the keys it writes and can fail writes whose key ends a given way."""
+    """A LocalStore that records the keys it reads and writes, and can fail writes with a given key ending."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.written: list[str] = []
+        self.read: list[str] = []
         self.fail_suffix: str | None = None
+
+    def get_bytes(self, key: str) -> bytes:
+        self.read.append(key)
+        return super().get_bytes(key)
+
+    def local_path(self, key: str) -> Path:
+        self.read.append(key)  # the aggregator reads a local store's files in place
+        return super().local_path(key)
 
     def _check(self, key: str) -> None:
         if self.fail_suffix is not None and key.endswith(self.fail_suffix):
@@ -546,6 +555,31 @@ def test_the_manifest_is_written_after_the_model(
     manifest = RoundAggregator(store, LAYOUT, _spec()).close(0, list(SITES))
     assert store.written == [LAYOUT.global_model(1), LAYOUT.manifest(0)]
     assert aggregator.close(0, list(SITES)) == manifest
+
+
+def test_a_round_is_read_from_the_store_once(
+    tmp_path: Path, global_tensors: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    store = RecordingStore(tmp_path / "store")
+    _prepare(store, global_tensors, deltas)
+    aggregator = RoundAggregator(store, LAYOUT, _spec())
+    for site in SITES:
+        aggregator.submit(0, site)
+    manifest = aggregator.close(0, list(SITES))
+    assert aggregator.close(0, list(SITES)) == manifest
+    assert aggregator.manifest(0) == manifest
+    assert aggregator.submit(0, "fab-a").accepted  # a late re-send gets the recorded verdict
+    # Whether the round was closed is asked once, before it is opened; after that this aggregator,
+    # the only writer of the round's manifest, knows. Each update is read once, the model twice
+    # (its signature when the round opens, its tensors when the next model is made).
+    assert store.read.count(LAYOUT.manifest(0)) == 1
+    assert sorted(store.read) == sorted(
+        [LAYOUT.manifest(0), LAYOUT.global_model(0), LAYOUT.global_model(0)]
+        + [LAYOUT.update(0, site) for site in SITES]
+    )
+    # Another aggregator (a restarted one) reads the manifest from the store.
+    assert RoundAggregator(store, LAYOUT, _spec()).manifest(0) == manifest
+    assert store.read.count(LAYOUT.manifest(0)) == 2
 
 
 def test_a_failed_model_write_leaves_the_round_open(
