@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import urllib3
 import uvicorn
 import yaml
 from kubernetes import client, config
@@ -95,10 +97,6 @@ def training(name: str, endpoint: str, rounds: int) -> dict[str, Any]:
 class InstantTrainer:
     """Plays a trainer that finishes at once: a zero update (or a report) to the presigned URL."""
 
-    def __init__(self) -> None:
-        self.completed: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
-
     def __call__(self, job: dict[str, Any], pod: Pod) -> None:
         job_file = pod.files[manifests.JOB_CONFIG_DIR] / manifests.JOB_CONFIG_FILE
         trainer_job = TrainerJob.model_validate(yaml.safe_load(job_file.read_text()))
@@ -119,8 +117,43 @@ class InstantTrainer:
                 delta = {name: tensor.clone().zero_() for name, tensor in payload.tensors.items()}
                 meta = Metadata(kind=PayloadKind.UPDATE, samples=8, norm=0.0, **common)
                 write_url(trainer_job.update_url, encode(delta, meta))
-        with self._lock:
-            self.completed[(job["metadata"]["namespace"], job["metadata"]["name"])] = time.time()
+
+
+# --------------------------------------------------------------------------------------------------
+# what is measured: when each Job first existed and first showed Complete, as the API server says
+
+
+class JobObserver:
+    """Watches every Job from this process, which runs at normal priority (the nodes may not)."""
+
+    def __init__(self, server: str) -> None:
+        self.server = server.rstrip("/")
+        self.seen: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
+        self.complete: dict[tuple[str, str], float] = {}
+        self._http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=None))
+        threading.Thread(target=self._watch, name="job-observer", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:  # a stream the server ends is opened again; objects seen before keep their times
+            try:
+                response = self._http.request(
+                    "GET", f"{self.server}/apis/batch/v1/jobs?watch=true", preload_content=False
+                )
+                for line in response:
+                    if line.strip():
+                        self._on_event(json.loads(line))
+            except (urllib3.exceptions.HTTPError, OSError, ValueError):
+                time.sleep(0.2)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        now = time.time()
+        job = event.get("object") or {}
+        meta = job.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        self.seen.setdefault(key, (dict(meta.get("labels") or {}), now))
+        conditions = (job.get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Complete" and c.get("status") == "True" for c in conditions):
+            self.complete.setdefault(key, now)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,11 +267,14 @@ def serve(role: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, float]:
+def run(
+    trainings: int, rounds: int, endpoint: str, work: Path, nodes_nice: int, moto_pid: int
+) -> dict[str, Any]:
     kubeconfig = work / f"kubeconfig-{trainings}"
     kubeconfig.unlink(missing_ok=True)
     parts = work / f"parts-{trainings}.log"
-    emulator = serve("emulator", str(kubeconfig), log=parts)
+    counts_path = work / f"api-requests-{trainings}.json"
+    emulator = serve("emulator", str(kubeconfig), str(counts_path), log=parts)
     deadline = time.monotonic() + 60
     while not kubeconfig.exists():
         if emulator.poll() is not None or time.monotonic() > deadline:
@@ -248,14 +284,8 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
     host_port, metrics_port = free_port(), free_port()
     host = serve("aggregators", str(kubeconfig), endpoint, str(host_port), log=parts)
     wait_for_port(host_port, host, "the aggregator host")
-    trainer = InstantTrainer()
-    kubelet = Kubelet(
-        server,
-        work / f"logs-{trainings}",
-        complete_instantly=trainer,
-        deployment_override=lambda deployment: ["sleep", "86400"],
-        instant_workers=16,
-    ).start()
+    nodes = serve("nodes", server, str(work / f"logs-{trainings}"), str(nodes_nice), log=parts)
+    observer = JobObserver(server)
     env = {
         **os.environ,
         "PYTHONSAFEPATH": "1",
@@ -273,6 +303,7 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
     sampler = threading.Thread(target=peak_rss_sampler, args=(operator.pid, stop, peak), daemon=True)
     sampler.start()
     api = client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
+    moto_cpu_before = process_cpu_seconds(moto_pid)
     try:
         wait_for_port(metrics_port, operator, "the operator")  # start-up is not what is measured
         started = time.time()
@@ -289,35 +320,40 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
                 and len(phases) == trainings
             ):
                 break
-            if operator.poll() is not None:
-                raise RuntimeError(f"the operator exited with {operator.returncode}; see {log_path}")
-            time.sleep(0.5)
+            for part, what, log_of in ((operator, "the operator", log_path), (nodes, "the nodes", parts)):
+                if part.poll() is not None:
+                    raise RuntimeError(f"{what} exited with {part.returncode}; see {log_of}")
+            time.sleep(1)
         wall = time.time() - started
-        cpu_seconds = process_cpu_seconds(operator.pid)
+        cpu_seconds = {
+            "operator": process_cpu_seconds(operator.pid),
+            "API server": process_cpu_seconds(emulator.pid),
+            "aggregators": process_cpu_seconds(host.pid),
+            "S3": process_cpu_seconds(moto_pid) - moto_cpu_before,
+            "nodes": process_cpu_seconds(nodes.pid),
+        }
         with urllib.request.urlopen(f"http://127.0.0.1:{host_port}/_closed", timeout=30) as reply:
             closed: dict[str, float] = json.load(reply)
     finally:
         stop.set()
         operator.terminate()
         operator.wait(30)
-        kubelet.close()
-        for part in (host, emulator):
+        for part in (nodes, host, emulator):
             part.terminate()
             part.wait(30)
 
-    # per round transition: last Job of round r completed -> round r closed -> first Job of r+1 seen
-    by_round: dict[tuple[str, int], list[Any]] = {}
-    for record in kubelet.jobs_seen:
-        labels = record.labels
-        by_round.setdefault((labels[manifests.TRAINING], int(labels[manifests.ROUND])), []).append(record)
+    # per round transition: last Job of round r complete -> round r closed -> first Job of r+1 exists
+    by_round: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for key, (labels, _) in observer.seen.items():
+        by_round.setdefault((labels[manifests.TRAINING], int(labels[manifests.ROUND])), []).append(key)
     total, aggregator, operator_share = [], [], []
-    for (name, round_index), records in by_round.items():
+    for (name, round_index), keys in by_round.items():
         following = by_round.get((name, round_index + 1))
-        done = [trainer.completed.get((r.namespace, r.name)) for r in records]
+        done = [observer.complete.get(key) for key in keys]
         if not following or any(moment is None for moment in done):
             continue
         last_done = max(t for t in done if t is not None)
-        next_seen = min(r.seen_at for r in following)
+        next_seen = min(observer.seen[key][1] for key in following)
         service = manifests.aggregator_name(manifests.TrainingRef(NAMESPACE, name, ""))
         closed_at = closed.get(f"{service} {round_index}")
         total.append(next_seen - last_done)
@@ -325,6 +361,8 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
             aggregator.append(closed_at - last_done)
             operator_share.append(next_seen - closed_at)
     failed = sum(phase != "Succeeded" for phase in phases.values())
+    training_rounds = trainings * (rounds + 1)  # the final evaluation counted as a round
+    requests: dict[str, int] = json.loads(counts_path.read_text()) if counts_path.exists() else {}
     return {
         "trainings": trainings,
         "failed": failed,
@@ -337,23 +375,47 @@ def run(trainings: int, rounds: int, endpoint: str, work: Path) -> dict[str, flo
         "operator_p50_s": statistics.median(operator_share),
         "operator_p95_s": percentile(operator_share, 0.95),
         "rss_mb": peak[0] / 1e6,
-        # the operator's CPU (user + system) for each training round, start-up included
-        "cpu_ms_per_round": cpu_seconds * 1000 / (trainings * (rounds + 1)),
+        # CPU (user + system) for each training round, start-up included
+        "cpu_ms_per_round": {part: seconds * 1000 / training_rounds for part, seconds in cpu_seconds.items()},
+        "requests_per_round": {
+            kind: count / training_rounds for kind, count in sorted(requests.items(), key=lambda i: -i[1])
+        },
     }
 
 
 def serve_part(role: str, args: list[str]) -> None:
-    """Run one part until terminated: the API server emulator, moto's S3, or the aggregators."""
+    """Run one part until terminated: the API server emulator, moto's S3, the aggregators or the nodes."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request
     if role == "emulator":
+        kubeconfig, counts = args
+        stopping = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
         emulator = Emulator().start()
-        staged = Path(args[0] + ".part")
+        staged = Path(kubeconfig + ".part")
         emulator.write_kubeconfig(staged)
-        staged.rename(args[0])  # appears whole
-        threading.Event().wait()
+        staged.rename(kubeconfig)  # appears whole
+        stopping.wait()
+        assert emulator.handler is not None
+        Path(counts).write_text(json.dumps(dict(emulator.handler.request_counts)))
     elif role == "moto":
         ThreadedMotoServer(ip_address="127.0.0.1", port=int(args[0]), verbose=False).start()
         threading.Event().wait()
+    elif role == "nodes":
+        server, logs, niceness = args
+        os.nice(int(niceness))
+        stopping = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+        kubelet = Kubelet(
+            server,
+            Path(logs),
+            complete_instantly=InstantTrainer(),
+            deployment_override=lambda deployment: ["sleep", "86400"],
+            instant_workers=16,
+        ).start()
+        stopping.wait()
+        for error in kubelet.errors:
+            print(f"kubelet: {error}", flush=True)
+        kubelet.close()
     elif role == "aggregators":
         kubeconfig, endpoint, port = args
         uvicorn.run(
@@ -380,6 +442,14 @@ def main() -> None:
         type=Path,
         help="keep the operator's log (operator-N.log) and the Job logs here; default: a temporary folder",
     )
+    parser.add_argument(
+        "--nodes-nice",
+        type=int,
+        default=19,
+        help="niceness of the process playing the cluster's nodes (kubelet and instant trainers); on a "
+        "cluster they are other machines, so by default they get only the CPU the control plane leaves. "
+        "0: they compete with it as equals (default: %(default)s)",
+    )
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # one part, in a child process
     args = parser.parse_args()
     os.environ.update(
@@ -400,19 +470,39 @@ def main() -> None:
             f"{'trainings':>9} {'failed':>6} {'wall s':>7} {'rounds/s':>8} {'p50 s':>6} {'p95 s':>6} "
             f"{'agg p50':>7} {'agg p95':>7} {'op p50':>6} {'op p95':>6} {'RSS MB':>7} {'CPU ms/round':>12}"
         )
+        results: list[dict[str, Any]] = []
         try:
             for count in args.trainings:
-                r = run(count, args.rounds, endpoint, work)
+                r = run(count, args.rounds, endpoint, work, args.nodes_nice, moto.pid)
+                results.append(r)
                 print(
                     f"{r['trainings']:>9} {r['failed']:>6} {r['wall_s']:>7.1f} {r['rounds_per_s']:>8.2f} "
                     f"{r['p50_s']:>6.2f} {r['p95_s']:>6.2f} {r['aggregator_p50_s']:>7.2f} "
                     f"{r['aggregator_p95_s']:>7.2f} {r['operator_p50_s']:>6.2f} {r['operator_p95_s']:>6.2f} "
-                    f"{r['rss_mb']:>7.0f} {r['cpu_ms_per_round']:>12.1f}",
+                    f"{r['rss_mb']:>7.0f} {r['cpu_ms_per_round']['operator']:>12.1f}",
                     flush=True,
                 )
         finally:
             moto.terminate()
             moto.wait(30)
+        print_breakdown(results)
+
+
+def print_breakdown(results: list[dict[str, Any]]) -> None:
+    """Where the machine's time went, per training round: CPU by process, API requests by kind."""
+    if not results:
+        return
+    parts = list(results[0]["cpu_ms_per_round"])
+    print("\nCPU ms per training round, by process")
+    print(f"{'trainings':>9} " + " ".join(f"{part:>12}" for part in parts))
+    for r in results:
+        print(f"{r['trainings']:>9} " + " ".join(f"{r['cpu_ms_per_round'][part]:>12.1f}" for part in parts))
+    kinds = sorted({kind for r in results for kind in r["requests_per_round"]})
+    kinds.sort(key=lambda kind: -results[-1]["requests_per_round"].get(kind, 0))
+    print("\nAPI requests per training round, by method, resource and client (User-Agent)")
+    print(f"{'request':<60} " + " ".join(f"{r['trainings']:>7}" for r in results))
+    for kind in kinds:
+        print(f"{kind:<60} " + " ".join(f"{r['requests_per_round'].get(kind, 0):>7.2f}" for r in results))
 
 
 if __name__ == "__main__":

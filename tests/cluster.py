@@ -7,6 +7,7 @@ real HTTP through a kubeconfig file, exactly as they would reach a cluster's API
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import threading
 import uuid
@@ -59,8 +60,11 @@ class ApiServer(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
+        #: Requests served, by "<method> <resource>[/<subresource>] <client>" (the User-Agent's product).
+        self.request_counts: collections.Counter[str] = collections.Counter()
 
     async def _handle(self, request: Any) -> Any:
+        self.request_counts[_request_kind(request)] += 1
         data = request.data
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(data, dict):
             metadata = data.setdefault("metadata", {})
@@ -126,6 +130,16 @@ class ApiServer(kmock.KubernetesEmulator):
 
 
 _RV_PATH = "/metadata/resourceVersion"
+
+
+def _request_kind(request: Any) -> str:
+    resource = getattr(request.resource, "plural", None) or "-"
+    if request.subresource:
+        resource = f"{resource}/{request.subresource}"
+    watch = "watch " if request.params.get("watch") in ("true", "1") else ""
+    agent = (request.headers.get("User-Agent") or "-").split("/", 1)[0]
+    method = getattr(request.method, "value", request.method)
+    return f"{watch}{method} {resource} {agent}"
 
 
 def _now() -> str:
