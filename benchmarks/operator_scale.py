@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import statistics
@@ -95,11 +96,21 @@ def training(name: str, endpoint: str, rounds: int) -> dict[str, Any]:
 
 
 class InstantTrainer:
-    """Plays a trainer that finishes at once: a zero update (or a report) to the presigned URL."""
+    """Plays a trainer: a zero update (or a report) to the presigned URL, at once or after a while.
+
+    With `job_seconds` > 0 a round of local training lasts between 0.5 and 1.5 times that long,
+    drawn once per training and round: a training's sites finish together, trainings spread out.
+    """
+
+    def __init__(self, job_seconds: float = 0.0) -> None:
+        self.job_seconds = job_seconds
 
     def __call__(self, job: dict[str, Any], pod: Pod) -> None:
         job_file = pod.files[manifests.JOB_CONFIG_DIR] / manifests.JOB_CONFIG_FILE
         trainer_job = TrainerJob.model_validate(yaml.safe_load(job_file.read_text()))
+        if self.job_seconds > 0:
+            draw = random.Random(f"{trainer_job.training} {trainer_job.round}").random()
+            time.sleep(self.job_seconds * (0.5 + draw))
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "global.safetensors"
             path.write_bytes(read_url(trainer_job.global_model_url))
@@ -268,7 +279,13 @@ def serve(role: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 def run(
-    trainings: int, rounds: int, endpoint: str, work: Path, nodes_nice: int, moto_pid: int
+    trainings: int,
+    rounds: int,
+    endpoint: str,
+    work: Path,
+    nodes_nice: int,
+    job_seconds: float,
+    moto_pid: int,
 ) -> dict[str, Any]:
     kubeconfig = work / f"kubeconfig-{trainings}"
     kubeconfig.unlink(missing_ok=True)
@@ -284,7 +301,9 @@ def run(
     host_port, metrics_port = free_port(), free_port()
     host = serve("aggregators", str(kubeconfig), endpoint, str(host_port), log=parts)
     wait_for_port(host_port, host, "the aggregator host")
-    nodes = serve("nodes", server, str(work / f"logs-{trainings}"), str(nodes_nice), log=parts)
+    workers = 16 if job_seconds <= 0 else trainings * SITES + 16
+    logs = work / f"logs-{trainings}"
+    nodes = serve("nodes", server, str(logs), str(nodes_nice), str(job_seconds), str(workers), log=parts)
     observer = JobObserver(server)
     env = {
         **os.environ,
@@ -347,6 +366,7 @@ def run(
     for key, (labels, _) in observer.seen.items():
         by_round.setdefault((labels[manifests.TRAINING], int(labels[manifests.ROUND])), []).append(key)
     total, aggregator, operator_share = [], [], []
+    transitions: list[dict[str, Any]] = []  # kept in the work folder, times relative to `started`
     for (name, round_index), keys in by_round.items():
         following = by_round.get((name, round_index + 1))
         done = [observer.complete.get(key) for key in keys]
@@ -360,6 +380,17 @@ def run(
         if closed_at is not None:
             aggregator.append(closed_at - last_done)
             operator_share.append(next_seen - closed_at)
+        transitions.append(
+            {
+                "training": name,
+                "round": round_index,
+                "done": round(last_done - started, 3),
+                "closed": None if closed_at is None else round(closed_at - started, 3),
+                "next": round(next_seen - started, 3),
+            }
+        )
+    transitions.sort(key=lambda t: t["done"])
+    (work / f"transitions-{trainings}.json").write_text(json.dumps(transitions, indent=1))
     failed = sum(phase != "Succeeded" for phase in phases.values())
     training_rounds = trainings * (rounds + 1)  # the final evaluation counted as a round
     requests: dict[str, int] = json.loads(counts_path.read_text()) if counts_path.exists() else {}
@@ -401,16 +432,17 @@ def serve_part(role: str, args: list[str]) -> None:
         ThreadedMotoServer(ip_address="127.0.0.1", port=int(args[0]), verbose=False).start()
         threading.Event().wait()
     elif role == "nodes":
-        server, logs, niceness = args
+        server, logs, niceness, job_seconds, workers = args
         os.nice(int(niceness))
         stopping = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stopping.set())
         kubelet = Kubelet(
             server,
             Path(logs),
-            complete_instantly=InstantTrainer(),
+            complete_instantly=InstantTrainer(float(job_seconds)),
             deployment_override=lambda deployment: ["sleep", "86400"],
-            instant_workers=16,
+            # Jobs that take a while sleep in their worker: one each, as many as the trainings' sites.
+            instant_workers=int(workers),
         ).start()
         stopping.wait()
         for error in kubelet.errors:
@@ -450,6 +482,14 @@ def main() -> None:
         "cluster they are other machines, so by default they get only the CPU the control plane leaves. "
         "0: they compete with it as equals (default: %(default)s)",
     )
+    parser.add_argument(
+        "--job-seconds",
+        type=float,
+        default=0.0,
+        help="mean length of a round of local training: each training's round lasts 0.5-1.5 times this "
+        "(0: Jobs complete at once, every training always waiting on the control plane; "
+        "default: %(default)s)",
+    )
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # one part, in a child process
     args = parser.parse_args()
     os.environ.update(
@@ -473,7 +513,7 @@ def main() -> None:
         results: list[dict[str, Any]] = []
         try:
             for count in args.trainings:
-                r = run(count, args.rounds, endpoint, work, args.nodes_nice, moto.pid)
+                r = run(count, args.rounds, endpoint, work, args.nodes_nice, args.job_seconds, moto.pid)
                 results.append(r)
                 print(
                     f"{r['trainings']:>9} {r['failed']:>6} {r['wall_s']:>7.1f} {r['rounds_per_s']:>8.2f} "
