@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 AGGREGATOR_RETRY_SECONDS = 2.0
 WAITING = " (waiting: "
 INDEPENDENT_ACTIONS = (StartSiteJob, StopSiteJob, SubmitUpdate, RecordRound)
+#: Engine steps chained in one reconcile (one status write): submit, close, start the next round,
+#: with room to spare; a longer chain goes on in the next reconcile.
+MAX_STEPS_PER_RECONCILE = 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,17 +265,22 @@ class Reconciler:
         if not status.phase.finished:
             await self._ensure_aggregator(spec)
 
-        decision = step(spec, status, self._observe(status), now)
-        self.runtime.waiting_for = None
-        progressed = False
-        # Actions on different sites (and the history record) are independent: all at once, after the
-        # aggregator's own calls (initialize, close, merge), which are done in order.
-        independent = [a for a in decision.actions if isinstance(a, INDEPENDENT_ACTIONS)]
-        for action in decision.actions:
-            if not isinstance(action, INDEPENDENT_ACTIONS):
-                progressed |= await self._timed(spec, action)
-        progressed |= any(await asyncio.gather(*(self._timed(spec, action) for action in independent)))
-        new_status = decision.status
+        # What an aggregator call answers (verdicts, a closed round, a model) lets the engine take its
+        # next step at once: a round ends and the next one's Jobs start in one reconcile and one status
+        # write. A step whose actions need the cluster to answer (Jobs to run) ends the chain.
+        steps: list[tuple[FederatedTrainingStatus, FederatedTrainingStatus, dict[str, UpdateVerdict]]] = []
+        current, progressed = status, False
+        for _ in range(MAX_STEPS_PER_RECONCILE):
+            observations = self._observe(current)
+            decision = step(spec, current, observations, datetime.now(UTC))
+            self.runtime.waiting_for = None
+            progressed = await self._act(spec, decision.actions)
+            steps.append((current, decision.status, dict(observations.verdicts)))
+            events += decision.events
+            current = decision.status
+            if not progressed or current.phase.finished:
+                break
+        new_status = current
         if not new_status.phase.finished:
             base = (new_status.message or "").split(WAITING)[0]
             waiting = f"{WAITING}{self.runtime.waiting_for})" if self.runtime.waiting_for else ""
@@ -282,10 +290,23 @@ class Reconciler:
         saved = await self._write_status(new_status)
         if not saved:
             return Outcome(delay=None, events=[])
-        self.context.metrics.status_written(
-            self.ref, spec.training.rounds, status, new_status, self.runtime.verdicts
-        )
-        return Outcome(delay=self._next_delay(new_status, progressed, now), events=events + decision.events)
+        for before, after, verdicts in steps:
+            self.context.metrics.status_written(self.ref, spec.training.rounds, before, after, verdicts)
+        return Outcome(delay=self._next_delay(new_status, progressed, datetime.now(UTC)), events=events)
+
+    async def _act(self, spec: FederatedTrainingSpec, actions: Sequence[Action]) -> bool:
+        """Carry out a step's actions; True if a result is there to use at once (step again now).
+
+        Actions on different sites (and the history record) are independent: all at once, after the
+        aggregator's own calls (initialize, close, merge), which are done in order.
+        """
+        progressed = False
+        independent = [a for a in actions if isinstance(a, INDEPENDENT_ACTIONS)]
+        for action in actions:
+            if not isinstance(action, INDEPENDENT_ACTIONS):
+                progressed |= await self._timed(spec, action)
+        progressed |= any(await asyncio.gather(*(self._timed(spec, action) for action in independent)))
+        return progressed
 
     def _next_delay(self, status: FederatedTrainingStatus, progressed: bool, now: datetime) -> float | None:
         if status.phase.finished:

@@ -4,7 +4,9 @@ operator and of the aggregator, suspension, deletion and an invalid spec."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import urllib3
 from cluster import Emulator, running_emulator
 from kubelet import Kubelet
 from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, Api, OperatorThread, tiny_training, wait_for
@@ -21,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusServer, Target, values
 from safetensors.torch import load_file
 
+from fedtrain.api import GROUP, PLURAL, VERSION
 from fedtrain.layout import TrainingLayout
 from fedtrain.operator import manifests
 from fedtrain.operator.settings import OperatorSettings
@@ -104,6 +108,33 @@ def cluster(tmp_path: Path, s3_endpoint: str, request: pytest.FixtureRequest) ->
             kubelet.close()
 
 
+class StatusRecorder:
+    """Every status of a training, as a watch sees each write: (round, stage, site states)."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.seen: list[tuple[int, str, tuple[str, ...]]] = []
+        url = f"{cluster.emulator.url}/apis/{GROUP}/{VERSION}/namespaces/{TRAINING_NAMESPACE}/{PLURAL}"
+        self._response = urllib3.request(
+            "GET", f"{url}?watch=true", preload_content=False, timeout=urllib3.Timeout(read=None)
+        )
+        self._thread = threading.Thread(target=self._run, args=(name,), daemon=True)
+        self._thread.start()
+
+    def _run(self, name: str) -> None:
+        with contextlib.suppress(urllib3.exceptions.HTTPError):  # closed by stop()
+            for line in self._response:
+                obj = json.loads(line).get("object") or {}
+                if (obj.get("metadata") or {}).get("name") != name:
+                    continue
+                status = obj.get("status") or {}
+                sites = tuple(site.get("state", "") for site in status.get("sites") or [])
+                self.seen.append((status.get("round", 0), status.get("stage", ""), sites))
+
+    def stop(self) -> None:
+        self._response.shutdown()
+        self._thread.join(10)
+
+
 def created_once(cluster: Cluster) -> None:
     """No Job name was ever created twice, and no Job's container ever ran twice."""
     names = [(record.namespace, record.name) for record in cluster.kubelet.jobs_seen]
@@ -124,10 +155,12 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
         Target("fedtrain-operator", f"http://127.0.0.1:{metrics_port}/metrics"),
         Target("fedtrain-aggregator", f"{aggregator}/metrics"),
     ]
+    recorder = StatusRecorder(cluster, "wafer")
     with PrometheusServer(tmp_path / "prometheus", targets) as prometheus:
         cluster.api.apply(cluster.training("wafer", rounds=2, sites=3))
         status = wait_for("the training to finish", lambda: cluster.finished("wafer"), timeout=420)
         check_scraped_metrics(prometheus)
+    recorder.stop()
 
     assert status["phase"] == "Succeeded", status.get("message")
     assert status["round"] == 2
@@ -179,6 +212,16 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     # Finished: the aggregator is scaled to zero.
     deployment = cluster.api.apps.read_namespaced_deployment("wafer-aggregator", TRAINING_NAMESPACE)
     assert deployment.spec.replicas == 0
+
+    # What the aggregator answers is acted on in the same reconcile: a site's update is submitted and
+    # its verdict recorded in one status write, and so are a round's close and the next round's start
+    # (or, after the evaluation, the merge and the end). No status ever showed those steps half done.
+    stages = {stage for _, stage, _ in recorder.seen}
+    assert {"Training", "Evaluating", "Done"} <= stages, recorder.seen
+    assert not stages & {"Closing", "Finalizing"}, recorder.seen
+    states = {state for _, _, sites in recorder.seen for state in sites}
+    assert "Accepted" in states, recorder.seen
+    assert "Trained" not in states, recorder.seen
 
 
 def check_scraped_metrics(prometheus: PrometheusServer) -> None:
