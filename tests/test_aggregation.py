@@ -528,14 +528,22 @@ class RecordingStore(LocalStore):
         self.written.append(key)
 
 
-def test_the_manifest_is_written_after_the_model(
+def _all_submitted(
     tmp_path: Path, global_tensors: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
-) -> None:
+) -> tuple[RecordingStore, RoundAggregator]:
+    """A recording store with round 0's global model and updates, every site submitted."""
     store = RecordingStore(tmp_path / "store")
     _prepare(store, global_tensors, deltas)
     aggregator = RoundAggregator(store, LAYOUT, _spec())
     for site in SITES:
         aggregator.submit(0, site)
+    return store, aggregator
+
+
+def test_the_manifest_is_written_after_the_model(
+    tmp_path: Path, global_tensors: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    store, aggregator = _all_submitted(tmp_path, global_tensors, deltas)
 
     with pytest.raises(AggregationError, match="no accepted update"):
         aggregator.close(0, [])
@@ -560,11 +568,7 @@ def test_the_manifest_is_written_after_the_model(
 def test_a_round_is_read_from_the_store_once(
     tmp_path: Path, global_tensors: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
 ) -> None:
-    store = RecordingStore(tmp_path / "store")
-    _prepare(store, global_tensors, deltas)
-    aggregator = RoundAggregator(store, LAYOUT, _spec())
-    for site in SITES:
-        aggregator.submit(0, site)
+    store, aggregator = _all_submitted(tmp_path, global_tensors, deltas)
     manifest = aggregator.close(0, list(SITES))
     assert aggregator.close(0, list(SITES)) == manifest
     assert aggregator.manifest(0) == manifest
