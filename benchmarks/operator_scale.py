@@ -1,22 +1,26 @@
 """How the operator scales: N trainings of 8 sites each against the Kubernetes API emulator.
 
 Each part is a process of its own, as on a cluster: the operator (`python -m fedtrain.operator`,
-as in a pod, so its memory is its own), the API server emulator, moto's S3, and the aggregators.
-The aggregators are the real aggregator library and HTTP app, one per training, hosted in one
-process behind one port (200 aggregator processes would not fit on one machine), reached through
-the operator's aggregator URL template. Trainer Jobs complete at once: the kubelet fixture, in this
-process, writes a real (zero) update or evaluation report to the Job's presigned URL instead of
-starting a container, and marks the Job succeeded.
+as in a pod, so its memory is its own), the API server emulator, moto's S3, the aggregators and the
+nodes. The aggregators are the real aggregator library and HTTP app, one per training, hosted in
+one process behind one port (200 aggregator processes would not fit on one machine), reached
+through the operator's aggregator URL template. The nodes are the kubelet fixture: instead of
+starting a trainer container it writes a real (zero) update or evaluation report to the Job's
+presigned URL and marks the Job succeeded, at once or after `--job-seconds`. On a cluster the
+nodes are other machines; here they run at nice 19 (`--nodes-nice`), so that they take only the
+CPU the control plane leaves.
 
-Measured per training and round, from the last site Job of a round completing to the first Job of
-the next round existing: the whole latency, and its two parts: the aggregator's (the last updates
-folded and the round closed: the next global model written) and the operator's own (from the
-close's reply to the next round's Jobs). Printed: rounds closed per second, p50/p95 of each, the
-operator's peak RSS, and its CPU time per training round (the final evaluation counted as a round):
-on a machine where the emulated cluster shares the cores with the operator, the latencies say how
-busy the machine is, while the CPU time says what the operator itself costs.
+Measured per training and round, by a watch on the Jobs in this process (at normal priority), from
+the last site Job of a round showing Complete to the first Job of the next round existing: the
+whole latency, and its two parts: the aggregator's (the last updates folded and the round closed:
+the next global model written) and the operator's own (from the close's reply to the next round's
+Jobs). Printed: rounds closed per second, p50/p95 of each, the operator's peak RSS, the CPU time
+of each process per training round (the final evaluation counted as a round), and the API requests
+per training round by kind. With Jobs that complete at once every training always waits on the
+control plane, so the latency is the queue: N divided by the rounds turned per second.
 
     .venv/bin/python benchmarks/operator_scale.py --trainings 10 50 200
+    .venv/bin/python benchmarks/operator_scale.py --trainings 200 --job-seconds 300 --rounds 1
 """
 
 from __future__ import annotations
