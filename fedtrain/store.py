@@ -401,7 +401,8 @@ class S3Store(ObjectStore):
                 raise self._not_found(key) from None
             raise
         body = response["Body"]
-        if response["ContentLength"] < self._multipart_threshold:
+        size = response.get("ContentLength")  # a service that leaves it out gets s3transfer's way
+        if size is not None and size < self._multipart_threshold:
             try:
                 with closing(body):
                     _write_atomically(
@@ -411,7 +412,7 @@ class S3Store(ObjectStore):
             except S3_RETRYABLE_DOWNLOAD_ERRORS:
                 pass  # the stream broke part-way: s3transfer, which retries, fetches it again
         else:
-            body.close()  # large: fetched again in parallel ranged parts
+            body.close()  # large (or of unknown size): fetched again in parallel ranged parts
         # s3transfer downloads into a temp name beside `path` and renames it: atomic like LocalStore.
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
