@@ -37,13 +37,12 @@ lint: $(STAMP)
 test: lint $(PROMTOOL)
 	$(VENV)/bin/pytest
 
-## crd: regenerate crds/federatedtrainings.fedtrain.io.yaml from fedtrain/api.py
+## crd: regenerate the CRD (crds/ and charts/fedtrain/crds/) from fedtrain/api.py
 crd: $(STAMP)
 	$(VENV)/bin/fedtrain crd
 
-## manifests: copy the CRDs into the chart and render manifests/install.yaml from it
-manifests: $(STAMP)
-	$(VENV)/bin/fedtrain crd
+## manifests: the CRDs, then manifests/install.yaml and the chart README's values table from the chart
+manifests: crd
 	$(VENV)/bin/python tools/render_manifests.py
 
 ## unit: the fast tests only

@@ -30,7 +30,8 @@ app = typer.Typer(
 )
 
 
-#: Longer than the operator's client keeps an idle connection (aiohttp: 15 s).
+#: Longer than the operator's client keeps an idle connection (aiohttp: 15 s): a server that closed
+#: it sooner would race the operator's next request on it.
 KEEP_ALIVE_SECONDS = 30
 
 
@@ -89,8 +90,6 @@ def serve(
         aggregator.store.uri(layout.root),
     )
     # log_config=None: uvicorn's loggers (one access line per request) go through the root handler above.
-    # The operator keeps connections open for 15 s (aiohttp's default): a server that closed them
-    # sooner would race the operator's next request on them.
     server = uvicorn.Server(
         uvicorn.Config(
             service,

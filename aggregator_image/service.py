@@ -73,9 +73,9 @@ READINESS_TTL_SECONDS = 5.0
 #: How long /readyz waits for the store; under the kubelet's default probe timeout of one second.
 READINESS_TIMEOUT_SECONDS = 0.8
 
-#: Folding one update reads it once: seconds for a small LoRA update, minutes for a full model.
 #: Update norms: a LoRA delta of a few layers is ~0.01-1, a full fine-tune's much larger.
 NORM_BUCKETS = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
+#: Folding one update reads it once: seconds for a small LoRA update, minutes for a full model.
 FOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 

@@ -16,8 +16,10 @@ whole latency, and its two parts: the aggregator's (the last updates folded and 
 the next global model written) and the operator's own (from the close's reply to the next round's
 Jobs). Printed: rounds closed per second, p50/p95 of each, the operator's peak RSS, the CPU time
 of each process per training round (the final evaluation counted as a round), and the API requests
-per training round by kind. With Jobs that complete at once every training always waits on the
-control plane, so the latency is the queue: N divided by the rounds turned per second.
+per training round by kind (CPU counts each process's start-up too). With Jobs that complete at
+once a training's whole round takes N divided by the rounds turned per second; the latency is the
+part of it spent in the control plane. At nice 19 the rest is spent waiting for the starved nodes;
+on a cluster, whose nodes would finish such Jobs at once, all of it would fall on the control plane.
 
     .venv/bin/python benchmarks/operator_scale.py --trainings 10 50 200
     .venv/bin/python benchmarks/operator_scale.py --trainings 200 --job-seconds 300 --rounds 1
@@ -57,6 +59,7 @@ from cluster import Emulator  # noqa: E402
 from kubelet import Kubelet, Pod  # noqa: E402
 from ports import free_port  # noqa: E402
 
+from fedtrain.aggregator.__main__ import KEEP_ALIVE_SECONDS  # noqa: E402
 from fedtrain.aggregator.rounds import RoundAggregator  # noqa: E402
 from fedtrain.aggregator.service import create_app  # noqa: E402
 from fedtrain.api import GROUP, PLURAL, VERSION, FederatedTraining  # noqa: E402
@@ -146,19 +149,26 @@ class JobObserver:
         self.seen: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
         self.complete: dict[tuple[str, str], float] = {}
         self._http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=None))
+        self._stop = threading.Event()
         threading.Thread(target=self._watch, name="job-observer", daemon=True).start()
 
+    def stop(self) -> None:
+        """No more reconnecting: the run's emulator is gone (a later run's may get its port)."""
+        self._stop.set()
+
     def _watch(self) -> None:
-        while True:  # a stream the server ends is opened again; objects seen before keep their times
+        while not self._stop.is_set():  # a stream the server ends is opened again; seen times stay
             try:
                 response = self._http.request(
                     "GET", f"{self.server}/apis/batch/v1/jobs?watch=true", preload_content=False
                 )
                 for line in response:
+                    if self._stop.is_set():
+                        return
                     if line.strip():
                         self._on_event(json.loads(line))
             except (urllib3.exceptions.HTTPError, OSError, ValueError):
-                time.sleep(0.2)
+                self._stop.wait(0.2)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         now = time.time()
@@ -359,6 +369,7 @@ def run(
             closed: dict[str, float] = json.load(reply)
     finally:
         stop.set()
+        observer.stop()
         operator.terminate()
         operator.wait(30)
         for part in (nodes, host, emulator):
@@ -459,7 +470,7 @@ def serve_part(role: str, args: list[str]) -> None:
             host="127.0.0.1",
             port=int(port),
             log_level="warning",
-            timeout_keep_alive=30,  # as the real service (aggregator __main__)
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,  # as the real service
         )
     else:
         raise SystemExit(f"unknown part {role!r}")

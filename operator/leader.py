@@ -57,7 +57,7 @@ class LeaderElector:
     def _lease(self, now: datetime, acquired: datetime, transitions: int) -> dict[str, Any]:
         return {
             "holderIdentity": self.identity,
-            "leaseDurationSeconds": int(self.settings.lease_duration_seconds),
+            "leaseDurationSeconds": self.settings.lease_duration_seconds,
             "acquireTime": _micro_time(acquired),
             "renewTime": _micro_time(now),
             "leaseTransitions": transitions,

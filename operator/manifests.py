@@ -179,12 +179,12 @@ def trainer_secret(
     round_index: int,
     attempt: int,
     job_config: dict[str, Any],
-    job: dict[str, Any] | None = None,
+    job: dict[str, Any],
 ) -> dict[str, Any]:
     """The trainer's job file: its slice of the spec and presigned URLs, nothing else.
 
-    Given the Job as the API server returned it, the Secret belongs to it: the Job's TTL clean-up
-    (or its deletion) takes the URLs with it.
+    It belongs to `job`, the Job as the API server returned it: the Job's TTL clean-up (or its
+    deletion) takes the URLs with it.
     """
     name = job_name(training, site.name, round_index, attempt)
     metadata: dict[str, Any] = {
@@ -192,11 +192,10 @@ def trainer_secret(
         "namespace": site.namespace,
         "labels": _job_labels(training, site.name, round_index, attempt),
     }
-    if job is not None:
-        owner = job["metadata"]
-        metadata["ownerReferences"] = [
-            {"apiVersion": "batch/v1", "kind": "Job", "name": owner["name"], "uid": owner["uid"]}
-        ]
+    owner = job["metadata"]
+    metadata["ownerReferences"] = [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": owner["name"], "uid": owner["uid"]}
+    ]
     return {
         "apiVersion": "v1",
         "kind": "Secret",

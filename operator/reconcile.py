@@ -268,14 +268,14 @@ class Reconciler:
         # What an aggregator call answers (verdicts, a closed round, a model) lets the engine take its
         # next step at once: a round ends and the next one's Jobs start in one reconcile and one status
         # write. A step whose actions need the cluster to answer (Jobs to run) ends the chain.
-        steps: list[tuple[FederatedTrainingStatus, FederatedTrainingStatus, dict[str, UpdateVerdict]]] = []
+        steps: list[tuple[FederatedTrainingStatus, FederatedTrainingStatus, Mapping[str, UpdateVerdict]]] = []
         current, progressed = status, False
         for _ in range(MAX_STEPS_PER_RECONCILE):
             observations = self._observe(current)
             decision = step(spec, current, observations, datetime.now(UTC))
             self.runtime.waiting_for = None
             progressed = await self._act(spec, decision.actions)
-            steps.append((current, decision.status, dict(observations.verdicts)))
+            steps.append((current, decision.status, observations.verdicts))
             events += decision.events
             current = decision.status
             if not progressed or current.phase.finished:

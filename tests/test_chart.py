@@ -526,24 +526,22 @@ def test_the_schema_rejects_a_misspelled_key(values: dict[str, Any], key: str) -
         render(values)
 
 
-def schema_objects(
-    schema: Mapping[str, Any], node: Mapping[str, Any], path: str
-) -> Iterator[tuple[str, Any]]:
+def schema_objects(node: Mapping[str, Any], path: str) -> Iterator[tuple[str, Any]]:
     """Every object node of the schema, definitions included, with where it is."""
     if node.get("type") == "object":
         yield path, node
     for key in ("properties", "definitions"):
         for name, child in node.get(key, {}).items():
-            yield from schema_objects(schema, child, f"{path}.{name}")
+            yield from schema_objects(child, f"{path}.{name}")
     for key in ("items", "additionalProperties"):
         if isinstance(node.get(key), dict):
-            yield from schema_objects(schema, node[key], f"{path}[{key}]")
+            yield from schema_objects(node[key], f"{path}[{key}]")
     for branch in node.get("anyOf", []):
-        yield from schema_objects(schema, branch, path)
+        yield from schema_objects(branch, path)
 
 
 def test_every_schema_object_forbids_unknown_keys(schema: dict[str, Any]) -> None:
-    objects = list(schema_objects(schema, schema, "values"))
+    objects = list(schema_objects(schema, "values"))
     assert len(objects) > 30
     for path, node in objects:
         if "properties" in node:

@@ -30,7 +30,6 @@ import yaml
 ROOT: Final = Path(__file__).resolve().parent.parent
 CHART_DIR: Final = ROOT / "charts" / "fedtrain"
 INSTALL_FILE: Final = ROOT / "manifests" / "install.yaml"
-README_FILE: Final = CHART_DIR / "README.md"
 
 RELEASE_NAME: Final = "fedtrain"
 RELEASE_NAMESPACE: Final = "fedtrain-system"

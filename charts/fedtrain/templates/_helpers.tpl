@@ -54,6 +54,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
+{{- /* What operator/manifests.py gives every aggregator pod it makes (MANAGED_BY, COMPONENT). */}}
+{{- define "fedtrain.aggregatorSelectorLabels" -}}
+app.kubernetes.io/managed-by: fedtrain-operator
+app.kubernetes.io/component: aggregator
+{{- end }}
+
 {{- define "fedtrain.operatorLabels" -}}
 {{ include "fedtrain.labels" . }}
 app.kubernetes.io/component: operator
