@@ -215,17 +215,8 @@ def _job_labels(training: TrainingRef, site: str, round_index: int, attempt: int
     }
 
 
-def trainer_job(
-    training: TrainingRef,
-    spec: FederatedTrainingSpec,
-    site: SiteSpec,
-    round_index: int,
-    attempt: int,
-    mode: str,
-    defaults: PodDefaults,
-) -> dict[str, Any]:
-    name = job_name(training, site.name, round_index, attempt)
-    labels = _job_labels(training, site.name, round_index, attempt)
+def _trainer_storage(name: str, site: SiteSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The trainer's volume mounts and the pod's volumes: job file, scratch, shared memory, data."""
     mounts: list[dict[str, Any]] = [
         {"name": "job", "mountPath": JOB_CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -248,6 +239,10 @@ def trainer_job(
                 "persistentVolumeClaim": {"claimName": site.data_volume.claim_name, "readOnly": True},
             }
         )
+    return mounts, volumes
+
+
+def _trainer_container(site: SiteSpec, defaults: PodDefaults, mounts: list[dict[str, Any]]) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "trainer",
         "image": defaults.trainer_image,
@@ -261,14 +256,11 @@ def trainer_job(
     resources = _resources(site)
     if resources:
         container["resources"] = resources
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        # The trainer talks to nothing but presigned URLs: it needs no Kubernetes credentials.
-        "automountServiceAccountToken": False,
-        "securityContext": _restricted_pod_security(),
-        "containers": [container],
-        "volumes": volumes,
-    }
+    return container
+
+
+def _site_placement(site: SiteSpec) -> dict[str, Any]:
+    """The pod fields a site sets (where it runs, as whom, from which registry); unset ones left out."""
     optional: dict[str, Any] = {
         "nodeSelector": dict(site.node_selector) or None,
         "tolerations": [t.to_api() for t in site.tolerations] or None,
@@ -278,7 +270,34 @@ def trainer_job(
         "serviceAccountName": site.service_account_name,
         "imagePullSecrets": [{"name": secret} for secret in site.image_pull_secrets] or None,
     }
-    pod.update({key: value for key, value in optional.items() if value is not None})
+    return {key: value for key, value in optional.items() if value is not None}
+
+
+def trainer_pod_spec(name: str, site: SiteSpec, defaults: PodDefaults) -> dict[str, Any]:
+    """The pod of the trainer Job `name`: one container, restricted, placed where the site says."""
+    mounts, volumes = _trainer_storage(name, site)
+    return {
+        "restartPolicy": "Never",
+        # The trainer talks to nothing but presigned URLs: it needs no Kubernetes credentials.
+        "automountServiceAccountToken": False,
+        "securityContext": _restricted_pod_security(),
+        "containers": [_trainer_container(site, defaults, mounts)],
+        "volumes": volumes,
+        **_site_placement(site),
+    }
+
+
+def trainer_job(
+    training: TrainingRef,
+    spec: FederatedTrainingSpec,
+    site: SiteSpec,
+    round_index: int,
+    attempt: int,
+    mode: str,
+    defaults: PodDefaults,
+) -> dict[str, Any]:
+    name = job_name(training, site.name, round_index, attempt)
+    labels = _job_labels(training, site.name, round_index, attempt)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -293,7 +312,10 @@ def trainer_job(
             "backoffLimit": 0,
             "activeDeadlineSeconds": spec.aggregation.round_timeout_seconds + defaults.job_grace_seconds,
             "ttlSecondsAfterFinished": defaults.job_ttl_seconds,
-            "template": {"metadata": {"labels": labels, "annotations": {MODE: mode}}, "spec": pod},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {MODE: mode}},
+                "spec": trainer_pod_spec(name, site, defaults),
+            },
         },
     }
 
@@ -349,42 +371,49 @@ def aggregator_config_map(training: TrainingRef, spec: FederatedTrainingSpec) ->
     }
 
 
-def aggregator_deployment(
-    training: TrainingRef, spec: FederatedTrainingSpec, defaults: PodDefaults
-) -> dict[str, Any]:
-    labels = aggregator_labels(training)
-    # A changed spec changes the ConfigMap; this annotation rolls the pod so it reads the new one.
-    config_hash = hashlib.sha256(
-        json.dumps(training_document(training, spec), sort_keys=True).encode()
-    ).hexdigest()[:16]
-    env: list[dict[str, Any]] = [
-        *_scratch_env(),
-        {"name": "FEDTRAIN_AGGREGATOR_TRAINING_FILE", "value": f"{TRAINING_DIR}/{TRAINING_FILE}"},
-        {"name": "FEDTRAIN_AGGREGATOR_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
-        {"name": "FEDTRAIN_AGGREGATOR_PORT", "value": str(AGGREGATOR_PORT)},
-    ]
+def _config_hash(training: TrainingRef, spec: FederatedTrainingSpec) -> str:
+    document = json.dumps(training_document(training, spec), sort_keys=True)
+    return hashlib.sha256(document.encode()).hexdigest()[:16]
+
+
+def _storage_credentials_env(spec: FederatedTrainingSpec) -> list[dict[str, Any]]:
+    """The S3 credentials from the spec's Secret, if it names one (the session token is optional)."""
     storage = spec.storage
-    if storage is not None and storage.credentials_secret:
+    if storage is None or not storage.credentials_secret:
+        return []
+    return [
+        {
+            "name": key,
+            "valueFrom": {
+                "secretKeyRef": {"name": storage.credentials_secret, "key": key, "optional": optional}
+            },
+        }
         for key, optional in (
             ("AWS_ACCESS_KEY_ID", False),
             ("AWS_SECRET_ACCESS_KEY", False),
             ("AWS_SESSION_TOKEN", True),
-        ):
-            env.append(
-                {
-                    "name": key,
-                    "valueFrom": {
-                        "secretKeyRef": {"name": storage.credentials_secret, "key": key, "optional": optional}
-                    },
-                }
-            )
+        )
+    ]
+
+
+def _aggregator_env(spec: FederatedTrainingSpec) -> list[dict[str, Any]]:
+    return [
+        *_scratch_env(),
+        {"name": "FEDTRAIN_AGGREGATOR_TRAINING_FILE", "value": f"{TRAINING_DIR}/{TRAINING_FILE}"},
+        {"name": "FEDTRAIN_AGGREGATOR_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
+        {"name": "FEDTRAIN_AGGREGATOR_PORT", "value": str(AGGREGATOR_PORT)},
+        *_storage_credentials_env(spec),
+    ]
+
+
+def _aggregator_container(spec: FederatedTrainingSpec, defaults: PodDefaults) -> dict[str, Any]:
     probe_port = {"port": AGGREGATOR_PORT_NAME}
     container: dict[str, Any] = {
         "name": "aggregator",
         "image": defaults.aggregator_image,
         "imagePullPolicy": defaults.image_pull_policy,
         "command": ["python", "-m", "fedtrain.aggregator", "serve"],
-        "env": env,
+        "env": _aggregator_env(spec),
         "ports": [{"name": AGGREGATOR_PORT_NAME, "containerPort": AGGREGATOR_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/readyz", **probe_port}, "periodSeconds": 5},
         "livenessProbe": {
@@ -401,6 +430,36 @@ def aggregator_deployment(
     }
     if defaults.aggregator_resources:
         container["resources"] = defaults.aggregator_resources
+    return container
+
+
+def aggregator_pod_spec(
+    training: TrainingRef, spec: FederatedTrainingSpec, defaults: PodDefaults
+) -> dict[str, Any]:
+    """The aggregator's pod: the training file from the ConfigMap, the token from its Secret."""
+    pull_secrets = [{"name": name} for name in defaults.image_pull_secrets]
+    return {
+        "automountServiceAccountToken": False,
+        "securityContext": _restricted_pod_security(),
+        **({"imagePullSecrets": pull_secrets} if pull_secrets else {}),
+        "containers": [_aggregator_container(spec, defaults)],
+        "volumes": [
+            {"name": "training", "configMap": {"name": aggregator_name(training)}},
+            {
+                "name": "token",
+                "secret": {"secretName": token_secret_name(training), "defaultMode": 0o440},
+            },
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+
+
+def aggregator_deployment(
+    training: TrainingRef, spec: FederatedTrainingSpec, defaults: PodDefaults
+) -> dict[str, Any]:
+    labels = aggregator_labels(training)
+    # A changed spec changes the ConfigMap; this annotation rolls the pod so it reads the new one.
+    annotations = {"fedtrain.io/config-hash": _config_hash(training, spec)}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -416,25 +475,8 @@ def aggregator_deployment(
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": aggregator_selector(training)},
             "template": {
-                "metadata": {"labels": labels, "annotations": {"fedtrain.io/config-hash": config_hash}},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "securityContext": _restricted_pod_security(),
-                    **(
-                        {"imagePullSecrets": [{"name": name} for name in defaults.image_pull_secrets]}
-                        if defaults.image_pull_secrets
-                        else {}
-                    ),
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "training", "configMap": {"name": aggregator_name(training)}},
-                        {
-                            "name": "token",
-                            "secret": {"secretName": token_secret_name(training), "defaultMode": 0o440},
-                        },
-                        {"name": "tmp", "emptyDir": {}},
-                    ],
-                },
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": aggregator_pod_spec(training, spec, defaults),
             },
         },
     }
