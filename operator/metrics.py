@@ -77,8 +77,19 @@ class OperatorMetrics:
         if registry is None:
             for collector in (ProcessCollector, PlatformCollector, GCCollector):
                 collector(registry=self.registry)
-        r = self.registry
-        training, site = TRAINING_LABELS, SITE_LABELS
+        # Declared in this order, so the exposition lists them as it always has.
+        self._per_training: tuple[Gauge | Counter | Histogram, ...] = (
+            *self._declare_progress(),
+            *self._declare_attempts(),
+            *self._declare_evaluation(),
+            *self._declare_site_training(),
+        )
+        self._declare_operator()
+        self._server: WSGIServer | None = None
+
+    def _declare_progress(self) -> tuple[Gauge | Counter | Histogram, ...]:
+        """Where each training is: phase, round, deadline, rounds closed and how long they took."""
+        r, training = self.registry, TRAINING_LABELS
         self.phase = Gauge(
             "fedtrain_training_phase",
             "1 for the training's current phase (Pending, Running, Suspended, Succeeded, Failed), else 0.",
@@ -101,6 +112,18 @@ class OperatorMetrics:
             buckets=ROUND_BUCKETS,
             registry=r,
         )
+        return (
+            self.phase,
+            self.round,
+            self.rounds,
+            self.deadline,
+            self.rounds_completed,
+            self.round_duration,
+        )
+
+    def _declare_attempts(self) -> tuple[Gauge | Counter | Histogram, ...]:
+        """How the sites' trainer attempts ended, and what their updates weighed and got."""
+        r, training, site = self.registry, TRAINING_LABELS, SITE_LABELS
         self.site_jobs = Counter(
             "fedtrain_site_jobs",
             "Trainer attempts that ended, by outcome (succeeded, failed, straggler).",
@@ -122,6 +145,11 @@ class OperatorMetrics:
             training,
             registry=r,
         )
+        return (self.site_jobs, self.stragglers, self.rejected, self.round_bytes)
+
+    def _declare_evaluation(self) -> tuple[Gauge, ...]:
+        """How the global model does on the validation data: of all sites, and of each site."""
+        r, training, site = self.registry, TRAINING_LABELS, SITE_LABELS
         self.accuracy = Gauge(
             "fedtrain_validation_accuracy",
             "Top-1 accuracy of the last closed round's global model over all sites' validation data.",
@@ -146,6 +174,11 @@ class OperatorMetrics:
             site,
             registry=r,
         )
+        return (self.accuracy, self.loss, self.site_accuracy, self.site_loss)
+
+    def _declare_site_training(self) -> tuple[Gauge, ...]:
+        """Each site's local training, from its latest update."""
+        r, site = self.registry, SITE_LABELS
         self.train_loss = Gauge(
             "fedtrain_site_train_loss", "The site's local training loss (latest update).", site, registry=r
         )
@@ -164,6 +197,11 @@ class OperatorMetrics:
         self.train_seconds = Gauge(
             "fedtrain_site_train_seconds", "The site's local training time (latest update).", site, registry=r
         )
+        return (self.train_loss, self.train_accuracy, self.samples_per_second, self.train_seconds)
+
+    def _declare_operator(self) -> None:
+        """How the operator itself fares: reconciles, their errors, leadership. No training labels."""
+        r = self.registry
         self.reconcile_seconds = Histogram(
             "fedtrain_reconcile_duration_seconds",
             "One reconcile of one training.",
@@ -181,27 +219,6 @@ class OperatorMetrics:
             "1 while this replica may act (it holds the Lease, or leader election is off).",
             registry=r,
         )
-        self._per_training: tuple[Gauge | Counter | Histogram, ...] = (
-            self.phase,
-            self.round,
-            self.rounds,
-            self.deadline,
-            self.rounds_completed,
-            self.round_duration,
-            self.site_jobs,
-            self.stragglers,
-            self.rejected,
-            self.round_bytes,
-            self.accuracy,
-            self.loss,
-            self.site_accuracy,
-            self.site_loss,
-            self.train_loss,
-            self.train_accuracy,
-            self.samples_per_second,
-            self.train_seconds,
-        )
-        self._server: WSGIServer | None = None
 
     # ---------------------------------------------------------------------------------------------
     # serving
