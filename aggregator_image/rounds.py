@@ -136,7 +136,7 @@ class RoundAggregator:
 
     def initialize(self) -> str:
         """Write the initial global model (round 0) unless it exists; return its URI."""
-        from fedtrain.trainer.model import build_model  # timm and peft only where a model is built
+        from fedtrain.model import build_model  # timm and peft only where a model is built
 
         key = self.layout.global_model(0)
         if not self.store.exists(key):
@@ -387,7 +387,7 @@ class RoundAggregator:
 
     def merge(self, round_index: int) -> str:
         """Write the global model of `round_index` with LoRA folded in, as a plain timm state dict."""
-        from fedtrain.trainer.model import build_model  # timm and peft only where a model is built
+        from fedtrain.model import build_model  # timm and peft only where a model is built
 
         key = self.layout.merged_model()
         if self.store.exists(key):

@@ -8,7 +8,7 @@ tensor bytes), for each model in --models and each configuration:
 * LoRA rank --rank (default 8) on every Linear outside the head ("all-linear"; the head is trained
   fully), fp32 and bf16 transfer.
 
-How: each model is built with `fedtrain.trainer.model.build_model` from a spec made with
+How: each model is built with `fedtrain.model.build_model` from a spec made with
 `FederatedTrainingSpec.model_validate` (pretrained=False, img_size=224, num_classes=9), exactly as
 a site builds it. The delta is computed as the trainer computes it (`exchanged_state()` after
 minus before) around a small random change of every trainable parameter, standing in for local
@@ -37,7 +37,7 @@ import torch
 
 from fedtrain.api import WAFER_CLASSES, FederatedTrainingSpec, TransferDtype
 from fedtrain.codec import Metadata, PayloadKind, encode, l2_norm
-from fedtrain.trainer.model import FederatedModel, build_model
+from fedtrain.model import FederatedModel, build_model
 
 MB = 1e6
 TARGET_MODEL = "vit_base_patch14_dinov2"

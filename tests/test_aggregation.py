@@ -26,7 +26,7 @@ from fedtrain.codec import Metadata, PayloadKind, decode, encode, read_metadata
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest
 from fedtrain.store import LocalStore, ObjectStore, S3Store, StoreError
-from fedtrain.trainer.model import build_model
+from fedtrain.model import build_model
 
 LAYOUT = TrainingLayout(namespace="lab", name="wafers")
 BASE = "0f" * 32

@@ -19,7 +19,7 @@ from fedtrain.codec import PayloadKind, check_update, decode
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.store import LocalStore
-from fedtrain.trainer.model import ModelError, auto_lora_rank, build_model, resolve_rank
+from fedtrain.model import ModelError, auto_lora_rank, build_model, resolve_rank
 from fedtrain.trainer.train import (
     classification_metrics,
     make_optimizer,

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from fedtrain.api import describe_errors
 from fedtrain.job import TrainerJob
+from fedtrain.model import ModelError
 
 from .data import DataError
-from .model import ModelError
 from .train import IncompatibleModelError, run_job
 
 EXIT_INVALID = 2

@@ -23,10 +23,10 @@ from torch import nn
 from fedtrain.api import EvalMetrics, OptimizerName, Precision, PretrainedSource, ScheduleName
 from fedtrain.codec import CodecError, Metadata, PayloadKind, decode, encode, l2_norm
 from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.model import FederatedModel, ModelError, build_model
 from fedtrain.store import ObjectNotFound, read_url, write_url
 
 from .data import ImageSet, SiteData, augment_batch, load_site_data
-from .model import FederatedModel, ModelError, build_model
 
 log = logging.getLogger("fedtrain.trainer")
 

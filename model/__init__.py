@@ -1,0 +1,25 @@
+"""The model both data-plane images build: a timm backbone, optionally adapted with peft LoRA.
+
+The trainer fine-tunes it and the aggregator rebuilds it to merge the final model, so it lives
+apart from both (importable as fedtrain.model); the operator's image holds neither it nor torch.
+"""
+
+from .factory import (
+    FederatedModel,
+    ModelError,
+    ModelRecipe,
+    auto_lora_rank,
+    build_model,
+    create_backbone,
+    resolve_rank,
+)
+
+__all__ = [
+    "FederatedModel",
+    "ModelError",
+    "ModelRecipe",
+    "auto_lora_rank",
+    "build_model",
+    "create_backbone",
+    "resolve_rank",
+]
