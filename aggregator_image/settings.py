@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedtrain.api import FederatedTraining, PretrainedSource, describe_errors
 from fedtrain.layout import TrainingLayout
+from fedtrain.resource import InvalidResourceError, load_resource
 from fedtrain.store import S3Store
 
 ENV_PREFIX = "FEDTRAIN_AGGREGATOR_"
@@ -76,9 +77,6 @@ class AggregatorSettings(BaseSettings):
 
     def training(self) -> FederatedTraining:
         """The training resource, which must name its storage: the aggregator works only through S3."""
-        # Imported here: fedtrain.cli pulls in rich and typer, which the settings do not need otherwise.
-        from fedtrain.cli import InvalidResourceError, load_resource
-
         variable = f"{ENV_PREFIX}TRAINING_FILE={self.training_file}"
         try:
             resource = load_resource(self.training_file)

@@ -1,18 +1,21 @@
-"""The `fedtrain` command."""
+"""The `fedtrain` command: validate a resource, run it on this machine, generate the CRD."""
 
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-import yaml
-from pydantic import ValidationError
 from rich.console import Console
 
-from fedtrain.api import FederatedTraining, describe_errors
+from fedtrain.api import FederatedTraining, FederatedTrainingStatus, Phase
 from fedtrain.crd import CRD_DIRS, CRD_FILENAME, render_crd
+from fedtrain.resource import InvalidResourceError, load_resource
+
+if TYPE_CHECKING:
+    from .local import RunOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -27,30 +30,11 @@ EXIT_FAILED = 1
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 
-
-class InvalidResourceError(Exception):
-    def __init__(self, path: Path, problems: list[str]) -> None:
-        super().__init__(f"{path}: {len(problems)} problem(s)")
-        self.path = path
-        self.problems = problems
-
-
-def load_resource(path: Path) -> FederatedTraining:
-    """Read a FederatedTraining YAML file, as written for `kubectl apply`."""
-    try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise InvalidResourceError(path, [f"cannot read the file: {error.strerror}"]) from None
-    except yaml.YAMLError as error:
-        raise InvalidResourceError(path, [f"not valid YAML: {error}"]) from None
-    if not isinstance(document, dict):
-        raise InvalidResourceError(
-            path, ["expected a FederatedTraining object (apiVersion, kind, metadata, spec)"]
-        )
-    try:
-        return FederatedTraining.model_validate(document)
-    except ValidationError as error:
-        raise InvalidResourceError(path, describe_errors(error)) from None
+#: `fedtrain run` of a suspended resource: the runner returns at once and the command exits 0.
+SUSPENDED_MESSAGE = (
+    "spec.suspend is true: nothing was run; set spec.suspend to false and run again "
+    "(add --resume to continue this run)"
+)
 
 
 def _load_or_exit(path: Path) -> FederatedTraining:
@@ -108,8 +92,7 @@ def run(
             "[red]error:[/] --resume continues the run in --run-dir, --overwrite deletes it: choose one"
         )
         raise typer.Exit(EXIT_INVALID)
-    from fedtrain.operator.local import LocalRunner, RunError, RunOptions  # torch loads only here
-    from fedtrain.operator.progress import RunProgress
+    from .local import RunOptions  # torch loads only here
 
     options = RunOptions(
         run_dir=run_dir or Path("runs") / resource.metadata.name,
@@ -121,6 +104,19 @@ def run(
     )
     if trainer_command:
         options.trainer_command = trainer_command.split()
+    status = _run_here(file, resource, options)
+    if status.phase == Phase.SUSPENDED:
+        console.print(SUSPENDED_MESSAGE)
+    elif status.phase != Phase.SUCCEEDED:
+        errors.print(f"[red]training failed:[/] {status.message}")
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _run_here(file: Path, resource: FederatedTraining, options: RunOptions) -> FederatedTrainingStatus:
+    """Drive the run with a live progress display; a summary follows unless nothing was run."""
+    from .local import LocalRunner, RunError
+    from .progress import RunProgress
+
     started = time.monotonic()
     with RunProgress(console, resource.spec, options.run_dir) as progress:
         runner = LocalRunner(
@@ -142,10 +138,9 @@ def run(
                 f"  fedtrain run {file} --run-dir {options.run_dir} --resume"
             )
             raise typer.Exit(EXIT_INTERRUPTED) from None
-    progress.summary(status, time.monotonic() - started)
-    if status.phase.value != "Succeeded":
-        errors.print(f"[red]training failed:[/] {status.message}")
-        raise typer.Exit(EXIT_FAILED)
+    if status.phase != Phase.SUSPENDED:
+        progress.summary(status, time.monotonic() - started)
+    return status
 
 
 @app.command()

@@ -16,7 +16,7 @@ from fedtrain.api import (
     FederatedTrainingStatus,
     describe_errors,
 )
-from fedtrain.cli import app
+from fedtrain.operator.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 

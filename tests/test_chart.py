@@ -23,9 +23,9 @@ import yaml
 from typer.testing import CliRunner
 
 from fedtrain.api import FederatedTraining
-from fedtrain.cli import app
 from fedtrain.crd import CRD_DIRS, CRD_FILENAME, render_crd
 from fedtrain.operator import manifests
+from fedtrain.operator.cli import app
 from fedtrain.operator.settings import ENV_PREFIX, OperatorSettings
 
 ROOT = Path(__file__).resolve().parent.parent

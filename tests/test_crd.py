@@ -38,8 +38,8 @@ from fedtrain.api import (
     SiteRoundStatus,
     SiteState,
 )
-from fedtrain.cli import app
 from fedtrain.crd import CRD_FILENAME, SchemaError, crd_manifest, openapi_schema, render_crd
+from fedtrain.operator.cli import app
 
 with warnings.catch_warnings():
     # cel-python's lark 0.12 imports sre_parse, deprecated since Python 3.11.

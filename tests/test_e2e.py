@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
-FEDTRAIN = [sys.executable, "-m", "fedtrain.cli"]
+FEDTRAIN = [sys.executable, "-m", "fedtrain.operator.cli"]
 
 
 def training(name: str, rounds: int = 2, sites: int = 3, **spec: Any) -> dict[str, Any]:
