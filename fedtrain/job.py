@@ -6,6 +6,7 @@ objects it may touch (presigned on S3, file:// on the local store). It holds no 
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,3 +52,8 @@ class TrainerJob(BaseModel):
     state_get_url: str | None = Field(None, description="GET: this site's private optimizer state.")
     state_put_url: str | None = Field(None, description="PUT: this site's private optimizer state.")
     pretrained_url: str | None = Field(None, description="GET: base weights when pretrained.source is uri.")
+    transfer_deadline: datetime | None = Field(
+        None,
+        description="Transfers are retried, with backoff, until this time (the round's deadline); "
+        "unset: a bound of 10 minutes.",
+    )

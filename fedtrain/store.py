@@ -6,25 +6,31 @@ list with the same string-prefix semantics, and raise `ObjectNotFound` for a mis
 written against `ObjectStore` runs unchanged on a laptop and on a cluster.
 
 Trainers never hold store credentials: they are handed presigned URLs (or file:// URLs for the local
-store) and move bytes with `read_url` and `write_url`. Retries live in botocore and urllib3, never in
-hand-written loops here.
+store) and move bytes with `read_url` and `write_url`. Retries live in botocore (S3Store) and in
+tenacity (presigned URLs, bounded by the round's deadline), never in hand-written loops here.
 """
 
 from __future__ import annotations
 
 import abc
 import builtins
+import logging
 import os
 import re
 import shutil
+import ssl
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import boto3
+import tenacity
 import urllib3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -53,14 +59,20 @@ _OCTET_STREAM = "application/octet-stream"
 #: Buffer size for copying a file or a response body into a file.
 _COPY_CHUNK = 1024 * 1024
 
-# One pool for every presigned transfer of the process. allowed_methods=None retries PUT too: a
-# presigned PUT of the same bytes is idempotent.
+#: How long a presigned transfer is retried when its job names no deadline.
+DEFAULT_TRANSFER_BOUND = timedelta(minutes=10)
+
+_CONNECT_TIMEOUT = 10.0
+_READ_TIMEOUT = 300.0
+
+# One pool for every presigned transfer of the process. It follows redirects but retries nothing
+# itself: `_http` retries, with a bound taken from the round's deadline.
 _HTTP = urllib3.PoolManager(
-    retries=urllib3.Retry(
-        total=5, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504), allowed_methods=None
-    ),
-    timeout=urllib3.Timeout(connect=10.0, read=300.0),
+    retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5),
+    timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT, read=_READ_TIMEOUT),
 )
+
+log = logging.getLogger("fedtrain.store")
 
 
 class StoreError(RuntimeError):
@@ -472,6 +484,31 @@ class S3Store(ObjectStore):
 # URLs handed to trainers
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """How a transfer waits between attempts: exponential with full jitter, capped per wait.
+
+    The n-th wait is drawn uniformly from [0, min(max_wait, first_window * 2**(n-1))] (tenacity's
+    wait_random_exponential), so trainers that lost the store together do not come back together.
+    """
+
+    first_window: float = 1.0
+    max_wait: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first_window <= self.max_wait:
+            raise ValueError(
+                f"Backoff needs 0 < first_window <= max_wait, not {self.first_window} and {self.max_wait}"
+            )
+
+
+DEFAULT_BACKOFF = Backoff()
+
+
+class _TransientError(StoreError):
+    """A failure that waiting may cure: no connection, a timeout, or a 5xx or 429 answer."""
+
+
 def _redact(url: str) -> str:
     """The URL without its query string, which carries the signature of a presigned URL."""
     return urlunsplit(urlsplit(url)._replace(query="", fragment=""))
@@ -492,28 +529,117 @@ def _s3_error_detail(body: bytes) -> str:
     return ": ".join(match.group(1).strip() for match in found if match)
 
 
-def _http(method: str, url: str, body: bytes | None = None) -> bytes:
+def _is_certificate_error(reason: BaseException) -> bool:
+    # A certificate that does not verify will not verify later either; other TLS errors
+    # (a connection cut during the handshake) are as transient as a refused connection.
+    return isinstance(reason, ssl.SSLCertVerificationError) or any(
+        isinstance(arg, ssl.SSLCertVerificationError) for arg in reason.args
+    )
+
+
+def _http_once(method: str, url: str, body: bytes | None, connect_timeout: float) -> bytes:
+    """One request: the body, ObjectNotFound, _TransientError (worth a retry) or StoreError."""
     headers = {"Content-Type": _OCTET_STREAM} if method == "PUT" else None
+    timeout = urllib3.Timeout(connect=connect_timeout, read=_READ_TIMEOUT)
     try:
-        response = _HTTP.request(method, url, body=body, headers=headers)
+        response = _HTTP.request(method, url, body=body, headers=headers, timeout=timeout)
     except urllib3.exceptions.HTTPError as error:
         # urllib3's messages embed the full URL; report only the reason, and drop the chained
         # exception so the signature does not reach a traceback either.
         reason = getattr(error, "reason", None) or error
-        raise StoreError(f"{method} {_redact(url)} failed: {type(reason).__name__}: {reason}") from None
+        message = f"{method} {_redact(url)} failed: {type(reason).__name__}: {reason}"
+        if _is_certificate_error(reason):
+            raise StoreError(message) from None
+        raise _TransientError(message) from None
+    detail = _s3_error_detail(response.data)
     if response.status == 404:
-        raise ObjectNotFound(f"no object at {_redact(url)} (HTTP 404 {_s3_error_detail(response.data)})")
+        raise ObjectNotFound(f"no object at {_redact(url)} (HTTP 404 {detail})")
+    if response.status == 403:
+        raise StoreError(
+            f"{method} {_redact(url)} failed: HTTP 403 {detail}; the presigned URL has expired or was "
+            "not signed for this request (a permanent error: the job needs freshly signed URLs)"
+        )
+    if response.status >= 500 or response.status == 429:
+        raise _TransientError(f"{method} {_redact(url)} failed: HTTP {response.status} {detail}".rstrip())
     if response.status >= 300:
-        detail = _s3_error_detail(response.data)
         raise StoreError(f"{method} {_redact(url)} failed: HTTP {response.status} {detail}".rstrip())
     return response.data
 
 
-def read_url(url: str) -> bytes:
-    """The bytes behind a presigned http(s) URL or a file:// URL; ObjectNotFound if there are none."""
+def _seconds_until(deadline: datetime | None) -> float:
+    if deadline is None:
+        return DEFAULT_TRANSFER_BOUND.total_seconds()
+    if deadline.tzinfo is None:  # a naive time is read as UTC, as the CR's times are
+        deadline = deadline.replace(tzinfo=UTC)
+    return (deadline - datetime.now(UTC)).total_seconds()
+
+
+def _describe_bound(deadline: datetime | None) -> str:
+    if deadline is None:
+        return f"the default bound of {DEFAULT_TRANSFER_BOUND.total_seconds():g} s"
+    return f"the transfer deadline {deadline.isoformat()}"
+
+
+def _http(method: str, url: str, body: bytes | None, deadline: datetime | None, backoff: Backoff) -> bytes:
+    """`_http_once`, retried on transient failures with backoff until the deadline passes.
+
+    At least one attempt is made, even past the deadline. 403, 404 and other 4xx answers are final.
+    """
+    started = time.monotonic()
+    give_up_at = started + _seconds_until(deadline)
+    target = f"{method} {_redact(url)}"
+    jittered = tenacity.wait_random_exponential(multiplier=backoff.first_window, max=backoff.max_wait)
+
+    def remaining() -> float:
+        return max(0.0, give_up_at - time.monotonic())
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        return min(jittered(state), remaining())
+
+    def past_bound(state: tenacity.RetryCallState) -> bool:
+        return remaining() <= 0
+
+    def announce(state: tenacity.RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        pause = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s: %s; retrying in %.1f s, giving up in %.0f s (%s)",
+            target,
+            failure,
+            pause,
+            remaining(),
+            _describe_bound(deadline),
+        )
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(_TransientError),
+        stop=past_bound,
+        wait=wait,
+        before_sleep=announce,
+    )
+    try:
+        # The connect timeout shrinks with the time left, but not below the second a healthy store needs.
+        data: bytes = retrying(
+            lambda: _http_once(method, url, body, min(_CONNECT_TIMEOUT, max(remaining(), 1.0)))
+        )
+    except tenacity.RetryError as error:
+        last = error.last_attempt.exception()
+        raise StoreError(
+            f"{target}: the object store was still unavailable after {time.monotonic() - started:.1f} s, "
+            f"when {_describe_bound(deadline)} ran out; last error: {last}"
+        ) from None
+    return data
+
+
+def read_url(url: str, deadline: datetime | None = None, backoff: Backoff = DEFAULT_BACKOFF) -> bytes:
+    """The bytes behind a presigned http(s) URL or a file:// URL; ObjectNotFound if there are none.
+
+    An http(s) transfer that fails for want of the store (no connection, 5xx, 429) is retried with
+    backoff until `deadline` (unset: DEFAULT_TRANSFER_BOUND from now); then StoreError.
+    """
     scheme = urlsplit(url).scheme
     if scheme in ("http", "https"):
-        return _http("GET", url)
+        return _http("GET", url, None, deadline, backoff)
     if scheme == "file":
         path = _file_url_path(url)
         try:
@@ -523,11 +649,16 @@ def read_url(url: str) -> bytes:
     raise ValueError(f"cannot read {_redact(url)!r}: expected an http(s):// presigned URL or a file:// URL")
 
 
-def write_url(url: str, data: bytes) -> None:
-    """Upload `data` to a presigned PUT URL, or write it atomically to a file:// URL."""
+def write_url(
+    url: str, data: bytes, deadline: datetime | None = None, backoff: Backoff = DEFAULT_BACKOFF
+) -> None:
+    """Upload `data` to a presigned PUT URL, or write it atomically to a file:// URL.
+
+    Retried as `read_url` is: a presigned PUT of the same bytes is idempotent.
+    """
     scheme = urlsplit(url).scheme
     if scheme in ("http", "https"):
-        _http("PUT", url, data)
+        _http("PUT", url, data, deadline, backoff)
     elif scheme == "file":
         _write_atomically(_file_url_path(url), lambda target: target.write(data))
     else:

@@ -6,18 +6,25 @@ Shared behaviour runs against a LocalStore on tmp_path and an S3Store on moto's 
 from __future__ import annotations
 
 import http.server
+import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import boto3
 import pytest
 from botocore.config import Config
+from ports import free_port
 
+from fedtrain import store as store_module
 from fedtrain.api import StorageSpec
 from fedtrain.store import (
+    Backoff,
     LocalStore,
     ObjectNotFound,
     ObjectStore,
@@ -401,14 +408,157 @@ def test_http_transient_errors_are_retried(scripted: _ScriptedServer) -> None:
 
 
 def test_http_failure_names_url_without_signature(scripted: _ScriptedServer) -> None:
-    scripted.statuses[:] = [403]
+    scripted.statuses[:] = [403, 200]
     with pytest.raises(StoreError) as raised:
         read_url(f"{scripted.url}/bucket/key?X-Amz-Signature=secret")
     message = str(raised.value)
     assert f"{scripted.url}/bucket/key" in message
     assert "403" in message
     assert "AccessDenied" in message
+    assert "expired" in message, "a 403 is a permanent error and says why"
     assert "secret" not in message
+    assert len(scripted.requests) == 1, "a 403 is not retried"
+
+
+def test_http_404_is_not_retried(scripted: _ScriptedServer) -> None:
+    scripted.statuses[:] = [404, 200]
+    with pytest.raises(ObjectNotFound, match="404"):
+        read_url(f"{scripted.url}/bucket/key?X-Amz-Signature=secret", backoff=_FAST)
+    assert len(scripted.requests) == 1
+
+
+# An outage: the store refuses connections or answers 503 for a while, then serves again.
+
+_FAST = Backoff(first_window=0.05, max_wait=0.3)
+
+
+class _FlakyServer(http.server.ThreadingHTTPServer):
+    """Answers 503 until `serving_at` (a time.monotonic() instant), then serves one object."""
+
+    def __init__(self, port: int = 0, serving_at: float = 0.0, bind: bool = True) -> None:
+        super().__init__(("127.0.0.1", port), _FlakyHandler, bind_and_activate=bind)
+        self.serving_at = serving_at
+        self.stored = b"stored bytes"
+        self.statuses: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _FlakyHandler(http.server.BaseHTTPRequestHandler):
+    server: _FlakyServer
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status = 503 if time.monotonic() < self.server.serving_at else 200
+        self.server.statuses.append(status)
+        if status == 200 and self.command == "PUT":
+            self.server.stored = body
+        reply = self.server.stored if status == 200 else b"<Error><Code>SlowDown</Code></Error>"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_PUT = _answer  # noqa: N815 (the names http.server dispatches to)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def _serving(server: _FlakyServer) -> Iterator[_FlakyServer]:
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _in(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+def test_transfers_ride_out_503s_until_the_store_serves_again(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="fedtrain.store")
+    with _serving(_FlakyServer(serving_at=time.monotonic() + 1.0)) as server:
+        url = f"{server.url}/bucket/key?X-Amz-Signature=secret"
+        write_url(url, b"update", deadline=_in(20), backoff=_FAST)
+        assert server.stored == b"update"
+        server.serving_at = time.monotonic() + 1.0
+        assert read_url(url, deadline=_in(20), backoff=_FAST) == b"update"
+    assert server.statuses.count(503) >= 4, "both transfers met the outage"
+    waits = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(waits) == server.statuses.count(503), "one warning for every wait"
+    assert all(f"{server.url}/bucket/key" in message for message in waits)
+    assert all("giving up in" in message and "503" in message for message in waits)
+    assert not any("secret" in message for message in waits), "the signature never reaches a log"
+
+
+def test_transfers_ride_out_refused_connections() -> None:
+    late = _FlakyServer(free_port(), bind=False)
+
+    def serve_after_the_outage() -> None:
+        time.sleep(1.0)  # until then nothing listens on the port: connections are refused
+        late.server_bind()
+        late.server_activate()
+        late.serve_forever(poll_interval=0.05)
+
+    threading.Thread(target=serve_after_the_outage, daemon=True).start()
+    try:
+        url = f"{late.url}/bucket/key?X-Amz-Signature=secret"
+        started = time.monotonic()
+        write_url(url, b"update", deadline=_in(20), backoff=_FAST)
+        assert time.monotonic() - started >= 0.9, "the first attempts were refused"
+        assert read_url(url, deadline=_in(20), backoff=_FAST) == b"update"
+    finally:
+        late.shutdown()
+        late.server_close()
+
+
+def _transfer(method: str, url: str, deadline: datetime) -> None:
+    if method == "GET":
+        read_url(url, deadline=deadline, backoff=_FAST)
+    else:
+        write_url(url, b"update", deadline=deadline, backoff=_FAST)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_an_outage_longer_than_the_bound_fails_naming_object_and_bound(method: str) -> None:
+    with _serving(_FlakyServer(serving_at=time.monotonic() + 60)) as server:
+        url = f"{server.url}/bucket/rounds/0003/model?X-Amz-Signature=secret"
+        deadline = _in(1.0)
+        started = time.monotonic()
+        with pytest.raises(StoreError) as raised:
+            _transfer(method, url, deadline)
+        elapsed = time.monotonic() - started
+    message = str(raised.value)
+    assert f"{method} {server.url}/bucket/rounds/0003/model" in message
+    assert deadline.isoformat() in message
+    assert "503" in message
+    assert "secret" not in message
+    assert 0.9 <= elapsed < 3, "retried until the deadline, and no longer"
+    assert len(server.statuses) > 2
+
+
+def test_without_a_deadline_transfers_are_bounded_by_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store_module, "DEFAULT_TRANSFER_BOUND", timedelta(seconds=0.5))
+    with (
+        _serving(_FlakyServer(serving_at=time.monotonic() + 60)) as server,
+        pytest.raises(StoreError, match=re.escape("the default bound of 0.5 s")),
+    ):
+        read_url(f"{server.url}/bucket/key", backoff=_FAST)
+    assert len(server.statuses) >= 2
+
+
+def test_a_deadline_already_past_still_makes_one_attempt() -> None:
+    with _serving(_FlakyServer()) as server:
+        assert read_url(f"{server.url}/bucket/key", deadline=_in(-5)) == b"stored bytes"
 
 
 # --------------------------------------------------------------------------------------------------
