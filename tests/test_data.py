@@ -31,6 +31,7 @@ from fedtrain.trainer.data import (
     load_npz_wafer_maps,
     load_site_data,
     site_data_seed,
+    site_seed,
     split_indices,
     wafer_maps_to_images,
 )
@@ -511,3 +512,48 @@ def test_load_site_data_reads_npz_and_image_folders(tmp_path: Path) -> None:
     assert [
         a + b for a, b in zip(folder_site.train_class_counts(), folder_site.val_class_counts(), strict=True)
     ] == [3, 3]
+
+
+def _wafer_sources(tmp_path: Path) -> list[DataSpec]:
+    maps, labels = generate_wafer_maps(20, 16, 1.0, seed=1)
+    np.savez(tmp_path / "site.npz", maps=maps, labels=labels)
+    return [
+        DataSpec(synthetic=SyntheticData(samples=20, map_size=16)),
+        DataSpec(npz=NpzData(path=str(tmp_path / "site.npz"))),
+    ]
+
+
+def test_wafer_data_accepts_model_labels_that_name_its_classes_in_order(tmp_path: Path) -> None:
+    model = MODEL.model_copy(update={"num_classes": None, "labels": list(WAFER_CLASSES)})
+    for data in _wafer_sources(tmp_path):
+        assert load_site_data(data, model, EvaluationSpec(), "site-a", 0).class_names == list(WAFER_CLASSES)
+
+
+@pytest.mark.parametrize(
+    ("labels", "mismatch"),
+    [
+        # Same names, two swapped: per-class accuracy would report Donut's as Center's.
+        (["Donut", "Center", *WAFER_CLASSES[2:]], "entry 0 is 'Donut' where the data's class 0 is 'Center'"),
+        ([*WAFER_CLASSES[:8], "clean"], "entry 8 is 'clean' where the data's class 8 is 'none'"),
+    ],
+    ids=["reordered", "renamed"],
+)
+def test_wafer_data_refuses_model_labels_that_differ_from_its_classes(
+    tmp_path: Path, labels: list[str], mismatch: str
+) -> None:
+    model = MODEL.model_copy(update={"num_classes": None, "labels": labels})
+    for data in _wafer_sources(tmp_path):
+        with pytest.raises(DataError) as raised:
+            load_site_data(data, model, EvaluationSpec(), "site-a", 0)
+        message = str(raised.value)
+        assert message.startswith("model.labels does not match the classes of ")
+        assert mismatch in message
+        assert f"expected exactly [{', '.join(WAFER_CLASSES)}] in this order" in message
+        assert "Set model.labels to that list" in message
+
+
+def test_site_seed_is_the_synthetic_seed_where_set_else_derived_from_the_site() -> None:
+    unseeded = DataSpec(synthetic=SyntheticData(samples=20))
+    assert site_seed(unseeded, "fab-a", 3) == site_data_seed(3, "fab-a")
+    assert site_seed(unseeded, "fab-a", 3) != site_seed(unseeded, "fab-b", 3), "names of equal length"
+    assert site_seed(DataSpec(synthetic=SyntheticData(samples=20, seed=11)), "fab-a", 3) == 11

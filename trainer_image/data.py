@@ -518,6 +518,17 @@ def site_data_seed(training_seed: int, site_name: str) -> int:
     return int(np.random.SeedSequence([training_seed, name_digest]).generate_state(1, np.uint32)[0])
 
 
+def site_seed(data: DataSpec, site_name: str, training_seed: int) -> int:
+    """The seed of everything random about one site's data: generation, split and batch order.
+
+    The synthetic data's own seed where the spec sets one, else `site_data_seed`: sites differ
+    whatever their names, and a site draws the same in every process.
+    """
+    if data.synthetic is not None and data.synthetic.seed is not None:
+        return data.synthetic.seed
+    return site_data_seed(training_seed, site_name)
+
+
 def dihedral_transform(images: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Apply one of the 8 symmetries of the square to each image of a (N, C, H, H) batch.
 
@@ -567,18 +578,42 @@ def _class_counts(labels: torch.Tensor, class_count: int) -> list[int]:
     return counts
 
 
+def check_wafer_labels(model: ModelSpec, source: str) -> None:
+    """Wafer data labels its maps with indices into WAFER_CLASSES: model.labels must be that list.
+
+    Only names in that order keep per-class metrics and the merged model's labels true; a count
+    that matches is not enough.
+    """
+    if model.labels is None or tuple(model.labels) == WAFER_CLASSES:
+        return
+    expected = ", ".join(WAFER_CLASSES)
+    mismatch = next(
+        (
+            f"entry {index} is '{given}' where the data's class {index} is '{wanted}'"
+            for index, (given, wanted) in enumerate(zip(model.labels, WAFER_CLASSES, strict=False))
+            if given != wanted
+        ),
+        f"it has {len(model.labels)} names, the data {len(WAFER_CLASSES)} classes",
+    )
+    raise DataError(
+        f"model.labels does not match the classes of {source} wafer data: {mismatch}; expected "
+        f"exactly [{expected}] in this order. Set model.labels to that list, or remove model.labels "
+        f"and set numClasses: {len(WAFER_CLASSES)}"
+    )
+
+
 def load_site_data(
     data: DataSpec, model: ModelSpec, evaluation: EvaluationSpec, site_name: str, training_seed: int
 ) -> SiteData:
     """The site's data from whichever source its spec names, split and converted for `model`.
 
-    Synthetic data uses its own seed if set, else one derived from the training seed and site name;
-    the same seed shuffles the split, so a site sees the same split in every round.
+    The data is generated and split with `site_seed`, so a site sees the same split in every round.
+    Wafer data (synthetic or NPZ) defines its classes: model.labels, where set, must name them.
     """
-    seed = site_data_seed(training_seed, site_name)
+    seed = site_seed(data, site_name, training_seed)
+    if data.synthetic is not None or data.npz is not None:
+        check_wafer_labels(model, "synthetic" if data.synthetic is not None else "npz")
     if data.synthetic is not None:
-        if data.synthetic.seed is not None:
-            seed = data.synthetic.seed
         maps, wafer_labels = generate_wafer_maps(
             data.synthetic.samples, data.synthetic.map_size, data.synthetic.dirichlet_alpha, seed
         )
