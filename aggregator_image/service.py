@@ -151,6 +151,19 @@ class ServiceMetrics:
         # One training per process, but dashboards aggregate many: every series names its training.
         self._training = {"namespace": layout.namespace, "training": layout.name}
         labels = list(self._training)
+        self._declare_update_metrics(labels)
+        self._declare_round_metrics(labels)
+        self._requests = Counter(
+            "fedtrain_aggregator_requests",
+            "HTTP requests, by route template and status code.",
+            [*labels, "endpoint", "code"],
+            registry=self.registry,
+        )
+        self._round.labels(**self._training).set(-1)
+        self._last_round = -1
+
+    def _declare_update_metrics(self, labels: list[str]) -> None:
+        """What the sites sent: verdicts, bytes, norms, and the time each fold took."""
         self._updates = Counter(
             "fedtrain_aggregator_updates",
             "Updates given a verdict, by verdict and rejection reason (each site of a round once).",
@@ -177,6 +190,9 @@ class ServiceMetrics:
             buckets=NORM_BUCKETS,
             registry=self.registry,
         )
+
+    def _declare_round_metrics(self, labels: list[str]) -> None:
+        """The rounds closed, the last of them, and how long closing took."""
         self._close_seconds = Histogram(
             "fedtrain_aggregator_close_seconds",
             "Closing a round: writing the next global model and the manifest.",
@@ -196,14 +212,6 @@ class ServiceMetrics:
             labels,
             registry=self.registry,
         )
-        self._requests = Counter(
-            "fedtrain_aggregator_requests",
-            "HTTP requests, by route template and status code.",
-            [*labels, "endpoint", "code"],
-            registry=self.registry,
-        )
-        self._round.labels(**self._training).set(-1)
-        self._last_round = -1
 
     def verdict(self, verdict: UpdateVerdict, seconds: float) -> None:
         kind = "accepted" if verdict.accepted else "rejected"
@@ -487,7 +495,6 @@ def create_app(
         raise ValueError("the bearer token is empty: every /v1 request would need to send none")
     layout = aggregator.layout
     metrics = ServiceMetrics(layout, registry)
-    library = _Library(aggregator)
     readiness = StoreReadiness(
         readiness_probe or (lambda: aggregator.store.list(layout.manifest(0))),
         ttl_seconds=readiness_ttl_seconds,
@@ -502,9 +509,18 @@ def create_app(
         ),
     )
     _install_error_handlers(app)
+    _add_probe_routes(app, readiness, metrics)
+    v1 = _v1_router(_Library(aggregator), metrics)
+    app.include_router(v1)
+    # Added last, so outermost: the request counter sees the 401s of BearerAuth too.
+    app.add_middleware(BearerAuth, token=token)
+    # The app lists an included router as one opaque entry: match against the router's own routes.
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=[*v1.routes, *app.routes])
+    return app
 
-    # ---------------------------------------------------------------------------------------------
-    # probes and metrics: no token, and never in the worker threadpool the /v1 calls may fill
+
+def _add_probe_routes(app: FastAPI, readiness: StoreReadiness, metrics: ServiceMetrics) -> None:
+    """Probes and metrics: no token, and never in the worker threadpool the /v1 calls may fill."""
 
     @app.get("/healthz", response_model=StatusReply, tags=["probes"], summary="The process is alive.")
     async def healthz() -> StatusReply:
@@ -533,9 +549,13 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    # ---------------------------------------------------------------------------------------------
-    # /v1: the token is checked by BearerAuth; the dependency declares it in the OpenAPI schema.
 
+def _v1_router(library: _Library, metrics: ServiceMetrics) -> APIRouter:
+    """/v1: the token is checked by BearerAuth; the dependency declares it in the OpenAPI schema.
+
+    Replies go out by alias, FastAPI's default and what the OpenAPI schema says: the models' own
+    fields have none; a verdict's evaluation reads macroF1, as in the resource's status.
+    """
     bearer = HTTPBearer(
         auto_error=False,
         scheme_name="bearer",
@@ -548,8 +568,6 @@ def create_app(
         responses={**UNAUTHORIZED, **INVALID, **STORE_DOWN},
     )
 
-    # Replies go out by alias, FastAPI's default and what the OpenAPI schema says: the models' own
-    # fields have none; a verdict's evaluation reads macroF1, as in the resource's status.
     @v1.post(
         "/initialize",
         response_model=ModelReply,
@@ -558,6 +576,24 @@ def create_app(
     )
     def initialize() -> ModelReply:
         return ModelReply(model_uri=library.call("initialize", lambda agg: agg.initialize()))
+
+    _add_round_routes(v1, library, metrics)
+
+    @v1.post(
+        "/merge",
+        response_model=ModelReply,
+        summary="Write the final model: a round's global model with LoRA folded in.",
+        responses=CONFLICT,
+    )
+    def merge(request: MergeRequest) -> ModelReply:
+        uri = library.call(f"merge round {request.round}", lambda agg: agg.merge(request.round))
+        return ModelReply(model_uri=uri)
+
+    return v1
+
+
+def _add_round_routes(v1: APIRouter, library: _Library, metrics: ServiceMetrics) -> None:
+    """A round's calls: submit a site's update, close the round, read it."""
 
     @v1.post(
         "/rounds/{round}/updates",
@@ -607,20 +643,3 @@ def create_app(
             return RoundReply(round=round, closed=True, manifest=manifest, verdicts=verdicts)
 
         return library.call(f"round {round}", work)
-
-    @v1.post(
-        "/merge",
-        response_model=ModelReply,
-        summary="Write the final model: a round's global model with LoRA folded in.",
-        responses=CONFLICT,
-    )
-    def merge(request: MergeRequest) -> ModelReply:
-        uri = library.call(f"merge round {request.round}", lambda agg: agg.merge(request.round))
-        return ModelReply(model_uri=uri)
-
-    app.include_router(v1)
-    # Added last, so outermost: the request counter sees the 401s of BearerAuth too.
-    app.add_middleware(BearerAuth, token=token)
-    # The app lists an included router as one opaque entry: match against the router's own routes.
-    app.add_middleware(RequestMetrics, metrics=metrics, routes=[*v1.routes, *app.routes])
-    return app

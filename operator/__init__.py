@@ -1,1 +1,0 @@
-"""The control plane: the round engine and its drivers (local processes, and Kubernetes)."""
