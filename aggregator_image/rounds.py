@@ -25,6 +25,7 @@ from fedtrain.codec import (
     Payload,
     PayloadKind,
     Signature,
+    check_base_model,
     check_update,
     decode,
     encode,
@@ -223,7 +224,7 @@ class RoundAggregator:
             "train_metrics": _train_metrics(meta),
         }
         if meta.kind is PayloadKind.REPORT:
-            return UpdateVerdict(round=round_index, site=site, accepted=True, **common)
+            return self._report_verdict(round_index, site, key, meta, common)
         try:
             site_spec = self.spec.site(site)
         except KeyError:
@@ -251,6 +252,16 @@ class RoundAggregator:
         open_round.dirty = False
         open_round.weights[site] = weight
         return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
+
+    def _report_verdict(
+        self, round_index: int, site: str, key: str, meta: Metadata, common: dict[str, object]
+    ) -> UpdateVerdict:
+        """An evaluation-only report: nothing to fold, but it must be of this training's base model."""
+        try:
+            check_base_model(meta, self.signature(round_index), name=key)
+        except CodecError as error:
+            return self._reject(round_index, site, error.reason, str(error), **common)
+        return UpdateVerdict(round=round_index, site=site, accepted=True, **common)
 
     def _rebuild(self, round_index: int, sites: list[str]) -> _OpenRound:
         """A fresh sum of exactly `sites`' updates, read again from the store; other verdicts kept.

@@ -421,6 +421,16 @@ def decode(source: bytes | Path, name: str = "payload", verify: bool = True) -> 
     return Payload(tensors=tensors, meta=meta)
 
 
+def check_base_model(meta: Metadata, signature: Signature, name: str = "update") -> None:
+    """Refuse a site's payload (an update or an evaluation report) made from another base model."""
+    if meta.base_fingerprint != signature.base_fingerprint:
+        raise CodecError(
+            "base-model",
+            f"{name} was trained from a different base model (fingerprint {meta.base_fingerprint[:12]}..., "
+            f"expected {signature.base_fingerprint[:12]}...): check the site's model and pretrained source",
+        )
+
+
 def check_update(
     payload: Payload,
     signature: Signature,
@@ -438,12 +448,7 @@ def check_update(
     meta = payload.meta
     if meta.kind is not PayloadKind.UPDATE:
         raise CodecError("format", f"{name} is a {meta.kind.value}, not an update")
-    if meta.base_fingerprint != signature.base_fingerprint:
-        raise CodecError(
-            "base-model",
-            f"{name} was trained from a different base model (fingerprint {meta.base_fingerprint[:12]}..., "
-            f"expected {signature.base_fingerprint[:12]}...): check the site's model and pretrained source",
-        )
+    check_base_model(meta, signature, name)
     names, expected = set(payload.tensors), set(signature.shapes)
     if unknown := sorted(names - expected):
         raise CodecError("names", f"{name} has unknown tensors: {', '.join(unknown[:5])}")

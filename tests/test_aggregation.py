@@ -25,8 +25,8 @@ from fedtrain.api import FederatedTrainingSpec, RejectedUpdate, StrategyName, Tr
 from fedtrain.codec import Metadata, PayloadKind, decode, encode, read_metadata
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest
-from fedtrain.store import LocalStore, ObjectStore, S3Store, StoreError
 from fedtrain.model import build_model
+from fedtrain.store import LocalStore, ObjectStore, S3Store, StoreError
 
 LAYOUT = TrainingLayout(namespace="lab", name="wafers")
 BASE = "0f" * 32
@@ -383,6 +383,34 @@ def test_a_participant_that_was_rejected_cannot_close_the_round(
         aggregator.close(0, list(SITES))
     assert not store.exists(LAYOUT.manifest(0))
     assert not store.exists(LAYOUT.global_model(1))
+
+
+def test_an_evaluation_report_of_another_base_model_is_rejected(
+    store: LocalStore, global_tensors: dict[str, torch.Tensor]
+) -> None:
+    # The final round's sites send reports (metrics, no tensors): their evaluation means something
+    # only if it was of a model built from this training's base model, as an update's must be.
+    _write_global(store, global_tensors)
+    evaluation = {"evaluation": {"accuracy": 0.9, "loss": 0.3, "macroF1": 0.8, "samples": 20}}
+    for site, fingerprint in (("fab-a", BASE), ("fab-b", "a0" * 32)):
+        meta = Metadata(
+            kind=PayloadKind.REPORT,
+            training=LAYOUT.name,
+            round=0,
+            site=site,
+            base_fingerprint=fingerprint,
+            metrics=evaluation,
+        )
+        store.put_bytes(LAYOUT.update(0, site), encode({}, meta))
+    aggregator = RoundAggregator(store, LAYOUT, _spec())
+
+    same_base = aggregator.submit(0, "fab-a")
+    assert same_base.accepted, same_base.message
+    assert same_base.evaluation is not None
+    other_base = aggregator.submit(0, "fab-b")
+    assert not other_base.accepted
+    assert other_base.reason == "base-model"
+    assert "different base model" in (other_base.message or "")
 
 
 # --------------------------------------------------------------------------------------------------
