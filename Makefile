@@ -31,7 +31,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy fedtrain operator trainer_image aggregator_image
+	$(VENV)/bin/mypy fedtrain operator model trainer_image aggregator_image setup.py
 
 ## test: lint, then the whole pytest suite, end-to-end runs included
 test: lint $(PROMTOOL)

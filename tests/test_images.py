@@ -2,18 +2,25 @@
 
 No Docker engine runs here, so the Dockerfiles are parsed (dockerfile-parse) and checked against what
 the operator's manifests, the settings and pyproject say: base images, user, entrypoints, extras, ports
-and the build context.
+and the build context. Each image copies exactly the folders its entrypoint imports, and a wheel built
+from those folders alone holds their modules.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
+import os
 import posixpath
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -414,3 +421,178 @@ def test_dockerignore_keeps_what_the_dockerfiles_copy() -> None:
                         assert not dockerignore_excludes(relative, lines), f"{dockerfile} needs {relative}"
     # pip builds the wheel from pyproject, and pyproject names its readme.
     assert not dockerignore_excludes(PYPROJECT["project"]["readme"], lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# each image copies exactly what its entrypoint imports
+
+#: Package -> folder, as pyproject maps the folders into the fedtrain namespace.
+PACKAGE_DIRS: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
+#: What pip needs besides the package folders (setup.py leaves out the packages whose folder is absent).
+BUILD_FILES = {"pyproject.toml", "README.md", "setup.py"}
+#: The data plane's heavy libraries, which the operator's image must not need.
+MODEL_LIBRARIES = {"torch", "torchvision", "timm", "peft"}
+
+
+def package_of(module: str) -> str | None:
+    """The pyproject package a first-party module belongs to (the longest mapped prefix)."""
+    packages = [package for package in PACKAGE_DIRS if module == package or module.startswith(f"{package}.")]
+    return max(packages, key=len, default=None)
+
+
+def source_of(module: str) -> Path | None:
+    """The file of a first-party module in the tree; None for a name that is not a module."""
+    package = package_of(module)
+    if package is None:
+        return None
+    folder = REPO / PACKAGE_DIRS[package]
+    parts = module.removeprefix(package).lstrip(".").split(".") if module != package else []
+    candidates = [folder / "__init__.py"]
+    if parts:
+        candidates = [folder.joinpath(*parts).with_suffix(".py"), folder.joinpath(*parts, "__init__.py")]
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(module: str, path: Path) -> Iterator[str]:
+    """Every module name `module` imports, lazy imports in functions included, `if TYPE_CHECKING:` not
+    (it never runs); `from A import b` yields A and A.b (b may be a submodule)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    nodes: list[ast.AST] = [ast.parse(path.read_text(), str(path))]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            nodes += node.orelse
+            continue
+        nodes += ast.iter_child_nodes(node)
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            name = ".".join(part for part in (base, node.module) if part)
+            yield name
+            yield from (f"{name}.{alias.name}" for alias in node.names)
+
+
+@dataclass
+class ImportTree:
+    """What running a module imports: its first-party modules' folders and the third-party top names."""
+
+    folders: set[str]
+    third_party: set[str]
+
+
+def import_tree(entry: str) -> ImportTree:
+    folders: set[str] = set()
+    third_party: set[str] = set()
+    seen: set[str] = set()
+    pending = [entry]
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        package = package_of(module)
+        if package is None:
+            if module.partition(".")[0] not in sys.stdlib_module_names:
+                third_party.add(module.partition(".")[0])
+            continue
+        path = source_of(module)
+        if path is None:  # a class or function imported from a module, or a namespace portion
+            continue
+        folders.add(PACKAGE_DIRS[package])
+        # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+        parents = module.split(".")
+        pending += [".".join(parents[:count]) for count in range(1, len(parents))]
+        pending += imports_of(module, path)
+    return ImportTree(folders, third_party)
+
+
+def copied_sources(image: Image) -> set[str]:
+    return {source.rstrip("/") for _, sources in image.copies_from_context() for source in sources}
+
+
+def test_import_tree_follows_relative_lazy_and_parent_imports() -> None:
+    tree = import_tree("fedtrain.aggregator.__main__")
+    assert "aggregator_image" in tree.folders
+    assert "model" in tree.folders, "rounds.py builds the model inside a function: a lazy import"
+    assert {"torch", "fastapi", "uvicorn"} <= tree.third_party
+    assert import_tree("fedtrain.api").folders == {"fedtrain"}
+
+
+def test_copies_exactly_the_folders_its_entrypoint_imports(image: Image) -> None:
+    tree = import_tree(f"{MODULES[image.dockerfile]}.__main__")
+    copied = copied_sources(image)
+    folders = {source for source in copied if (REPO / source).is_dir()}
+    assert folders == tree.folders, (
+        f"{image.dockerfile} copies {sorted(folders)}; `python -m {MODULES[image.dockerfile]}` "
+        f"imports {sorted(tree.folders)}"
+    )
+    assert copied - folders == BUILD_FILES
+    if image.dockerfile == OPERATOR:
+        assert not tree.third_party & MODEL_LIBRARIES, "the operator's image holds no torch or timm"
+        assert "model" not in folders
+
+
+def _copy_tree(sources: Iterable[str], destination: Path) -> None:
+    destination.mkdir()
+    for source in sources:
+        if (REPO / source).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.egg-info")
+            shutil.copytree(REPO / source, destination / source, ignore=ignore)
+        else:
+            shutil.copy2(REPO / source, destination / source)
+
+
+@dataclass
+class WheelBuild:
+    copied: set[str]
+    wheel_dir: Path
+    process: subprocess.Popen[str]
+
+
+@pytest.fixture(scope="module")
+def wheel_builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, WheelBuild]]:
+    """`pip wheel --no-deps` of each image's build context, the three started at once (pip is slow to start).
+
+    The venv's setuptools builds offline; the image build fetches the same (pyproject's build-system).
+    """
+    builds: dict[str, WheelBuild] = {}
+    for dockerfile in DOCKERFILES:
+        root = tmp_path_factory.mktemp(dockerfile.replace(".", "-"))
+        copied = copied_sources(parse(dockerfile))
+        _copy_tree(copied, root / "context")
+        command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
+        command += ["--no-index", "--wheel-dir", str(root / "wheels"), str(root / "context")]
+        environment = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+        builds[dockerfile] = WheelBuild(copied, root / "wheels", process)
+    yield builds
+    for build in builds.values():
+        build.process.kill()
+        build.process.communicate()
+
+
+def test_a_wheel_of_the_copied_files_alone_holds_their_modules(
+    image: Image, wheel_builds: dict[str, WheelBuild]
+) -> None:
+    build = wheel_builds[image.dockerfile]
+    _, stderr = build.process.communicate(timeout=120)
+    assert build.process.returncode == 0, f"{image.dockerfile}: pip wheel failed:\n{stderr[-3000:]}"
+    (wheel,) = build.wheel_dir.glob("fedtrain-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        modules = {name for name in archive.namelist() if name.endswith(".py")}
+    expected = {
+        f"{package.replace('.', '/')}/{path.relative_to(REPO / folder).as_posix()}"
+        for package, folder in PACKAGE_DIRS.items()
+        if folder in build.copied
+        for path in (REPO / folder).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert modules == expected
