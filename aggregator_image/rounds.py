@@ -307,6 +307,33 @@ class RoundAggregator:
         if existing is not None:
             return existing
         participants = list(dict.fromkeys(participants))  # a site listed twice is still one update
+        open_round = self._sum_of(round_index, participants)
+        meta = self._next_model_meta(round_index)
+        model_key = self.layout.global_model(round_index + 1)
+        try:
+            model_sha256 = self._write_next_model(round_index, open_round, meta, model_key)
+        finally:
+            # The sum was turned into the next model in place: whatever happened, a retry must
+            # rebuild it from the updates in the store.
+            del self._open[round_index]
+        manifest = RoundManifest(
+            training=self.layout.name,
+            round=round_index,
+            strategy=self.strategy.name.value,
+            weighting=self.spec.aggregation.weighting.value,
+            participants=_manifest_participants(open_round, participants),
+            rejected=_manifest_rejections(open_round, rejected or []),
+            model_key=model_key,
+            model_uri=self.store.uri(model_key),
+            model_sha256=model_sha256,
+        )
+        # The manifest is written last: its presence is what says the round is closed.
+        self.store.put_bytes(self.layout.manifest(round_index), manifest.model_dump_json(indent=2).encode())
+        self._manifests[round_index] = manifest
+        return manifest
+
+    def _sum_of(self, round_index: int, participants: list[str]) -> _OpenRound:
+        """The open round summing exactly `participants`; AggregationError unless each was accepted."""
         open_round = self._round(round_index)
         if set(open_round.weights) != set(participants):
             # After a restart the sum is empty; or an update arrived after the engine decided to
@@ -320,9 +347,13 @@ class RoundAggregator:
                 )
         if not participants:
             raise AggregationError(f"round {round_index} has no accepted update to aggregate")
+        return open_round
+
+    def _next_model_meta(self, round_index: int) -> Metadata:
+        """The metadata of round `round_index + 1`'s global model: the current one's base and config."""
         self.signature(round_index)
         current_meta = self._signatures[round_index][1]
-        meta = Metadata(
+        return Metadata(
             kind=PayloadKind.MODEL,
             training=self.layout.name,
             round=round_index + 1,
@@ -330,44 +361,6 @@ class RoundAggregator:
             base_fingerprint=current_meta.base_fingerprint,
             config=current_meta.config,
         )
-        model_key = self.layout.global_model(round_index + 1)
-        try:
-            model_sha256 = self._write_next_model(round_index, open_round, meta, model_key)
-        finally:
-            # The sum was turned into the next model in place: whatever happened, a retry must
-            # rebuild it from the updates in the store.
-            del self._open[round_index]
-        total = sum(open_round.weights[site] for site in participants)
-        manifest = RoundManifest(
-            training=self.layout.name,
-            round=round_index,
-            strategy=self.strategy.name.value,
-            weighting=self.spec.aggregation.weighting.value,
-            participants=[
-                Participant(
-                    site=site,
-                    weight=open_round.weights[site] / total,
-                    samples=open_round.verdicts[site].samples,
-                    sha256=open_round.verdicts[site].sha256 or "",
-                    norm=open_round.verdicts[site].norm or 0.0,
-                )
-                for site in participants
-            ],
-            rejected=list(rejected or [])
-            + [
-                # The engine's wording for a rejected site: the stable code, then the explanation.
-                RejectedUpdate(site=site, reason=f"{verdict.reason}: {verdict.message}")
-                for site, verdict in sorted(open_round.verdicts.items())
-                if not verdict.accepted and site not in {r.site for r in rejected or []}
-            ],
-            model_key=model_key,
-            model_uri=self.store.uri(model_key),
-            model_sha256=model_sha256,
-        )
-        # The manifest is written last: its presence is what says the round is closed.
-        self.store.put_bytes(self.layout.manifest(round_index), manifest.model_dump_json(indent=2).encode())
-        self._manifests[round_index] = manifest
-        return manifest
 
     def _write_next_model(self, round_index: int, open_round: _OpenRound, meta: Metadata, key: str) -> str:
         """Apply the aggregate to the global model and upload the result; returns its file sha256."""
@@ -429,6 +422,32 @@ class RoundAggregator:
             encode_file(model.merged_state_dict(), meta, staged)  # a model's size: never held twice
             self.store.put_file(key, staged)
         return self.store.uri(key)
+
+
+def _manifest_participants(open_round: _OpenRound, participants: list[str]) -> list[Participant]:
+    """The participants as the manifest records them, their weights normalized to sum to 1."""
+    total = sum(open_round.weights[site] for site in participants)
+    return [
+        Participant(
+            site=site,
+            weight=open_round.weights[site] / total,
+            samples=open_round.verdicts[site].samples,
+            sha256=open_round.verdicts[site].sha256 or "",
+            norm=open_round.verdicts[site].norm or 0.0,
+        )
+        for site in participants
+    ]
+
+
+def _manifest_rejections(open_round: _OpenRound, recorded: list[RejectedUpdate]) -> list[RejectedUpdate]:
+    """The engine's recorded rejections, then those of the aggregator's verdicts it did not record."""
+    recorded_sites = {entry.site for entry in recorded}
+    return list(recorded) + [
+        # The engine's wording for a rejected site: the stable code, then the explanation.
+        RejectedUpdate(site=site, reason=f"{verdict.reason}: {verdict.message}")
+        for site, verdict in sorted(open_round.verdicts.items())
+        if not verdict.accepted and site not in recorded_sites
+    ]
 
 
 def _train_metrics(meta: Metadata) -> dict[str, float]:
