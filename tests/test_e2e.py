@@ -128,6 +128,18 @@ def test_an_invalid_field_exits_non_zero_naming_it_and_writes_nothing(
     assert not run_dir.exists()
 
 
+def test_a_suspended_resource_runs_nothing_and_says_how_to_go_on(tmp_path: Path) -> None:
+    document = training("held", rounds=1)
+    document["spec"]["suspend"] = True
+    run_dir = tmp_path / "run"
+    result = fedtrain("run", str(write(tmp_path, document)), "--run-dir", str(run_dir), timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    said = " ".join(result.stdout.split())  # as read, whatever the console's line width
+    assert "spec.suspend is true: nothing was run; set spec.suspend to false and run again" in said
+    assert "(add --resume to continue this run)" in said
+    assert not list(run_dir.glob("logs/*.log")), "no trainer process ran"
+
+
 def test_a_corrupted_update_is_rejected_and_the_round_still_closes_at_quorum(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = fedtrain(
