@@ -161,8 +161,8 @@ def openapi_schema(model: type[BaseModel], path: str | None = None) -> dict[str,
     return _Converter(definitions).convert(raw, path or model.__name__, ())
 
 
-def crd_manifest() -> dict[str, Any]:
-    """The CustomResourceDefinition of FederatedTraining (apiextensions.k8s.io/v1)."""
+def resource_schema() -> dict[str, Any]:
+    """The openAPIV3Schema of the whole resource: spec, status and the rules across them."""
     spec = _ordered(
         {
             **openapi_schema(FederatedTrainingSpec, "spec"),
@@ -198,6 +198,12 @@ def crd_manifest() -> dict[str, Any]:
         root["x-kubernetes-validations"] = _ordered_rules(rules)
     for where, list_type in LIST_TYPES.items():
         _set_list_type(root, where, list_type)
+    return root
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The CustomResourceDefinition of FederatedTraining (apiextensions.k8s.io/v1)."""
+    root = resource_schema()
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -238,42 +244,38 @@ def render_crd() -> str:
 # conversion
 
 
+def _structural_keywords(node: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The keywords of one node (not a $ref or a union) that a structural schema keeps; it has a type."""
+    unknown = set(node) - _CARRIED - _HANDLED - _DROPPED
+    unknown = {key for key in unknown if not key.startswith("x-kubernetes-")}
+    if unknown:
+        raise SchemaError(f"{path}: cannot express {sorted(unknown)} in a structural schema")
+
+    out = {key: value for key, value in node.items() if key in _CARRIED or key.startswith("x-kubernetes-")}
+    if "x-kubernetes-validations" in out:
+        out["x-kubernetes-validations"] = _ordered_rules(out["x-kubernetes-validations"])
+    if "const" in node:
+        out["enum"] = [node["const"]]
+    _exclusive_bounds(node, out)
+    if _is_plain_scalar(node.get("default")):
+        out["default"] = node["default"]
+    if "format" in out and out["format"] not in _FORMATS:
+        raise SchemaError(f"{path}: format {out['format']!r} is not one Kubernetes knows")
+    if "type" not in out:
+        raise SchemaError(f"{path}: no type (a union or Any?); structural schemas need one per node")
+    return out
+
+
 class _Converter:
     def __init__(self, definitions: dict[str, Any]) -> None:
         self.definitions = definitions
 
     def convert(self, node: Mapping[str, Any], path: str, seen: tuple[str, ...]) -> dict[str, Any]:
         if "$ref" in node:
-            name = str(node["$ref"]).removeprefix("#/$defs/")
-            if name not in self.definitions:
-                raise SchemaError(f"{path}: unknown reference {node['$ref']}")
-            if name in seen:
-                raise SchemaError(f"{path}: {name} contains itself; structural schemas cannot recurse")
-            siblings = {key: value for key, value in node.items() if key != "$ref"}
-            return self.convert(_overlay(self.definitions[name], siblings), path, (*seen, name))
+            return self._reference(node, path, seen)
         if "anyOf" in node:
             return self._union(node, path, seen)
-
-        unknown = set(node) - _CARRIED - _HANDLED - _DROPPED
-        unknown = {key for key in unknown if not key.startswith("x-kubernetes-")}
-        if unknown:
-            raise SchemaError(f"{path}: cannot express {sorted(unknown)} in a structural schema")
-
-        out = {
-            key: value for key, value in node.items() if key in _CARRIED or key.startswith("x-kubernetes-")
-        }
-        if "x-kubernetes-validations" in out:
-            out["x-kubernetes-validations"] = _ordered_rules(out["x-kubernetes-validations"])
-        if "const" in node:
-            out["enum"] = [node["const"]]
-        _exclusive_bounds(node, out)
-        if _is_plain_scalar(node.get("default")):
-            out["default"] = node["default"]
-        if "format" in out and out["format"] not in _FORMATS:
-            raise SchemaError(f"{path}: format {out['format']!r} is not one Kubernetes knows")
-        if "type" not in out:
-            raise SchemaError(f"{path}: no type (a union or Any?); structural schemas need one per node")
-
+        out = _structural_keywords(node, path)
         kind = out["type"]
         if kind == "object":
             self._object(node, out, path, seen)
@@ -284,6 +286,16 @@ class _Converter:
         elif kind not in _SCALARS:
             raise SchemaError(f"{path}: type {kind!r} has no structural equivalent")
         return _ordered(out)
+
+    def _reference(self, node: Mapping[str, Any], path: str, seen: tuple[str, ...]) -> dict[str, Any]:
+        """A $ref inlined: its definition, with the keywords beside the $ref laid over it."""
+        name = str(node["$ref"]).removeprefix("#/$defs/")
+        if name not in self.definitions:
+            raise SchemaError(f"{path}: unknown reference {node['$ref']}")
+        if name in seen:
+            raise SchemaError(f"{path}: {name} contains itself; structural schemas cannot recurse")
+        siblings = {key: value for key, value in node.items() if key != "$ref"}
+        return self.convert(_overlay(self.definitions[name], siblings), path, (*seen, name))
 
     def _object(self, node: Mapping[str, Any], out: dict[str, Any], path: str, seen: tuple[str, ...]) -> None:
         properties: Mapping[str, Any] = node.get("properties", {})
