@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,21 @@ import yaml
 from safetensors.torch import save_file
 
 from fedtrain.aggregator.rounds import RoundAggregator
-from fedtrain.api import FederatedTrainingSpec
+from fedtrain.api import FederatedTrainingSpec, SiteSpec
 from fedtrain.codec import PayloadKind, check_update, decode
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
-from fedtrain.store import LocalStore
 from fedtrain.model import ModelError, auto_lora_rank, build_model, resolve_rank
+from fedtrain.store import LocalStore
+from fedtrain.trainer import train as train_module
 from fedtrain.trainer.train import (
+    DataCursor,
     classification_metrics,
     make_optimizer,
     make_scheduler,
     pack_state,
+    pass_order,
+    plan_batches,
     run_job,
     unpack_state,
 )
@@ -184,18 +189,31 @@ def test_optimizer_and_schedule_state_round_trip_through_safetensors() -> None:
 # real rounds
 
 
+def _state_key(site: str, round_index: int) -> str:
+    """Where a site's private state after `round_index` lives (here; the drivers choose their own)."""
+    return f"test-state/{site}/{round_index}.safetensors"
+
+
 def _job(
-    store: LocalStore, layout: TrainingLayout, spec: FederatedTrainingSpec, round_index: int, **extra: Any
+    store: LocalStore,
+    layout: TrainingLayout,
+    spec: FederatedTrainingSpec,
+    round_index: int,
+    site: str = "fab-a",
+    global_round: int | None = None,
+    **extra: Any,
 ) -> TrainerJob:
+    """Round `round_index` of `site`, starting from the state its previous round left."""
+    global_round = round_index if global_round is None else global_round
     return TrainerJob(
         training=layout.name,
         round=round_index,
-        site="fab-a",
-        spec=TrainerSpec.for_site(spec, "fab-a"),
-        global_model_url=store.presign_get(layout.global_model(round_index), 60),
-        update_url=store.presign_put(layout.update(round_index, "fab-a"), 60),
-        state_get_url=store.presign_get(layout.site_state("fab-a"), 60),
-        state_put_url=store.presign_put(layout.site_state("fab-a"), 60),
+        site=site,
+        spec=TrainerSpec.for_site(spec, site),
+        global_model_url=store.presign_get(layout.global_model(global_round), 60),
+        update_url=store.presign_put(layout.update(round_index, site), 60),
+        state_get_url=store.presign_get(_state_key(site, round_index - 1), 60),
+        state_put_url=store.presign_put(_state_key(site, round_index), 60),
         **extra,
     )
 
@@ -220,14 +238,14 @@ def test_a_round_evaluates_trains_and_uploads_a_valid_update(tmp_path: Path) -> 
     assert set(update.meta.metrics["per_class_accuracy"]) == set(spec.model.class_names())
     assert update.meta.config["steps"] == 3
     assert meta.timings["train_seconds"] > 0
-    state = decode(store.get_bytes(layout.site_state("fab-a")))
+    state = decode(store.get_bytes(_state_key("fab-a", 0)))
     assert state.meta.config["scheduler"]["last_epoch"] == 3
 
     verdict = aggregator.submit(0, "fab-a")
     assert verdict.accepted, verdict.message
     aggregator.close(0, ["fab-a"])
     run_job(_job(store, layout, spec, 1))
-    state = decode(store.get_bytes(layout.site_state("fab-a")))
+    state = decode(store.get_bytes(_state_key("fab-a", 1)))
     assert state.meta.config["scheduler"]["last_epoch"] == 6, "the schedule carries over between rounds"
 
 
@@ -241,7 +259,7 @@ def test_evaluation_mode_uploads_a_report_without_tensors(tmp_path: Path) -> Non
     assert report.meta.kind is PayloadKind.REPORT
     assert len(report.tensors) == 0
     assert report.meta.metrics["evaluation"]["samples"] == 8
-    assert not store.exists(layout.site_state("fab-a")), "evaluation must not touch the optimizer state"
+    assert not store.exists(_state_key("fab-a", 0)), "evaluation must not touch the optimizer state"
 
 
 def _run_entrypoint(config: Path) -> subprocess.CompletedProcess[str]:
@@ -302,3 +320,104 @@ def test_pretrained_weights_from_the_object_store_through_a_presigned_url(
     model = build_model(spec, weights=base)
     pos_embed = dict(model.module.named_parameters())["base_model.model.pos_embed"]
     assert torch.all(pos_embed == 0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# the order of samples across rounds
+
+
+def test_passes_continue_across_plans_and_each_pass_is_a_function_of_seed_and_epoch() -> None:
+    first = plan_batches(32, 8, 3, site_seed=7, start=DataCursor())
+    assert first.end == DataCursor(0, 24)
+    second = plan_batches(32, 8, 3, site_seed=7, start=first.end)
+    assert second.end == DataCursor(1, 16)
+    pass_zero = torch.cat([*first.batches, second.batches[0]]).tolist()
+    assert sorted(pass_zero) == list(range(32)), "one pass sees every sample once"
+    assert torch.cat(second.batches[1:]).tolist() == pass_order(32, 7, 1)[:16].tolist()
+    assert pass_order(32, 7, 1).tolist() == pass_order(32, 7, 1).tolist()
+    assert pass_order(32, 7, 0).tolist() != pass_order(32, 7, 1).tolist()
+    assert pass_order(32, 7, 0).tolist() != pass_order(32, 8, 0).tolist()
+
+    ragged = plan_batches(10, 4, 3, site_seed=7, start=DataCursor())
+    assert [len(batch) for batch in ragged.batches] == [4, 4, 4], "a pass's ragged tail is skipped"
+    assert ragged.end == DataCursor(1, 4)
+
+
+def test_a_state_without_a_data_cursor_starts_at_the_first_pass() -> None:
+    assert DataCursor.from_config({"scheduler": {}}) == DataCursor(0, 0)
+    assert DataCursor.from_config({"data_cursor": {"epoch": "one"}}) == DataCursor(0, 0)
+    assert DataCursor.from_config({"data_cursor": {"epoch": 2, "position": 8}}) == DataCursor(2, 8)
+
+
+@pytest.fixture
+def drawn_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[list[int]]]:
+    """The sample indices of every batch each run_job trains on, one list per run; training runs."""
+    runs: list[list[list[int]]] = []
+    real_train_steps = train_module.train_steps
+
+    def recording(*args: Any, batches: Sequence[torch.Tensor], **kwargs: Any) -> dict[str, float]:
+        runs.append([batch.tolist() for batch in batches])
+        metrics: dict[str, float] = real_train_steps(*args, batches=batches, **kwargs)
+        return metrics
+
+    monkeypatch.setattr(train_module, "train_steps", recording)
+    return runs
+
+
+def _two_site_spec(**training: Any) -> FederatedTrainingSpec:
+    spec = tiny_spec(training=training)
+    sites = [
+        SiteSpec.model_validate({"name": name, "data": {"synthetic": {"samples": 40}}})
+        for name in ("fab-a", "fab-b")
+    ]
+    return spec.model_copy(update={"sites": sites})
+
+
+def test_sites_with_names_of_equal_length_draw_different_batches(
+    tmp_path: Path, drawn_batches: list[list[list[int]]]
+) -> None:
+    spec = _two_site_spec()
+    store = LocalStore(tmp_path)
+    layout = TrainingLayout("local", "order")
+    RoundAggregator(store, layout, spec).initialize()
+
+    for site in ("fab-a", "fab-b", "fab-a"):
+        store.delete(_state_key(site, 0))
+        run_job(_job(store, layout, spec, 0, site=site))
+
+    site_a, site_b, site_a_again = drawn_batches
+    assert site_a != site_b, "fab-a and fab-b must not share an order because their names are as long"
+    assert site_a == site_a_again, "a site draws the same order every time it runs the same round"
+
+
+def test_rounds_shorter_than_a_pass_see_every_sample_once_before_any_twice(
+    tmp_path: Path, drawn_batches: list[list[list[int]]]
+) -> None:
+    spec = tiny_spec(training={"localSteps": 3})  # 32 training samples in batches of 8: 4 per pass
+    store = LocalStore(tmp_path)
+    layout = TrainingLayout("local", "cursor")
+    RoundAggregator(store, layout, spec).initialize()
+
+    for round_index in (0, 1):
+        # Each round reads the state the previous one wrote, through the file URLs of the store.
+        run_job(_job(store, layout, spec, round_index, global_round=0))
+
+    first, second = ([index for batch in batches for index in batch] for batches in drawn_batches)
+    pass_zero = first + second[:8]
+    assert len(set(pass_zero)) == len(pass_zero) == 32, "the second round finishes the first's pass"
+    assert len(set(second[8:])) == 16, "then a new pass starts"
+    state = decode(store.get_bytes(_state_key("fab-a", 1)))
+    assert state.meta.config["data_cursor"] == {"epoch": 1, "position": 16}
+
+
+def test_without_a_private_state_each_round_takes_a_pass_of_its_own(
+    tmp_path: Path, drawn_batches: list[list[list[int]]]
+) -> None:
+    spec = tiny_spec(training={"localSteps": 1})
+    store = LocalStore(tmp_path)
+    layout = TrainingLayout("local", "stateless")
+    RoundAggregator(store, layout, spec).initialize()
+    for round_index in (0, 1):
+        job = _job(store, layout, spec, round_index, global_round=0)
+        run_job(job.model_copy(update={"state_get_url": None, "state_put_url": None}))
+    assert drawn_batches[0] != drawn_batches[1], "no state to carry a cursor: not pass 0 again"

@@ -1,7 +1,8 @@
 """`python -m fedtrain.trainer --config FILE`: run one site's round and exit.
 
 Exit codes: 0 done; 2 the job file is invalid; 3 the global model does not fit this site's model;
-4 the site's data cannot be read; 1 anything else (a retry may help).
+4 the site's data cannot be read; 1 anything else, such as an object store that stayed out of
+reach until the round's deadline (a retry may help).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from pydantic import ValidationError
 from fedtrain.api import describe_errors
 from fedtrain.job import TrainerJob
 from fedtrain.model import ModelError
+from fedtrain.store import ObjectNotFound, StoreError
 
 from .data import DataError
 from .train import IncompatibleModelError, run_job
 
+EXIT_OTHER = 1
 EXIT_INVALID = 2
 EXIT_INCOMPATIBLE = 3
 EXIT_DATA = 4
@@ -54,6 +57,10 @@ def main(
     except DataError as error:
         log.error("%s", error)
         raise typer.Exit(EXIT_DATA) from None
+    except (StoreError, ObjectNotFound) as error:
+        # Transfers were already retried until the round's deadline; the message says what failed.
+        log.error("%s", error)
+        raise typer.Exit(EXIT_OTHER) from None
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -277,14 +278,16 @@ def _npz_array(archive: np.lib.npyio.NpzFile, key: str, path: Path) -> npt.NDArr
     return array
 
 
-def _npz_from(path: str | None, uri: str | None) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+def _npz_from(
+    path: str | None, uri: str | None, transfer_deadline: datetime | None = None
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
     """An NPZ file on a mounted volume (path), or downloaded once from a URL into a temporary file."""
     if path is not None:
         return load_npz_wafer_maps(Path(path))
     if uri is None:
         raise DataError("the site's data.npz sets neither path nor uri")
     try:
-        payload = read_url(uri)
+        payload = read_url(uri, deadline=transfer_deadline)
     except (ObjectNotFound, StoreError) as error:
         raise DataError(f"{error}; check the site's data.npz.uri") from error
     with tempfile.TemporaryDirectory(prefix="fedtrain-data-") as scratch:
@@ -603,12 +606,18 @@ def check_wafer_labels(model: ModelSpec, source: str) -> None:
 
 
 def load_site_data(
-    data: DataSpec, model: ModelSpec, evaluation: EvaluationSpec, site_name: str, training_seed: int
+    data: DataSpec,
+    model: ModelSpec,
+    evaluation: EvaluationSpec,
+    site_name: str,
+    training_seed: int,
+    transfer_deadline: datetime | None = None,
 ) -> SiteData:
     """The site's data from whichever source its spec names, split and converted for `model`.
 
     The data is generated and split with `site_seed`, so a site sees the same split in every round.
     Wafer data (synthetic or NPZ) defines its classes: model.labels, where set, must name them.
+    An NPZ file behind a URL is downloaded with retries until `transfer_deadline`.
     """
     seed = site_seed(data, site_name, training_seed)
     if data.synthetic is not None or data.npz is not None:
@@ -621,7 +630,8 @@ def load_site_data(
         labels = torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.npz is not None:
-        maps, wafer_labels = _npz_from(data.npz.path, data.npz.uri)  # checks shapes and die states
+        # _npz_from checks shapes and die states.
+        maps, wafer_labels = _npz_from(data.npz.path, data.npz.uri, transfer_deadline)
         images, labels = WaferMapImages(maps, model.image_size), torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.image_folder is not None:

@@ -11,22 +11,23 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedtrain.api import EvalMetrics, OptimizerName, Precision, PretrainedSource, ScheduleName
-from fedtrain.codec import CodecError, Metadata, PayloadKind, decode, encode, l2_norm
+from fedtrain.codec import CodecError, Metadata, Payload, PayloadKind, decode, encode, l2_norm
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.model import FederatedModel, ModelError, build_model
 from fedtrain.store import ObjectNotFound, read_url, write_url
 
-from .data import ImageSet, SiteData, augment_batch, load_site_data
+from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
 
 log = logging.getLogger("fedtrain.trainer")
 
@@ -195,22 +196,88 @@ def unpack_state(
 
 
 # --------------------------------------------------------------------------------------------------
-# the round
+# the order of samples, across rounds
+
+# Tags that keep the seeds derived from one site seed apart.
+_PASS_ORDER, _AUGMENTATION = 0, 1
 
 
-def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterable[torch.Tensor]:
-    """`steps` batches of indices, reshuffled at every pass over the data."""
-    produced = 0
-    while produced < steps:
-        order = torch.randperm(count, generator=generator)
-        for start in range(0, count, batch_size):
-            batch = order[start : start + batch_size]
-            if len(batch) < min(batch_size, count):
-                break  # a ragged last batch would weigh a few samples heavily
-            yield batch
-            produced += 1
-            if produced == steps:
-                return
+def _derived_seed(site_seed: int, purpose: int, index: int) -> int:
+    """A torch seed for one use of a site's seed; SeedSequence makes nearby inputs unrelated."""
+    return int(np.random.SeedSequence([site_seed, purpose, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class DataCursor:
+    """Where a site stands in its passes over its training data: pass `epoch`, sample `position`.
+
+    It travels in the site's private state, so a round that trains for less than a pass leaves the
+    rest of the pass to the next round: every sample is seen once before any is seen twice.
+    """
+
+    epoch: int = 0
+    position: int = 0
+
+    def to_config(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DataCursor:
+        """The cursor a private state's config records; the start for a state written before cursors."""
+        recorded = config.get("data_cursor")
+        if recorded is None:
+            return cls()
+        epoch = recorded.get("epoch") if isinstance(recorded, dict) else None
+        position = recorded.get("position") if isinstance(recorded, dict) else None
+        if not (isinstance(epoch, int) and isinstance(position, int) and epoch >= 0 and position >= 0):
+            log.warning("private state has an unreadable data cursor %r: starting a new pass", recorded)
+            return cls()
+        return cls(epoch, position)
+
+
+def pass_order(count: int, site_seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of pass `epoch` over `count` samples: a function of the site seed and the pass."""
+    generator = torch.Generator().manual_seed(_derived_seed(site_seed, _PASS_ORDER, epoch))
+    return torch.randperm(count, generator=generator)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    batches: list[torch.Tensor]
+    end: DataCursor
+
+
+def plan_batches(count: int, batch_size: int, steps: int, site_seed: int, start: DataCursor) -> BatchPlan:
+    """`steps` batches of sample indices, going on from `start` through the site's passes.
+
+    A pass's ragged tail (fewer than a batch) is skipped: a small batch would weigh a few samples
+    heavily. A cursor past the data (the data shrank) moves to the next pass.
+    """
+    if count < 1:
+        raise ValueError("a site needs at least one training sample")
+    size = min(batch_size, count)
+    epoch, position = start.epoch, start.position
+    order = pass_order(count, site_seed, epoch)
+    batches: list[torch.Tensor] = []
+    while len(batches) < steps:
+        if position + size > count:
+            epoch, position = epoch + 1, 0
+            order = pass_order(count, site_seed, epoch)
+        batches.append(order[position : position + size])
+        position += size
+    return BatchPlan(batches, DataCursor(epoch, position))
+
+
+# --------------------------------------------------------------------------------------------------
+# local training
+
+
+def _batches_from_the_start(
+    count: int, batch_size: int, steps: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Batches from the first pass of an order seeded from `generator`: for callers without a cursor."""
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return plan_batches(count, batch_size, steps, seed, DataCursor()).batches
 
 
 def train_steps(
@@ -223,7 +290,13 @@ def train_steps(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     generator: torch.Generator,
+    batches: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, float]:
+    """`steps` optimizer steps on `batches`; `generator` draws augmentations (and, alone, the order)."""
+    if batches is None:
+        batches = _batches_from_the_start(len(data.train_images), spec.training.batch_size, steps, generator)
+    if len(batches) != steps:
+        raise ValueError(f"{len(batches)} batches for {steps} steps")
     module = model.module
     module.train()
     trainable = [param for param in module.parameters() if param.requires_grad]
@@ -235,9 +308,7 @@ def train_steps(
     seen = 0
     report_every = max(1, steps // 5)
     started = time.perf_counter()
-    for step, indices in enumerate(
-        _batches(len(data.train_images), spec.training.batch_size, steps, generator)
-    ):
+    for step, indices in enumerate(batches):
         images = data.train_images[indices]
         if spec.training.augment:
             images = augment_batch(images, generator)
@@ -268,44 +339,83 @@ def train_steps(
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# the round: fetch, compute, publish
+
+
 def run_job(job: TrainerJob) -> Metadata:
     """Carry out one trainer job; returns the metadata of what was uploaded."""
-    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    device = pick_device()
+    log.info("site %s round %d (%s) on %s", job.site, job.round, job.mode, device)
+    inputs = fetch_inputs(job, device)
+    outcome = compute_round(job, inputs, device)
+    return publish_round(job, inputs.model, outcome, started)
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round starts from: the site's data, the global model on the device, the private state."""
+
+    data: SiteData
+    model: FederatedModel
+    private_state: Payload | None  # None: nothing stored yet, unreadable, or not asked for
+    load_seconds: float
+
+
+@dataclass
+class RoundOutcome:
+    """What a round computed; `trained` is None for an evaluation."""
+
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    trained: LocalTraining | None = None
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """The result of local training: the update, the site's next private state, the settings used."""
+
+    delta: dict[str, torch.Tensor]
+    state_tensors: dict[str, torch.Tensor]
+    state_config: dict[str, Any]
+    samples: int
+    resolved_config: dict[str, Any]
+
+
+def fetch_inputs(job: TrainerJob, device: torch.device) -> RoundInputs:
+    """Read everything the round needs: data, base weights, the global model, the private state."""
     started = time.perf_counter()
     spec = job.spec
-    site = spec.site
-    device = pick_device()
-    amp_dtype = autocast_dtype(spec.training.precision, device)
-    log.info("site %s round %d (%s) on %s", job.site, job.round, job.mode, device)
-
-    data = load_site_data(site.data, spec.model, spec.evaluation, site.name, spec.training.seed)
-    weights = _pretrained_weights(job)
-    model = build_model(spec, weights)
-    global_payload = decode(read_url(job.global_model_url), name=f"global model of round {job.round}")
-    if global_payload.meta.base_fingerprint != model.base_fingerprint:
-        raise IncompatibleModelError(
-            "the global model was built from different base weights than this site's "
-            "(check model.name, model.pretrained and the torch/timm versions of the trainer image)"
-        )
-    try:
-        model.load_exchanged(dict(global_payload.tensors))
-    except ModelError as error:
-        raise IncompatibleModelError(str(error)) from None
+    data = load_site_data(
+        spec.site.data,
+        spec.model,
+        spec.evaluation,
+        spec.site.name,
+        spec.training.seed,
+        transfer_deadline=job.transfer_deadline,
+    )
+    model = build_model(spec, _pretrained_weights(job))
+    _load_global_model(job, model)
     model.module.to(device)
-    timings["load_seconds"] = time.perf_counter() - started
+    private_state = _fetch_private_state(job) if job.mode == "train" else None
+    return RoundInputs(data, model, private_state, time.perf_counter() - started)
 
+
+def compute_round(job: TrainerJob, inputs: RoundInputs, device: torch.device) -> RoundOutcome:
+    """Score the global model on the validation split, then (mode train) train locally."""
+    amp_dtype = autocast_dtype(job.spec.training.precision, device)
     eval_started = time.perf_counter()
-    class_names = spec.model.class_names()
     evaluation = evaluate(
-        model.module,
-        data.val_images,
-        data.val_labels,
-        class_names,
-        spec.training.batch_size,
+        inputs.model.module,
+        inputs.data.val_images,
+        inputs.data.val_labels,
+        job.spec.model.class_names(),
+        job.spec.training.batch_size,
         device,
         amp_dtype,
     )
-    timings["eval_seconds"] = time.perf_counter() - eval_started
+    timings = {"load_seconds": inputs.load_seconds, "eval_seconds": time.perf_counter() - eval_started}
     log.info(
         "global model %d on %d validation samples: accuracy %.4f, macro-F1 %.4f, loss %.4f",
         job.round,
@@ -318,49 +428,86 @@ def run_job(job: TrainerJob) -> Metadata:
         "evaluation": evaluation.metrics.model_dump(mode="json"),
         "per_class_accuracy": evaluation.per_class_accuracy,
     }
-    common = {
+    if job.mode == "evaluate":
+        return RoundOutcome(metrics, timings)
+    train_started = time.perf_counter()
+    trained = train_locally(job, inputs, device, amp_dtype, metrics)
+    timings["train_seconds"] = time.perf_counter() - train_started
+    return RoundOutcome(metrics, timings, trained)
+
+
+def train_locally(
+    job: TrainerJob,
+    inputs: RoundInputs,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    metrics: dict[str, Any],
+) -> LocalTraining:
+    """This round's steps, going on where the site's last round left its optimizer and data."""
+    spec, data, model = job.spec, inputs.data, inputs.model
+    steps = steps_per_round(spec, len(data.train_images))
+    trainable = [param for param in model.module.parameters() if param.requires_grad]
+    optimizer = make_optimizer(trainable, spec)
+    scheduler = make_scheduler(optimizer, spec, total_steps=steps * spec.training.rounds)
+    # Without a state to carry a cursor, each round takes a pass of its own rather than pass 0 again.
+    cursor = (
+        _restore_private_state(inputs.private_state, optimizer, scheduler)
+        if job.state_get_url
+        else DataCursor(epoch=job.round)
+    )
+    seed = site_seed(spec.site.data, spec.site.name, spec.training.seed)
+    plan = plan_batches(len(data.train_images), spec.training.batch_size, steps, seed, cursor)
+    augmentation = torch.Generator().manual_seed(_derived_seed(seed, _AUGMENTATION, job.round))
+
+    before = model.exchanged_state()
+    trained = train_steps(
+        model, data, spec, optimizer, scheduler, steps, device, amp_dtype, augmentation, batches=plan.batches
+    )
+    metrics.update(trained)
+    after = model.exchanged_state()
+    state_tensors, state_config = pack_state(optimizer, scheduler)
+    state_config["data_cursor"] = plan.end.to_config()
+    return LocalTraining(
+        delta={name: after[name].cpu() - before[name].cpu() for name in before},
+        state_tensors=state_tensors,
+        state_config=state_config,
+        samples=len(data.train_images),
+        resolved_config=_resolved_config(model, spec, steps, device, amp_dtype),
+    )
+
+
+def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome, started: float) -> Metadata:
+    """Upload the round's result: the private state first, then the update, which marks the end."""
+    common: dict[str, Any] = {
         "training": job.training,
         "round": job.round,
         "site": job.site,
         "base_fingerprint": model.base_fingerprint,
     }
-    if job.mode == "evaluate":
-        meta = Metadata(kind=PayloadKind.REPORT, metrics=metrics, timings=timings, **common)
-        write_url(job.update_url, encode({}, meta))
-        return meta
-
-    steps = steps_per_round(spec, len(data.train_images))
-    trainable = [param for param in model.module.parameters() if param.requires_grad]
-    optimizer = make_optimizer(trainable, spec)
-    scheduler = make_scheduler(optimizer, spec, total_steps=steps * spec.training.rounds)
-    _restore_private_state(job, optimizer, scheduler)
-
-    before = model.exchanged_state()
-    generator = torch.Generator().manual_seed(spec.training.seed * 7919 + job.round * 104729 + len(site.name))
-    train_started = time.perf_counter()
-    metrics.update(train_steps(model, data, spec, optimizer, scheduler, steps, device, amp_dtype, generator))
-    timings["train_seconds"] = time.perf_counter() - train_started
-
-    after = model.exchanged_state()
-    delta = {name: after[name].cpu() - before[name].cpu() for name in before}
+    trained = outcome.trained
+    if trained is None:
+        report = Metadata(kind=PayloadKind.REPORT, metrics=outcome.metrics, timings=outcome.timings, **common)
+        write_url(job.update_url, encode({}, report), deadline=job.transfer_deadline)
+        return report
     if job.state_put_url:
-        state_tensors, state_config = pack_state(optimizer, scheduler)
-        state_meta = Metadata(kind=PayloadKind.STATE, config=state_config, **common)
-        write_url(job.state_put_url, encode(state_tensors, state_meta))
-    timings["total_seconds"] = time.perf_counter() - started
+        state_meta = Metadata(kind=PayloadKind.STATE, config=trained.state_config, **common)
+        write_url(
+            job.state_put_url, encode(trained.state_tensors, state_meta), deadline=job.transfer_deadline
+        )
+    outcome.timings["total_seconds"] = time.perf_counter() - started
     meta = Metadata(
         kind=PayloadKind.UPDATE,
-        samples=len(data.train_images),
-        transfer_dtype=spec.training.transfer_dtype,
-        norm=l2_norm(delta),
-        metrics=metrics,
-        timings=timings,
-        config=_resolved_config(model, spec, steps, device, amp_dtype),
+        samples=trained.samples,
+        transfer_dtype=job.spec.training.transfer_dtype,
+        norm=l2_norm(trained.delta),
+        metrics=outcome.metrics,
+        timings=outcome.timings,
+        config=trained.resolved_config,
         **common,
     )
     # The update is written last: its presence tells the aggregator the round's work is complete.
-    write_url(job.update_url, encode(delta, meta))
-    log.info("update uploaded: %d tensors, norm %.4g", len(delta), meta.norm or 0.0)
+    write_url(job.update_url, encode(trained.delta, meta), deadline=job.transfer_deadline)
+    log.info("update uploaded: %d tensors, norm %.4g", len(trained.delta), meta.norm or 0.0)
     return meta
 
 
@@ -372,27 +519,50 @@ def _pretrained_weights(job: TrainerJob) -> Path | bytes | None:
     if pretrained.source is PretrainedSource.URI:
         if not job.pretrained_url:
             raise ModelError("pretrained.source is uri but the job has no pretrained_url to fetch it from")
-        return read_url(job.pretrained_url)
+        return read_url(job.pretrained_url, deadline=job.transfer_deadline)
+    return None
+
+
+def _load_global_model(job: TrainerJob, model: FederatedModel) -> None:
+    """Load the round's global model into `model`; IncompatibleModelError if it does not fit."""
+    payload = decode(
+        read_url(job.global_model_url, deadline=job.transfer_deadline),
+        name=f"global model of round {job.round}",
+    )
+    if payload.meta.base_fingerprint != model.base_fingerprint:
+        raise IncompatibleModelError(
+            "the global model was built from different base weights than this site's "
+            "(check model.name, model.pretrained and the torch/timm versions of the trainer image)"
+        )
+    try:
+        model.load_exchanged(dict(payload.tensors))
+    except ModelError as error:
+        raise IncompatibleModelError(str(error)) from None
+
+
+def _fetch_private_state(job: TrainerJob) -> Payload | None:
+    if not job.state_get_url:
+        return None
+    try:
+        return decode(read_url(job.state_get_url, deadline=job.transfer_deadline), name="site state")
+    except ObjectNotFound:
+        log.info("no private state yet: fresh optimizer, first pass over the data")
+    except CodecError as error:
+        log.warning("private state unreadable (%s): fresh optimizer, first pass over the data", error)
     return None
 
 
 def _restore_private_state(
-    job: TrainerJob, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
-) -> None:
-    if not job.state_get_url:
-        return
-    try:
-        payload = decode(read_url(job.state_get_url), name="site state")
-    except ObjectNotFound:
-        log.info("no private state yet: fresh optimizer")
-        return
-    except CodecError as error:
-        log.warning("private state unreadable (%s): fresh optimizer", error)
-        return
+    payload: Payload | None, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> DataCursor:
+    """Load the optimizer and schedule state where it fits; the data cursor it recorded."""
+    if payload is None:
+        return DataCursor()
     try:
         unpack_state(optimizer, scheduler, dict(payload.tensors), payload.meta.config)
     except (KeyError, ValueError, RuntimeError) as error:
         log.warning("private state does not fit this optimizer (%s): fresh optimizer", error)
+    return DataCursor.from_config(payload.meta.config)
 
 
 def _resolved_config(
