@@ -43,8 +43,8 @@ from torch import nn
 
 from fedtrain.api import WAFER_CLASSES, FederatedTrainingSpec
 from fedtrain.job import TrainerSpec
-from fedtrain.trainer.data import SiteData, load_site_data
 from fedtrain.model import build_model
+from fedtrain.trainer.data import SiteData, load_site_data
 from fedtrain.trainer.train import autocast_dtype, make_optimizer, make_scheduler, train_steps
 
 TARGET_RATIO = 0.95
