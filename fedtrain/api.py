@@ -24,6 +24,9 @@ PLURAL = "federatedtrainings"
 
 #: How many round records the status keeps; the full history is in the object store as JSON lines.
 STATUS_HISTORY_LIMIT = 20
+#: A round's sites hold presigned URLs for its timeout plus the operator's grace, and S3 presigns for
+#: at most 7 days: 6 days leaves a day for the grace.
+MAX_ROUND_TIMEOUT_SECONDS: Final = 6 * 24 * 3600
 
 #: The nine WM-811K wafer-map classes, in the order the synthetic generator and NPZ labels use.
 WAFER_CLASSES: tuple[str, ...] = (
@@ -374,7 +377,14 @@ class AggregationSpec(ApiModel):
         1, ge=1, description="Accepted updates a round needs to close; fewer fails the training."
     )
     round_timeout_seconds: int = Field(
-        3600, ge=1, description="Seconds after a round starts when unfinished sites become stragglers."
+        3600,
+        ge=1,
+        le=MAX_ROUND_TIMEOUT_SECONDS,
+        description=(
+            "Seconds after a round starts when unfinished sites become stragglers; at most 6 days "
+            "(518400): a site's presigned URLs must outlive the round, S3 lets them live at most 7 days, "
+            "and the operator's grace (presignGraceSeconds) takes the rest."
+        ),
     )
     site_fraction: float = Field(
         1.0, gt=0, le=1, description="Fraction of sites selected per round (seeded, at least minSites)."

@@ -98,6 +98,16 @@ def test_errors_name_the_field_and_say_what_to_do(document: dict[str, Any], wher
     assert any(where in line and says in line for line in lines), lines
 
 
+def test_the_round_timeout_fits_in_the_life_of_a_presigned_url() -> None:
+    # Sites hold presigned URLs for the round's timeout plus the operator's grace; S3 presigns for at
+    # most 7 days, so a round lasts at most 6. A huge value once overflowed the operator's deadline.
+    longest = FederatedTrainingSpec.model_validate(spec(aggregation={"roundTimeoutSeconds": 518400}))
+    assert longest.aggregation.round_timeout_seconds == 6 * 24 * 3600
+    for too_long in (518401, 1_000_000_000_000):
+        lines = problems(spec(aggregation={"roundTimeoutSeconds": too_long}))
+        assert lines == ["aggregation.roundTimeoutSeconds: Input should be less than or equal to 518400"]
+
+
 def test_status_history_survives_a_json_round_trip() -> None:
     status = FederatedTrainingStatus.model_validate({"phase": "Running", "round": 3, "bestMetric": 0.5})
     again = FederatedTrainingStatus.model_validate_json(status.model_dump_json(by_alias=True))

@@ -333,6 +333,14 @@ def test_bounds_match_the_models(schema: dict[str, Any]) -> None:
         FederatedTrainingSpec.model_validate(too_many)
 
 
+def test_the_committed_crd_bounds_the_round_timeout_by_the_life_of_a_presigned_url() -> None:
+    committed = yaml.safe_load((ROOT / "crds" / CRD_FILENAME).read_text())
+    root = committed["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    timeout = node_at(root, ".spec.aggregation.roundTimeoutSeconds")
+    assert (timeout["minimum"], timeout["maximum"]) == (1, 518400)
+    assert "7 days" in timeout["description"]  # kubectl explain says why
+
+
 # --------------------------------------------------------------------------------------------------
 # structural schema
 
