@@ -3,9 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
-# The folder operator/ (the package fedtrain.operator) would shadow the standard library's
-# `operator` for any `python -m` run from this directory: keep the working directory off sys.path.
-export PYTHONSAFEPATH := 1
 
 .PHONY: demo test lint unit crd manifests clean
 

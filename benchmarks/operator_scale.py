@@ -321,7 +321,6 @@ def run(
     observer = JobObserver(server)
     env = {
         **os.environ,
-        "PYTHONSAFEPATH": "1",
         "FEDTRAIN_OPERATOR_KUBECONFIG": str(kubeconfig),
         "FEDTRAIN_OPERATOR_AGGREGATOR_URL": f"http://127.0.0.1:{host_port}/{{namespace}}/{{service}}",
         "FEDTRAIN_OPERATOR_LIVENESS_PORT": str(free_port()),

@@ -390,6 +390,16 @@ class AggregationSpec(ApiModel):
         1.0, gt=0, le=1, description="Fraction of sites selected per round (seeded, at least minSites)."
     )
     site_retries: int = Field(1, ge=0, le=10, description="New attempts for a site whose trainer failed.")
+    wait_timeout_seconds: int = Field(
+        900,
+        ge=10,
+        le=86400,
+        description=(
+            "How long the training may wait on something that should pass with time (the aggregator "
+            "starting, the object store or a credentials Secret unreachable) before it fails with the "
+            "condition Waiting's reason; the wait is shown in the Waiting condition meanwhile."
+        ),
+    )
     max_update_norm: float | None = Field(
         None, gt=0, description="Reject updates whose L2 norm exceeds this bound."
     )
@@ -575,6 +585,16 @@ class SiteSpec(ApiModel):
     )
     resources: Resources = Field(default_factory=Resources, description="Trainer container resources.")
     weight: float | None = Field(None, gt=0, description="Aggregation weight (weighting: explicit).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "CPU threads of the trainer's math libraries (OMP_NUM_THREADS). Default: on a cluster, the "
+            "container's CPU limit (rounded up) where one is set; in a local run, the free cores shared "
+            "among the trainers that run at once."
+        ),
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the trainer pod must run on, e.g. a GPU type."
     )
@@ -755,6 +775,7 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     SUSPENDED = "Suspended"
     INVALID = "Invalid"
+    WAITING = "Waiting"
 
 
 class Condition(ApiModel):
@@ -818,6 +839,13 @@ class RoundRecord(ApiModel):
         return (self.closed_at - self.started_at).total_seconds()
 
 
+class AttemptRef(ApiModel):
+    """One attempt of one round of a site."""
+
+    round: int = Field(..., ge=0, description="Round index, from 0.")
+    attempt: int = Field(..., ge=0, description="Trainer attempt, from 0.")
+
+
 class FederatedTrainingStatus(ApiModel):
     phase: Phase = Field(Phase.PENDING, description="Pending, Running, Suspended, Succeeded or Failed.")
     stage: Stage = Field(Stage.INITIALIZING, description="Where the current round is.")
@@ -843,6 +871,14 @@ class FederatedTrainingStatus(ApiModel):
     finished_at: datetime | None = Field(None, description="When the training finished.")
     observed_generation: int | None = Field(None, description="Spec generation this status reflects.")
     conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Typed conditions.")
+    site_states: dict[str, AttemptRef] = Field(
+        default_factory=dict,
+        description=(
+            "Per site, the round and attempt whose private state (optimizer, schedule, data cursor) the "
+            "site's next round starts from: that of its last accepted update, so a failed or rejected "
+            "attempt never advances it."
+        ),
+    )
 
     def site(self, name: str) -> SiteRoundStatus:
         for site in self.sites:

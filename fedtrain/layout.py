@@ -34,9 +34,14 @@ class TrainingLayout:
         """Written last when a round closes: its presence means the round is done."""
         return f"{self.round_dir(round_index)}/manifest.json"
 
-    def site_state(self, site: str) -> str:
-        """A site's private optimizer and scheduler state, carried from round to round."""
-        return f"{self.root}/sites/{site}/state.safetensors"
+    def site_state(self, site: str, round_index: int, attempt: int) -> str:
+        """A site's private state (optimizer, schedule, data cursor) as one attempt of a round left it.
+
+        Each attempt writes its own object, before its update: a round starts from the state of the
+        site's last accepted attempt (status.siteStates), so a failed, rejected or repeated attempt
+        never advances the schedule twice.
+        """
+        return f"{self.root}/sites/{site}/state/{round_index:05d}-{attempt}.safetensors"
 
     def history(self) -> str:
         """Every closed round as JSON lines (the status keeps only the last few)."""

@@ -21,6 +21,7 @@ from typing import Literal
 
 from fedtrain.api import (
     STATUS_HISTORY_LIMIT,
+    AttemptRef,
     Condition,
     ConditionType,
     EvalMetrics,
@@ -55,6 +56,14 @@ class JobObservation:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """A permanent error a driver met carrying out an action: the training fails with it."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Observations:
     """What a driver saw since the last step, about the current round only."""
 
@@ -63,7 +72,10 @@ class Observations:
     verdicts: Mapping[str, UpdateVerdict] = field(default_factory=dict)  # by site
     manifest: RoundManifest | None = None
     merged_model_uri: str | None = None
-    aggregator_error: str | None = None
+    failure: Failure | None = None
+    #: A temporary error the last actions met (the aggregator starting, the store unreachable): the
+    #: engine shows it in the Waiting condition and fails the training once it outlasts its bound.
+    waiting_for: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,6 +93,8 @@ class StartSiteJob:
     round: int
     attempt: int
     mode: JobMode
+    #: The attempt whose private state this one starts from (the site's last accepted); None: fresh.
+    state_from: AttemptRef | None = None
 
 
 @dataclass(frozen=True)
@@ -118,9 +132,30 @@ class RecordRound:
     record: RoundRecord
 
 
+@dataclass(frozen=True)
+class ReleaseAggregator:
+    """The training is over: the aggregator's resources may be given back (its objects stay)."""
+
+
 Action = (
-    InitializeModel | StartSiteJob | StopSiteJob | SubmitUpdate | CloseRound | MergeFinalModel | RecordRound
+    InitializeModel
+    | StartSiteJob
+    | StopSiteJob
+    | SubmitUpdate
+    | CloseRound
+    | MergeFinalModel
+    | RecordRound
+    | ReleaseAggregator
 )
+
+#: Actions whose result a driver has as soon as the action returns (an aggregator call): the engine can
+#: take its next step at once. The others need the world to move (a Job to run) or return nothing.
+IMMEDIATE_ACTIONS = (InitializeModel, SubmitUpdate, CloseRound, MergeFinalModel)
+
+
+def yields_at_once(action: Action) -> bool:
+    """Whether a driver that carried out `action` has something new for the engine right away."""
+    return isinstance(action, IMMEDIATE_ACTIONS)
 
 
 @dataclass(frozen=True)
@@ -208,7 +243,11 @@ def step(
     observations: Observations,
     now: datetime,
 ) -> Decision:
-    """Decide what to do next. Never mutates its arguments."""
+    """Decide what to do next. Never mutates its arguments.
+
+    The stages run in order within one step, so a round whose last site just finished is closed,
+    and a closed round's successor started, as soon as what they need has been observed.
+    """
     decision = Decision(status=status.model_copy(deep=True))
     current = decision.status
     if current.phase.finished:
@@ -219,59 +258,142 @@ def step(
     if current.phase is Phase.SUSPENDED:
         _resume(spec, current, decision, now)
     if current.phase is Phase.PENDING:
-        current.phase = Phase.RUNNING
-        current.stage = Stage.INITIALIZING
-        current.started_at = now
-        current.message = "writing the initial global model"
-        set_condition(current, ConditionType.PROGRESSING, True, "Initializing", current.message, now)
-        set_condition(current, ConditionType.READY, True, "Running", "the training is running", now)
-    if observations.aggregator_error:
-        _fail(current, decision, "AggregatorError", observations.aggregator_error, now)
+        _begin(current, now)
+    if observations.failure is not None:
+        _fail(current, decision, observations.failure.reason, observations.failure.message, now)
         return decision
-
-    if current.stage is Stage.INITIALIZING:
-        if observations.initial_model_uri is None:
-            decision.act(InitializeModel())
-            return decision
-        current.global_model_uri = observations.initial_model_uri
-        _start_round(spec, current, decision, 0, now)
+    if _waited_too_long(spec, current, observations.waiting_for, decision, now):
         return decision
-
-    if current.stage in (Stage.TRAINING, Stage.EVALUATING):
-        _advance_sites(spec, current, observations, decision, now)
-        shortfall = _quorum_shortfall(spec, current) if current.stage is Stage.TRAINING else None
-        if shortfall is not None:
-            _fail(current, decision, "QuorumNotMet", shortfall, now)
-            return decision
-        if all(site.state.terminal for site in current.sites):
-            _round_complete(spec, current, decision, now)
-
-    if current.stage is Stage.CLOSING:
-        if observations.manifest is None or observations.manifest.round != current.round:
-            decision.act(_close_action(current))
-        else:
-            _record_training_round(spec, current, observations.manifest, decision, now)
-
-    if current.stage is Stage.FINALIZING:
-        if observations.merged_model_uri is None:
-            decision.act(MergeFinalModel(round=current.round))
-        else:
-            current.final_model_uri = observations.merged_model_uri
-            current.stage = Stage.DONE
-            current.phase = Phase.SUCCEEDED
-            current.finished_at = now
-            current.round_deadline = None
-            metric = spec.evaluation.metric.value
-            best = (
-                f"best {metric} {current.best_metric:.4f} at round {current.best_round}"
-                if current.best_metric is not None
-                else f"no site reported {metric}"
-            )
-            current.message = f"finished after {current.round} rounds; {best}"
-            set_condition(current, ConditionType.SUCCEEDED, True, "Completed", current.message, now)
-            set_condition(current, ConditionType.PROGRESSING, False, "Completed", current.message, now)
-            decision.normal("Succeeded", current.message)
+    for stage in (_initializing, _sites_at_work, _closing, _finalizing):
+        if stage(spec, current, observations, decision, now):
+            break
     return decision
+
+
+def _begin(status: FederatedTrainingStatus, now: datetime) -> None:
+    status.phase = Phase.RUNNING
+    status.stage = Stage.INITIALIZING
+    status.started_at = now
+    status.message = "writing the initial global model"
+    set_condition(status, ConditionType.PROGRESSING, True, "Initializing", status.message, now)
+    set_condition(status, ConditionType.READY, True, "Running", "the training is running", now)
+
+
+# Each stage handler acts if the training is in its stage; True ends the step there.
+
+
+def _initializing(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    observations: Observations,
+    decision: Decision,
+    now: datetime,
+) -> bool:
+    if status.stage is not Stage.INITIALIZING:
+        return False
+    if observations.initial_model_uri is None:
+        decision.act(InitializeModel())
+        return True
+    status.global_model_uri = observations.initial_model_uri
+    _start_round(spec, status, decision, 0, now)
+    return True
+
+
+def _sites_at_work(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    observations: Observations,
+    decision: Decision,
+    now: datetime,
+) -> bool:
+    if status.stage not in (Stage.TRAINING, Stage.EVALUATING):
+        return False
+    _advance_sites(spec, status, observations, decision, now)
+    shortfall = _quorum_shortfall(spec, status) if status.stage is Stage.TRAINING else None
+    if shortfall is not None:
+        _fail(status, decision, "QuorumNotMet", shortfall, now)
+        return True
+    if all(site.state.terminal for site in status.sites):
+        _round_complete(spec, status, decision, now)
+    return False
+
+
+def _closing(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    observations: Observations,
+    decision: Decision,
+    now: datetime,
+) -> bool:
+    if status.stage is not Stage.CLOSING:
+        return False
+    if observations.manifest is None or observations.manifest.round != status.round:
+        decision.act(_close_action(status))
+    else:
+        _record_training_round(spec, status, observations.manifest, decision, now)
+    return False
+
+
+def _finalizing(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    observations: Observations,
+    decision: Decision,
+    now: datetime,
+) -> bool:
+    if status.stage is not Stage.FINALIZING:
+        return False
+    if observations.merged_model_uri is None:
+        decision.act(MergeFinalModel(round=status.round))
+        return True
+    status.final_model_uri = observations.merged_model_uri
+    status.stage = Stage.DONE
+    status.phase = Phase.SUCCEEDED
+    status.finished_at = now
+    status.round_deadline = None
+    metric = spec.evaluation.metric.value
+    best = (
+        f"best {metric} {status.best_metric:.4f} at round {status.best_round}"
+        if status.best_metric is not None
+        else f"no site reported {metric}"
+    )
+    status.message = f"finished after {status.round} rounds; {best}"
+    set_condition(status, ConditionType.SUCCEEDED, True, "Completed", status.message, now)
+    set_condition(status, ConditionType.PROGRESSING, False, "Completed", status.message, now)
+    decision.normal("Succeeded", status.message)
+    decision.act(ReleaseAggregator())
+    return True
+
+
+def _waited_too_long(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    waiting_for: str | None,
+    decision: Decision,
+    now: datetime,
+) -> bool:
+    """Keep the Waiting condition; True if the wait outlasted its bound and the training failed.
+
+    The wait starts at the condition's transition time, which lives in the status: a restarted driver
+    goes on counting from there.
+    """
+    waiting = next((c for c in status.conditions if c.type is ConditionType.WAITING), None)
+    if waiting_for is None:
+        if waiting is not None and waiting.status == "True":
+            set_condition(status, ConditionType.WAITING, False, "Resolved", "nothing to wait for", now)
+        return False
+    since = waiting.last_transition_time if waiting is not None and waiting.status == "True" else now
+    bound = spec.aggregation.wait_timeout_seconds
+    waited = (now - since).total_seconds()
+    if waited < bound:
+        set_condition(status, ConditionType.WAITING, True, "Waiting", waiting_for, now)
+        return False
+    message = (
+        f"gave up after waiting {waited:.0f} s (aggregation.waitTimeoutSeconds is {bound}): {waiting_for}"
+    )
+    set_condition(status, ConditionType.WAITING, False, "WaitTimedOut", message, now)
+    _fail(status, decision, "WaitTimedOut", message, now)
+    return True
 
 
 def _start_round(
@@ -289,7 +411,7 @@ def _start_round(
     status.round_deadline = now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
     status.sites = [SiteRoundStatus(name=name, started_at=now) for name in sites]
     for name in sites:
-        decision.act(StartSiteJob(site=name, round=round_index, attempt=0, mode=mode))
+        decision.act(_start_job(status, name, 0, mode))
     if mode == "train":
         status.message = f"round {round_index + 1} of {spec.training.rounds}: {len(sites)} sites training"
         decision.normal("RoundStarted", f"round {round_index} started with sites {', '.join(sites)}")
@@ -303,6 +425,12 @@ def _mode(status: FederatedTrainingStatus) -> JobMode:
     return "evaluate" if status.stage is Stage.EVALUATING else "train"
 
 
+def _start_job(status: FederatedTrainingStatus, site: str, attempt: int, mode: JobMode) -> StartSiteJob:
+    """Start a site's attempt; a training attempt starts from the site's last committed private state."""
+    state_from = status.site_states.get(site) if mode == "train" else None
+    return StartSiteJob(site=site, round=status.round, attempt=attempt, mode=mode, state_from=state_from)
+
+
 def _advance_sites(
     spec: FederatedTrainingSpec,
     status: FederatedTrainingStatus,
@@ -310,51 +438,72 @@ def _advance_sites(
     decision: Decision,
     now: datetime,
 ) -> None:
-    mode = _mode(status)
     deadline = status.round_deadline
     overdue = deadline is not None and now >= deadline
     for site in status.sites:
         if site.state is SiteState.TRAINED:
-            verdict = _verdict(observations, site.name, status.round)
-            if verdict is None:
-                decision.act(SubmitUpdate(site=site.name, round=status.round))
-            else:
-                _apply_verdict(site, verdict, decision, now)
-            continue
-        if site.state.terminal:
-            continue
-        job = observations.jobs.get((site.name, site.attempt), JobObservation(JobState.ABSENT))
-        if job.state is JobState.ABSENT:
-            # Never started, or lost (a restarted local runner, a deleted Job): start it again.
-            # The Job name and the object keys are deterministic, so this cannot duplicate work.
-            # Past the deadline the site is about to become a straggler: starting it would only
-            # create a Job to delete in the same breath.
-            if not overdue:
-                decision.act(
-                    StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=mode)
-                )
-        elif job.state is JobState.ACTIVE:
-            site.state = SiteState.RUNNING
-        elif job.state is JobState.SUCCEEDED:
-            site.state = SiteState.TRAINED
-            verdict = _verdict(observations, site.name, status.round)
-            if verdict is None:
-                decision.act(SubmitUpdate(site=site.name, round=status.round))
-            else:
-                _apply_verdict(site, verdict, decision, now)
-        elif job.state is JobState.FAILED:
-            _site_failed(spec, status, site, job.message, decision, now, retry=not overdue)
-
+            _take_verdict(status, site, observations, decision, now)
+        elif not site.state.terminal:
+            job = observations.jobs.get((site.name, site.attempt), JobObservation(JobState.ABSENT))
+            _follow_job(spec, status, site, job, observations, decision, now, overdue)
     if deadline is not None and overdue:
-        for site in status.sites:
-            if site.state in (SiteState.PENDING, SiteState.RUNNING):
-                site.state = SiteState.STRAGGLER
-                site.finished_at = now
-                site.message = f"not finished by the round deadline {deadline.isoformat()}"
-                decision.act(
-                    StopSiteJob(site=site.name, round=status.round, attempt=site.attempt, reason="straggler")
-                )
-                decision.warning("Straggler", f"round {status.round}: site {site.name} missed the deadline")
+        _mark_stragglers(status, deadline, decision, now)
+
+
+def _follow_job(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    site: SiteRoundStatus,
+    job: JobObservation,
+    observations: Observations,
+    decision: Decision,
+    now: datetime,
+    overdue: bool,
+) -> None:
+    """A site still at work, by what its current attempt's Job is doing."""
+    if job.state is JobState.ABSENT:
+        # Never started, or lost (a restarted local runner, a deleted Job): start it again.
+        # The Job name and the object keys are deterministic, so this cannot duplicate work.
+        # Past the deadline the site is about to become a straggler: starting it would only
+        # create a Job to delete in the same breath.
+        if not overdue:
+            decision.act(_start_job(status, site.name, site.attempt, _mode(status)))
+    elif job.state is JobState.ACTIVE:
+        site.state = SiteState.RUNNING
+    elif job.state is JobState.SUCCEEDED:
+        site.state = SiteState.TRAINED
+        _take_verdict(status, site, observations, decision, now)
+    elif job.state is JobState.FAILED:
+        _site_failed(spec, status, site, job.message, decision, now, retry=not overdue)
+
+
+def _take_verdict(
+    status: FederatedTrainingStatus,
+    site: SiteRoundStatus,
+    observations: Observations,
+    decision: Decision,
+    now: datetime,
+) -> None:
+    """A trained site: hand its update to the aggregator, or record the verdict it gave."""
+    verdict = _verdict(observations, site.name, status.round)
+    if verdict is None:
+        decision.act(SubmitUpdate(site=site.name, round=status.round))
+    else:
+        _apply_verdict(status, site, verdict, decision, now)
+
+
+def _mark_stragglers(
+    status: FederatedTrainingStatus, deadline: datetime, decision: Decision, now: datetime
+) -> None:
+    for site in status.sites:
+        if site.state in (SiteState.PENDING, SiteState.RUNNING):
+            site.state = SiteState.STRAGGLER
+            site.finished_at = now
+            site.message = f"not finished by the round deadline {deadline.isoformat()}"
+            decision.act(
+                StopSiteJob(site=site.name, round=status.round, attempt=site.attempt, reason="straggler")
+            )
+            decision.warning("Straggler", f"round {status.round}: site {site.name} missed the deadline")
 
 
 def _verdict(observations: Observations, site: str, round_index: int) -> UpdateVerdict | None:
@@ -363,7 +512,13 @@ def _verdict(observations: Observations, site: str, round_index: int) -> UpdateV
     return verdict if verdict is not None and verdict.round == round_index else None
 
 
-def _apply_verdict(site: SiteRoundStatus, verdict: UpdateVerdict, decision: Decision, now: datetime) -> None:
+def _apply_verdict(
+    status: FederatedTrainingStatus,
+    site: SiteRoundStatus,
+    verdict: UpdateVerdict,
+    decision: Decision,
+    now: datetime,
+) -> None:
     site.finished_at = now
     site.samples = verdict.samples
     site.evaluation = verdict.evaluation
@@ -372,6 +527,9 @@ def _apply_verdict(site: SiteRoundStatus, verdict: UpdateVerdict, decision: Deci
     if verdict.accepted:
         site.state = SiteState.ACCEPTED
         site.message = None
+        if status.stage is Stage.TRAINING:
+            # The state this attempt wrote before its update is the site's from now on.
+            status.site_states[site.name] = AttemptRef(round=status.round, attempt=site.attempt)
     else:
         site.state = SiteState.REJECTED
         site.message = ": ".join(part for part in (verdict.reason, verdict.message) if part) or "rejected"
@@ -396,9 +554,7 @@ def _site_failed(
         site.state = SiteState.PENDING
         site.started_at = now
         site.message = f"attempt {site.attempt} after: {detail}"
-        decision.act(
-            StartSiteJob(site=site.name, round=status.round, attempt=site.attempt, mode=_mode(status))
-        )
+        decision.act(_start_job(status, site.name, site.attempt, _mode(status)))
         decision.warning("SiteRetry", f"round {status.round}: site {site.name} failed ({detail}); retrying")
     else:
         site.state = SiteState.FAILED
@@ -567,6 +723,7 @@ def _fail(
     set_condition(status, ConditionType.PROGRESSING, False, reason, message, now)
     set_condition(status, ConditionType.READY, False, reason, message, now)
     decision.warning(reason, message)
+    decision.act(ReleaseAggregator())
 
 
 def _suspend(status: FederatedTrainingStatus, decision: Decision, now: datetime) -> None:

@@ -22,6 +22,7 @@ import kopf
 from fedtrain.api import GROUP, PLURAL, VERSION
 
 from . import manifests
+from .cleanup import remove_training_objects
 from .kube import Kube, KubeError, connection_info, load_api_client
 from .metrics import OperatorMetrics
 from .reconcile import Context, Reconciler, TrainingRuntime, training_ref
@@ -66,6 +67,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo["own_metrics"] = True
     memo["context"] = Context(
         settings=operator_settings,
+        **({"clock": memo["clock"]} if memo.get("clock") else {}),
         kube=Kube(
             memo.get("api_client")
             or load_api_client(operator_settings.kubeconfig, operator_settings.api_concurrency)
@@ -154,31 +156,13 @@ async def delete_training(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 async def cleanup(context: Context, body: Mapping[str, Any]) -> None:
-    """Remove everything made for a training, in every namespace it touched."""
+    """Stop the training's reconciles, then remove everything made for it."""
     ref = training_ref(body)
     runtime = context.runtime(ref)
     runtime.deleting = True
     runtime.wake.set()
     async with runtime.lock:  # a reconcile in flight finishes first: nothing is created after this
-        sites = (body.get("spec") or {}).get("sites") or []
-        namespaces = {ref.namespace} | {site.get("namespace") or "default" for site in sites}
-        selector = {manifests.TRAINING_UID: ref.uid}
-        # Jobs and Secrets may be in any of them; the aggregator's objects only in the training's.
-        targets = [(kind, namespace) for namespace in sorted(namespaces) for kind in ("Job", "Secret")]
-        targets += [(kind, ref.namespace) for kind in ("Deployment", "Service", "ConfigMap")]
-        removed = 0
-        for kind, namespace in targets:
-            try:
-                items = await context.kube.list_labelled(kind, namespace, selector)
-            except KubeError as error:
-                if error.status != 403:
-                    raise
-                # A namespace this operator may not touch (not in its namespaces): it cannot have
-                # made anything there, and a finalizer that waits for it would wait forever.
-                log.warning("%s/%s: %s: skipped", ref.namespace, ref.name, error)
-                continue
-            for item in items:
-                removed += await context.kube.delete(kind, namespace, item["metadata"]["name"])
+        removed = await remove_training_objects(context.kube, ref, body.get("spec") or {})
         log.info("%s/%s deleted: removed %d objects", ref.namespace, ref.name, removed)
     context.jobs.forget(ref.uid)
     context.runtimes.pop(ref.uid, None)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
-from fedtrain.api import RoundRecord
+from fedtrain.api import FederatedTrainingStatus, RoundRecord
 from fedtrain.store import ObjectNotFound, ObjectStore
 
 
@@ -24,3 +26,14 @@ def append_record(store: ObjectStore, key: str, record: RoundRecord) -> str:
 def _round_key(line: str) -> tuple[object, object]:
     record = json.loads(line)
     return record.get("round"), record.get("kind")
+
+
+class StoreHistory:
+    """The `HistoryPort` of a driver whose store is opened on demand (the operator's, per training)."""
+
+    def __init__(self, store: Callable[[], Awaitable[ObjectStore]], key: str) -> None:
+        self.store = store
+        self.key = key
+
+    async def record(self, record: RoundRecord, status: FederatedTrainingStatus) -> None:
+        await asyncio.to_thread(append_record, await self.store(), self.key, record)

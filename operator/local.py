@@ -2,48 +2,45 @@
 
 Each site's trainer runs as its own OS process through the real entrypoint
 (`python -m fedtrain.trainer --config FILE`), reaching the store only through the URLs in its job
-file, exactly as a Job's container would. The aggregator library runs in this process. The status
-is saved after every step, so `--resume` carries on from wherever a run stopped.
+file, exactly as a Job's container would, and with none of this process's credentials in its
+environment. The aggregator library runs in this process. The status is saved after every pass of
+the driver core, so `--resume` carries on from wherever a run stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
-from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
-from fedtrain.api import FederatedTraining, FederatedTrainingStatus, PretrainedSource, RoundRecord
-from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.aggregator.rounds import RoundAggregator
+from fedtrain.api import (
+    FederatedTraining,
+    FederatedTrainingSpec,
+    FederatedTrainingStatus,
+    Phase,
+    RejectedUpdate,
+    RoundRecord,
+    StorageSpec,
+)
+from fedtrain.job import TrainerJob
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
-from fedtrain.store import ObjectNotFound, ObjectStore, S3Store, open_store
+from fedtrain.pretrained import load_pretrained, presign_pretrained
+from fedtrain.store import ObjectStore, S3Store, open_store
 
-from .engine import (
-    Action,
-    CloseRound,
-    Event,
-    InitializeModel,
-    JobObservation,
-    JobState,
-    MergeFinalModel,
-    Observations,
-    RecordRound,
-    StartSiteJob,
-    StopSiteJob,
-    SubmitUpdate,
-    step,
-)
+from .core import DriverCore, JobKey, Signer
+from .engine import Event, JobObservation, JobState, StartSiteJob, StopSiteJob
 from .history import append_record
 
 log = logging.getLogger(__name__)
@@ -54,6 +51,33 @@ SPEC_FILE = "training.yaml"
 HISTORY_FILE = "history.jsonl"
 MERGED_FILE = "model-merged.safetensors"
 
+#: What a trainer process inherits of this one's environment: where programs and libraries are, the
+#: locale, and the caches and devices it may use. Never credentials: a trainer holds only URLs.
+TRAINER_ENVIRONMENT = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "CUDA_VISIBLE_DEVICES",
+    "XDG_CACHE_HOME",
+    "TORCH_HOME",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+)
+#: Thread settings a user may give this process; each is passed on to trainers unchanged.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+#: Presigned URLs outlive the round's timeout by this much (as the operator's default grace).
+URL_GRACE_SECONDS = 900
+
 
 class RunError(RuntimeError):
     """A run that cannot start as asked (an existing run directory without --resume, ...)."""
@@ -63,17 +87,50 @@ def default_trainer_command() -> list[str]:
     return [sys.executable, "-m", "fedtrain.trainer"]
 
 
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 @dataclass
 class RunOptions:
     run_dir: Path
     store: str | None = None  # s3://bucket/prefix, or a directory; default: run_dir/store
     endpoint: str | None = None
-    parallel: int = 0  # 0: as many sites as there are cores
+    parallel: int = 0  # 0: as many sites as there are free cores
     resume: bool = False
     overwrite: bool = False  # delete an earlier run in run_dir first
     trainer_command: list[str] = field(default_factory=default_trainer_command)
     poll_seconds: float = 0.5
-    url_expiry_seconds: int = 6 * 3600
+    clock: Callable[[], datetime] = _utc_now  # tests move time on to reach a deadline
+
+
+def free_cores() -> int:
+    """Cores this process may use that other work is not using now (load average, rounded)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, cores - busy)
+
+
+def trainer_environment(
+    environ: Mapping[str, str], site_threads: int | None, default_threads: int
+) -> dict[str, str]:
+    """A trainer's environment: the allowed variables of ours, and its thread count.
+
+    A site's own `threads` wins; else the thread variables the user set for this run; else the
+    default share of the free cores.
+    """
+    env = {name: environ[name] for name in TRAINER_ENVIRONMENT if name in environ}
+    env.update({name: environ[name] for name in THREAD_VARIABLES if name in environ})
+    if site_threads is not None:
+        env.update({name: str(site_threads) for name in THREAD_VARIABLES})
+    elif "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(default_threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# the ports: trainer processes, the aggregator library, the store's URLs, the history file
 
 
 @dataclass
@@ -82,41 +139,185 @@ class _Process:
     log_path: Path
 
 
-@dataclass
-class _JobTable:
+def _last_error(log_path: Path) -> str:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if " ERROR " in line or "Error" in line]
+    text = (errors or lines or ["no output"])[-1]
+    return text[-300:] + f" (log: {log_path})"
+
+
+def _terminate(popen: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> None:
+    if popen.poll() is not None:
+        return
+    try:
+        os.killpg(popen.pid, signal.SIGTERM)
+        popen.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+    except ProcessLookupError:
+        pass
+
+
+class LocalJobs:
     """Trainer processes of the current round, keyed by (site, attempt), and the queue before them."""
 
-    round: int = -1
-    queued: list[StartSiteJob] = field(default_factory=list)
-    running: dict[tuple[str, int], _Process] = field(default_factory=dict)
-    finished: dict[tuple[str, int], JobObservation] = field(default_factory=dict)
+    def __init__(
+        self, spec: FederatedTrainingSpec, run_dir: Path, command: list[str], parallel: int, threads: int
+    ) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.command = command
+        self.parallel = parallel
+        self.threads = threads
+        self.round = -1
+        self.queued: list[tuple[StartSiteJob, Path]] = []
+        self.running: dict[JobKey, _Process] = {}
+        self.finished: dict[JobKey, JobObservation] = {}
 
-    def observe(self) -> dict[tuple[str, int], JobObservation]:
+    async def start(self, action: StartSiteJob, job: TrainerJob) -> None:
+        key = (action.site, action.attempt)
+        if key in self.running or key in self.finished or any(key == _key(a) for a, _ in self.queued):
+            return
+        path = self.run_dir / "jobs" / f"round-{job.round:04d}-{job.site}-attempt-{job.attempt}.yaml"
+        document = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        self.queued.append((action, path))
+        self._launch()
+
+    async def stop(self, action: StopSiteJob) -> None:
+        key = (action.site, action.attempt)
+        self.queued = [(a, path) for a, path in self.queued if _key(a) != key]
+        process = self.running.pop(key, None)
+        if process is not None:
+            _terminate(process.popen)
+        self.finished[key] = JobObservation(JobState.FAILED, f"stopped: {action.reason}")
+
+    def observe(self, round_index: int) -> dict[JobKey, JobObservation]:
+        if round_index != self.round:  # a new round: whatever still runs of the last one is stopped
+            self.stop_all()
+            self.round, self.finished = round_index, {}
         seen = dict(self.finished)
-        for job in self.queued:
-            seen[(job.site, job.attempt)] = JobObservation(JobState.ACTIVE, "queued")
         for key, process in list(self.running.items()):
             code = process.popen.poll()
             if code is None:
                 seen[key] = JobObservation(JobState.ACTIVE)
                 continue
             del self.running[key]
-            if code == 0:
-                outcome = JobObservation(JobState.SUCCEEDED)
-            else:
-                outcome = JobObservation(
-                    JobState.FAILED, f"exit code {code}: {_last_error(process.log_path)}"
-                )
-            self.finished[key] = outcome
-            seen[key] = outcome
+            failed = f"exit code {code}: {_last_error(process.log_path)}"
+            outcome = (
+                JobObservation(JobState.SUCCEEDED) if code == 0 else JobObservation(JobState.FAILED, failed)
+            )
+            self.finished[key] = seen[key] = outcome
+        self._launch()
+        for action, _ in self.queued:
+            seen.setdefault(_key(action), JobObservation(JobState.ACTIVE, "queued"))
         return seen
 
+    def _launch(self) -> None:
+        while self.queued and len(self.running) < self.parallel:
+            action, config = self.queued.pop(0)
+            log_path = self.run_dir / "logs" / f"{config.stem}.log"
+            env = trainer_environment(os.environ, self.spec.site(action.site).threads, self.threads)
+            with log_path.open("wb") as output:
+                # A session of its own: Ctrl-C reaches this runner, which stops the trainers itself.
+                popen = subprocess.Popen(
+                    [*self.command, "--config", str(config)],
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            self.running[_key(action)] = _Process(popen, log_path)
 
-def _last_error(log_path: Path) -> str:
-    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if " ERROR " in line or "Error" in line]
-    text = (errors or lines or ["no output"])[-1]
-    return text[-300:] + f" (log: {log_path})"
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            _terminate(process.popen)
+        self.running.clear()
+        self.queued.clear()
+
+
+def _key(action: StartSiteJob) -> JobKey:
+    return action.site, action.attempt
+
+
+class LocalAggregator:
+    """The aggregator library in this process; its calls run in a worker thread."""
+
+    def __init__(
+        self, aggregator: RoundAggregator, store: ObjectStore, layout: TrainingLayout, run_dir: Path
+    ):
+        self.aggregator = aggregator
+        self.store = store
+        self.layout = layout
+        self.run_dir = run_dir
+
+    async def initialize(self) -> str:
+        uri: str = await asyncio.to_thread(self.aggregator.initialize)
+        return uri
+
+    async def submit(self, round_index: int, site: str) -> UpdateVerdict:
+        return await asyncio.to_thread(self.aggregator.submit, round_index, site)
+
+    async def close(
+        self, round_index: int, participants: list[str], rejected: list[RejectedUpdate]
+    ) -> RoundManifest:
+        return await asyncio.to_thread(self.aggregator.close, round_index, participants, rejected)
+
+    async def merge(self, round_index: int) -> str:
+        uri: str = await asyncio.to_thread(self.aggregator.merge, round_index)
+        target = self.run_dir / MERGED_FILE
+        path = self.store.local_path(self.layout.merged_model())
+        if path is not None:
+            shutil.copyfile(path, target)
+        else:
+            await asyncio.to_thread(self.store.get_file, self.layout.merged_model(), target)
+        return uri
+
+    async def release(self) -> None:
+        """Nothing to give back: the library lives as long as this process."""
+
+
+class LocalCredentials:
+    """URLs signed with this process's store; base weights in S3 read with its own AWS credentials."""
+
+    def __init__(self, spec: FederatedTrainingSpec, store: ObjectStore, endpoint: str | None) -> None:
+        self.spec = spec
+        self.store = store
+        self.endpoint = endpoint
+
+    async def signer(self) -> Signer:
+        return self.store
+
+    async def pretrained_url(self, expires_seconds: int) -> str | None:
+        return presign_pretrained(self.spec, _open_bucket, expires_seconds, self.endpoint)
+
+
+def _open_bucket(storage: StorageSpec) -> ObjectStore:
+    return S3Store.from_spec(storage)
+
+
+class LocalHistory:
+    def __init__(
+        self,
+        store: ObjectStore,
+        layout: TrainingLayout,
+        run_dir: Path,
+        on_round: Callable[[RoundRecord, FederatedTrainingStatus], None],
+    ) -> None:
+        self.store = store
+        self.key = layout.history()
+        self.run_dir = run_dir
+        self.on_round = on_round
+
+    async def record(self, record: RoundRecord, status: FederatedTrainingStatus) -> None:
+        text = await asyncio.to_thread(append_record, self.store, self.key, record)
+        (self.run_dir / HISTORY_FILE).write_text(text)
+        self.on_round(record, status)
+
+
+# --------------------------------------------------------------------------------------------------
+# the runner
 
 
 class LocalRunner:
@@ -134,23 +335,25 @@ class LocalRunner:
         self.run_dir = options.run_dir
         self.layout = TrainingLayout(resource.metadata.namespace or LOCAL_NAMESPACE, resource.metadata.name)
         self.on_event = on_event or (lambda event: log.info("%s: %s", event.reason, event.message))
-        self.on_round = on_round or (lambda record, status: None)
         self.on_step = on_step or (lambda status: None)
-        cores = os.cpu_count() or 1
+        cores = free_cores()
         self.parallel = options.parallel or max(1, min(len(self.spec.sites), cores))
         self.threads_per_trainer = max(1, cores // self.parallel)
-        self.store: ObjectStore = self._open_store()
-        weights, self.pretrained_url = self._pretrained_weights()
-        self.aggregator = RoundAggregator(self.store, self.layout, self.spec, pretrained_weights=weights)
-        self.jobs = _JobTable()
-        self.verdicts: dict[str, UpdateVerdict] = {}
-        self.manifest: RoundManifest | None = None
-        self.initial_model_uri: str | None = None
-        self.merged_model_uri: str | None = None
-        self.aggregator_error: str | None = None
-
-    # ---------------------------------------------------------------------------------------------
-    # set-up
+        self.store = self._open_store()
+        weights = load_pretrained(self.spec, _open_bucket, options.endpoint)
+        aggregator = RoundAggregator(self.store, self.layout, self.spec, pretrained_weights=weights)
+        self.jobs = LocalJobs(
+            self.spec, self.run_dir, options.trainer_command, self.parallel, self.threads_per_trainer
+        )
+        self.core = DriverCore(
+            self.spec,
+            self.layout,
+            jobs=self.jobs,
+            aggregator=LocalAggregator(aggregator, self.store, self.layout, self.run_dir),
+            credentials=LocalCredentials(self.spec, self.store, options.endpoint),
+            history=LocalHistory(self.store, self.layout, self.run_dir, on_round or (lambda r, s: None)),
+            url_grace_seconds=URL_GRACE_SECONDS,
+        )
 
     def _open_store(self) -> ObjectStore:
         location = self.options.store or str(self.run_dir / "store")
@@ -158,17 +361,6 @@ class LocalRunner:
         if isinstance(store, S3Store):
             store.ensure_bucket()
         return store
-
-    def _pretrained_weights(self) -> tuple[Path | bytes | None, str | None]:
-        """Base weights for the aggregator, and the URL trainers fetch them from (source uri)."""
-        pretrained = self.spec.model.pretrained
-        if pretrained.source is PretrainedSource.FILE and pretrained.location:
-            return Path(pretrained.location), None
-        if pretrained.source is PretrainedSource.URI and pretrained.location:
-            bucket, _, key = pretrained.location.removeprefix("s3://").partition("/")
-            source = S3Store(bucket, endpoint=self.options.endpoint)
-            return source.get_bytes(key), source.presign_get(key, self.options.url_expiry_seconds)
-        return None, None
 
     def prepare(self) -> FederatedTrainingStatus:
         """Create the run directory, or load the status of the run to resume."""
@@ -197,181 +389,33 @@ class LocalRunner:
         (self.run_dir / SPEC_FILE).write_text(yaml.safe_dump(resource, sort_keys=False))
         return FederatedTrainingStatus()
 
-    # ---------------------------------------------------------------------------------------------
-    # the loop
-
     def run(self) -> FederatedTrainingStatus:
+        """Run to the end: Succeeded or Failed, or at once Suspended when spec.suspend is true."""
         status = self.prepare()
         try:
-            while True:
-                decision = step(self.spec, status, self._observe(status), datetime.now(UTC))
-                status = decision.status
-                self._save(status)
-                for event in decision.events:
-                    self.on_event(event)
-                for action in decision.actions:
-                    self._execute(action, status)
-                self._launch_queued()
-                self.on_step(status)
-                if status.phase.finished:
-                    return status
-                if not self._made_progress(decision.actions):
-                    time.sleep(self.options.poll_seconds)
+            return asyncio.run(self._loop(status))
         finally:
-            self._stop_all()
+            self.jobs.stop_all()
 
-    @staticmethod
-    def _made_progress(actions: list[Action]) -> bool:
-        """Actions whose result the next step can use at once (no process to wait for)."""
-        immediate = (InitializeModel, SubmitUpdate, CloseRound, MergeFinalModel)
-        return any(isinstance(action, immediate) for action in actions)
-
-    def _observe(self, status: FederatedTrainingStatus) -> Observations:
-        if self.jobs.round != status.round:
-            self._stop_all()
-            self.jobs = _JobTable(round=status.round)
-            self.verdicts = {}
-        return Observations(
-            initial_model_uri=self.initial_model_uri,
-            jobs=self.jobs.observe(),
-            verdicts=dict(self.verdicts),
-            manifest=self.manifest if self.manifest and self.manifest.round == status.round else None,
-            merged_model_uri=self.merged_model_uri,
-            aggregator_error=self.aggregator_error,
-        )
-
-    def _execute(self, action: Action, status: FederatedTrainingStatus) -> None:
-        if isinstance(action, InitializeModel):
-            self._guard(lambda: setattr(self, "initial_model_uri", self.aggregator.initialize()))
-        elif isinstance(action, StartSiteJob):
-            key = (action.site, action.attempt)
-            queued = any((job.site, job.attempt) == key for job in self.jobs.queued)
-            if not queued and key not in self.jobs.running and key not in self.jobs.finished:
-                self.jobs.queued.append(action)
-        elif isinstance(action, StopSiteJob):
-            self._stop(action)
-        elif isinstance(action, SubmitUpdate):
-            self.verdicts[action.site] = self.aggregator.submit(action.round, action.site)
-        elif isinstance(action, CloseRound):
-            self._guard(
-                lambda: setattr(
-                    self,
-                    "manifest",
-                    self.aggregator.close(action.round, list(action.participants), list(action.rejected)),
-                )
-            )
-        elif isinstance(action, MergeFinalModel):
-            self._guard(lambda: self._merge(action.round))
-        elif isinstance(action, RecordRound):
-            self._record(action.record, status)
-
-    def _guard(self, work: Callable[[], object]) -> None:
-        """Aggregator failures become an observation: the engine fails the training with the reason."""
-        try:
-            work()
-        except (AggregationError, ObjectNotFound, ValueError) as error:
-            self.aggregator_error = str(error)
-
-    # ---------------------------------------------------------------------------------------------
-    # trainer processes
-
-    def _job_file(self, job: StartSiteJob) -> Path:
-        expiry = self.options.url_expiry_seconds
-        layout, store = self.layout, self.store
-        trainer_job = TrainerJob(
-            training=self.layout.name,
-            round=job.round,
-            site=job.site,
-            attempt=job.attempt,
-            mode=job.mode,
-            spec=TrainerSpec.for_site(self.spec, job.site),
-            global_model_url=store.presign_get(layout.global_model(job.round), expiry),
-            update_url=store.presign_put(layout.update(job.round, job.site), expiry),
-            state_get_url=store.presign_get(layout.site_state(job.site), expiry),
-            state_put_url=store.presign_put(layout.site_state(job.site), expiry),
-            pretrained_url=self.pretrained_url,
-        )
-        path = self.run_dir / "jobs" / f"round-{job.round:04d}-{job.site}-attempt-{job.attempt}.yaml"
-        path.write_text(
-            yaml.safe_dump(
-                trainer_job.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
-            )
-        )
-        return path
-
-    def _launch_queued(self) -> None:
-        while self.jobs.queued and len(self.jobs.running) < self.parallel:
-            job = self.jobs.queued.pop(0)
-            config = self._job_file(job)
-            log_path = self.run_dir / "logs" / f"{config.stem}.log"
-            env = {
-                **os.environ,
-                "OMP_NUM_THREADS": str(self.threads_per_trainer),
-                "PYTHONUNBUFFERED": "1",
-                # Run from a checkout, the folder operator/ would shadow the standard library.
-                "PYTHONSAFEPATH": "1",
-            }
-            with log_path.open("wb") as output:
-                # A session of its own: Ctrl-C reaches this runner, which stops the trainers itself.
-                popen = subprocess.Popen(
-                    [*self.options.trainer_command, "--config", str(config)],
-                    stdout=output,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
-            self.jobs.running[(job.site, job.attempt)] = _Process(popen, log_path)
-
-    def _stop(self, action: StopSiteJob) -> None:
-        key = (action.site, action.attempt)
-        self.jobs.queued = [job for job in self.jobs.queued if (job.site, job.attempt) != key]
-        process = self.jobs.running.pop(key, None)
-        if process is not None:
-            _terminate(process.popen)
-        self.jobs.finished[key] = JobObservation(JobState.FAILED, f"stopped: {action.reason}")
-
-    def _stop_all(self) -> None:
-        for process in self.jobs.running.values():
-            _terminate(process.popen)
-        self.jobs.running.clear()
-        self.jobs.queued.clear()
-
-    # ---------------------------------------------------------------------------------------------
-    # results
-
-    def _merge(self, round_index: int) -> None:
-        uri = self.aggregator.merge(round_index)
-        target = self.run_dir / MERGED_FILE
-        path = self.store.local_path(self.layout.merged_model())
-        if path is not None:
-            shutil.copyfile(path, target)
-        else:
-            self.store.get_file(self.layout.merged_model(), target)
-        self.merged_model_uri = uri
-
-    def _record(self, record: RoundRecord, status: FederatedTrainingStatus) -> None:
-        text = append_record(self.store, self.layout.history(), record)
-        (self.run_dir / HISTORY_FILE).write_text(text)
-        self.on_round(record, status)
+    async def _loop(self, status: FederatedTrainingStatus) -> FederatedTrainingStatus:
+        while True:
+            outcome = await self.core.advance(status, self.options.clock)
+            status = outcome.status
+            self._save(status)
+            for event in outcome.events:
+                self.on_event(event)
+            self.on_step(status)
+            if status.phase.finished or status.phase is Phase.SUSPENDED:
+                return status
+            if not outcome.progressed:
+                delay = outcome.retry_seconds if outcome.waiting_for else self.options.poll_seconds
+                await asyncio.sleep(delay)
 
     def _save(self, status: FederatedTrainingStatus) -> None:
         path = self.run_dir / STATUS_FILE
         temporary = path.with_suffix(".tmp")
         temporary.write_text(status.model_dump_json(by_alias=True, indent=2, exclude_none=True))
         os.replace(temporary, path)
-
-
-def _terminate(popen: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> None:
-    if popen.poll() is not None:
-        return
-    try:
-        os.killpg(popen.pid, signal.SIGTERM)
-        popen.wait(grace_seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
-    except ProcessLookupError:
-        pass
 
 
 def load_history(run_dir: Path) -> list[RoundRecord]:

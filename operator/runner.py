@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import kopf
 from aiohttp import web
@@ -52,8 +54,12 @@ async def run_operator(
     stop_flag: StopFlag | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     api_client: ApiClient | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> int:
-    """Run until `stop_flag` is set (or a signal, or lost leadership: exit code 1)."""
+    """Run until `stop_flag` is set (or a signal, or lost leadership: exit code 1).
+
+    `clock` replaces the wall clock the engine reads (tests move time on to reach a deadline).
+    """
     from . import handlers  # noqa: F401  (registers the handlers with kopf)
 
     api_client = api_client or load_api_client(settings.kubeconfig, settings.api_concurrency)
@@ -95,7 +101,7 @@ async def run_operator(
                 stop_flag=stop,
                 ready_flag=ready_flag,
                 liveness_endpoint=liveness,
-                memo=kopf.Memo(settings=settings, api_client=api_client, metrics=metrics),
+                memo=kopf.Memo(settings=settings, api_client=api_client, metrics=metrics, clock=clock),
             )
         )
         if elector is not None:

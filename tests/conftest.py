@@ -13,10 +13,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
-# Subprocesses started from the repository root must not see its operator/ folder as the standard
-# library's `operator` (Python 3.11+: keep the working directory off sys.path).
-os.environ["PYTHONSAFEPATH"] = "1"
 from moto.server import ThreadedMotoServer
 from ports import free_port
 

@@ -626,7 +626,6 @@ def test_pretrained_weights_come_from_a_file_or_the_store(s3_store: S3Store, tmp
 def _env(**settings_: str) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("FEDTRAIN_AGGREGATOR_")}
     env.update({f"FEDTRAIN_AGGREGATOR_{name}": value for name, value in settings_.items()})
-    env["PYTHONSAFEPATH"] = "1"  # the repository's operator/ folder must not shadow the stdlib
     return env
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -20,6 +20,7 @@ import pytest
 
 from fedtrain.api import (
     STATUS_HISTORY_LIMIT,
+    AttemptRef,
     Condition,
     ConditionType,
     EvalMetrics,
@@ -32,11 +33,13 @@ from fedtrain.api import (
     Stage,
 )
 from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
+from fedtrain.operator.core import RoundMemory
 from fedtrain.operator.engine import (
     Action,
     CloseRound,
     Decision,
     Event,
+    Failure,
     InitializeModel,
     JobMode,
     JobObservation,
@@ -44,6 +47,7 @@ from fedtrain.operator.engine import (
     MergeFinalModel,
     Observations,
     RecordRound,
+    ReleaseAggregator,
     StartSiteJob,
     StopSiteJob,
     SubmitUpdate,
@@ -197,8 +201,19 @@ def of_type(actions: Iterable[Action], kind: type[ActionT]) -> list[ActionT]:
     return [action for action in actions if isinstance(action, kind)]
 
 
-def starts(round_index: int, sites: Iterable[str], attempt: int = 0, mode: JobMode = "train") -> list[Action]:
-    return [StartSiteJob(site=site, round=round_index, attempt=attempt, mode=mode) for site in sites]
+def starts(
+    round_index: int,
+    sites: Iterable[str],
+    attempt: int = 0,
+    mode: JobMode = "train",
+    state_from: Mapping[str, AttemptRef] | None = None,
+) -> list[Action]:
+    return [
+        StartSiteJob(
+            site=site, round=round_index, attempt=attempt, mode=mode, state_from=(state_from or {}).get(site)
+        )
+        for site in sites
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,25 +251,50 @@ class World:
     rejections: dict[tuple[int, str], str] = field(default_factory=dict)  # (round, site) -> reason
     failures: dict[tuple[int, str, int], str] = field(default_factory=dict)  # (round, site, attempt)
     hanging: set[tuple[int, str]] = field(default_factory=set)  # (round, site): never finishes
-    # what the engine observes
-    initial_model_uri: str | None = None
+    # what the engine observes: the Jobs, and the drivers' own per-round memory of what actions answered
     jobs: dict[tuple[str, int], JobObservation] = field(default_factory=dict)
-    verdicts: dict[str, UpdateVerdict] = field(default_factory=dict)
-    manifest: RoundManifest | None = None
-    merged_model_uri: str | None = None
-    aggregator_error: str | None = None
+    memory: RoundMemory = field(default_factory=RoundMemory)
     # what happened
     trace: list[Step] = field(default_factory=list)
 
     def observations(self) -> Observations:
-        return Observations(
-            initial_model_uri=self.initial_model_uri,
-            jobs=dict(self.jobs),
-            verdicts=dict(self.verdicts),
-            manifest=self.manifest,
-            merged_model_uri=self.merged_model_uri,
-            aggregator_error=self.aggregator_error,
-        )
+        return self.memory.observations(self.status, self.jobs)
+
+    # The memory's fields, under the names the tests set them by.
+    @property
+    def verdicts(self) -> dict[str, UpdateVerdict]:
+        if self.memory.round != self.status.round:  # as a driver's memory moves on with the round
+            self.memory.round, self.memory.verdicts = self.status.round, {}
+        return self.memory.verdicts
+
+    @verdicts.setter
+    def verdicts(self, value: dict[str, UpdateVerdict]) -> None:
+        self.memory.round = self.status.round
+        self.memory.verdicts = value
+
+    @property
+    def manifest(self) -> RoundManifest | None:
+        return self.memory.manifest
+
+    @manifest.setter
+    def manifest(self, value: RoundManifest | None) -> None:
+        self.memory.manifest = value
+
+    @property
+    def initial_model_uri(self) -> str | None:
+        return self.memory.initial_model_uri
+
+    @initial_model_uri.setter
+    def initial_model_uri(self, value: str | None) -> None:
+        self.memory.initial_model_uri = value
+
+    @property
+    def merged_model_uri(self) -> str | None:
+        return self.memory.merged_model_uri
+
+    @merged_model_uri.setter
+    def merged_model_uri(self, value: str | None) -> None:
+        self.memory.merged_model_uri = value
 
     def step(self) -> Decision:
         before = self.status
@@ -264,7 +304,6 @@ class World:
         assert decision.status is not before
         if decision.status.round != before.round:
             self.jobs.clear()
-            self.verdicts.clear()
         self.status = persisted(decision.status)
         assert self.status == decision.status, "the status does not survive being persisted"
         self.trace.append(Step(self.now, before, decision))
@@ -649,7 +688,10 @@ def test_round_closes_records_the_weighted_evaluation_and_starts_the_next() -> N
     assert record.model_uri == global_uri(1)
     assert record.duration_seconds == 90
 
-    assert decision.actions == [RecordRound(record=record), *starts(1, names(3))]
+    # Accepted sites start from the state their accepted attempt wrote; the rejected one's is not used.
+    committed = {"site-0": AttemptRef(round=0, attempt=0), "site-1": AttemptRef(round=0, attempt=0)}
+    assert decision.status.site_states == committed
+    assert decision.actions == [RecordRound(record=record), *starts(1, names(3), state_from=committed)]
     current = world.status
     assert (current.round, current.stage, current.phase) == (1, Stage.TRAINING, Phase.RUNNING)
     assert current.global_model_uri == global_uri(1)
@@ -708,7 +750,7 @@ def test_last_round_is_followed_by_evaluation_merge_and_success() -> None:
     world.now = finished_at
     decision = world.step()
 
-    assert decision.actions == []
+    assert decision.actions == [ReleaseAggregator()]
     current = world.status
     assert (current.phase, current.stage) == (Phase.SUCCEEDED, Stage.DONE)
     assert current.final_model_uri == MERGED_URI
@@ -730,7 +772,7 @@ def test_last_round_is_followed_by_evaluation_merge_and_success() -> None:
     assert decision.events == [Event("Normal", "Succeeded", current.message)]
 
     # A finished training stays as it is, whatever is observed.
-    world.aggregator_error = "late noise"
+    world.memory.failure = Failure("AggregatorError", "late noise")
     world.now = T0 + seconds(10_000)
     decision = world.step()
     assert (decision.actions, decision.events) == ([], [])
@@ -899,6 +941,7 @@ def test_quorum_lost_to_stragglers_fails_the_training() -> None:
     assert decision.actions == [
         StopSiteJob(site="site-1", round=0, attempt=0, reason="straggler"),
         StopSiteJob(site="site-2", round=0, attempt=0, reason="straggler"),
+        ReleaseAggregator(),
     ]
     current = world.status
     assert current.phase is Phase.FAILED
@@ -943,7 +986,10 @@ def test_quorum_out_of_reach_fails_at_once_and_stops_the_sites_still_running() -
     assert current.phase is Phase.FAILED
     assert current.message == message
     assert condition(current, ConditionType.FAILED).reason == "QuorumNotMet"
-    assert decision.actions == [StopSiteJob(site="site-2", round=0, attempt=0, reason="failed")]
+    assert decision.actions == [
+        StopSiteJob(site="site-2", round=0, attempt=0, reason="failed"),
+        ReleaseAggregator(),
+    ]
     assert decision.events == [
         Event("Warning", "UpdateRejected", "round 0: site site-1: shape: head.weight is (9, 64)"),
         Event("Warning", "QuorumNotMet", message),
@@ -957,7 +1003,7 @@ def test_quorum_counts_failed_sites_and_rejections_once_all_are_in() -> None:
     decision = world.step()
     message = "round 0: 2 accepted updates, minSites is 3 (accepted: 2, failed: 1)"
     assert world.status.phase is Phase.FAILED
-    assert decision.actions == []
+    assert decision.actions == [ReleaseAggregator()]
     assert [event.reason for event in decision.events] == ["SiteFailed", "QuorumNotMet"]
     assert condition(world.status, ConditionType.FAILED).message == message
 
@@ -967,13 +1013,14 @@ def test_aggregator_error_fails_the_training() -> None:
     world.jobs[("site-0", 0)] = ACTIVE
     complete(world, ["site-1"])
     world.step()
-    world.aggregator_error = "round 0: cannot read the global model"
+    world.memory.failure = Failure("AggregatorError", "round 0: cannot read the global model")
     world.now = T0 + seconds(30)
     decision = world.step()
 
     assert decision.actions == [
         StopSiteJob(site="site-0", round=0, attempt=0, reason="failed"),
         StopSiteJob(site="site-2", round=0, attempt=0, reason="failed"),
+        ReleaseAggregator(),
     ]
     assert world.status.phase is Phase.FAILED
     assert world.status.finished_at == world.now
@@ -991,9 +1038,9 @@ def test_aggregator_error_while_closing_fails_without_stopping_anything() -> Non
     complete(world, names(3))
     world.step()
     assert world.status.stage is Stage.CLOSING
-    world.aggregator_error = "round 0: no accepted update could be read"
+    world.memory.failure = Failure("AggregatorError", "round 0: no accepted update could be read")
     decision = world.step()
-    assert decision.actions == []
+    assert decision.actions == [ReleaseAggregator()]
     assert world.status.phase is Phase.FAILED
     assert condition(world.status, ConditionType.FAILED).reason == "AggregatorError"
 
@@ -1269,7 +1316,9 @@ def restart_snapshots() -> dict[str, tuple[bool, str]]:
     take("training-mixed", world.status)
     take(
         "failed",
-        step(spec, world.status, Observations(aggregator_error="disk full"), world.now).status,
+        step(
+            spec, world.status, Observations(failure=Failure("AggregatorError", "disk full")), world.now
+        ).status,
         False,
     )
     take("suspended", step(with_suspend(spec, True), world.status, Observations(), world.now).status, True)
@@ -1320,7 +1369,9 @@ RESTART_ACTIONS: dict[str, list[Action]] = {
             rejected=(RejectedUpdate(site="site-3", reason="norm: too large"),),
         )
     ],
-    "round-1-started": starts(1, names(4)),
+    "round-1-started": starts(
+        1, names(4), state_from={name: AttemptRef(round=0, attempt=0) for name in names(3)}
+    ),
     "evaluating": starts(2, ["site-1", "site-2", "site-3"], mode="evaluate"),
     "finalizing": [MergeFinalModel(round=2)],
     "succeeded": [],
@@ -1454,3 +1505,56 @@ def test_step_never_mutates_its_input() -> None:
     )
     assert before == copy
     assert before.sites[0] is not decision.status.sites[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# waits: shown in a condition, bounded by aggregation.waitTimeoutSeconds, counted from the status
+
+
+def test_a_wait_is_a_condition_that_clears_when_it_passes() -> None:
+    world = start_round_zero(make_spec())
+    complete(world, names(3))
+    world.step()
+    assert world.status.stage is Stage.CLOSING
+    world.memory.waiting_for = "POST /v1/rounds/0/close: HTTP 503 store-unavailable"
+    world.now += seconds(5)
+    decision = world.step()
+    waiting = condition(world.status, ConditionType.WAITING)
+    assert (waiting.status, waiting.reason, waiting.message) == (
+        "True",
+        "Waiting",
+        "POST /v1/rounds/0/close: HTTP 503 store-unavailable",
+    )
+    assert waiting.last_transition_time == world.now
+    assert of_type(decision.actions, CloseRound) != []  # asked again
+    world.memory.waiting_for = None
+    world.now += seconds(5)
+    world.step()
+    assert condition(world.status, ConditionType.WAITING).status == "False"
+    assert world.status.phase is Phase.RUNNING
+
+
+def test_a_wait_past_its_bound_fails_the_training_counting_from_the_persisted_condition() -> None:
+    spec = make_spec().model_copy(deep=True)
+    spec.aggregation.wait_timeout_seconds = 60
+    world = start_round_zero(spec)
+    complete(world, names(3))
+    world.step()
+    world.memory.waiting_for = "aggregator unreachable"
+    started = world.now = world.now + seconds(1)
+    world.step()
+    # A restarted driver knows nothing of the wait but what the status says.
+    world.memory = RoundMemory(waiting_for="aggregator unreachable")
+    world.status = persisted(world.status)
+    world.now = started + seconds(59)
+    world.step()
+    assert world.status.phase is Phase.RUNNING
+    world.now = started + seconds(60)
+    decision = world.step()
+    assert world.status.phase is Phase.FAILED
+    failed = condition(world.status, ConditionType.FAILED)
+    assert failed.reason == "WaitTimedOut"
+    assert "waitTimeoutSeconds is 60" in failed.message
+    assert "aggregator unreachable" in failed.message
+    assert decision.events[-1].reason == "WaitTimedOut"
+    assert ReleaseAggregator() in decision.actions

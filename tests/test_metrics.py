@@ -191,7 +191,6 @@ def test_every_chart_expression_names_a_metric_the_running_code_exports(
     port = free_port()
     env = {
         **os.environ,
-        "PYTHONSAFEPATH": "1",
         "FEDTRAIN_AGGREGATOR_TRAINING_FILE": str(tmp_path / "training.yaml"),
         "FEDTRAIN_AGGREGATOR_TOKEN": "token",
         "FEDTRAIN_AGGREGATOR_HOST": "127.0.0.1",

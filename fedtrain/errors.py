@@ -1,0 +1,32 @@
+"""Every error a driver can meet is classified once, where it is raised: temporary or permanent.
+
+The two classes play the part of kopf's `TemporaryError` and `PermanentError`, in the contracts
+package so that the store, the aggregator, its HTTP client and both drivers share them:
+
+- a `TemporaryError` passes with time (a service starting, a network outage, a Secret not created
+  yet): the driver retries after `delay` seconds and the engine records a `Waiting` condition; a
+  wait that outlasts `aggregation.waitTimeoutSeconds` fails the training;
+- a `PermanentError` does not (a round that cannot be closed, a model missing from the store): the
+  training fails at once with a condition whose reason is `reason` and whose message says what to do.
+"""
+
+from __future__ import annotations
+
+#: How soon a driver looks again after a temporary error that names no delay of its own.
+DEFAULT_RETRY_SECONDS = 2.0
+
+
+class TemporaryError(RuntimeError):
+    """Try again after `delay` seconds; the engine bounds how long."""
+
+    def __init__(self, message: str, delay: float = DEFAULT_RETRY_SECONDS) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class PermanentError(RuntimeError):
+    """Retrying cannot help: the training fails with a condition of reason `reason`."""
+
+    def __init__(self, message: str, reason: str = "AggregatorError") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -1,0 +1,324 @@
+"""The driver core: everything a driver does around `engine.step`, written once for both drivers.
+
+A driver (the local runner, the kopf reconciler) differs from the other only in its ports: how a Job
+runs (`JobPort`), how the aggregator is reached (`AggregatorPort`), how URLs are signed and base
+weights found (`CredentialsPort`), and where history goes (`HistoryPort`). The core keeps the
+per-round memory of what the actions answered, builds each trainer job and its URLs, knows which
+actions yield a result at once, chains engine steps while they do, and turns every classified error
+into what the engine observes: a `TemporaryError` into a wait (bounded by the engine), a
+`PermanentError` into a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RejectedUpdate, RoundRecord
+from fedtrain.errors import DEFAULT_RETRY_SECONDS, PermanentError, TemporaryError
+from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.layout import TrainingLayout
+from fedtrain.messages import RoundManifest, UpdateVerdict
+
+from .engine import (
+    Action,
+    CloseRound,
+    Event,
+    Failure,
+    InitializeModel,
+    JobObservation,
+    MergeFinalModel,
+    Observations,
+    RecordRound,
+    ReleaseAggregator,
+    StartSiteJob,
+    StopSiteJob,
+    SubmitUpdate,
+    step,
+    yields_at_once,
+)
+
+log = logging.getLogger(__name__)
+
+#: SigV4 presigned URLs live at most 7 days: S3 refuses a longer expiry.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+#: Engine steps chained in one pass (one status write): submit, close, start the next round, with room
+#: to spare; a longer chain goes on in the next pass.
+MAX_STEPS_PER_PASS = 8
+#: Actions on different sites (and the history record) are independent and run at once; the
+#: aggregator's own calls (initialize, close, merge) run first, in order.
+INDEPENDENT_ACTIONS = (StartSiteJob, StopSiteJob, SubmitUpdate, RecordRound)
+
+JobKey = tuple[str, int]  # site, attempt
+
+
+# --------------------------------------------------------------------------------------------------
+# the ports a driver provides
+
+
+class Signer(Protocol):
+    """Presigns object URLs: an ObjectStore is one."""
+
+    def presign_get(self, key: str, expires_seconds: int) -> str: ...
+    def presign_put(self, key: str, expires_seconds: int) -> str: ...
+
+
+class AggregatorPort(Protocol):
+    async def initialize(self) -> str: ...
+    async def submit(self, round_index: int, site: str) -> UpdateVerdict: ...
+    async def close(
+        self, round_index: int, participants: list[str], rejected: list[RejectedUpdate]
+    ) -> RoundManifest: ...
+    async def merge(self, round_index: int) -> str: ...
+    async def release(self) -> None: ...
+
+
+class JobPort(Protocol):
+    async def start(self, action: StartSiteJob, job: TrainerJob) -> None: ...
+    async def stop(self, action: StopSiteJob) -> None: ...
+    def observe(self, round_index: int) -> Mapping[JobKey, JobObservation]: ...
+
+
+class CredentialsPort(Protocol):
+    async def signer(self) -> Signer: ...
+    async def pretrained_url(self, expires_seconds: int) -> str | None: ...
+
+
+class HistoryPort(Protocol):
+    async def record(self, record: RoundRecord, status: FederatedTrainingStatus) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# what a trainer job gets
+
+
+def url_expiry_seconds(spec: FederatedTrainingSpec, grace_seconds: int) -> int:
+    """Presigned URLs live for the round's timeout plus a grace: the whole attempt, and no longer."""
+    return min(MAX_PRESIGN_SECONDS, spec.aggregation.round_timeout_seconds + grace_seconds)
+
+
+def build_trainer_job(
+    spec: FederatedTrainingSpec,
+    layout: TrainingLayout,
+    action: StartSiteJob,
+    signer: Signer,
+    expires_seconds: int,
+    pretrained_url: str | None,
+) -> TrainerJob:
+    """One attempt's job: its slice of the spec and URLs for exactly the objects it may touch.
+
+    A training attempt reads the private state of the site's last accepted attempt and writes its
+    own; an evaluation neither reads nor writes private state.
+    """
+    training = action.mode == "train"
+    state_from = action.state_from
+    state_get_url = (
+        signer.presign_get(
+            layout.site_state(action.site, state_from.round, state_from.attempt), expires_seconds
+        )
+        if training and state_from is not None
+        else None
+    )
+    state_put_url = (
+        signer.presign_put(layout.site_state(action.site, action.round, action.attempt), expires_seconds)
+        if training
+        else None
+    )
+    return TrainerJob(
+        training=layout.name,
+        round=action.round,
+        site=action.site,
+        attempt=action.attempt,
+        mode=action.mode,
+        spec=TrainerSpec.for_site(spec, action.site),
+        global_model_url=signer.presign_get(layout.global_model(action.round), expires_seconds),
+        update_url=signer.presign_put(layout.update(action.round, action.site), expires_seconds),
+        state_get_url=state_get_url,
+        state_put_url=state_put_url,
+        pretrained_url=pretrained_url,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the per-round memory
+
+
+@dataclass
+class RoundMemory:
+    """What the actions answered, about the current round: what the engine observes next.
+
+    Verdicts and the manifest belong to one round; moving to another round forgets them.
+    """
+
+    round: int = -1
+    initial_model_uri: str | None = None
+    merged_model_uri: str | None = None
+    verdicts: dict[str, UpdateVerdict] = field(default_factory=dict)
+    manifest: RoundManifest | None = None
+    failure: Failure | None = None
+    waiting_for: str | None = None
+    retry_seconds: float | None = None  # the shortest delay the temporary errors of a pass asked for
+
+    def observations(
+        self, status: FederatedTrainingStatus, jobs: Mapping[JobKey, JobObservation]
+    ) -> Observations:
+        if self.round != status.round:
+            self.round = status.round
+            self.verdicts = {}
+        manifest = self.manifest if self.manifest and self.manifest.round == status.round else None
+        return Observations(
+            initial_model_uri=self.initial_model_uri,
+            jobs=dict(jobs),
+            verdicts=dict(self.verdicts),
+            manifest=manifest,
+            merged_model_uri=self.merged_model_uri,
+            failure=self.failure,
+            waiting_for=self.waiting_for,
+        )
+
+    def waiting(self, error: TemporaryError) -> None:
+        self.waiting_for = str(error)
+        self.retry_seconds = (
+            error.delay if self.retry_seconds is None else min(self.retry_seconds, error.delay)
+        )
+
+    def failed(self, error: PermanentError) -> None:
+        self.failure = Failure(reason=error.reason, message=str(error))
+
+
+# --------------------------------------------------------------------------------------------------
+# stepping and acting
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step of a pass: the status before and after, and the verdicts it saw."""
+
+    before: FederatedTrainingStatus
+    after: FederatedTrainingStatus
+    verdicts: Mapping[str, UpdateVerdict]
+
+
+@dataclass
+class Pass:
+    """What one pass of the core did: the status to save, the events to post once it is saved."""
+
+    status: FederatedTrainingStatus
+    events: list[Event] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    progressed: bool = False  # the last step's actions left something to step on at once
+    waiting_for: str | None = None
+    retry_seconds: float = DEFAULT_RETRY_SECONDS
+
+
+class DriverCore:
+    """The engine, its memory and the action dispatch, over a driver's ports."""
+
+    def __init__(
+        self,
+        spec: FederatedTrainingSpec,
+        layout: TrainingLayout,
+        *,
+        jobs: JobPort,
+        aggregator: AggregatorPort,
+        credentials: CredentialsPort,
+        history: HistoryPort,
+        url_grace_seconds: int,
+        memory: RoundMemory | None = None,
+        on_action: Callable[[Action, object], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.layout = layout
+        self.jobs = jobs
+        self.aggregator = aggregator
+        self.credentials = credentials
+        self.history = history
+        self.url_grace_seconds = url_grace_seconds
+        self.on_action = on_action or (lambda action, result: None)
+        self.memory = memory if memory is not None else RoundMemory()
+
+    async def advance(self, status: FederatedTrainingStatus, clock: Callable[[], datetime]) -> Pass:
+        """Step the engine and act, again while the actions answer at once (at most MAX_STEPS_PER_PASS)."""
+        outcome = Pass(status=status)
+        for _ in range(MAX_STEPS_PER_PASS):
+            current = outcome.status
+            observations = self.memory.observations(current, self.jobs.observe(current.round))
+            decision = step(self.spec, current, observations, clock())
+            outcome.progressed = await self.act(decision.status, decision.actions)
+            outcome.steps.append(StepRecord(current, decision.status, observations.verdicts))
+            outcome.events += decision.events
+            outcome.status = decision.status
+            if not outcome.progressed or outcome.status.phase.finished:
+                break
+        outcome.waiting_for = self.memory.waiting_for
+        outcome.retry_seconds = self.memory.retry_seconds or DEFAULT_RETRY_SECONDS
+        return outcome
+
+    async def act(self, status: FederatedTrainingStatus, actions: Sequence[Action]) -> bool:
+        """Carry out a step's actions; True if a result is there to use at once (step again now)."""
+        self.memory.waiting_for = None
+        self.memory.retry_seconds = None
+        progressed = False
+        independent = [action for action in actions if isinstance(action, INDEPENDENT_ACTIONS)]
+        for action in actions:
+            if not isinstance(action, INDEPENDENT_ACTIONS):
+                progressed |= await self._guarded(status, action)
+        results = await asyncio.gather(*(self._guarded(status, action) for action in independent))
+        return progressed or any(results)
+
+    async def _guarded(self, status: FederatedTrainingStatus, action: Action) -> bool:
+        """One action; every error it meets was classified where it was raised."""
+        try:
+            result = await self._execute(status, action)
+        except TemporaryError as error:
+            log.info("%s: waiting: %s", self.layout.root, error)
+            self.memory.waiting(error)
+            return False
+        except PermanentError as error:
+            self.memory.failed(error)
+            return True
+        self.on_action(action, result)
+        return yields_at_once(action)
+
+    async def _execute(self, status: FederatedTrainingStatus, action: Action) -> object:
+        memory, aggregator = self.memory, self.aggregator
+        if isinstance(action, InitializeModel):
+            memory.initial_model_uri = await aggregator.initialize()
+            return memory.initial_model_uri
+        if isinstance(action, SubmitUpdate):
+            verdict = await aggregator.submit(action.round, action.site)
+            memory.verdicts[action.site] = verdict
+            return verdict
+        if isinstance(action, CloseRound):
+            memory.manifest = await aggregator.close(
+                action.round, list(action.participants), list(action.rejected)
+            )
+            return memory.manifest
+        if isinstance(action, MergeFinalModel):
+            memory.merged_model_uri = await aggregator.merge(action.round)
+            return memory.merged_model_uri
+        if isinstance(action, StartSiteJob):
+            await self.jobs.start(action, await self.trainer_job(action, status))
+        elif isinstance(action, StopSiteJob):
+            await self.jobs.stop(action)
+        elif isinstance(action, RecordRound):
+            await self.history.record(action.record, status)
+        elif isinstance(action, ReleaseAggregator):
+            await aggregator.release()
+        return None
+
+    async def trainer_job(self, action: StartSiteJob, status: FederatedTrainingStatus) -> TrainerJob:
+        expiry = url_expiry_seconds(self.spec, self.url_grace_seconds)
+        signer = await self.credentials.signer()
+        pretrained_url = await self.credentials.pretrained_url(expiry)
+        job = build_trainer_job(self.spec, self.layout, action, signer, expiry, pretrained_url)
+        deadline = status.round_deadline
+        if deadline is not None and "transfer_deadline" in TrainerJob.model_fields:
+            # Transfers may ride out an outage until the round's deadline plus the URL grace.
+            grace = timedelta(seconds=self.url_grace_seconds)
+            job = job.model_copy(update={"transfer_deadline": deadline + grace})
+        return job

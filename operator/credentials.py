@@ -1,0 +1,73 @@
+"""A training's store credentials on a cluster, and the URLs signed with them.
+
+The operator signs every trainer URL with the keys of the training's `storage.credentialsSecret`
+(or, without one, its own identity: IRSA, instance profile), and reaches the base weights' bucket
+with the same endpoint and keys. Trainers never see the keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from fedtrain.api import FederatedTrainingSpec, StorageSpec
+from fedtrain.errors import PermanentError, TemporaryError
+from fedtrain.pretrained import pretrained_object
+from fedtrain.store import S3Store
+
+from .core import Signer
+from .kube import Kube
+from .manifests import TrainingRef
+
+#: Opens (or reuses) the store of a StorageSpec with given keys: the operator shares boto3 clients.
+StoreCache = Callable[[StorageSpec, str | None, str | None], Awaitable[S3Store]]
+
+ACCESS_KEY = "AWS_ACCESS_KEY_ID"
+SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
+
+
+class KubeCredentials:
+    """The `CredentialsPort` of the operator: keys read from the training's Secret once per spec."""
+
+    def __init__(self, kube: Kube, ref: TrainingRef, spec: FederatedTrainingSpec, stores: StoreCache) -> None:
+        self.kube = kube
+        self.ref = ref
+        self.spec = spec
+        self.stores = stores
+        self.keys: tuple[str | None, str | None] | None = None
+        self._store: S3Store | None = None
+
+    async def _keys(self) -> tuple[str | None, str | None]:
+        if self.keys is None:
+            storage = self._storage()
+            if not storage.credentials_secret:
+                self.keys = (None, None)
+            else:
+                secret = await self.kube.secret_data(self.ref.namespace, storage.credentials_secret)
+                if secret is None:
+                    name = f"{self.ref.namespace}/{storage.credentials_secret}"
+                    raise TemporaryError(f"Secret {name} (spec.storage.credentialsSecret) does not exist")
+                self.keys = (secret.get(ACCESS_KEY), secret.get(SECRET_KEY))
+        return self.keys
+
+    def _storage(self) -> StorageSpec:
+        if self.spec.storage is None:  # refused when the spec was validated; kept for the type checker
+            raise PermanentError("spec.storage is required on a cluster", reason="InvalidSpec")
+        return self.spec.storage
+
+    async def store(self) -> S3Store:
+        """The training's bucket, with its keys (for presigning and the history)."""
+        if self._store is None:
+            self._store = await self.stores(self._storage(), *await self._keys())
+        return self._store
+
+    async def signer(self) -> Signer:
+        return await self.store()
+
+    async def pretrained_url(self, expires_seconds: int) -> str | None:
+        found = pretrained_object(self.spec)
+        if found is None:
+            return None
+        storage, key = found
+        bucket = await self.stores(storage, *await self._keys())
+        return await asyncio.to_thread(bucket.presign_get, key, expires_seconds)
