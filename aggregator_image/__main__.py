@@ -12,11 +12,18 @@ import sys
 from pathlib import Path
 
 import typer
-from botocore.exceptions import BotoCoreError, ClientError
 
+from fedtrain.api import FederatedTraining
 from fedtrain.store import ObjectNotFound, StoreError
 
-from .settings import SettingsError, layout_of, load_settings, pretrained_weights, store_of
+from .settings import (
+    AggregatorSettings,
+    SettingsError,
+    layout_of,
+    load_settings,
+    pretrained_weights,
+    store_of,
+)
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -67,6 +74,11 @@ def serve(
             log.error("%s", problem)
         raise typer.Exit(EXIT_INVALID) from None
 
+    serve_training(settings, token, resource)
+
+
+def serve_training(settings: AggregatorSettings, token: str, resource: FederatedTraining) -> None:
+    """Build the aggregator of the training and serve it until a signal stops uvicorn."""
     # torch, timm and FastAPI load only once the settings are known to be good.
     import uvicorn
 
@@ -76,11 +88,10 @@ def serve(
     layout = layout_of(resource)
     try:
         weights = pretrained_weights(resource)
-    except (ObjectNotFound, StoreError, BotoCoreError, ClientError) as error:
+    except (ObjectNotFound, StoreError) as error:
         log.error("cannot read the pretrained weights %s: %s", resource.spec.model.pretrained.location, error)
         raise typer.Exit(EXIT_FAILED) from None
     aggregator = RoundAggregator(store_of(resource), layout, resource.spec, pretrained_weights=weights)
-    service = create_app(aggregator, token)
     log.info(
         "aggregator of %s/%s on %s:%d, store %s",
         layout.namespace,
@@ -92,7 +103,7 @@ def serve(
     # log_config=None: uvicorn's loggers (one access line per request) go through the root handler above.
     server = uvicorn.Server(
         uvicorn.Config(
-            service,
+            create_app(aggregator, token),
             host=settings.host,
             port=settings.port,
             log_config=None,

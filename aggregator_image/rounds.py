@@ -32,6 +32,7 @@ from fedtrain.codec import (
     encode_file,
     squared_norm,
 )
+from fedtrain.errors import PermanentError
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
 from fedtrain.store import ObjectNotFound, ObjectStore
@@ -41,8 +42,16 @@ from .strategies import Accumulator, make_strategy, site_weight
 log = logging.getLogger(__name__)
 
 
-class AggregationError(RuntimeError):
+class AggregationError(PermanentError):
     """A round that cannot be closed as asked (no accepted update, a participant missing)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="AggregatorError")
+
+
+class MissingModelError(AggregationError):
+    """A round's global model is not in the store: it was written before the round began, so it was
+    deleted (or the store reset) since. No retry brings it back."""
 
 
 @dataclass
@@ -99,10 +108,21 @@ class RoundAggregator:
             self.store.get_file(key, local)
             yield decode(local, name=key, verify=verify), local.stat().st_size
 
+    @contextmanager
+    def _global_model(self, round_index: int, verify: bool) -> Iterator[tuple[Payload, int]]:
+        try:
+            with self._opened(self.layout.global_model(round_index), verify=verify) as opened:
+                yield opened
+        except ObjectNotFound as error:
+            raise MissingModelError(
+                f"the global model of round {round_index} is missing from the store ({error}): it was "
+                "deleted or the bucket was reset; start the training again under a new name"
+            ) from None
+
     def signature(self, round_index: int) -> Signature:
         """Names, shapes and base fingerprint of round `round_index`'s global model (checked once)."""
         if round_index not in self._signatures:
-            with self._opened(self.layout.global_model(round_index), verify=True) as (payload, _):
+            with self._global_model(round_index, verify=True) as (payload, _):
                 self._signatures = {round_index: (Signature.of(payload), payload.meta)}
         return self._signatures[round_index][0]
 
@@ -365,7 +385,7 @@ class RoundAggregator:
     def _write_next_model(self, round_index: int, open_round: _OpenRound, meta: Metadata, key: str) -> str:
         """Apply the aggregate to the global model and upload the result; returns its file sha256."""
         with (
-            self._opened(self.layout.global_model(round_index), verify=False) as (current, _),
+            self._global_model(round_index, verify=False) as (current, _),
             tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch,
         ):
             next_tensors = self.strategy.apply(current.tensors, open_round.accumulator.result())
@@ -397,7 +417,7 @@ class RoundAggregator:
         if self.store.exists(key):
             return self.store.uri(key)
         model = build_model(self.spec, self._pretrained_weights)
-        with self._opened(self.layout.global_model(round_index), verify=True) as (payload, _):
+        with self._global_model(round_index, verify=True) as (payload, _):
             if model.base_fingerprint != payload.meta.base_fingerprint:
                 raise AggregationError(
                     "the global model was trained from a different base model than the spec builds"

@@ -23,7 +23,6 @@ from concurrent.futures import Future
 from http import HTTPStatus
 from typing import Annotated, Any, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import APIRouter, FastAPI, Path, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -44,6 +43,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
+from fedtrain.errors import PermanentError, TemporaryError
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import (
     CloseRoundRequest,
@@ -58,9 +58,8 @@ from fedtrain.messages import (
     SubmitUpdateRequest,
     UpdateVerdict,
 )
-from fedtrain.store import ObjectNotFound, StoreError
 
-from .rounds import AggregationError, RoundAggregator
+from .rounds import MissingModelError, RoundAggregator
 
 log = logging.getLogger(__name__)
 
@@ -456,16 +455,20 @@ class _Library:
         with self.lock:
             try:
                 return work(self.aggregator)
-            except AggregationError as error:
-                log.warning("%s: %s", what, error)
-                raise ApiError(409, "aggregation-failed", str(error)) from error
-            except ObjectNotFound as error:
-                # The only objects the library does not turn into verdicts are the global models.
+            except MissingModelError as error:
                 log.warning("%s: %s", what, error)
                 raise ApiError(409, "no-global-model", str(error)) from error
-            except (StoreError, BotoCoreError, ClientError) as error:
+            except PermanentError as error:  # classified where raised: retrying cannot help
+                log.warning("%s: %s", what, error)
+                raise ApiError(409, "aggregation-failed", str(error)) from error
+            except TemporaryError as error:  # the store unreachable: the operator retries, bounded
                 log.warning("%s: the object store failed: %s", what, error)
-                raise ApiError(503, "store-unavailable", f"the object store failed: {error}") from error
+                raise ApiError(
+                    503,
+                    "store-unavailable",
+                    f"the object store failed: {error}",
+                    headers={"Retry-After": str(int(error.delay) or 1)},
+                ) from error
             except ValueError as error:
                 # As the local runner treats it: a model the spec cannot build (ModelError), metadata
                 # that does not validate. The operator fails the training with the message.

@@ -12,8 +12,9 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fedtrain.api import FederatedTraining, PretrainedSource, describe_errors
+from fedtrain.api import FederatedTraining, describe_errors
 from fedtrain.layout import TrainingLayout
+from fedtrain.pretrained import load_pretrained
 from fedtrain.resource import InvalidResourceError, load_resource
 from fedtrain.store import S3Store
 
@@ -119,21 +120,6 @@ def store_of(resource: FederatedTraining) -> S3Store:
 
 
 def pretrained_weights(resource: FederatedTraining) -> Path | bytes | None:
-    """Base weights for initialize() and merge(), as the local runner finds them.
-
-    A uri source is read through the training's S3 endpoint with the same credentials as the store;
-    hub weights are left to timm, which fetches them when the model is built.
-    """
-    pretrained = resource.spec.model.pretrained
-    if pretrained.source is PretrainedSource.FILE and pretrained.location:
-        return Path(pretrained.location)
-    if pretrained.source is PretrainedSource.URI and pretrained.location:
-        storage = resource.spec.storage
-        bucket, _, key = pretrained.location.removeprefix("s3://").partition("/")
-        source = S3Store(
-            bucket,
-            endpoint=storage.endpoint if storage else None,
-            region=storage.region if storage else "us-east-1",
-        )
-        return source.get_bytes(key)
-    return None
+    """Base weights for initialize() and merge(): a uri source is read through the training's endpoint
+    with the pod's own credentials (the standard AWS variables); hub weights are left to timm."""
+    return load_pretrained(resource.spec, S3Store.from_spec)

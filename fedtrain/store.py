@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+import functools
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import boto3
@@ -34,10 +35,11 @@ import tenacity
 import urllib3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
 from fedtrain.api import StorageSpec
+from fedtrain.errors import TemporaryError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -75,8 +77,37 @@ _HTTP = urllib3.PoolManager(
 log = logging.getLogger("fedtrain.store")
 
 
-class StoreError(RuntimeError):
-    """A transfer failed for a reason other than a missing object."""
+class StoreError(TemporaryError):
+    """A transfer failed for a reason other than a missing object: an outage, or a bucket or keys a
+    person must fix. Either may pass with time; the engine bounds the wait."""
+
+
+#: S3 error codes that a person must fix (keys, a bucket, a permission): still waited for, since the
+#: fix (creating the bucket, correcting the Secret) lets the training go on, but the message says so.
+_CONFIGURATION_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "AllAccessDisabled"}
+)
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _classified(method: _Method) -> _Method:
+    """An S3Store method whose botocore errors leave it classified: StoreAccessError or StoreError."""
+
+    @functools.wraps(method)
+    def wrapper(self: S3Store, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            where = f"{method.__name__} in bucket {self.bucket}"
+            if code in _CONFIGURATION_CODES:
+                raise StoreError(f"{where}: {code}: check spec.storage and its credentials") from None
+            raise StoreError(f"{where}: {code or 'error'}: {error}") from None
+        except BotoCoreError as error:
+            raise StoreError(f"{method.__name__} in bucket {self.bucket}: {error}") from None
+
+    return cast(_Method, wrapper)
 
 
 class ObjectNotFound(KeyError):  # noqa: N818 (the name callers catch; "Error" would add nothing)
@@ -378,9 +409,11 @@ class S3Store(ObjectStore):
     def _not_found(self, key: str) -> ObjectNotFound:
         return ObjectNotFound(f"no object {key!r} in the S3 store: {self.uri(key)} does not exist")
 
+    @_classified
     def put_bytes(self, key: str, data: bytes) -> None:
         self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
+    @_classified
     def get_bytes(self, key: str) -> bytes:
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -396,6 +429,7 @@ class S3Store(ObjectStore):
     # small one it costs a HEAD request before the GET and a thread pool per call, several times
     # the work of the transfer itself for a LoRA update of a few MB.
 
+    @_classified
     def put_file(self, key: str, path: Path) -> None:
         full_key = self._key(key)
         if Path(path).stat().st_size >= self._multipart_threshold:
@@ -404,6 +438,7 @@ class S3Store(ObjectStore):
         with Path(path).open("rb") as body:
             self._client.put_object(Bucket=self.bucket, Key=full_key, Body=body)
 
+    @_classified
     def get_file(self, key: str, path: Path) -> None:
         full_key = self._key(key)
         try:
@@ -434,6 +469,7 @@ class S3Store(ObjectStore):
                 raise self._not_found(key) from None
             raise
 
+    @_classified
     def exists(self, key: str) -> bool:
         try:
             self._client.head_object(Bucket=self.bucket, Key=self._key(key))
@@ -443,6 +479,7 @@ class S3Store(ObjectStore):
             raise
         return True
 
+    @_classified
     def list(self, prefix: str = "") -> builtins.list[str]:
         root = f"{self.prefix}/" if self.prefix else ""
         keys: list[str] = []
@@ -451,6 +488,7 @@ class S3Store(ObjectStore):
             keys.extend(item["Key"].removeprefix(root) for item in page.get("Contents", []))
         return sorted(keys)
 
+    @_classified
     def delete(self, key: str) -> None:
         # DeleteObject succeeds for a missing key, which is the idempotence callers rely on.
         self._client.delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -8,18 +8,25 @@ import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from fedtrain.api import RejectedUpdate
+from fedtrain.errors import PermanentError, TemporaryError
 from fedtrain.messages import RoundManifest, UpdateVerdict
 
+#: How soon to ask again when the aggregator is not reachable yet (a pod starting, an image pull).
+AGGREGATOR_RETRY_SECONDS = 2.0
 
-class AggregatorUnavailableError(RuntimeError):
+
+class AggregatorUnavailableError(TemporaryError):
     """Not reachable, not ready, or answered 5xx: try again later (it may be starting or restarting)."""
 
+    def __init__(self, message: str, delay: float = AGGREGATOR_RETRY_SECONDS) -> None:
+        super().__init__(message, delay)
 
-class AggregatorRefusedError(RuntimeError):
+
+class AggregatorRefusedError(PermanentError):
     """The aggregator refused the request for good (e.g. a round it cannot close): fail the training."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, reason="AggregatorError")
         self.code = code
 
 
@@ -54,11 +61,14 @@ class AggregatorClient:
             error: dict[str, Any] = payload["error"] if isinstance(payload.get("error"), dict) else {}
             code = str(error.get("code") or reply.status)
             message = str(error.get("message") or payload.get("message") or reply.reason)
-            if reply.status == 409 and code != "no-global-model":
+            # The service says which errors are permanent (409: the request can never succeed) and
+            # which pass with time (503 with Retry-After; 401 while a replaced token Secret reaches
+            # the pod; a 5xx of a proxy in between): the engine bounds how long those are waited for.
+            if reply.status == 409:
                 raise AggregatorRefusedError(code, message)
-            # 401 (a token Secret replaced under a running pod), 409 no-global-model (a restarted
-            # aggregator's store not caught up), 503 (not ready): all pass with time.
-            raise AggregatorUnavailableError(f"POST {path}: HTTP {reply.status} {code}: {message}")
+            raise AggregatorUnavailableError(
+                f"POST {path}: HTTP {reply.status} {code}: {message}", _retry_after(reply)
+            )
 
     async def initialize(self) -> str:
         return str((await self._post("/v1/initialize"))["model_uri"])
@@ -87,3 +97,10 @@ async def _json(reply: aiohttp.ClientResponse) -> dict[str, Any]:
     except ValueError:
         return {"message": (await reply.text())[:300]}
     return payload if isinstance(payload, dict) else {"message": str(payload)[:300]}
+
+
+def _retry_after(reply: aiohttp.ClientResponse) -> float:
+    try:
+        return max(0.1, float(reply.headers.get("Retry-After", AGGREGATOR_RETRY_SECONDS)))
+    except ValueError:
+        return AGGREGATOR_RETRY_SECONDS

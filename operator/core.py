@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RejectedUpdate, RoundRecord
@@ -108,6 +108,7 @@ def build_trainer_job(
     signer: Signer,
     expires_seconds: int,
     pretrained_url: str | None,
+    transfer_deadline: datetime | None = None,
 ) -> TrainerJob:
     """One attempt's job: its slice of the spec and URLs for exactly the objects it may touch.
 
@@ -140,6 +141,7 @@ def build_trainer_job(
         state_get_url=state_get_url,
         state_put_url=state_put_url,
         pretrained_url=pretrained_url,
+        transfer_deadline=transfer_deadline,
     )
 
 
@@ -315,10 +317,8 @@ class DriverCore:
         expiry = url_expiry_seconds(self.spec, self.url_grace_seconds)
         signer = await self.credentials.signer()
         pretrained_url = await self.credentials.pretrained_url(expiry)
-        job = build_trainer_job(self.spec, self.layout, action, signer, expiry, pretrained_url)
-        deadline = status.round_deadline
-        if deadline is not None and "transfer_deadline" in TrainerJob.model_fields:
-            # Transfers may ride out an outage until the round's deadline plus the URL grace.
-            grace = timedelta(seconds=self.url_grace_seconds)
-            job = job.model_copy(update={"transfer_deadline": deadline + grace})
-        return job
+        # Transfers may ride out an object-store outage until the round's deadline: past it the site
+        # is a straggler anyway.
+        return build_trainer_job(
+            self.spec, self.layout, action, signer, expiry, pretrained_url, status.round_deadline
+        )

@@ -47,7 +47,14 @@ class KubeCredentials:
                 if secret is None:
                     name = f"{self.ref.namespace}/{storage.credentials_secret}"
                     raise TemporaryError(f"Secret {name} (spec.storage.credentialsSecret) does not exist")
-                self.keys = (secret.get(ACCESS_KEY), secret.get(SECRET_KEY))
+                missing = [key for key in (ACCESS_KEY, SECRET_KEY) if not secret.get(key)]
+                if missing:
+                    name = f"{self.ref.namespace}/{storage.credentials_secret}"
+                    raise TemporaryError(
+                        f"Secret {name} (spec.storage.credentialsSecret) has no {' or '.join(missing)}: "
+                        "add the keys under those names"
+                    )
+                self.keys = (secret[ACCESS_KEY], secret[SECRET_KEY])
         return self.keys
 
     def _storage(self) -> StorageSpec:

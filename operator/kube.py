@@ -19,6 +19,7 @@ import kubernetes
 from kubernetes.client import ApiClient, ApiException
 
 from fedtrain.api import GROUP, PLURAL, VERSION
+from fedtrain.errors import DEFAULT_RETRY_SECONDS, PermanentError, TemporaryError
 
 Manifest = dict[str, Any]
 
@@ -27,7 +28,12 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class KubeError(RuntimeError):
-    """An API call failed for a reason other than the object existing or missing."""
+    """An API call failed for a reason other than the object existing or missing.
+
+    Build one with `KubeError.of`, which classifies it: an object the API server refuses as invalid
+    (400, 422) is a `KubeRejectedError` (permanent: the training fails); anything else (429, 5xx, a
+    403 until RBAC is fixed, a connection error) is a `KubeUnavailableError` (retried, bounded).
+    """
 
     def __init__(self, action: str, error: ApiException) -> None:
         detail = error.reason or ""
@@ -35,6 +41,28 @@ class KubeError(RuntimeError):
             detail = json.loads(error.body or "{}").get("message", detail)
         super().__init__(f"{action}: HTTP {error.status}: {detail}")
         self.status = error.status
+
+    @staticmethod
+    def of(action: str, error: ApiException) -> KubeError:
+        if error.status in (400, 422):
+            return KubeRejectedError(action, error)
+        return KubeUnavailableError(action, error)
+
+
+class KubeUnavailableError(KubeError, TemporaryError):
+    """Worth retrying: the API server is busy or away, or a permission is missing for now."""
+
+    def __init__(self, action: str, error: ApiException) -> None:
+        KubeError.__init__(self, action, error)
+        self.delay = DEFAULT_RETRY_SECONDS
+
+
+class KubeRejectedError(KubeError, PermanentError):
+    """The API server refuses the object itself: the same request can never succeed."""
+
+    def __init__(self, action: str, error: ApiException) -> None:
+        KubeError.__init__(self, action, error)
+        self.reason = "KubernetesRejected"
 
 
 def load_api_client(kubeconfig: Path | None = None, connections: int | None = None) -> ApiClient:
@@ -140,7 +168,7 @@ class Kube:
         except ApiException as error:
             if error.status in (404, 409):
                 raise
-            raise KubeError(action, error) from error
+            raise KubeError.of(action, error) from error
 
     async def create(self, manifest: Manifest) -> Manifest | None:
         """Create an object; None if one of that name exists already (the deterministic-name case)."""
@@ -151,7 +179,7 @@ class Kube:
         except ApiException as error:
             if error.status == 409:
                 return None
-            raise KubeError(f"create {kind} {namespace}/{manifest['metadata']['name']}", error) from error
+            raise KubeError.of(f"create {kind} {namespace}/{manifest['metadata']['name']}", error) from error
 
     async def read(self, kind: str, namespace: str, name: str) -> Manifest | None:
         try:
@@ -159,7 +187,7 @@ class Kube:
         except ApiException as error:
             if error.status == 404:
                 return None
-            raise KubeError(f"read {kind} {namespace}/{name}", error) from error
+            raise KubeError.of(f"read {kind} {namespace}/{name}", error) from error
 
     async def patch(self, kind: str, namespace: str, name: str, patch: Manifest) -> Manifest | None:
         try:
@@ -170,7 +198,7 @@ class Kube:
         except ApiException as error:
             if error.status == 404:
                 return None
-            raise KubeError(f"patch {kind} {namespace}/{name}", error) from error
+            raise KubeError.of(f"patch {kind} {namespace}/{name}", error) from error
 
     async def apply(self, manifest: Manifest) -> Manifest:
         """Create the object, or patch it to the manifest's labels and spec (data) if it exists."""
@@ -192,7 +220,7 @@ class Kube:
         except ApiException as error:
             if error.status == 404:
                 return False
-            raise KubeError(f"delete {kind} {namespace}/{name}", error) from error
+            raise KubeError.of(f"delete {kind} {namespace}/{name}", error) from error
 
     async def list_labelled(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[Manifest]:
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
@@ -201,7 +229,7 @@ class Kube:
                 await self._call(f"list {kind}", self._by_kind[kind][4], namespace, label_selector=selector)
             )
         except ApiException as error:
-            raise KubeError(f"list {kind} in {namespace}", error) from error
+            raise KubeError.of(f"list {kind} in {namespace}", error) from error
         return [item for item in reply.get("items", []) if _matches(item, labels)]
 
     async def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
@@ -232,7 +260,7 @@ class Kube:
         except ApiException as error:
             if error.status == 404:
                 return False
-            raise KubeError(f"patch status of {namespace}/{name}", error) from error
+            raise KubeError.of(f"patch status of {namespace}/{name}", error) from error
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

@@ -369,11 +369,13 @@ class LocalRunner:
             if not status_path.exists():
                 raise RunError(f"--resume: {status_path} does not exist; start the run without --resume")
             saved = yaml.safe_load((self.run_dir / SPEC_FILE).read_text())
-            if saved.get("spec") != self.resource.to_api()["spec"]:
+            if _without_suspend(saved.get("spec")) != _without_suspend(self.resource.to_api()["spec"]):
                 raise RunError(
                     f"--resume: the spec differs from the one the run in {self.run_dir} started with; "
-                    "resume with the same file, or start a new run in another --run-dir"
+                    "resume with the same file (only spec.suspend may change), or start a new run in "
+                    "another --run-dir"
                 )
+            self._write_spec()  # a resumed run may have changed spec.suspend
             return FederatedTrainingStatus.model_validate_json(status_path.read_text())
         if self.options.overwrite and self.run_dir.exists():
             shutil.rmtree(self.run_dir)
@@ -384,10 +386,13 @@ class LocalRunner:
             )
         for sub in ("jobs", "logs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        self._write_spec()
+        return FederatedTrainingStatus()
+
+    def _write_spec(self) -> None:
         resource = self.resource.to_api()
         resource.pop("status", None)
         (self.run_dir / SPEC_FILE).write_text(yaml.safe_dump(resource, sort_keys=False))
-        return FederatedTrainingStatus()
 
     def run(self) -> FederatedTrainingStatus:
         """Run to the end: Succeeded or Failed, or at once Suspended when spec.suspend is true."""
@@ -416,6 +421,11 @@ class LocalRunner:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(status.model_dump_json(by_alias=True, indent=2, exclude_none=True))
         os.replace(temporary, path)
+
+
+def _without_suspend(spec: object) -> object:
+    """A spec as compared on --resume: suspending and resuming is what --resume is for."""
+    return {key: value for key, value in spec.items() if key != "suspend"} if isinstance(spec, dict) else spec
 
 
 def load_history(run_dir: Path) -> list[RoundRecord]:

@@ -26,6 +26,7 @@ from fedtrain.api import (
     StorageSpec,
     describe_errors,
 )
+from fedtrain.errors import TemporaryError
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
 from fedtrain.pretrained import cluster_problems
@@ -123,7 +124,7 @@ def validate_spec(body: Mapping[str, Any]) -> FederatedTrainingSpec | str:
     try:
         spec = FederatedTrainingSpec.model_validate(body.get("spec") or {})
     except ValidationError as error:
-        return "; ".join(describe_errors(error))
+        return "; ".join(f"spec.{line}" for line in describe_errors(error))
     problems = cluster_problems(spec)
     return "; ".join(problems) if problems else spec
 
@@ -181,7 +182,10 @@ class Reconciler:
             return await self._invalid(status, spec, now)
         status, events = self._valid_again(status, now)
         if not status.phase.finished:
-            await self._provision(spec)
+            try:
+                await self._provision(spec)
+            except TemporaryError as error:  # shown, and bounded, as any other wait
+                self.runtime.memory.waiting(error)
         outcome = await self._core(spec).advance(status, self.context.clock)
         generation = (self.body.get("metadata") or {}).get("generation")
         if not await self.runtime.writer.write(

@@ -48,6 +48,55 @@ async def _standby_liveness(port: int | None) -> web.AppRunner | None:
     return runner
 
 
+async def _lead(elector: LeaderElector, settings: OperatorSettings, stop: asyncio.Event) -> bool:
+    """Wait for the Lease (answering the liveness probe meanwhile); False if stopped before."""
+    log.info("%s waiting for the lease %s", settings.identity, settings.lease_name)
+    # A standby is alive too: answer the liveness probe until kopf's own endpoint takes over.
+    standby = await _standby_liveness(settings.liveness_port)
+    try:
+        if not await elector.acquire(stop):
+            return False
+    finally:
+        if standby is not None:
+            await standby.cleanup()
+    log.info("%s leads", settings.identity)
+    return True
+
+
+async def _operate(
+    settings: OperatorSettings,
+    stop: asyncio.Event,
+    ready_flag: asyncio.Event | threading.Event | None,
+    memo: kopf.Memo,
+    elector: LeaderElector | None,
+) -> bool:
+    """Run kopf until stopped; True if the Lease was lost on the way (the caller exits 1)."""
+    liveness = (
+        f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port is not None else None
+    )
+    operator = asyncio.create_task(
+        kopf.operator(
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            standalone=True,  # leadership is the Lease's business, not kopf's peering
+            stop_flag=stop,
+            ready_flag=ready_flag,
+            liveness_endpoint=liveness,
+            memo=memo,
+        )
+    )
+    lost = False
+    if elector is not None:
+        holding = asyncio.create_task(elector.hold(stop))
+        await asyncio.wait({operator, holding}, return_when=asyncio.FIRST_COMPLETED)
+        if holding.done() and not stop.is_set():
+            lost = True
+            stop.set()
+        holding.cancel()
+    await operator
+    return lost
+
+
 async def run_operator(
     settings: OperatorSettings,
     *,
@@ -78,40 +127,11 @@ async def run_operator(
     if settings.metrics_port is not None:  # a standby serves them too: its leader gauge is 0
         metrics.serve(settings.metrics_port)
     try:
-        if elector is not None:
-            log.info("%s waiting for the lease %s", settings.identity, settings.lease_name)
-            # A standby is alive too: answer the liveness probe until kopf's own endpoint takes over.
-            standby = await _standby_liveness(settings.liveness_port)
-            try:
-                if not await elector.acquire(stop):
-                    return 0
-            finally:
-                if standby is not None:
-                    await standby.cleanup()
-            log.info("%s leads", settings.identity)
+        if elector is not None and not await _lead(elector, settings, stop):
+            return 0
         metrics.leader.set(1)
-        liveness = (
-            f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port is not None else None
-        )
-        operator = asyncio.create_task(
-            kopf.operator(
-                clusterwide=not settings.namespaces,
-                namespaces=settings.namespaces,
-                standalone=True,  # leadership is the Lease's business, not kopf's peering
-                stop_flag=stop,
-                ready_flag=ready_flag,
-                liveness_endpoint=liveness,
-                memo=kopf.Memo(settings=settings, api_client=api_client, metrics=metrics, clock=clock),
-            )
-        )
-        if elector is not None:
-            holding = asyncio.create_task(elector.hold(stop))
-            await asyncio.wait({operator, holding}, return_when=asyncio.FIRST_COMPLETED)
-            if holding.done() and not stop.is_set():
-                lost_leadership = True
-                stop.set()
-            holding.cancel()
-        await operator
+        memo = kopf.Memo(settings=settings, api_client=api_client, metrics=metrics, clock=clock)
+        lost_leadership = await _operate(settings, stop, ready_flag, memo, elector)
     finally:
         metrics.leader.set(0)
         metrics.close()

@@ -113,7 +113,7 @@ class RecordingKube(Kube):
         status = self.forbidden.get((kind, namespace))
         if status is not None:
             error = ApiException(status=status, reason="Forbidden" if status == 403 else "Error")
-            raise KubeError(f"{method} {kind} in {namespace}", error)
+            raise KubeError.of(f"{method} {kind} in {namespace}", error)
 
     def _stamp(self, stored: Manifest) -> None:
         stored["metadata"]["resourceVersion"] = str(next(self._versions))

@@ -7,7 +7,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from fedtrain.operator.aggregator_client import AggregatorClient, AggregatorUnavailableError
+from fedtrain.errors import PermanentError, TemporaryError
+from fedtrain.operator.aggregator_client import (
+    AggregatorClient,
+    AggregatorRefusedError,
+    AggregatorUnavailableError,
+)
 
 
 async def serve(drops: int) -> tuple[TestServer, list[str]]:
@@ -48,3 +53,34 @@ async def test_a_server_that_keeps_dropping_is_unavailable() -> None:
             await client.initialize()
     assert len(seen) == 2  # one retry, then the operator's own back-off takes over
     await server.close()
+
+
+async def answering(status: int, payload: dict[str, object], headers: dict[str, str]) -> TestServer:
+    async def close(request: web.Request) -> web.StreamResponse:
+        return web.json_response(payload, status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/rounds/0/close", close)
+    server = TestServer(app)
+    await server.start_server()
+    return server
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_is_permanent_and_an_unready_service_temporary_with_its_delay() -> None:
+    refused = await answering(409, {"error": {"code": "aggregation-failed", "message": "no update"}}, {})
+    unready = await answering(
+        503, {"error": {"code": "store-unavailable", "message": "down"}}, {"Retry-After": "7"}
+    )
+    async with aiohttp.ClientSession() as session:
+        client = AggregatorClient(session, str(refused.make_url("/")), "token", timeout=10)
+        with pytest.raises(PermanentError, match="no update") as permanent:
+            await client.close(0, ["fab-a"], [])
+        assert isinstance(permanent.value, AggregatorRefusedError)
+        assert permanent.value.code == "aggregation-failed"
+        client = AggregatorClient(session, str(unready.make_url("/")), "token", timeout=10)
+        with pytest.raises(TemporaryError, match="HTTP 503 store-unavailable: down") as temporary:
+            await client.close(0, ["fab-a"], [])
+        assert temporary.value.delay == 7
+    await refused.close()
+    await unready.close()

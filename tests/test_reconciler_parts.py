@@ -801,13 +801,27 @@ def test_validate_spec_names_both_problems_at_once(body: dict[str, Any]) -> None
     assert problem.count("; ") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: validate_spec validates body['spec'] alone, so schema errors name "
-    "'training.localSteps', not 'spec.training.localSteps' as cluster problems and describe_errors do",
-)
 def test_validate_spec_names_schema_errors_by_their_full_path(body: dict[str, Any]) -> None:
     body["spec"]["training"]["localSteps"] = 0
     problem = validate_spec(body)
     assert isinstance(problem, str)
     assert problem.startswith("spec.training.localSteps")
+
+
+@pytest.mark.asyncio
+async def test_a_keys_secret_without_the_aws_key_names_is_a_wait_naming_them() -> None:
+    kube = RecordingKube()
+    body = training_body()
+    ref = training_ref(body)
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": CREDENTIALS_SECRET, "namespace": ref.namespace},
+            "stringData": {"accessKey": "a", "secretKey": "b"},
+        }
+    )
+    stores = StoreCacheSpy()
+    with pytest.raises(TemporaryError, match="has no AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY"):
+        await KubeCredentials(kube, ref, spec_of(body), stores).signer()
+    assert stores.opened == []
