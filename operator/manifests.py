@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -249,7 +250,7 @@ def _trainer_container(site: SiteSpec, defaults: PodDefaults, mounts: list[dict[
         "imagePullPolicy": defaults.image_pull_policy,
         "command": ["python", "-m", "fedtrain.trainer"],
         "args": ["--config", f"{JOB_CONFIG_DIR}/{JOB_CONFIG_FILE}"],
-        "env": _scratch_env(),
+        "env": _scratch_env() + _thread_env(site),
         "volumeMounts": mounts,
         "securityContext": _restricted_container_security(),
     }
@@ -257,6 +258,27 @@ def _trainer_container(site: SiteSpec, defaults: PodDefaults, mounts: list[dict[
     if resources:
         container["resources"] = resources
     return container
+
+
+def cpu_threads(quantity: int | str) -> int | None:
+    """Whole CPUs of a Kubernetes CPU quantity, rounded up ("500m" -> 1, "2" -> 2); None if unreadable."""
+    text = str(quantity).strip()
+    try:
+        cores = int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
+    return max(1, math.ceil(cores)) if cores > 0 else None
+
+
+def _thread_env(site: SiteSpec) -> list[dict[str, str]]:
+    """OMP/MKL threads: the site's own setting, else its CPU limit. In a container the math libraries
+    would otherwise start a thread per core of the node and oversubscribe the cores the pod may use."""
+    threads = site.threads
+    if threads is None and "cpu" in site.resources.limits:
+        threads = cpu_threads(site.resources.limits["cpu"])
+    if threads is None:
+        return []
+    return [{"name": name, "value": str(threads)} for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")]
 
 
 def _site_placement(site: SiteSpec) -> dict[str, Any]:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fedtrain.api import FederatedTraining, Phase
-from fedtrain.operator.local import STATUS_FILE, LocalRunner, RunError, RunOptions
+from fedtrain.operator.local import STATUS_FILE, LocalRunner, RunError, RunOptions, trainer_environment
 
 
-def resource(rounds: int = 2) -> FederatedTraining:
+def resource(
+    rounds: int = 2, suspend: bool = False, sites: list[dict[str, Any]] | None = None
+) -> FederatedTraining:
     return FederatedTraining.model_validate(
         {
             "apiVersion": "fedtrain.io/v1alpha1",
@@ -19,7 +25,9 @@ def resource(rounds: int = 2) -> FederatedTraining:
             "spec": {
                 "model": {"numClasses": 9},
                 "training": {"rounds": rounds},
-                "sites": [{"name": "fab-a", "data": {"synthetic": {}}}],
+                "aggregation": {"siteRetries": 0},
+                "suspend": suspend,
+                "sites": sites or [{"name": "fab-a", "data": {"synthetic": {}}}],
             },
         }
     )
@@ -54,3 +62,65 @@ def test_resume_refuses_a_changed_spec(tmp_path: Path) -> None:
         LocalRunner(resource(rounds=3), RunOptions(run_dir=run_dir, resume=True)).prepare()
     with pytest.raises(RunError, match="does not exist"):
         LocalRunner(resource(), RunOptions(run_dir=tmp_path / "absent", resume=True)).prepare()
+
+
+#: A trainer that writes the environment it was given beside its job file, then fails (nothing to train).
+ENV_DUMPING_TRAINER = (
+    "import json, os, sys; config = sys.argv[sys.argv.index('--config') + 1]; "
+    "open(config + '.env.json', 'w').write(json.dumps(dict(os.environ))); sys.exit(1)"
+)
+
+
+def trainer_envs(run_dir: Path) -> dict[str, dict[str, str]]:
+    return {
+        path.name.split("-attempt-")[0]: json.loads(path.read_text())
+        for path in sorted((run_dir / "jobs").glob("*.env.json"))
+    }
+
+
+def test_a_trainer_gets_no_credentials_and_the_thread_settings_it_should(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-the-runners-own")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-for-a-trainer")
+    monkeypatch.setenv("FEDTRAIN_OPERATOR_KUBECONFIG", "/root/.kube/config")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice for this run
+    sites = [
+        {"name": "fab-a", "data": {"synthetic": {}}},
+        {"name": "fab-b", "data": {"synthetic": {}}, "threads": 2},  # the site's own
+    ]
+    options = RunOptions(
+        run_dir=tmp_path / "run", trainer_command=[sys.executable, "-c", ENV_DUMPING_TRAINER]
+    )
+    status = LocalRunner(resource(rounds=1, sites=sites), options).run()
+    assert status.phase is Phase.FAILED  # every trainer failed: nothing to aggregate
+    envs = trainer_envs(tmp_path / "run")
+    assert set(envs) == {"round-0000-fab-a", "round-0000-fab-b"}
+    for env in envs.values():
+        assert not [name for name in env if name.startswith(("AWS_", "FEDTRAIN_"))], env
+        assert env["PYTHONUNBUFFERED"] == "1"
+        assert "PATH" in env
+    assert envs["round-0000-fab-a"]["OMP_NUM_THREADS"] == "3"
+    assert envs["round-0000-fab-b"]["OMP_NUM_THREADS"] == "2"
+    assert envs["round-0000-fab-b"]["MKL_NUM_THREADS"] == "2"
+
+
+def test_the_default_threads_share_the_free_cores() -> None:
+    assert trainer_environment({"PATH": "/bin"}, None, 4)["OMP_NUM_THREADS"] == "4"
+    assert trainer_environment({"OMP_NUM_THREADS": "1"}, None, 4)["OMP_NUM_THREADS"] == "1"
+    assert trainer_environment({"OMP_NUM_THREADS": "1"}, 6, 4)["OMP_NUM_THREADS"] == "6"
+    assert "SECRET" not in trainer_environment({"SECRET": "x", "HOME": "/h"}, None, 1)
+
+
+def test_a_suspended_resource_ends_at_once_and_resumes_with_resume(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    options = RunOptions(run_dir=run_dir, trainer_command=[sys.executable, "-c", ENV_DUMPING_TRAINER])
+    started = time.monotonic()
+    status = LocalRunner(resource(rounds=1, suspend=True), options).run()
+    assert time.monotonic() - started < 30
+    assert status.phase is Phase.SUSPENDED
+    assert list((run_dir / "jobs").iterdir()) == []  # no trainer started
+    options.resume = True
+    resumed = LocalRunner(resource(rounds=1, suspend=False), options).run()
+    assert resumed.phase is Phase.FAILED  # it ran: its one trainer failed
+    assert set(trainer_envs(run_dir)) == {"round-0000-fab-a"}

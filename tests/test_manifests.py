@@ -200,3 +200,40 @@ def test_job_names_are_deterministic_unique_and_valid() -> None:
     assert len(name) <= 63
     assert name != manifests.job_name(long, "y" * 40, 12345, 8)
     assert manifests.dns_name("9lives") == "ft-9lives"
+
+
+@pytest.mark.parametrize(
+    ("threads", "limits", "expected"),
+    [
+        (None, {}, None),
+        (None, {"cpu": "500m"}, "1"),
+        (None, {"cpu": "2500m"}, "3"),
+        (None, {"cpu": 4}, "4"),
+        (3, {"cpu": 8}, "3"),  # the site's own setting wins
+    ],
+)
+def test_trainer_threads_follow_the_site_setting_or_its_cpu_limit(
+    threads: int | None, limits: dict[str, object], expected: str | None
+) -> None:
+    spec = FederatedTrainingSpec.model_validate(
+        {
+            "model": {"numClasses": 9},
+            "storage": {"bucket": "models"},
+            "sites": [
+                {
+                    "name": "fab-a",
+                    "data": {"synthetic": {}},
+                    "threads": threads,
+                    "resources": {"limits": limits},
+                }
+            ],
+        }
+    )
+    ref = TrainingRef(namespace="research", name="wafer", uid="uid-1")
+    defaults = PodDefaults(trainer_image="trainer:1", aggregator_image="aggregator:1")
+    job = manifests.trainer_job(ref, spec, spec.sites[0], 0, 0, "train", defaults)
+    env = {
+        item["name"]: item.get("value") for item in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env.get("OMP_NUM_THREADS") == expected
+    assert env.get("MKL_NUM_THREADS") == expected
