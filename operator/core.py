@@ -23,6 +23,7 @@ from fedtrain.errors import DEFAULT_RETRY_SECONDS, PermanentError, TemporaryErro
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
+from fedtrain.store import MAX_PRESIGN_SECONDS
 
 from .engine import (
     Action,
@@ -44,8 +45,6 @@ from .engine import (
 
 log = logging.getLogger(__name__)
 
-#: SigV4 presigned URLs live at most 7 days: S3 refuses a longer expiry.
-MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 #: Engine steps chained in one pass (one status write): submit, close, start the next round, with room
 #: to spare; a longer chain goes on in the next pass.
 MAX_STEPS_PER_PASS = 8

@@ -9,10 +9,10 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-ENV_PREFIX = "FEDTRAIN_OPERATOR_"
+from fedtrain.api import MAX_ROUND_TIMEOUT_SECONDS
+from fedtrain.store import MAX_PRESIGN_SECONDS
 
-#: SigV4 presigned URLs live at most 7 days: S3 refuses a longer expiry.
-MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+ENV_PREFIX = "FEDTRAIN_OPERATOR_"
 
 
 class OperatorSettings(BaseSettings):
@@ -46,6 +46,8 @@ class OperatorSettings(BaseSettings):
     presign_grace_seconds: int = Field(
         900,
         ge=60,
+        # With the longest round timeout, URLs then live exactly S3's limit of 7 days.
+        le=MAX_PRESIGN_SECONDS - MAX_ROUND_TIMEOUT_SECONDS,
         description=(
             "Presigned URLs handed to a trainer expire this long after the round's timeout "
             "(aggregation.roundTimeoutSeconds): short-lived, yet valid for the whole attempt."
@@ -123,9 +125,6 @@ class OperatorSettings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
-
-    def presign_seconds(self, round_timeout_seconds: int) -> int:
-        return min(MAX_PRESIGN_SECONDS, round_timeout_seconds + self.presign_grace_seconds)
 
     def aggregator_base_url(self, namespace: str, service: str, port: int) -> str:
         template = self.aggregator_url or "http://{service}.{namespace}.svc:{port}"
