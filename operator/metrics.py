@@ -18,7 +18,15 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from fedtrain.api import FederatedTrainingStatus, Phase, RoundRecord, SiteState, Stage
+from fedtrain.api import (
+    Condition,
+    ConditionType,
+    FederatedTrainingStatus,
+    Phase,
+    RoundRecord,
+    SiteState,
+    Stage,
+)
 from fedtrain.messages import UpdateVerdict
 
 from .manifests import TrainingRef
@@ -105,6 +113,19 @@ class OperatorMetrics:
             registry=r,
         )
         self.rounds_completed = Counter("fedtrain_rounds_completed", "Rounds closed.", training, registry=r)
+        self.waiting = Gauge(
+            "fedtrain_training_waiting",
+            "1 while the training waits on something that should pass (its Waiting condition), else 0.",
+            training,
+            registry=r,
+        )
+        self.failures = Counter(
+            "fedtrain_training_failures",
+            "Trainings that failed, by the reason of their Failed condition (WaitTimedOut: a wait outlasted "
+            "aggregation.waitTimeoutSeconds).",
+            [*training, "reason"],
+            registry=r,
+        )
         self.round_duration = Histogram(
             "fedtrain_round_duration_seconds",
             "From a round's start to its close.",
@@ -118,6 +139,8 @@ class OperatorMetrics:
             self.rounds,
             self.deadline,
             self.rounds_completed,
+            self.waiting,
+            self.failures,
             self.round_duration,
         )
 
@@ -253,6 +276,10 @@ class OperatorMetrics:
         running = after.phase is Phase.RUNNING and after.stage is not Stage.DONE
         deadline = after.round_deadline.timestamp() if running and after.round_deadline is not None else 0
         self.deadline.labels(**labels).set(deadline)
+        self.waiting.labels(**labels).set(1 if _condition(after, ConditionType.WAITING) is not None else 0)
+        failed = _condition(after, ConditionType.FAILED)
+        if failed is not None and before.phase is not Phase.FAILED:
+            self.failures.labels(**labels, reason=failed.reason).inc()
         for current in after.sites:
             # Series start at 0, so that increase() sees a site's first failure or straggle too.
             site_labels = {**labels, "site": current.name}
@@ -299,6 +326,11 @@ class OperatorMetrics:
         labels = _training(ref)
         for metric in self._per_training:
             metric.remove_by_labels(labels)
+
+
+def _condition(status: FederatedTrainingStatus, kind: ConditionType) -> Condition | None:
+    """The condition of that type if it is True."""
+    return next((c for c in status.conditions if c.type is kind and c.status == "True"), None)
 
 
 def _training(ref: TrainingRef) -> dict[str, str]:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from promql import CONTRACT_METRICS, chart_expressions, unknown_metrics
 
 from fedtrain.api import (
+    ConditionType,
     EvalMetrics,
     FederatedTrainingStatus,
     Phase,
@@ -29,6 +30,7 @@ from fedtrain.api import (
     Stage,
 )
 from fedtrain.messages import UpdateVerdict
+from fedtrain.operator.engine import set_condition
 from fedtrain.operator.manifests import TrainingRef
 from fedtrain.operator.metrics import OperatorMetrics, SiteOutcome, site_outcomes
 from fedtrain.operator.settings import OperatorSettings
@@ -101,6 +103,24 @@ def test_rejections_are_counted_by_reason_and_gauges_follow_the_status() -> None
     metrics.status_written(REF, 5, after, finished, verdicts)
     assert value(registry, "fedtrain_training_round_deadline_timestamp_seconds") == 0
     assert value(registry, "fedtrain_training_phase", phase="Succeeded") == 1
+
+
+def test_a_wait_is_a_gauge_and_a_failure_is_counted_once_by_its_reason() -> None:
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    running = status(0, ("a", SiteState.RUNNING, 0))
+    waiting = running.model_copy(deep=True)
+    set_condition(waiting, ConditionType.WAITING, True, "Waiting", "aggregator unreachable", NOW)
+    metrics.status_written(REF, 2, running, waiting, {})
+    assert value(registry, "fedtrain_training_waiting") == 1
+    failed = waiting.model_copy(deep=True)
+    failed.phase = Phase.FAILED
+    set_condition(failed, ConditionType.WAITING, False, "WaitTimedOut", "gave up", NOW)
+    set_condition(failed, ConditionType.FAILED, True, "WaitTimedOut", "gave up", NOW)
+    metrics.status_written(REF, 2, waiting, failed, {})
+    metrics.status_written(REF, 2, failed, failed, {})  # written again: not a second failure
+    assert value(registry, "fedtrain_training_waiting") == 0
+    assert value(registry, "fedtrain_training_failures_total", reason="WaitTimedOut") == 1
 
 
 def test_trainer_figures_and_rounds_then_forget() -> None:
