@@ -37,6 +37,8 @@ CONTRACT_METRICS: frozenset[str] = frozenset(
         "fedtrain_training_rounds",
         "fedtrain_training_round_deadline_timestamp_seconds",
         "fedtrain_rounds_completed_total",
+        "fedtrain_training_waiting",
+        "fedtrain_training_failures_total",
         "fedtrain_round_duration_seconds",
         "fedtrain_site_jobs_total",
         "fedtrain_stragglers_total",

@@ -142,6 +142,7 @@ def test_expressions_read_only_exported_metrics() -> None:
 UNUSED = {
     "fedtrain_aggregator_rounds_closed_total": "fedtrain_rounds_completed_total counts the same closes",
     "process_cpu_seconds_total": "the pods' CPU is better read from the kubelet (cAdvisor)",
+    "fedtrain_training_failures_total": "FedTrainTrainingFailed fires on the phase; this counts reasons",
 }
 
 
