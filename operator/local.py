@@ -176,6 +176,7 @@ class LocalJobs:
         self.finished: dict[JobKey, JobObservation] = {}
 
     async def start(self, action: StartSiteJob, job: TrainerJob) -> None:
+        self._move_to(action.round)  # the step that closes a round starts the next one's Jobs
         key = (action.site, action.attempt)
         if key in self.running or key in self.finished or any(key == _key(a) for a, _ in self.queued):
             return
@@ -193,10 +194,14 @@ class LocalJobs:
             _terminate(process.popen)
         self.finished[key] = JobObservation(JobState.FAILED, f"stopped: {action.reason}")
 
-    def observe(self, round_index: int) -> dict[JobKey, JobObservation]:
-        if round_index != self.round:  # a new round: whatever still runs of the last one is stopped
+    def _move_to(self, round_index: int) -> None:
+        """A new round: whatever still runs of the last one is stopped, and its outcomes forgotten."""
+        if round_index != self.round:
             self.stop_all()
             self.round, self.finished = round_index, {}
+
+    def observe(self, round_index: int) -> dict[JobKey, JobObservation]:
+        self._move_to(round_index)
         seen = dict(self.finished)
         for key, process in list(self.running.items()):
             code = process.popen.poll()

@@ -11,7 +11,18 @@ from typing import Any
 import pytest
 
 from fedtrain.api import FederatedTraining, Phase
-from fedtrain.operator.local import STATUS_FILE, LocalRunner, RunError, RunOptions, trainer_environment
+from fedtrain.layout import TrainingLayout
+from fedtrain.operator.core import build_trainer_job
+from fedtrain.operator.engine import JobObservation, JobState, StartSiteJob
+from fedtrain.operator.local import (
+    STATUS_FILE,
+    LocalJobs,
+    LocalRunner,
+    RunError,
+    RunOptions,
+    trainer_environment,
+)
+from fedtrain.store import LocalStore
 
 
 def resource(
@@ -124,3 +135,27 @@ def test_a_suspended_resource_ends_at_once_and_resumes_with_resume(tmp_path: Pat
     resumed = LocalRunner(resource(rounds=1, suspend=False), options).run()
     assert resumed.phase is Phase.FAILED  # it ran: its one trainer failed
     assert set(trainer_envs(run_dir)) == {"round-0000-fab-a"}
+
+
+@pytest.mark.asyncio
+async def test_the_next_rounds_trainers_started_in_the_closing_step_keep_running(tmp_path: Path) -> None:
+    """The step that closes round r starts round r+1's Jobs before the next observation of r+1."""
+    spec = resource(sites=[{"name": "fab-a", "data": {"synthetic": {}}}]).spec
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "logs").mkdir()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    jobs = LocalJobs(spec, tmp_path, sleeper, parallel=2, threads=1)
+    layout = TrainingLayout("local", "local-rules")
+    store = LocalStore(tmp_path / "store")
+    try:
+        assert jobs.observe(0) == {}
+        for round_index in (0, 1):
+            action = StartSiteJob(site="fab-a", round=round_index, attempt=0, mode="train")
+            await jobs.start(action, build_trainer_job(spec, layout, action, store, 60, None))
+        seen = jobs.observe(1)
+        assert seen == {("fab-a", 0): JobObservation(JobState.ACTIVE)}
+        [process] = jobs.running.values()
+        assert process.popen.poll() is None, "round 1's trainer was stopped by the move to round 1"
+        assert "round-0001" in " ".join(process.popen.args)  # type: ignore[arg-type]
+    finally:
+        jobs.stop_all()
