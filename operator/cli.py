@@ -12,6 +12,7 @@ from rich.console import Console
 
 from fedtrain.api import FederatedTraining, FederatedTrainingStatus, Phase
 from fedtrain.crd import CRD_DIRS, CRD_FILENAME, render_crd
+from fedtrain.pretrained import cluster_problems
 from fedtrain.resource import InvalidResourceError, load_resource
 
 if TYPE_CHECKING:
@@ -48,10 +49,23 @@ def _load_or_exit(path: Path) -> FederatedTraining:
 
 
 @app.command()
-def validate(file: Path = typer.Argument(..., help="FederatedTraining YAML file.")) -> None:
+def validate(
+    file: Path = typer.Argument(..., help="FederatedTraining YAML file."),
+    cluster: bool = typer.Option(
+        False,
+        "--cluster",
+        help="Also check what a cluster needs beyond a local run (spec.storage; no pretrained file).",
+    ),
+) -> None:
     """Check a FederatedTraining file without running anything."""
     resource = _load_or_exit(file)
     spec = resource.spec
+    problems = cluster_problems(spec) if cluster else []
+    if problems:
+        errors.print(f"[red]error:[/] {file} cannot run on a cluster:")
+        for problem in problems:
+            errors.print(f"  {problem}")
+        raise typer.Exit(EXIT_INVALID)
     console.print(
         f"{file}: valid: {resource.metadata.name}, {len(spec.sites)} sites, {spec.training.rounds} rounds, "
         f"model {spec.model.name}"
