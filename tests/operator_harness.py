@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,14 @@ def tiny_training(
 
 
 class OperatorThread:
-    """`run_operator` on an event loop of its own; stop() is a clean shutdown, like SIGTERM."""
+    """`run_operator` on an event loop of its own; stop() is a clean shutdown, like SIGTERM.
 
-    def __init__(self, settings: OperatorSettings) -> None:
+    `clock`, when given, is the time the operator reads instead of the wall clock's.
+    """
+
+    def __init__(self, settings: OperatorSettings, clock: Callable[[], datetime] | None = None) -> None:
         self.settings = settings
+        self.clock = clock
         self.stop_flag = threading.Event()
         self.ready = threading.Event()
         self.exit_code: int | None = None
@@ -76,7 +81,7 @@ class OperatorThread:
 
     def _run(self) -> None:
         self.exit_code = asyncio.run(
-            run_operator(self.settings, stop_flag=self.stop_flag, ready_flag=self.ready)
+            run_operator(self.settings, stop_flag=self.stop_flag, ready_flag=self.ready, clock=self.clock)
         )
 
     def start(self) -> OperatorThread:

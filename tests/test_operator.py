@@ -1,14 +1,14 @@
 """The kopf operator end to end: a FederatedTraining on an emulated cluster, with real trainers,
-a real aggregator service and S3, through success, failing and hanging sites, restarts of the
-operator and of the aggregator, suspension, deletion and an invalid spec."""
+a real aggregator service and S3, through what only the operator does: events, metrics, Secrets and
+the bucket of a successful training, a restarted aggregator, deletion and an invalid spec. The
+scenarios both drivers share (failing, hanging and rejected sites, restarts, suspension) are the
+driver contract's, in test_contract.py."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import threading
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,96 +16,22 @@ from typing import Any
 import pytest
 import torch
 import urllib3
-from cluster import Emulator, running_emulator
-from kubelet import Kubelet
-from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, Api, OperatorThread, tiny_training, wait_for
+from contract_drivers import Cluster, created_once, running_cluster
+from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, wait_for
 from ports import free_port
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import PrometheusServer, Target, values
 from safetensors.torch import load_file
 
 from fedtrain.api import GROUP, PLURAL, VERSION
-from fedtrain.layout import TrainingLayout
 from fedtrain.operator import manifests
-from fedtrain.operator.settings import OperatorSettings
-from fedtrain.store import S3Store
 
 pytestmark = pytest.mark.e2e
 
 
-class Cluster:
-    def __init__(self, emulator: Emulator, kubelet: Kubelet, kubeconfig: Path, bucket: str, endpoint: str):
-        self.emulator = emulator
-        self.kubelet = kubelet
-        self.kubeconfig = kubeconfig
-        self.api = Api(kubeconfig)
-        self.bucket = bucket
-        self.endpoint = endpoint
-        self.operators: list[OperatorThread] = []
-
-    def settings(self, **overrides: Any) -> OperatorSettings:
-        values: dict[str, Any] = {
-            "kubeconfig": self.kubeconfig,
-            "aggregator_url": self.kubelet.service_proxy_template,
-            "liveness_port": None,
-            "metrics_port": None,
-            "resync_seconds": 2,
-            "aggregator_timeout_seconds": 120,
-        }
-        values.update(overrides)
-        return OperatorSettings(**values)
-
-    def start_operator(self, **overrides: Any) -> OperatorThread:
-        operator = OperatorThread(self.settings(**overrides)).start()
-        self.operators.append(operator)
-        return operator
-
-    def training(self, name: str, **kwargs: Any) -> dict[str, Any]:
-        return tiny_training(name, self.bucket, self.endpoint, **kwargs)
-
-    def store(self, name: str) -> tuple[S3Store, TrainingLayout]:
-        return S3Store(self.bucket, prefix="fedtrain", endpoint=self.endpoint), TrainingLayout(
-            TRAINING_NAMESPACE, name
-        )
-
-    def phase(self, name: str) -> str | None:
-        return self.api.status(name).get("phase")
-
-    def finished(self, name: str) -> dict[str, Any] | None:
-        status = self.api.status(name)
-        return status if status.get("phase") in ("Succeeded", "Failed") else None
-
-    def trainer_jobs(self, name: str) -> list[dict[str, Any]]:
-        return [
-            job
-            for job in self.api.jobs()
-            if job["metadata"].get("labels", {}).get(manifests.TRAINING) == name
-        ]
-
-    def event_reasons(self, name: str) -> list[str]:
-        return [
-            event.get("reason", "")
-            for event in self.api.events()
-            if (event.get("involvedObject") or {}).get("name") == name
-        ]
-
-
 @pytest.fixture
 def cluster(tmp_path: Path, s3_endpoint: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    override = getattr(request, "param", None)
-    bucket = f"ft-{uuid.uuid4().hex[:12]}"
-    S3Store(bucket, endpoint=s3_endpoint).ensure_bucket()
-    with running_emulator() as emulator:
-        kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig")
-        kubelet = Kubelet(emulator.url, tmp_path / "logs", override=override).start()
-        state = Cluster(emulator, kubelet, kubeconfig, bucket, s3_endpoint)
-        state.api.create_credentials()
-        try:
-            yield state
-        finally:
-            for operator in state.operators:
-                operator.stop()
-            kubelet.close()
+    with running_cluster(tmp_path, s3_endpoint, override=getattr(request, "param", None)) as state:
+        yield state
 
 
 class StatusRecorder:
@@ -133,13 +59,6 @@ class StatusRecorder:
     def stop(self) -> None:
         self._response.shutdown()
         self._thread.join(10)
-
-
-def created_once(cluster: Cluster) -> None:
-    """No Job name was ever created twice, and no Job's container ever ran twice."""
-    names = [(record.namespace, record.name) for record in cluster.kubelet.jobs_seen]
-    assert len(names) == len(set(names)), names
-    assert all(count == 1 for count in cluster.kubelet.starts.values()), cluster.kubelet.starts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,91 +178,6 @@ def check_scraped_metrics(prometheus: PrometheusServer) -> None:
     assert up == {"": 1}
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """The operator's /metrics, as {(sample name, labels): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def _fail_or_hang(job: dict[str, Any]) -> list[str] | None:
-    labels = job["metadata"].get("labels", {})
-    if labels.get(manifests.SITE) == "fab-c":
-        return [
-            "python",
-            "-c",
-            "import sys; print('CUDA error: out of memory', file=sys.stderr); sys.exit(1)",
-        ]
-    if labels.get(manifests.SITE) == "fab-d" and labels.get(manifests.ROUND) == "0":
-        return ["sleep", "3600"]
-    return None
-
-
-@pytest.mark.parametrize("cluster", [_fail_or_hang], indirect=True)
-def test_failing_site_and_straggler_are_recorded(cluster: Cluster) -> None:
-    metrics_port = free_port()
-    cluster.start_operator(metrics_port=metrics_port)
-    training = cluster.training(
-        "faults", rounds=1, sites=4, aggregation={"minSites": 2, "roundTimeoutSeconds": 40, "siteRetries": 1}
-    )
-    cluster.api.apply(training)
-    status = wait_for("the training to finish", lambda: cluster.finished("faults"), timeout=420)
-
-    assert status["phase"] == "Succeeded", status.get("message")
-    first = status["history"][0]
-    assert sorted(first["participants"]) == ["fab-a", "fab-b"]
-    assert first["failed"] == ["fab-c"]
-    assert first["stragglers"] == ["fab-d"]
-    reasons = cluster.event_reasons("faults")
-    assert {"SiteRetry", "SiteFailed", "Straggler"} <= set(reasons), reasons
-    # fab-c ran twice in round 0 (siteRetries: 1), each attempt a Job of its own.
-    attempts = [
-        j
-        for j in cluster.trainer_jobs("faults")
-        if j["metadata"]["labels"][manifests.SITE] == "fab-c"
-        and j["metadata"]["labels"][manifests.ROUND] == "0"
-    ]
-    assert sorted(j["metadata"]["labels"][manifests.ATTEMPT] for j in attempts) == ["0", "1"]
-    # The straggler's Job was deleted at the deadline, and its process with it.
-    straggler = manifests.job_name(manifests.TrainingRef(TRAINING_NAMESPACE, "faults", ""), "fab-d", 0, 0)
-    assert all(j["metadata"]["name"] != straggler for j in cluster.api.jobs("site-d"))
-    created_once(cluster)
-
-    # The operator's metrics count every attempt once, by how it ended.
-    samples = scrape(metrics_port)
-
-    def jobs(site: str, outcome: str) -> float:
-        labels = {"namespace": TRAINING_NAMESPACE, "training": "faults", "site": site, "outcome": outcome}
-        return samples.get(("fedtrain_site_jobs_total", frozenset(labels.items())), 0)
-
-    fab_c_attempts = len(
-        [j for j in cluster.trainer_jobs("faults") if j["metadata"]["labels"][manifests.SITE] == "fab-c"]
-    )
-    assert jobs("fab-c", "failed") == fab_c_attempts
-    assert jobs("fab-c", "succeeded") == 0
-    assert jobs("fab-d", "straggler") == 1
-    assert jobs("fab-a", "succeeded") == 2  # round 0 and the final evaluation
-    straggler_labels = {"namespace": TRAINING_NAMESPACE, "training": "faults", "site": "fab-d"}
-    assert samples[("fedtrain_stragglers_total", frozenset(straggler_labels.items()))] == 1
-
-
-def test_operator_restart_mid_round_duplicates_nothing(cluster: Cluster) -> None:
-    first = cluster.start_operator()
-    cluster.api.apply(cluster.training("restart", rounds=1, sites=2))
-    wait_for("round 0's Jobs", lambda: len(cluster.trainer_jobs("restart")) >= 2, timeout=120)
-    first.stop()
-    assert first.exit_code == 0
-    cluster.start_operator()
-    status = wait_for("the training to finish", lambda: cluster.finished("restart"), timeout=420)
-    assert status["phase"] == "Succeeded", status.get("message")
-    assert len(cluster.trainer_jobs("restart")) == 4  # 2 sites x (round 0 + evaluation)
-    created_once(cluster)
-
-
 def _fab_c_late_in_round_0(job: dict[str, Any]) -> list[str] | None:
     """fab-c's first Job trains 15 s late: the round stays open with the other updates folded."""
     labels = job["metadata"].get("labels", {})
@@ -432,22 +266,3 @@ def test_invalid_spec_gets_a_condition_an_event_and_no_jobs(cluster: Cluster) ->
     # Fixing the spec starts the training.
     cluster.api.patch_spec("broken", {"training": {"localEpochs": None}})
     wait_for("Jobs after the fix", lambda: cluster.trainer_jobs("broken"), timeout=60)
-
-
-def test_suspend_stops_jobs_and_resume_finishes(cluster: Cluster) -> None:
-    cluster.start_operator()
-    cluster.api.apply(cluster.training("pause", rounds=1, sites=2))
-    wait_for("round 0's Jobs", lambda: len(cluster.trainer_jobs("pause")) >= 2, timeout=120)
-    cluster.api.patch_spec("pause", {"suspend": True})
-    wait_for("Suspended", lambda: cluster.phase("pause") == "Suspended", timeout=60)
-
-    def first_attempts() -> list[dict[str, Any]]:
-        return [j for j in cluster.trainer_jobs("pause") if j["metadata"]["labels"][manifests.ATTEMPT] == "0"]
-
-    wait_for("the running Jobs to be deleted", lambda: not first_attempts(), timeout=60)
-    assert "Suspended" in cluster.event_reasons("pause")
-    cluster.api.patch_spec("pause", {"suspend": False})
-    status = wait_for("the training to finish", lambda: cluster.finished("pause"), timeout=420)
-    assert status["phase"] == "Succeeded", status.get("message")
-    assert "Resumed" in cluster.event_reasons("pause")
-    created_once(cluster)

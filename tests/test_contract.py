@@ -1,0 +1,228 @@
+"""The driver contract: the same scenarios, run by the local runner and by the operator on the
+emulator, must leave the same round history.
+
+Each scenario is written once with the history it must produce; the `driver` fixture runs it on both
+drivers. Nothing races the machine: no round deadline is reached by waiting (the timeout is an hour;
+the straggler scenario moves a clock the drivers read past it once the other sites' updates are in),
+and a trainer that must still be running when the test acts is held by contract_trainer.py until the
+test lets it go.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from contract_drivers import Attempt, Clock, Driver, Fault, LocalDriver, OperatorDriver, running_cluster
+from contract_drivers import created_once as operator_created_once
+from operator_harness import wait_for
+
+pytestmark = pytest.mark.e2e
+
+ROUND_TIMEOUT = 3600  # reached only when a test moves the clock past it
+SITES = ("fab-a", "fab-b", "fab-c")
+#: The engine's warnings about sites, which both drivers make known (Kubernetes Events; the CLI's output).
+SITE_WARNINGS = {"SiteRetry", "SiteFailed", "Straggler", "UpdateRejected"}
+
+
+@pytest.fixture(params=["local", "operator"])
+def driver(request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str) -> Iterator[Driver]:
+    if request.param == "local":
+        local = LocalDriver(tmp_path)
+        try:
+            yield local
+        finally:
+            local.close()
+        return
+    with running_cluster(tmp_path, s3_endpoint) as cluster:
+        yield OperatorDriver(cluster)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of the history as both drivers must record it."""
+
+    round: int
+    kind: str
+    participants: tuple[str, ...]
+    stragglers: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    rejected: tuple[str, ...] = ()
+
+
+def rounds(status: dict[str, Any]) -> list[Round]:
+    return [
+        Round(
+            record["round"],
+            record["kind"],
+            tuple(sorted(record.get("participants") or [])),
+            tuple(sorted(record.get("stragglers") or [])),
+            tuple(sorted(record.get("failed") or [])),
+            tuple(sorted(rejected["site"] for rejected in record.get("rejected") or [])),
+        )
+        for record in status.get("history") or []
+    ]
+
+
+def training(driver: Driver, name: str, sites: int = 3, **spec: Any) -> dict[str, Any]:
+    aggregation = {"minSites": 2, "roundTimeoutSeconds": ROUND_TIMEOUT, **spec.pop("aggregation", {})}
+    return driver.training(name, rounds=1, sites=sites, aggregation=aggregation, **spec)
+
+
+def first_attempts(sites: tuple[str, ...], rounds_run: int) -> set[Attempt]:
+    return {(site, index, 0) for site in sites for index in range(rounds_run)}
+
+
+def check_contract(
+    driver: Driver,
+    status: dict[str, Any],
+    history: list[Round],
+    attempts: set[Attempt],
+    warnings: AbstractSet[str] = frozenset(),
+) -> None:
+    """What every scenario asserts, on either driver.
+
+    `attempts`: every (site, round, attempt) whose trainer must have started, each exactly once (an
+    attempt is one process, however the driver was stopped or restarted); no other may have started.
+    `warnings`: the site warnings the driver must have made known, and no others.
+    """
+    assert status.get("phase") == "Succeeded", status.get("message")
+    conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+    assert conditions.get("Succeeded") == "True", conditions
+    assert conditions.get("Progressing") == "False", conditions
+    assert rounds(status) == history
+    assert driver.warnings() & SITE_WARNINGS == warnings
+
+    starts = driver.trainers.starts()
+    assert [s for s in starts if s.overlap] == [], "two processes of one attempt ran at the same time"
+    assert Counter(start.attempt_key for start in starts) == Counter(attempts)
+    created = driver.attempts_created()
+    assert sorted(created) == sorted(attempts), "one Job / job file for each attempt started, none twice"
+    if isinstance(driver, OperatorDriver):
+        operator_created_once(driver.cluster)
+    wait_for("no trainer left running", lambda: not driver.trainers_running(), timeout=30)
+
+
+def site_states(status: dict[str, Any]) -> dict[str, str]:
+    return {site["name"]: site.get("state", "") for site in status.get("sites") or []}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_success(driver: Driver) -> None:
+    driver.start(training(driver, "contract-ok"))
+    status = driver.wait_finished()
+    check_contract(
+        driver,
+        status,
+        [Round(0, "train", SITES), Round(1, "evaluate", SITES)],
+        first_attempts(SITES, 2),
+    )
+
+
+def test_a_site_failing_every_attempt_is_retried_then_recorded_failed(driver: Driver) -> None:
+    document = training(driver, "contract-fail", aggregation={"siteRetries": 1})
+    driver.start(document, faults=[Fault("fail", site="fab-c")])
+    status = driver.wait_finished()
+    check_contract(
+        driver,
+        status,
+        [
+            Round(0, "train", ("fab-a", "fab-b"), failed=("fab-c",)),
+            Round(1, "evaluate", ("fab-a", "fab-b"), failed=("fab-c",)),
+        ],
+        # siteRetries: 1, in the training round and in the evaluation
+        first_attempts(SITES, 2) | {("fab-c", 0, 1), ("fab-c", 1, 1)},
+        warnings={"SiteRetry", "SiteFailed"},
+    )
+
+
+def test_a_straggler_is_recorded_once_the_clock_passes_the_deadline(driver: Driver) -> None:
+    clock = Clock()
+    driver.start(
+        training(driver, "contract-late"), faults=[Fault("hang", site="fab-c", round=0)], clock=clock
+    )
+
+    def others_in_and_fab_c_hanging() -> bool:
+        states = site_states(driver.status())
+        hanging = "fab-c" in driver.trainers.started(0) and states.get("fab-c") == "Running"
+        return hanging and states.get("fab-a") == states.get("fab-b") == "Accepted"
+
+    wait_for("fab-a's and fab-b's updates, fab-c hanging", others_in_and_fab_c_hanging, timeout=480)
+    assert driver.status()["round"] == 0
+    assert not driver.status().get("history"), "the round waits for fab-c until its deadline"
+    clock.advance(ROUND_TIMEOUT + 60)
+    status = driver.wait_finished()
+    check_contract(
+        driver,
+        status,
+        [
+            Round(0, "train", ("fab-a", "fab-b"), stragglers=("fab-c",)),
+            Round(1, "evaluate", SITES),
+        ],
+        first_attempts(SITES, 2),
+        warnings={"Straggler"},
+    )
+
+
+def test_the_driver_killed_mid_round_carries_on_without_repeating_work(driver: Driver) -> None:
+    sites = ("fab-a", "fab-b")
+    # Round 0's trainers wait at the gate, so the driver dies with the round surely in progress.
+    driver.start(training(driver, "contract-restart", sites=2), faults=[Fault("hold", round=0)])
+    wait_for("round 0's trainers", lambda: driver.trainers.started(0) == set(sites), timeout=240)
+    driver.restart()
+    driver.trainers.open_gate()
+    status = driver.wait_finished()
+    check_contract(
+        driver,
+        status,
+        [Round(0, "train", sites), Round(1, "evaluate", sites)],
+        first_attempts(sites, 2),
+    )
+
+
+def test_suspend_stops_the_trainers_and_resume_runs_them_again(driver: Driver) -> None:
+    sites = ("fab-a", "fab-b")
+    # Round 0's first attempts never finish on their own: the suspension is what ends them.
+    driver.start(training(driver, "contract-pause", sites=2), faults=[Fault("hang", round=0, attempt=0)])
+
+    def all_running() -> bool:
+        states = site_states(driver.status())
+        return driver.trainers.started(0) == set(sites) and all(states.get(s) == "Running" for s in sites)
+
+    wait_for("round 0's trainers running", all_running, timeout=240)
+    suspended = driver.suspend()
+    assert suspended["phase"] == "Suspended"
+    assert {c["type"]: c["status"] for c in suspended["conditions"]}["Suspended"] == "True"
+    assert suspended["round"] == 0
+    driver.resume()
+    status = driver.wait_finished()
+    check_contract(
+        driver,
+        status,
+        [Round(0, "train", sites), Round(1, "evaluate", sites)],
+        # The suspended attempts are not resumed: each site starts round 0 again as attempt 1.
+        first_attempts(sites, 2) | {("fab-a", 0, 1), ("fab-b", 0, 1)},
+    )
+
+
+def test_a_corrupted_update_is_rejected_and_the_round_closes_without_it(driver: Driver) -> None:
+    driver.start(
+        training(driver, "contract-corrupt"), faults=[Fault("corrupt", site="fab-b", round=0, mode="train")]
+    )
+    status = driver.wait_finished()
+    check_contract(
+        driver,
+        status,
+        [Round(0, "train", ("fab-a", "fab-c"), rejected=("fab-b",)), Round(1, "evaluate", SITES)],
+        first_attempts(SITES, 2),
+        warnings={"UpdateRejected"},
+    )
+    (rejected,) = status["history"][0]["rejected"]
+    assert "checksum" in rejected["reason"], rejected
