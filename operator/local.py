@@ -10,12 +10,15 @@ the driver core, so `--resume` carries on from wherever a run stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +53,7 @@ STATUS_FILE = "status.json"
 SPEC_FILE = "training.yaml"
 HISTORY_FILE = "history.jsonl"
 MERGED_FILE = "model-merged.safetensors"
+PID_SUFFIX = ".pid"
 
 #: What a trainer process inherits of this one's environment: where programs and libraries are, the
 #: locale, and the caches and devices it may use. Never credentials: a trainer holds only URLs.
@@ -135,41 +139,89 @@ def trainer_environment(
 
 @dataclass
 class _Process:
-    popen: subprocess.Popen[bytes]
-    log_path: Path
+    """A trainer process: started by this runner (`popen`), or adopted from a runner that was killed."""
+
+    pid: int
+    config: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.config.parent.parent / "logs" / f"{self.config.stem}.log"
+
+    @property
+    def pid_path(self) -> Path:
+        """Written at start, removed at the end: a trainer of this run may still be alive."""
+        return self.config.with_suffix(PID_SUFFIX)
+
+    def exit_code(self) -> int | None:
+        """None while it runs; an adopted process's code is unknown (-1) once it is gone."""
+        if self.popen is not None:
+            return self.popen.poll()
+        return None if self.config.name in _command_line(self.pid) else -1
+
+    def terminate(self, grace_seconds: float = 10.0) -> None:
+        if self.exit_code() is None:
+            _kill_group(self.pid, grace_seconds)
+        if self.popen is not None:
+            self.popen.wait()
+        self.pid_path.unlink(missing_ok=True)
 
 
 def _last_error(log_path: Path) -> str:
-    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    try:
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except FileNotFoundError:
+        lines = []
     errors = [line for line in lines if " ERROR " in line or "Error" in line]
     text = (errors or lines or ["no output"])[-1]
     return text[-300:] + f" (log: {log_path})"
 
 
-def _terminate(popen: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> None:
-    if popen.poll() is not None:
-        return
+def _command_line(pid: int) -> str:
     try:
-        os.killpg(popen.pid, signal.SIGTERM)
-        popen.wait(grace_seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
-    except ProcessLookupError:
-        pass
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _kill_group(pid: int, grace_seconds: float) -> None:
+    """SIGTERM to a trainer's process group (its own session), SIGKILL after the grace."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline:
+            os.killpg(pid, 0)  # raises ProcessLookupError once the group is gone
+            time.sleep(0.05)
+        os.killpg(pid, signal.SIGKILL)
+
+
+#: A job file's name: round, site (which may hold dashes) and attempt.
+_JOB_FILE = re.compile(r"^round-(?P<round>\d+)-(?P<site>.+)-attempt-(?P<attempt>\d+)$")
 
 
 class LocalJobs:
-    """Trainer processes of the current round, keyed by (site, attempt), and the queue before them."""
+    """Trainer processes of the current round, keyed by (site, attempt), and the queue before them.
+
+    `uploaded(round, site)` tells whether a site's update of a round is in the store: how the outcome
+    of a trainer adopted from a killed runner is known, since only a parent learns an exit code.
+    """
 
     def __init__(
-        self, spec: FederatedTrainingSpec, run_dir: Path, command: list[str], parallel: int, threads: int
+        self,
+        spec: FederatedTrainingSpec,
+        run_dir: Path,
+        command: list[str],
+        parallel: int,
+        threads: int,
+        uploaded: Callable[[int, str], bool],
     ) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.command = command
         self.parallel = parallel
         self.threads = threads
+        self.uploaded = uploaded
         self.round = -1
         self.queued: list[tuple[StartSiteJob, Path]] = []
         self.running: dict[JobKey, _Process] = {}
@@ -191,8 +243,28 @@ class LocalJobs:
         self.queued = [(a, path) for a, path in self.queued if _key(a) != key]
         process = self.running.pop(key, None)
         if process is not None:
-            _terminate(process.popen)
+            process.terminate()
         self.finished[key] = JobObservation(JobState.FAILED, f"stopped: {action.reason}")
+
+    def adopt_orphans(self) -> int:
+        """Take over the trainers a killed runner left running (each in a session of its own, so it
+        outlived the runner); returns how many. A resumed run would otherwise start those attempts
+        again beside them. A pid is trusted only while its command line names its job file (a pid
+        the system gave to another process since is left alone)."""
+        adopted = 0
+        for pid_path in sorted((self.run_dir / "jobs").glob(f"*{PID_SUFFIX}")):
+            config = pid_path.with_suffix(".yaml")
+            name = _JOB_FILE.match(config.stem)
+            process = _Process(int(pid_path.read_text() or 0), config)
+            if name is None or process.exit_code() is not None:
+                pid_path.unlink(missing_ok=True)
+                continue
+            log.warning("taking over trainer %d of the interrupted run (%s)", process.pid, config.name)
+            round_index = int(name["round"])
+            self._move_to(round_index)
+            self.running[(name["site"], int(name["attempt"]))] = process
+            adopted += 1
+        return adopted
 
     def _move_to(self, round_index: int) -> None:
         """A new round: whatever still runs of the last one is stopped, and its outcomes forgotten."""
@@ -204,40 +276,48 @@ class LocalJobs:
         self._move_to(round_index)
         seen = dict(self.finished)
         for key, process in list(self.running.items()):
-            code = process.popen.poll()
+            code = process.exit_code()
             if code is None:
                 seen[key] = JobObservation(JobState.ACTIVE)
                 continue
             del self.running[key]
-            failed = f"exit code {code}: {_last_error(process.log_path)}"
-            outcome = (
-                JobObservation(JobState.SUCCEEDED) if code == 0 else JobObservation(JobState.FAILED, failed)
-            )
-            self.finished[key] = seen[key] = outcome
+            process.pid_path.unlink(missing_ok=True)
+            self.finished[key] = seen[key] = self._outcome(key, code, process)
         self._launch()
         for action, _ in self.queued:
             seen.setdefault(_key(action), JobObservation(JobState.ACTIVE, "queued"))
         return seen
 
+    def _outcome(self, key: JobKey, code: int, process: _Process) -> JobObservation:
+        if code == 0 or (code == -1 and self.uploaded(self.round, key[0])):
+            return JobObservation(JobState.SUCCEEDED)
+        if code == -1:
+            return JobObservation(
+                JobState.FAILED, f"ended without an update: {_last_error(process.log_path)}"
+            )
+        return JobObservation(JobState.FAILED, f"exit code {code}: {_last_error(process.log_path)}")
+
     def _launch(self) -> None:
         while self.queued and len(self.running) < self.parallel:
             action, config = self.queued.pop(0)
-            log_path = self.run_dir / "logs" / f"{config.stem}.log"
             env = trainer_environment(os.environ, self.spec.site(action.site).threads, self.threads)
-            with log_path.open("wb") as output:
+            process = _Process(0, config)
+            with process.log_path.open("wb") as output:
                 # A session of its own: Ctrl-C reaches this runner, which stops the trainers itself.
-                popen = subprocess.Popen(
+                process.popen = subprocess.Popen(
                     [*self.command, "--config", str(config)],
                     stdout=output,
                     stderr=subprocess.STDOUT,
                     env=env,
                     start_new_session=True,
                 )
-            self.running[_key(action)] = _Process(popen, log_path)
+            process.pid = process.popen.pid
+            process.pid_path.write_text(str(process.pid))
+            self.running[_key(action)] = process
 
     def stop_all(self) -> None:
         for process in self.running.values():
-            _terminate(process.popen)
+            process.terminate()
         self.running.clear()
         self.queued.clear()
 
@@ -348,7 +428,12 @@ class LocalRunner:
         weights = load_pretrained(self.spec, _open_bucket, options.endpoint)
         aggregator = RoundAggregator(self.store, self.layout, self.spec, pretrained_weights=weights)
         self.jobs = LocalJobs(
-            self.spec, self.run_dir, options.trainer_command, self.parallel, self.threads_per_trainer
+            self.spec,
+            self.run_dir,
+            options.trainer_command,
+            self.parallel,
+            self.threads_per_trainer,
+            uploaded=lambda round_index, site: self.store.exists(self.layout.update(round_index, site)),
         )
         self.core = DriverCore(
             self.spec,
@@ -373,6 +458,7 @@ class LocalRunner:
         if self.options.resume:
             if not status_path.exists():
                 raise RunError(f"--resume: {status_path} does not exist; start the run without --resume")
+            self.jobs.adopt_orphans()
             saved = yaml.safe_load((self.run_dir / SPEC_FILE).read_text())
             if _without_suspend(saved.get("spec")) != _without_suspend(self.resource.to_api()["spec"]):
                 raise RunError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ async def test_the_next_rounds_trainers_started_in_the_closing_step_keep_running
     (tmp_path / "jobs").mkdir()
     (tmp_path / "logs").mkdir()
     sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
-    jobs = LocalJobs(spec, tmp_path, sleeper, parallel=2, threads=1)
+    jobs = LocalJobs(spec, tmp_path, sleeper, parallel=2, threads=1, uploaded=lambda r, site: False)
     layout = TrainingLayout("local", "local-rules")
     store = LocalStore(tmp_path / "store")
     try:
@@ -155,7 +156,54 @@ async def test_the_next_rounds_trainers_started_in_the_closing_step_keep_running
         seen = jobs.observe(1)
         assert seen == {("fab-a", 0): JobObservation(JobState.ACTIVE)}
         [process] = jobs.running.values()
-        assert process.popen.poll() is None, "round 1's trainer was stopped by the move to round 1"
-        assert "round-0001" in " ".join(process.popen.args)  # type: ignore[arg-type]
+        assert process.exit_code() is None, "round 1's trainer was stopped by the move to round 1"
+        assert process.config.name.startswith("round-0001")
     finally:
         jobs.stop_all()
+
+
+def test_resume_takes_over_the_trainers_a_killed_runner_left_running(tmp_path: Path) -> None:
+    """They run in sessions of their own, so they outlive the runner: a resumed run must not start the
+    same attempts beside them, and learns their outcome from the store once they end."""
+    run_dir = tmp_path / "run"
+    runner = LocalRunner(
+        resource(sites=[{"name": "fab-a", "data": {"synthetic": {}}}]), RunOptions(run_dir=run_dir)
+    )
+    runner.prepare()
+    (run_dir / STATUS_FILE).write_text('{"phase": "Running"}')
+    gate = tmp_path / "gate"
+    waits = [
+        sys.executable,
+        "-c",
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.05)",
+    ]
+    orphans = {}
+    for site in ("fab-a", "fab-b"):
+        job_file = run_dir / "jobs" / f"round-0000-{site}-attempt-0.yaml"
+        job_file.write_text("{}")
+        orphans[site] = subprocess.Popen([*waits, "--config", str(job_file)], start_new_session=True)
+        job_file.with_suffix(".pid").write_text(str(orphans[site].pid))
+    # A pid file whose process is another one now (the pid was reused): not taken over.
+    bystander = subprocess.Popen(waits, start_new_session=True)
+    (run_dir / "jobs" / "round-0000-fab-c-attempt-0.pid").write_text(str(bystander.pid))
+    try:
+        resumed = LocalRunner(resource(), RunOptions(run_dir=run_dir, resume=True))
+        resumed.prepare()
+        active = JobObservation(JobState.ACTIVE)
+        assert resumed.jobs.observe(0) == {("fab-a", 0): active, ("fab-b", 0): active}
+        # fab-a uploaded its update before it ended, fab-b did not.
+        resumed.store.put_bytes(resumed.layout.update(0, "fab-a"), b"an update")
+        gate.touch()
+        for orphan in orphans.values():
+            orphan.wait(timeout=15)
+        time.sleep(0.2)  # the adopted processes are gone from /proc once reaped by their parent
+        seen = resumed.jobs.observe(0)
+        assert seen[("fab-a", 0)] == JobObservation(JobState.SUCCEEDED)
+        assert seen[("fab-b", 0)].state is JobState.FAILED
+        assert "ended without an update" in seen[("fab-b", 0)].message
+        assert bystander.poll() is None or bystander.returncode == 0
+        assert list((run_dir / "jobs").glob("*.pid")) == []
+    finally:
+        for process in (*orphans.values(), bystander):
+            process.kill()
+            process.wait()
