@@ -235,12 +235,7 @@ class Kube:
     async def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """A Secret's values, decoded; None if there is no such Secret."""
         secret = await self.read("Secret", namespace, name)
-        if secret is None:
-            return None
-        values = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
-        # An API server turns stringData into data; a test server may keep it as written.
-        values.update(secret.get("stringData") or {})
-        return values
+        return None if secret is None else secret_values(secret)
 
     async def patch_training_status(self, namespace: str, name: str, status_patch: Manifest) -> bool:
         """Merge-patch the status subresource; False if the training is gone."""
@@ -261,6 +256,14 @@ class Kube:
             if error.status == 404:
                 return False
             raise KubeError.of(f"patch status of {namespace}/{name}", error) from error
+
+
+def secret_values(secret: Mapping[str, Any]) -> dict[str, str]:
+    """A Secret's values, decoded from `data`; `stringData` too (an API server turns it into data, a
+    test server may keep it as written)."""
+    values = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
+    values.update(secret.get("stringData") or {})
+    return values
 
 
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

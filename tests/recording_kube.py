@@ -30,7 +30,7 @@ from typing import Any
 from kubernetes.client import ApiException
 
 from fedtrain.api import KIND
-from fedtrain.operator.kube import Kube, KubeError, Manifest
+from fedtrain.operator.kube import Kube, KubeError, Manifest, secret_values
 
 ObjectKey = tuple[str, str, str]  # kind, namespace, name
 
@@ -179,11 +179,7 @@ class RecordingKube(Kube):
     async def secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         self._record("secret_data", "Secret", namespace, name)
         secret = self.get("Secret", namespace, name)
-        if secret is None:
-            return None
-        values = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
-        values.update(secret.get("stringData") or {})
-        return values
+        return None if secret is None else secret_values(secret)
 
     async def patch_training_status(self, namespace: str, name: str, status_patch: Manifest) -> bool:
         self._record("patch_status", KIND, namespace, name, status_patch)
