@@ -25,7 +25,6 @@ from operator_harness import wait_for
 pytestmark = pytest.mark.e2e
 
 ROUND_TIMEOUT = 3600  # reached only when a test moves the clock past it
-SITES = ("fab-a", "fab-b", "fab-c")
 #: The engine's warnings about sites, which both drivers make known (Kubernetes Events; the CLI's output).
 SITE_WARNINGS = {"SiteRetry", "SiteFailed", "Straggler", "UpdateRejected"}
 
@@ -115,60 +114,43 @@ def site_states(status: dict[str, Any]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_success(driver: Driver) -> None:
-    driver.start(training(driver, "contract-ok"))
-    status = driver.wait_finished()
-    check_contract(
-        driver,
-        status,
-        [Round(0, "train", SITES), Round(1, "evaluate", SITES)],
-        first_attempts(SITES, 2),
-    )
-
-
-def test_a_site_failing_every_attempt_is_retried_then_recorded_failed(driver: Driver) -> None:
-    document = training(driver, "contract-fail", aggregation={"siteRetries": 1})
-    driver.start(document, faults=[Fault("fail", site="fab-c")])
-    status = driver.wait_finished()
-    check_contract(
-        driver,
-        status,
-        [
-            Round(0, "train", ("fab-a", "fab-b"), failed=("fab-c",)),
-            Round(1, "evaluate", ("fab-a", "fab-b"), failed=("fab-c",)),
-        ],
-        # siteRetries: 1, in the training round and in the evaluation
-        first_attempts(SITES, 2) | {("fab-c", 0, 1), ("fab-c", 1, 1)},
-        warnings={"SiteRetry", "SiteFailed"},
-    )
-
-
-def test_a_straggler_is_recorded_once_the_clock_passes_the_deadline(driver: Driver) -> None:
+def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler(driver: Driver) -> None:
+    """One round holds every way a site can end, and the training still succeeds: fab-a is accepted,
+    fab-b's update is corrupted and rejected, fab-c fails every attempt (and is retried once), fab-d
+    hangs until the clock passes the round's deadline. The evaluation round scores everyone left."""
+    sites = ("fab-a", "fab-b", "fab-c", "fab-d")
     clock = Clock()
-    driver.start(
-        training(driver, "contract-late"), faults=[Fault("hang", site="fab-c", round=0)], clock=clock
-    )
+    faults = [
+        Fault("corrupt", site="fab-b", round=0, mode="train"),
+        Fault("fail", site="fab-c"),
+        Fault("hang", site="fab-d", round=0),
+    ]
+    document = training(driver, "contract-outcomes", sites=4, aggregation={"minSites": 1, "siteRetries": 1})
+    driver.start(document, faults=faults, clock=clock)
 
-    def others_in_and_fab_c_hanging() -> bool:
+    def all_but_fab_d_done() -> bool:
         states = site_states(driver.status())
-        hanging = "fab-c" in driver.trainers.started(0) and states.get("fab-c") == "Running"
-        return hanging and states.get("fab-a") == states.get("fab-b") == "Accepted"
+        done = {"fab-a": "Accepted", "fab-b": "Rejected", "fab-c": "Failed", "fab-d": "Running"}
+        return "fab-d" in driver.trainers.started(0) and all(states.get(s) == v for s, v in done.items())
 
-    wait_for("fab-a's and fab-b's updates, fab-c hanging", others_in_and_fab_c_hanging, timeout=480)
+    wait_for("every site but fab-d done, fab-d hanging", all_but_fab_d_done, timeout=480)
     assert driver.status()["round"] == 0
-    assert not driver.status().get("history"), "the round waits for fab-c until its deadline"
+    assert not driver.status().get("history"), "the round waits for fab-d until its deadline"
     clock.advance(ROUND_TIMEOUT + 60)
     status = driver.wait_finished()
     check_contract(
         driver,
         status,
         [
-            Round(0, "train", ("fab-a", "fab-b"), stragglers=("fab-c",)),
-            Round(1, "evaluate", SITES),
+            Round(0, "train", ("fab-a",), stragglers=("fab-d",), failed=("fab-c",), rejected=("fab-b",)),
+            Round(1, "evaluate", ("fab-a", "fab-b", "fab-d"), failed=("fab-c",)),
         ],
-        first_attempts(SITES, 2),
-        warnings={"Straggler"},
+        # siteRetries: 1, in the training round and in the evaluation
+        first_attempts(sites, 2) | {("fab-c", 0, 1), ("fab-c", 1, 1)},
+        warnings={"SiteRetry", "SiteFailed", "UpdateRejected", "Straggler"},
     )
+    (rejected,) = status["history"][0]["rejected"]
+    assert "checksum" in rejected["reason"], rejected
 
 
 def test_the_driver_killed_mid_round_carries_on_without_repeating_work(driver: Driver) -> None:
@@ -210,19 +192,3 @@ def test_suspend_stops_the_trainers_and_resume_runs_them_again(driver: Driver) -
         # The suspended attempts are not resumed: each site starts round 0 again as attempt 1.
         first_attempts(sites, 2) | {("fab-a", 0, 1), ("fab-b", 0, 1)},
     )
-
-
-def test_a_corrupted_update_is_rejected_and_the_round_closes_without_it(driver: Driver) -> None:
-    driver.start(
-        training(driver, "contract-corrupt"), faults=[Fault("corrupt", site="fab-b", round=0, mode="train")]
-    )
-    status = driver.wait_finished()
-    check_contract(
-        driver,
-        status,
-        [Round(0, "train", ("fab-a", "fab-c"), rejected=("fab-b",)), Round(1, "evaluate", SITES)],
-        first_attempts(SITES, 2),
-        warnings={"UpdateRejected"},
-    )
-    (rejected,) = status["history"][0]["rejected"]
-    assert "checksum" in rejected["reason"], rejected

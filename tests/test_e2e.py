@@ -158,7 +158,7 @@ def test_a_run_against_s3_keeps_every_object_in_the_bucket(tmp_path: Path, s3_en
     assert f"{root}/rounds/00000/manifest.json" in keys
     assert f"{root}/rounds/00001/global.safetensors" in keys
     assert f"{root}/rounds/00000/updates/fab-a.safetensors" in keys
-    assert f"{root}/sites/fab-b/state.safetensors" in keys
+    assert f"{root}/sites/fab-b/state/00000-0.safetensors" in keys  # written by the accepted attempt
     assert f"{root}/final/model-merged.safetensors" in keys
     assert f"{root}/history.jsonl" in keys
     assert not (run_dir / "store").exists(), "nothing goes to the local store when --store is S3"
