@@ -162,10 +162,14 @@ class _Process:
 
     def terminate(self, grace_seconds: float = 10.0) -> None:
         if self.exit_code() is None:
-            _kill_group(self.pid, grace_seconds)
+            _kill_group(self.pid, grace_seconds, self._gone)
         if self.popen is not None:
             self.popen.wait()
         self.pid_path.unlink(missing_ok=True)
+
+    def _gone(self) -> bool:
+        """Whether the trainer has ended: a child of ours is reaped (a zombie still has its group)."""
+        return self.exit_code() is not None
 
 
 def _last_error(log_path: Path) -> str:
@@ -185,15 +189,16 @@ def _command_line(pid: int) -> str:
         return ""
 
 
-def _kill_group(pid: int, grace_seconds: float) -> None:
-    """SIGTERM to a trainer's process group (its own session), SIGKILL after the grace."""
+def _kill_group(pid: int, grace_seconds: float, gone: Callable[[], bool]) -> None:
+    """SIGTERM to a trainer's process group (its own session), SIGKILL if it has not ended by the grace."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_seconds
-        while time.monotonic() < deadline:
-            os.killpg(pid, 0)  # raises ProcessLookupError once the group is gone
+        while not gone():
+            if time.monotonic() >= deadline:
+                os.killpg(pid, signal.SIGKILL)
+                return
             time.sleep(0.05)
-        os.killpg(pid, signal.SIGKILL)
 
 
 #: A job file's name: round, site (which may hold dashes) and attempt.
