@@ -26,7 +26,7 @@ from fedtrain.api import (
     StorageSpec,
     describe_errors,
 )
-from fedtrain.errors import TemporaryError
+from fedtrain.errors import PermanentError, TemporaryError
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
 from fedtrain.pretrained import cluster_problems
@@ -186,6 +186,8 @@ class Reconciler:
                 await self._provision(spec)
             except TemporaryError as error:  # shown, and bounded, as any other wait
                 self.runtime.memory.waiting(error)
+            except PermanentError as error:  # an aggregator object the API server refuses
+                self.runtime.memory.failed(error)
         outcome = await self._core(spec).advance(status, self.context.clock)
         generation = (self.body.get("metadata") or {}).get("generation")
         if not await self.runtime.writer.write(

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import pytest
 from operator_harness import ACCESS_KEY, CREDENTIALS_SECRET, SECRET_KEY, TRAINING_NAMESPACE, tiny_training
+from prometheus_client import CollectorRegistry
 from recording_kube import Call, RecordingKube, merge
 
 from fedtrain.api import (
+    KIND,
     AttemptRef,
     FederatedTraining,
     FederatedTrainingSpec,
@@ -40,8 +43,10 @@ from fedtrain.operator.history import StoreHistory, append_record
 from fedtrain.operator.jobs import JobTable, KubeJobs, job_observation
 from fedtrain.operator.kube import KubeError
 from fedtrain.operator.manifests import PodDefaults, TrainingRef
+from fedtrain.operator.metrics import OperatorMetrics
 from fedtrain.operator.provisioning import Provisioner
-from fedtrain.operator.reconcile import training_ref, validate_spec
+from fedtrain.operator.reconcile import Context, Reconciler, training_ref, validate_spec
+from fedtrain.operator.settings import OperatorSettings
 from fedtrain.operator.status_writer import StatusWriter
 from fedtrain.store import LocalStore, S3Store
 
@@ -825,3 +830,37 @@ async def test_a_keys_secret_without_the_aws_key_names_is_a_wait_naming_them() -
     with pytest.raises(TemporaryError, match="has no AWS_ACCESS_KEY_ID or AWS_SECRET_ACCESS_KEY"):
         await KubeCredentials(kube, ref, spec_of(body), stores).signer()
     assert stores.opened == []
+
+
+# --------------------------------------------------------------------------------------------------
+# a whole reconcile, when the aggregator's objects cannot be made
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("status_code", "phase", "condition", "reason"),
+    [
+        (422, "Failed", "Failed", "KubernetesRejected"),  # refused as invalid: no retry can help
+        (503, "Running", "Waiting", "Waiting"),  # the API server away: waited for, bounded
+    ],
+)
+async def test_a_reconcile_that_cannot_provision_the_aggregator_fails_or_waits(
+    body: dict[str, Any], status_code: int, phase: str, condition: str, reason: str
+) -> None:
+    kube = RecordingKube()
+    kube.put({**body, "status": {}})
+    kube.forbid("Deployment", TRAINING_NAMESPACE, status=status_code)
+    settings = OperatorSettings(liveness_port=None, metrics_port=None)
+    async with aiohttp.ClientSession() as session:
+        context = Context(
+            settings=settings, kube=kube, session=session, metrics=OperatorMetrics(CollectorRegistry())
+        )
+        outcome = await Reconciler(context, body).reconcile()
+    status = kube.get(KIND, TRAINING_NAMESPACE, body["metadata"]["name"])["status"]
+    assert status["phase"] == phase
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions[condition]["status"] == "True"
+    assert conditions[condition]["reason"] == reason
+    assert f"HTTP {status_code}" in conditions[condition]["message"]
+    assert "Deployment" in conditions[condition]["message"]
+    assert outcome.delay == (None if phase == "Failed" else pytest.approx(2.0))
