@@ -10,6 +10,7 @@ writes a ledger of every trainer process started, so the tests check the same th
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -41,6 +42,11 @@ from fedtrain.store import S3Store
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT_TRAINER = Path(__file__).resolve().parent / "contract_trainer.py"
+#: `python -c` code that runs the script whose path is argv[1], base64url-encoded, with the rest as its argv.
+RUN_ENCODED_SCRIPT = (
+    "import base64, runpy, sys; path = base64.urlsafe_b64decode(sys.argv[1]).decode(); "
+    "sys.argv = [path, *sys.argv[2:]]; runpy.run_path(path, run_name='__main__')"
+)
 #: How long a tiny training may take on a loaded 2-core machine (trainer processes start slowly).
 RUN_TIMEOUT = 480
 
@@ -502,7 +508,10 @@ class OperatorDriver:
         container = job["spec"]["template"]["spec"]["containers"][0]
         if container.get("command") != ["python", "-m", "fedtrain.trainer"]:
             return None
-        return ["python", str(CONTRACT_TRAINER), self.trainers.plan, *container.get("args", [])]
+        # The script's path travels encoded: the kubelet maps every path under the pod's mounts onto
+        # the pod's own folders, /tmp among them, and a checkout may well live under /tmp.
+        script = base64.urlsafe_b64encode(str(CONTRACT_TRAINER).encode()).decode()
+        return ["python", "-c", RUN_ENCODED_SCRIPT, script, self.trainers.plan, *container.get("args", [])]
 
     def start(
         self, document: dict[str, Any], faults: Sequence[Fault] = (), clock: Clock | None = None
