@@ -45,6 +45,7 @@ from fedtrain.store import ObjectStore, S3Store, open_store
 from .core import DriverCore, JobKey, Signer
 from .engine import Event, JobObservation, JobState, StartSiteJob, StopSiteJob
 from .history import append_record
+from .manifests import THREAD_VARIABLES
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ TRAINER_ENVIRONMENT = (
     "HF_ENDPOINT",
     "HF_TOKEN",
 )
-#: Thread settings a user may give this process; each is passed on to trainers unchanged.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 #: Presigned URLs outlive the round's timeout by this much (as the operator's default grace).
 URL_GRACE_SECONDS = 900
 

@@ -39,6 +39,8 @@ TRAINING_FILE = "training.yaml"
 TOKEN_DIR = "/etc/fedtrain/token"
 TOKEN_KEY = "token"
 RUN_AS = 1000
+#: The math libraries' thread counts, set together for a trainer on a cluster and in a local run.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 _DNS_UNSAFE = re.compile(r"[^a-z0-9-]+")
 
@@ -278,7 +280,7 @@ def _thread_env(site: SiteSpec) -> list[dict[str, str]]:
         threads = cpu_threads(site.resources.limits["cpu"])
     if threads is None:
         return []
-    return [{"name": name, "value": str(threads)} for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")]
+    return [{"name": name, "value": str(threads)} for name in THREAD_VARIABLES]
 
 
 def _site_placement(site: SiteSpec) -> dict[str, Any]:

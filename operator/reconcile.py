@@ -174,6 +174,12 @@ class Reconciler:
         self.runtime = context.runtime(self.ref)
         self.provisioner = Provisioner(context.kube, self.ref, context.pod_defaults)
 
+    @property
+    def generation(self) -> int | None:
+        """The spec generation this reconcile acts on, recorded as the status's observedGeneration."""
+        generation = (self.body.get("metadata") or {}).get("generation")
+        return None if generation is None else int(generation)
+
     async def reconcile(self) -> Outcome:
         now = self.context.clock()
         status = self.runtime.writer.current(self.body)
@@ -189,10 +195,7 @@ class Reconciler:
             except PermanentError as error:  # an aggregator object the API server refuses
                 self.runtime.memory.failed(error)
         outcome = await self._core(spec).advance(status, self.context.clock)
-        generation = (self.body.get("metadata") or {}).get("generation")
-        if not await self.runtime.writer.write(
-            outcome.status, None if generation is None else int(generation)
-        ):
+        if not await self.runtime.writer.write(outcome.status, self.generation):
             return Outcome(delay=None, events=[])
         for done in outcome.steps:
             self.context.metrics.status_written(
@@ -271,8 +274,7 @@ class Reconciler:
         new_status.message = f"invalid spec: {message}"
         events = [] if self.runtime.invalid == message else [Event("Warning", "InvalidSpec", message)]
         self.runtime.invalid = message
-        generation = (self.body.get("metadata") or {}).get("generation")
-        if await self.runtime.writer.write(new_status, None if generation is None else int(generation)):
+        if await self.runtime.writer.write(new_status, self.generation):
             self.context.metrics.status_written(self.ref, None, status, new_status, {})
         return Outcome(delay=self.settings.resync_seconds, events=events)
 
