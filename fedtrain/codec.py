@@ -37,8 +37,21 @@ from fedtrain.api import TransferDtype
 
 FORMAT = "fedtrain/v1"
 METADATA_KEY = "fedtrain"
-#: safetensors refuses headers over 100 MB; ours are a few KB plus one line per tensor.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The largest JSON header read. safetensors allows 100 MB; a fedtrain header is one ~150-byte entry
+#: per tensor (a full ViT-g fine-tune exchanges ~1,500 tensors: ~250 KB) plus the metadata, whose
+#: largest part is an evaluation's per-class accuracy (up to 100,000 classes: ~3 MB). Parsing a
+#: hostile header of this size costs well under 100 ms and tens of MB, once.
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+#: No offset, dimension or count in a real file has more digits (2**64 has 20).
+MAX_INTEGER_DIGITS = 20
+#: Bounds of a tensor entry: ranks, one dimension, the number of tensors, a name.
+MAX_TENSOR_RANK = 8
+MAX_DIMENSION = 2**40
+MAX_TENSORS = 100_000
+MAX_TENSOR_NAME_CHARS = 1024
+#: safetensors' __metadata__: fedtrain's own entry plus a few short ones other writers add ("format").
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_VALUE_CHARS = 1024
 
 TORCH_DTYPES: dict[TransferDtype, torch.dtype] = {
     TransferDtype.FP32: torch.float32,
@@ -113,6 +126,13 @@ class Payload:
         if isinstance(self.tensors, _StoredTensors):
             return self.tensors.shapes()
         return {name: tuple(tensor.shape) for name, tensor in self.tensors.items()}
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """Tensor dtypes; from the header when the tensors are not read yet."""
+        if isinstance(self.tensors, _StoredTensors):
+            return self.tensors.dtypes()
+        return {name: tensor.dtype for name, tensor in self.tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -261,21 +281,95 @@ def _refuse_non_safetensors(head: bytes, source: str) -> None:
         )
 
 
+def _not_safetensors(source: str, why: str) -> CodecError:
+    return CodecError("format", f"{source} is not a valid safetensors file: {why}")
+
+
+def _bounded_int(text: str) -> int:
+    # Python parses a 5,000-digit integer only to refuse it (and a 4,000-digit one slowly): no offset,
+    # size or sample count a real file holds has more than 20 digits.
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise _HostileJsonError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _refuse_constant(text: str) -> float:
+    raise _HostileJsonError(f"the non-JSON constant {text}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        names = [name for name, _ in pairs]
+        duplicated = next(name for name in names if names.count(name) > 1)
+        raise _HostileJsonError(f"the name {duplicated[:80]!r} appears twice")
+    return result
+
+
+class _HostileJsonError(ValueError):
+    """JSON that parses, but that no file fedtrain or safetensors writes could hold."""
+
+
+def parse_json(text: bytes | str, source: str) -> Any:
+    """JSON from outside, parsed defensively: no duplicated names, no NaN or Infinity, integers of at
+    most MAX_INTEGER_DIGITS digits, nesting bounded by the interpreter (RecursionError is caught)."""
+    try:
+        return json.loads(
+            text, parse_int=_bounded_int, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys
+        )
+    except _HostileJsonError as error:
+        raise _not_safetensors(source, f"its header holds {error}") from None
+    except RecursionError:
+        raise _not_safetensors(source, "its header is nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _not_safetensors(source, "its header is not JSON") from None
+
+
+def header_length(head: bytes, total: int, source: str) -> int:
+    """The length of the JSON header the first 8 bytes declare, checked against MAX_HEADER_BYTES."""
+    if len(head) < 8:
+        _refuse_non_safetensors(head, source)
+        raise CodecError("format", f"{source} is not a safetensors file ({total} bytes, no header)")
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > total:
+        _refuse_non_safetensors(head, source)
+        limit = (
+            f"over the {MAX_HEADER_BYTES} bytes fedtrain reads" if length > MAX_HEADER_BYTES else "truncated"
+        )
+        raise CodecError("format", f"{source} is not a safetensors file: a header of {length} bytes, {limit}")
+    return int(length)
+
+
 def _parse_header(head: bytes, total: int, source: str) -> dict[str, Any]:
     """The safetensors JSON header. Only what fails to parse is examined for pickle signatures:
     a valid header length can start with the same byte as a pickle (0x80 is a length of 128)."""
-    header: Any = None
-    if len(head) >= 8:
-        (length,) = struct.unpack("<Q", head[:8])
-        if length <= MAX_HEADER_BYTES and 8 + length <= total:
-            try:
-                header = json.loads(head[8 : 8 + length])
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                header = None
-    if isinstance(header, dict):
-        return header
-    _refuse_non_safetensors(head, source)
-    raise CodecError("format", f"{source} is not a safetensors file ({total} bytes, no valid header)")
+    length = header_length(head, total, source)
+    if len(head) < 8 + length:
+        raise _not_safetensors(source, f"{len(head)} bytes read of a {8 + length}-byte header")
+    try:
+        header = parse_json(head[8 : 8 + length], source)
+    except CodecError:
+        _refuse_non_safetensors(head, source)
+        raise
+    if not isinstance(header, dict):
+        _refuse_non_safetensors(head, source)
+        raise CodecError("format", f"{source} is not a safetensors file ({total} bytes, no valid header)")
+    _check_header_metadata(header.get("__metadata__", {}), source)
+    return header
+
+
+def _check_header_metadata(metadata: object, source: str) -> None:
+    """safetensors' __metadata__ is a map of strings to strings; ours holds one long value, others short."""
+    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_ENTRIES:
+        raise _not_safetensors(
+            source, f"__metadata__ must map at most {MAX_METADATA_ENTRIES} names to strings"
+        )
+    for name, value in metadata.items():
+        limit = MAX_HEADER_BYTES if name == METADATA_KEY else MAX_METADATA_VALUE_CHARS
+        if not isinstance(value, str) or len(value) > limit:
+            raise _not_safetensors(
+                source, f"__metadata__ value {name[:80]!r} is not a string of at most {limit} characters"
+            )
 
 
 def _metadata_from_header(header: Mapping[str, Any], source: str) -> Metadata:
@@ -307,44 +401,50 @@ class _Entry:
     end: int
 
 
+def _entry(name: str, raw: object, source: str) -> _Entry:
+    """One tensor's header entry, every value checked before it is used."""
+    if len(name) > MAX_TENSOR_NAME_CHARS:
+        raise _not_safetensors(source, f"a tensor name of {len(name)} characters")
+    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+        raise _not_safetensors(source, f"tensor {name[:80]} has a malformed header entry")
+    dtype = SAFETENSORS_DTYPES.get(raw["dtype"]) if isinstance(raw["dtype"], str) else None
+    if dtype is None:
+        raise _not_safetensors(source, f"tensor {name[:80]} has an unknown dtype {str(raw['dtype'])[:20]!r}")
+    shape, offsets = raw["shape"], raw["data_offsets"]
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_TENSOR_RANK
+        and all(_is_size(d, MAX_DIMENSION) for d in shape)
+    ):
+        raise _not_safetensors(source, f"tensor {name[:80]} has a malformed shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o, 2**63) for o in offsets)):
+        raise _not_safetensors(source, f"tensor {name[:80]} has malformed data offsets")
+    begin, end = offsets
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != expected:
+        raise _not_safetensors(
+            source, f"tensor {name[:80]} holds {end - begin} bytes for shape {tuple(shape)}"
+        )
+    return _Entry(dtype, tuple(shape), begin, end)
+
+
+def _is_size(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
 def _index(header: Mapping[str, Any], data_bytes: int, source: str) -> dict[str, _Entry]:
     """Tensor entries of a header, checked as safetensors does: known dtypes, sizes that match
     the shapes, and offsets that tile the data exactly (no gaps, no overlap, nothing past the end)."""
-    entries: dict[str, _Entry] = {}
-    for name, raw in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[raw["dtype"]]
-            shape = tuple(int(size) for size in raw["shape"])
-            begin, end = (int(offset) for offset in raw["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CodecError(
-                "format",
-                f"{source} is not a valid safetensors file: tensor {name} has a malformed header entry",
-            ) from None
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or end - begin != expected:
-            raise CodecError(
-                "format",
-                f"{source} is not a valid safetensors file: "
-                f"tensor {name} holds {end - begin} bytes for shape {shape}",
-            )
-        entries[name] = _Entry(dtype, shape, begin, end)
+    if len(header) > MAX_TENSORS + 1:
+        raise _not_safetensors(source, f"{len(header) - 1} tensors, over the {MAX_TENSORS} fedtrain reads")
+    entries = {name: _entry(name, raw, source) for name, raw in header.items() if name != "__metadata__"}
     position = 0
-    for entry in sorted(entries.values(), key=lambda entry: entry.begin):
+    for entry in sorted(entries.values(), key=lambda entry: (entry.begin, entry.end)):
         if entry.begin != position:
-            raise CodecError(
-                "format",
-                f"{source} is not a valid safetensors file: tensor data offsets leave a gap or overlap",
-            )
+            raise _not_safetensors(source, "tensor data offsets leave a gap or overlap")
         position = entry.end
     if position != data_bytes:
-        raise CodecError(
-            "format",
-            f"{source} is not a valid safetensors file: "
-            f"{data_bytes} bytes of tensor data, the header indexes {position}",
-        )
+        raise _not_safetensors(source, f"{data_bytes} bytes of tensor data, the header indexes {position}")
     return entries
 
 
@@ -363,6 +463,8 @@ class _StoredTensors(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
+        if self._path is None and len(self._data) == 0 and entry.end > entry.begin:
+            raise CodecError("format", f"only the header of tensor {name} was read")
         tensor = torch.empty(entry.shape, dtype=entry.dtype)
         target = tensor.reshape(-1).view(torch.uint8).numpy().data  # the tensor's own memory
         start = self._start + entry.begin
@@ -382,11 +484,25 @@ class _StoredTensors(Mapping[str, torch.Tensor]):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: entry.shape for name, entry in sorted(self._entries.items())}
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {name: entry.dtype for name, entry in sorted(self._entries.items())}
+
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def decode_header(head: bytes, total: int, name: str = "payload") -> Payload:
+    """A payload's metadata and tensor index from its first bytes (`head`, at least the header) and
+    its size: what a ranged read of an object gives. Its tensors cannot be read, only described."""
+    header = _parse_header(head, total, name)
+    meta = _metadata_from_header(header, name)
+    data_start = 8 + header_length(head, total, name)
+    return Payload(
+        tensors=_StoredTensors(_index(header, total - data_start, name), data_start, None, b""), meta=meta
+    )
 
 
 def decode(source: bytes | Path, name: str = "payload", verify: bool = True) -> Payload:
@@ -402,7 +518,7 @@ def decode(source: bytes | Path, name: str = "payload", verify: bool = True) -> 
         head, total = source, len(source)
     header = _parse_header(head, total, name)
     meta = _metadata_from_header(header, name)
-    data_start = 8 + struct.unpack("<Q", head[:8])[0]
+    data_start = 8 + header_length(head, total, name)
     entries = _index(header, total - data_start, name)
     tensors = _StoredTensors(
         entries,
@@ -431,6 +547,35 @@ def check_base_model(meta: Metadata, signature: Signature, name: str = "update")
         )
 
 
+def check_update_header(payload: Payload, signature: Signature, name: str = "update") -> None:
+    """What the header alone shows, checked before a tensor byte is read: the kind, the base model,
+    tensor names, shapes and dtypes against the global model's (so a rejection costs O(header))."""
+    meta = payload.meta
+    if meta.kind is not PayloadKind.UPDATE:
+        raise CodecError("format", f"{name} is a {meta.kind.value}, not an update")
+    check_base_model(meta, signature, name)
+    names, expected = set(payload.tensors), set(signature.shapes)
+    if unknown := sorted(names - expected):
+        raise CodecError("names", f"{name} has unknown tensors: {', '.join(n[:80] for n in unknown[:5])}")
+    if missing := sorted(expected - names):
+        raise CodecError("names", f"{name} is missing tensors: {', '.join(missing[:5])}")
+    shapes, dtypes = payload.shapes, payload.dtypes
+    dtype = TORCH_DTYPES[meta.transfer_dtype]
+    for tensor_name in sorted(names):
+        if shapes[tensor_name] != signature.shapes[tensor_name]:
+            raise CodecError(
+                "shape",
+                f"{name}: tensor {tensor_name} has shape {shapes[tensor_name]}, "
+                f"expected {signature.shapes[tensor_name]}",
+            )
+        if dtypes[tensor_name] != dtype:
+            raise CodecError(
+                "dtype",
+                f"{name}: tensor {tensor_name} is {dtypes[tensor_name]}, but the update declares "
+                f"{meta.transfer_dtype.value}",
+            )
+
+
 def check_update(
     payload: Payload,
     signature: Signature,
@@ -445,31 +590,12 @@ def check_update(
     (from several threads, never twice for one name) as soon as it passes its own checks: a caller
     that folds it at once must undo the fold if the whole update is then rejected.
     """
+    check_update_header(payload, signature, name)
     meta = payload.meta
-    if meta.kind is not PayloadKind.UPDATE:
-        raise CodecError("format", f"{name} is a {meta.kind.value}, not an update")
-    check_base_model(meta, signature, name)
-    names, expected = set(payload.tensors), set(signature.shapes)
-    if unknown := sorted(names - expected):
-        raise CodecError("names", f"{name} has unknown tensors: {', '.join(unknown[:5])}")
-    if missing := sorted(expected - names):
-        raise CodecError("names", f"{name} is missing tensors: {', '.join(missing[:5])}")
-    dtype = TORCH_DTYPES[meta.transfer_dtype]
+    names = set(payload.tensors)
 
     def visit(tensor_name: str) -> tuple[str, float]:
-        tensor = payload.tensors[tensor_name]
-        if tuple(tensor.shape) != signature.shapes[tensor_name]:
-            raise CodecError(
-                "shape",
-                f"{name}: tensor {tensor_name} has shape {tuple(tensor.shape)}, "
-                f"expected {signature.shapes[tensor_name]}",
-            )
-        if tensor.dtype != dtype:
-            raise CodecError(
-                "dtype",
-                f"{name}: tensor {tensor_name} is {tensor.dtype}, but the update declares "
-                f"{meta.transfer_dtype.value}",
-            )
+        tensor = payload.tensors[tensor_name]  # names, shapes and dtypes were checked above
         squared = squared_norm(tensor)
         if not math.isfinite(squared):
             raise CodecError("nonfinite", f"{name}: tensor {tensor_name} holds NaN or Inf values")

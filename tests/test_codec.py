@@ -245,7 +245,7 @@ def test_safetensors_without_fedtrain_metadata_is_refused(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("metadata", "message"),
     [
-        ("not an object", "no fedtrain metadata"),
+        ("not an object", "__metadata__ must map"),
         ({METADATA_KEY: "{not json"}, "malformed fedtrain metadata"),
         ({METADATA_KEY: '{"kind": "update"}'}, "malformed fedtrain metadata"),
         ({METADATA_KEY: _meta(format="fedtrain/v0").model_dump_json()}, "fedtrain/v0"),
