@@ -165,6 +165,15 @@ class ObjectStore(abc.ABC):
     def local_path(self, key: str) -> Path | None:
         """The object's file, for readers that mmap it; None when the store is not a local directory."""
 
+    def get_range(self, key: str, start: int, length: int) -> tuple[bytes, int]:
+        """Up to `length` bytes of the object from `start` (fewer at its end) and the object's size.
+
+        Lets a reader judge an object by its first bytes (a safetensors header) before it pays for the
+        rest. This default reads the whole object; both backends read only the range.
+        """
+        data = self.get_bytes(key)
+        return data[start : start + length], len(data)
+
 
 # --------------------------------------------------------------------------------------------------
 # key checks shared by both backends
@@ -252,6 +261,13 @@ class LocalStore(ObjectStore):
         target = self._path(key)
         with Path(path).open("rb") as source:
             _write_atomically(target, lambda out: shutil.copyfileobj(source, out, _COPY_CHUNK))
+
+    def get_range(self, key: str, start: int, length: int) -> tuple[bytes, int]:
+        try:
+            with self._path(key).open("rb") as source:
+                return os.pread(source.fileno(), length, start), os.fstat(source.fileno()).st_size
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise self._not_found(key) from None
 
     def get_file(self, key: str, path: Path) -> None:
         try:
@@ -437,6 +453,37 @@ class S3Store(ObjectStore):
             return
         with Path(path).open("rb") as body:
             self._client.put_object(Bucket=self.bucket, Key=full_key, Body=body)
+
+    @_classified
+    def get_range(self, key: str, start: int, length: int) -> tuple[bytes, int]:
+        if length <= 0:
+            raise ValueError(f"a range of {length} bytes")
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
+            )
+        except ClientError as error:
+            if _is_not_found(error):
+                raise self._not_found(key) from None
+            if _error_code(error) == "InvalidRange":  # starts past the end (an empty object, too)
+                return b"", self._size(key)
+            raise
+        with closing(response["Body"]) as body:
+            data: bytes = body.read(length)
+        # "bytes 0-65535/1234567"; a store that ignores Range answers the whole object (no ContentRange).
+        content_range = str(response.get("ContentRange") or "")
+        total = (
+            int(content_range.rpartition("/")[2]) if "/" in content_range else int(response["ContentLength"])
+        )
+        return data[:length], total
+
+    def _size(self, key: str) -> int:
+        try:
+            return int(self._client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except ClientError as error:
+            if _is_not_found(error):
+                raise self._not_found(key) from None
+            raise
 
     @_classified
     def get_file(self, key: str, path: Path) -> None:

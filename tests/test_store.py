@@ -80,6 +80,17 @@ def test_file_round_trip_creates_parent_directories(store: ObjectStore, tmp_path
     assert target.read_bytes() == source.read_bytes()
 
 
+def test_a_ranged_read_returns_the_range_and_the_size(store: ObjectStore) -> None:
+    store.put_bytes("r/object", bytes(range(200)))
+    assert store.get_range("r/object", 0, 8) == (bytes(range(8)), 200)
+    assert store.get_range("r/object", 190, 64) == (bytes(range(190, 200)), 200)
+    assert store.get_range("r/object", 300, 8) == (b"", 200)
+    store.put_bytes("r/empty", b"")
+    assert store.get_range("r/empty", 0, 8) == (b"", 0)
+    with pytest.raises(ObjectNotFound):
+        store.get_range("r/missing", 0, 8)
+
+
 def test_list_exists_delete(store: ObjectStore) -> None:
     for key in ("b/1", "a/2", "a/1", "ab", "a/deep/3"):
         store.put_bytes(key, key.encode())
