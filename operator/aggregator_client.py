@@ -16,7 +16,12 @@ AGGREGATOR_RETRY_SECONDS = 2.0
 
 
 class AggregatorUnavailableError(TemporaryError):
-    """Not reachable, not ready, or answered 5xx: try again later (it may be starting or restarting)."""
+    """Not reachable, not ready, or answered 5xx: try again later (it may be starting or restarting).
+
+    A wait of this kind that outlasts its bound fails the training with reason AggregatorUnavailable.
+    """
+
+    reason = "AggregatorUnavailable"
 
     def __init__(self, message: str, delay: float = AGGREGATOR_RETRY_SECONDS) -> None:
         super().__init__(message, delay)

@@ -1,7 +1,9 @@
 """What deleting a FederatedTraining removes: everything made for it, in every namespace it touched.
 
-Owner references cannot cross namespaces, so the site namespaces' Jobs and Secrets are found by the
-training's uid label; the aggregator's objects live in the training's own namespace.
+Owner references cannot cross namespaces, so the site namespaces' Jobs are found by the training's
+uid label; the aggregator's objects live in the training's own namespace. Secrets are never listed:
+each trainer Secret is owned by its Job and the token Secret by the training, so garbage collection
+removes them with their owner (and the operator needs no right to read the Secrets of a namespace).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from .manifests import TrainingRef
 
 log = logging.getLogger(__name__)
 
-SITE_KINDS = ("Job", "Secret")
+SITE_KINDS = ("Job",)
 AGGREGATOR_KINDS = ("Deployment", "Service", "ConfigMap")
 
 

@@ -162,6 +162,7 @@ class RoundMemory:
     manifest: RoundManifest | None = None
     failure: Failure | None = None
     waiting_for: str | None = None
+    waiting_reason: str | None = None  # the kind of the wait, where the error names one
     retry_seconds: float | None = None  # the shortest delay the temporary errors of a pass asked for
 
     def observations(
@@ -179,16 +180,28 @@ class RoundMemory:
             merged_model_uri=self.merged_model_uri,
             failure=self.failure,
             waiting_for=self.waiting_for,
+            waiting_reason=self.waiting_reason,
         )
 
     def waiting(self, error: TemporaryError) -> None:
         self.waiting_for = str(error)
+        reason = getattr(error, "reason", None)
+        self.waiting_reason = reason if isinstance(reason, str) else None
         self.retry_seconds = (
             error.delay if self.retry_seconds is None else min(self.retry_seconds, error.delay)
         )
 
     def failed(self, error: PermanentError) -> None:
         self.failure = Failure(reason=error.reason, message=str(error))
+
+
+def unexpected_error(doing: str, error: Exception) -> PermanentError:
+    """An error no code classified: the training fails with it named, once, instead of a silent loop."""
+    return PermanentError(
+        f"{doing} failed with an unexpected {type(error).__name__}: {error} "
+        "(the operator's log has the traceback)",
+        reason="OperatorError",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,6 +275,7 @@ class DriverCore:
     async def act(self, status: FederatedTrainingStatus, actions: Sequence[Action]) -> bool:
         """Carry out a step's actions; True if a result is there to use at once (step again now)."""
         self.memory.waiting_for = None
+        self.memory.waiting_reason = None
         self.memory.retry_seconds = None
         progressed = False
         independent = [action for action in actions if isinstance(action, INDEPENDENT_ACTIONS)]
@@ -281,6 +295,10 @@ class DriverCore:
             return False
         except PermanentError as error:
             self.memory.failed(error)
+            return True
+        except Exception as error:  # a bug: retrying the same action would meet it again
+            log.exception("%s: %s failed unexpectedly", self.layout.root, type(action).__name__)
+            self.memory.failed(unexpected_error(type(action).__name__, error))
             return True
         self.on_action(action, result)
         return yields_at_once(action)

@@ -76,6 +76,9 @@ class Observations:
     #: A temporary error the last actions met (the aggregator starting, the store unreachable): the
     #: engine shows it in the Waiting condition and fails the training once it outlasts its bound.
     waiting_for: str | None = None
+    #: What kind of wait it is (AggregatorUnavailable, Forbidden): the Waiting condition's reason, and
+    #: the Failed condition's once the wait outlasts its bound; None: a wait of no particular kind.
+    waiting_reason: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def step(
     if observations.failure is not None:
         _fail(current, decision, observations.failure.reason, observations.failure.message, now)
         return decision
-    if _waited_too_long(spec, current, observations.waiting_for, decision, now):
+    if _waited_too_long(spec, current, observations, decision, now):
         return decision
     for stage in (_initializing, _sites_at_work, _closing, _finalizing):
         if stage(spec, current, observations, decision, now):
@@ -368,15 +371,17 @@ def _finalizing(
 def _waited_too_long(
     spec: FederatedTrainingSpec,
     status: FederatedTrainingStatus,
-    waiting_for: str | None,
+    observations: Observations,
     decision: Decision,
     now: datetime,
 ) -> bool:
     """Keep the Waiting condition; True if the wait outlasted its bound and the training failed.
 
     The wait starts at the condition's transition time, which lives in the status: a restarted driver
-    goes on counting from there.
+    goes on counting from there. A wait of a known kind fails with that kind as its reason (the cause
+    is in the message); any other with WaitTimedOut.
     """
+    waiting_for = observations.waiting_for
     waiting = next((c for c in status.conditions if c.type is ConditionType.WAITING), None)
     if waiting_for is None:
         if waiting is not None and waiting.status == "True":
@@ -386,13 +391,14 @@ def _waited_too_long(
     bound = spec.aggregation.wait_timeout_seconds
     waited = (now - since).total_seconds()
     if waited < bound:
-        set_condition(status, ConditionType.WAITING, True, "Waiting", waiting_for, now)
+        reason = observations.waiting_reason or "Waiting"
+        set_condition(status, ConditionType.WAITING, True, reason, waiting_for, now)
         return False
     message = (
         f"gave up after waiting {waited:.0f} s (aggregation.waitTimeoutSeconds is {bound}): {waiting_for}"
     )
     set_condition(status, ConditionType.WAITING, False, "WaitTimedOut", message, now)
-    _fail(status, decision, "WaitTimedOut", message, now)
+    _fail(status, decision, observations.waiting_reason or "WaitTimedOut", message, now)
     return True
 
 

@@ -4,12 +4,13 @@
   watch events and its own spec changes, and at the latest at the round deadline or resync;
 - the Job watch keeps the Job table current (no listing per reconcile);
 - deletion (a finalizer, since owner references cannot cross namespaces) removes the training's
-  Jobs and Secrets from every site namespace, and its aggregator.
+  Jobs from every site namespace (their Secrets go with them) and its aggregator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: How long to wait before reconciling again after an API error (a conflict, an API server restart).
 ERROR_RETRY_SECONDS = 5.0
+#: The longest wait between reconciles that keep failing the same way.
+MAX_ERROR_RETRY_SECONDS = 60.0
 
 
 @kopf.on.login()
@@ -118,16 +121,17 @@ async def run_training(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.
             if runtime.deleting or body.meta.get("deletionTimestamp"):
                 return
             started = time.perf_counter()
+            delay: float | None
             try:
                 outcome = await Reconciler(context, body).reconcile()
             except KubeError as error:
-                context.metrics.reconcile_errors.labels(error=type(error).__name__).inc()
-                log.warning("%s/%s: %s; retrying", runtime.ref.namespace, runtime.ref.name, error)
-                delay: float | None = ERROR_RETRY_SECONDS
-            except Exception as error:  # kopf logs it and restarts the daemon after a back-off
-                context.metrics.reconcile_errors.labels(error=type(error).__name__).inc()
-                raise
+                delay = _failed_reconcile(context, runtime, error, logging.WARNING)
+            except Exception as error:  # not classified where raised: logged once, shown in the status
+                delay = _failed_reconcile(context, runtime, error, logging.ERROR)
+                with contextlib.suppress(Exception):  # the status write may be what fails
+                    await Reconciler(context, body).report_unexpected(error)
             else:
+                runtime.last_error = None
                 # After the status write succeeded: an event never tells of a step that was not saved.
                 for event in outcome.events:
                     kopf.event(body, type=event.type, reason=event.reason, message=event.message)
@@ -136,6 +140,28 @@ async def run_training(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.
                 context.metrics.reconcile_seconds.observe(time.perf_counter() - started)
         if delay != 0:
             await _sleep(runtime, stopped, delay)
+
+
+def _failed_reconcile(context: Context, runtime: TrainingRuntime, error: Exception, level: int) -> float:
+    """Count and log a reconcile that raised (a repeat of the last error only at DEBUG); the delay
+    before the next one, doubling while the same error repeats, up to MAX_ERROR_RETRY_SECONDS."""
+    context.metrics.reconcile_errors.labels(error=type(error).__name__).inc()
+    text = f"{type(error).__name__}: {error}"
+    repeated = text == runtime.last_error
+    runtime.error_delay = (
+        min(runtime.error_delay * 2, MAX_ERROR_RETRY_SECONDS) if repeated else ERROR_RETRY_SECONDS
+    )
+    runtime.last_error = text
+    where = f"{runtime.ref.namespace}/{runtime.ref.name}"
+    log.log(
+        logging.DEBUG if repeated else level,
+        "%s: %s; retrying in %.0f s",
+        where,
+        text,
+        runtime.error_delay,
+        exc_info=level >= logging.ERROR and not repeated,
+    )
+    return runtime.error_delay
 
 
 async def _sleep(runtime: TrainingRuntime, stopped: kopf.DaemonStopped, delay: float | None) -> None:

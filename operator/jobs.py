@@ -110,5 +110,5 @@ class KubeJobs:
     async def stop(self, action: StopSiteJob) -> None:
         namespace = self.spec.site(action.site).namespace
         name = manifests.job_name(self.ref, action.site, action.round, action.attempt)
+        # Background propagation: garbage collection removes its pods and its Secret (owned by it).
         await self.kube.delete("Job", namespace, name)
-        await self.kube.delete("Secret", namespace, name)

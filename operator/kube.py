@@ -25,14 +25,17 @@ Manifest = dict[str, Any]
 
 # The client would otherwise label a dict body as a JSON patch (a list of operations).
 MERGE_PATCH = "application/merge-patch+json"
+#: A missing permission is fixed by a person: look again every so often, not every few seconds.
+FORBIDDEN_RETRY_SECONDS = 10.0
 
 
 class KubeError(RuntimeError):
     """An API call failed for a reason other than the object existing or missing.
 
     Build one with `KubeError.of`, which classifies it: an object the API server refuses as invalid
-    (400, 422) is a `KubeRejectedError` (permanent: the training fails); anything else (429, 5xx, a
-    403 until RBAC is fixed, a connection error) is a `KubeUnavailableError` (retried, bounded).
+    (400, 422) is a `KubeRejectedError` (permanent: the training fails); a 403 is a `KubeForbiddenError`
+    (a wait, bounded, naming what the operator's RBAC lacks); anything else (429, 5xx, a connection
+    error) is a `KubeUnavailableError` (retried, bounded).
     """
 
     def __init__(self, action: str, error: ApiException) -> None:
@@ -46,6 +49,8 @@ class KubeError(RuntimeError):
     def of(action: str, error: ApiException) -> KubeError:
         if error.status in (400, 422):
             return KubeRejectedError(action, error)
+        if error.status == 403:
+            return KubeForbiddenError(action, error)
         return KubeUnavailableError(action, error)
 
 
@@ -55,6 +60,22 @@ class KubeUnavailableError(KubeError, TemporaryError):
     def __init__(self, action: str, error: ApiException) -> None:
         KubeError.__init__(self, action, error)
         self.delay = DEFAULT_RETRY_SECONDS
+
+
+class KubeForbiddenError(KubeError, TemporaryError):
+    """The operator's RBAC does not allow the call (403): a wait, bounded, until the rules are fixed.
+
+    Its message names the verb, the resource and the namespace, and the chart values that grant them.
+    """
+
+    def __init__(self, action: str, error: ApiException) -> None:
+        KubeError.__init__(self, action, error)
+        self.args = (
+            f"{self}; the operator may not {action} (RBAC): serve the namespace with the chart's "
+            "watchNamespaces or siteNamespaces, or grant the verb in its Role",
+        )
+        self.delay = FORBIDDEN_RETRY_SECONDS
+        self.reason = "Forbidden"
 
 
 class KubeRejectedError(KubeError, PermanentError):
@@ -153,6 +174,14 @@ class Kube:
                 self.core.delete_namespaced_service,
                 self.core.list_namespaced_service,
             ),
+            # Only listed: the aggregator's pods say why it does not answer (provisioning.py).
+            "Pod": (
+                self.core.create_namespaced_pod,
+                self.core.read_namespaced_pod,
+                self.core.patch_namespaced_pod,
+                self.core.delete_namespaced_pod,
+                self.core.list_namespaced_pod,
+            ),
             "Deployment": (
                 self.apps.create_namespaced_deployment,
                 self.apps.read_namespaced_deployment,
@@ -162,20 +191,16 @@ class Kube:
             ),
         }
 
-    async def _call(self, action: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await asyncio.to_thread(function, *args, _preload_content=False, **kwargs)
-        except ApiException as error:
-            if error.status in (404, 409):
-                raise
-            raise KubeError.of(action, error) from error
+    async def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Each caller turns an ApiException into a KubeError naming the object, or into its answer.
+        return await asyncio.to_thread(function, *args, _preload_content=False, **kwargs)
 
     async def create(self, manifest: Manifest) -> Manifest | None:
         """Create an object; None if one of that name exists already (the deterministic-name case)."""
         kind, namespace = manifest["kind"], manifest["metadata"]["namespace"]
         create = self._by_kind[kind][0]
         try:
-            return _decode(await self._call(f"create {kind}", create, namespace, manifest))
+            return _decode(await self._call(create, namespace, manifest))
         except ApiException as error:
             if error.status == 409:
                 return None
@@ -183,7 +208,7 @@ class Kube:
 
     async def read(self, kind: str, namespace: str, name: str) -> Manifest | None:
         try:
-            return _decode(await self._call(f"read {kind}", self._by_kind[kind][1], name, namespace))
+            return _decode(await self._call(self._by_kind[kind][1], name, namespace))
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -192,7 +217,7 @@ class Kube:
     async def patch(self, kind: str, namespace: str, name: str, patch: Manifest) -> Manifest | None:
         try:
             reply = await self._call(
-                f"patch {kind}", self._by_kind[kind][2], name, namespace, patch, _content_type=MERGE_PATCH
+                self._by_kind[kind][2], name, namespace, patch, _content_type=MERGE_PATCH
             )
             return _decode(reply)
         except ApiException as error:
@@ -213,9 +238,7 @@ class Kube:
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete an object and, for a Job, its pods; False if it was gone already."""
         try:
-            await self._call(
-                f"delete {kind}", self._by_kind[kind][3], name, namespace, propagation_policy="Background"
-            )
+            await self._call(self._by_kind[kind][3], name, namespace, propagation_policy="Background")
             return True
         except ApiException as error:
             if error.status == 404:
@@ -225,9 +248,7 @@ class Kube:
     async def list_labelled(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[Manifest]:
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
         try:
-            reply = _decode(
-                await self._call(f"list {kind}", self._by_kind[kind][4], namespace, label_selector=selector)
-            )
+            reply = _decode(await self._call(self._by_kind[kind][4], namespace, label_selector=selector))
         except ApiException as error:
             raise KubeError.of(f"list {kind} in {namespace}", error) from error
         return [item for item in reply.get("items", []) if _matches(item, labels)]
@@ -241,7 +262,6 @@ class Kube:
         """Merge-patch the status subresource; False if the training is gone."""
         try:
             await self._call(
-                "patch status",
                 self.custom.patch_namespaced_custom_object_status,
                 GROUP,
                 VERSION,

@@ -1,15 +1,24 @@
-"""The aggregator of a training on a cluster: its token Secret, ConfigMap, Deployment and Service."""
+"""The aggregator of a training on a cluster: its token Secret, ConfigMap, Deployment and Service,
+and, when it cannot be reached, why: its pod's state and its own readiness answer."""
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from fedtrain.api import FederatedTrainingSpec
 
 from . import manifests
-from .kube import Kube
+from .kube import Kube, KubeError
 from .manifests import PodDefaults, TrainingRef
+
+#: Asks a running pod's /readyz (by its name and IP) and returns why it is not ready, or None.
+ReadinessProbe = Callable[[str, str], Awaitable[str | None]]
+
+#: Waiting reasons of a container that is merely on its way (not a cause worth naming alone).
+STARTING = frozenset({"ContainerCreating", "PodInitializing"})
 
 
 class Provisioner:
@@ -52,3 +61,85 @@ class Provisioner:
     async def scale(self, replicas: int) -> None:
         name = manifests.aggregator_name(self.ref)
         await self.kube.patch("Deployment", self.ref.namespace, name, {"spec": {"replicas": replicas}})
+
+    async def why_unavailable(self, readiness: ReadinessProbe | None = None) -> str | None:
+        """What the aggregator's pods say about why it does not answer; None if they look well.
+
+        Read from the pods the Deployment selects (their container's waiting reason, its last
+        termination, their scheduling) and, for a pod that runs but is not ready, from its /readyz
+        (the store it cannot reach). Best effort: a pod list the operator may not read says so.
+        """
+        try:
+            pods = await self.kube.list_labelled(
+                "Pod", self.ref.namespace, manifests.aggregator_selector(self.ref)
+            )
+        except KubeError as error:
+            return f"its pods could not be read ({error})"
+        name = manifests.aggregator_name(self.ref)
+        if not pods:
+            return f"Deployment {self.ref.namespace}/{name} has no pod (kubectl describe deployment {name})"
+        causes = []
+        for pod in pods:
+            cause = pod_problem(pod)
+            metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
+            if cause is None and readiness is not None and not pod_ready(pod) and status.get("podIP"):
+                cause = await readiness(metadata.get("name", ""), status["podIP"])
+            if cause is not None:
+                causes.append(f"pod {metadata.get('name')}: {cause}")
+        return "; ".join(causes) or None
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def pod_problem(pod: Mapping[str, Any]) -> str | None:
+    """Why a pod's (first) container does not serve, as kubectl describe would show it; None if it runs."""
+    status = pod.get("status") or {}
+    unscheduled = next(
+        (
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") == "PodScheduled" and c.get("status") == "False"
+        ),
+        None,
+    )
+    if unscheduled is not None:
+        return _reason_and_message(unscheduled, "not scheduled")
+    containers = status.get("containerStatuses") or []
+    if not containers:
+        return f"{status.get('phase') or 'Pending'}, no container started yet"
+    container = containers[0]
+    state = container.get("state") or {}
+    last = (container.get("lastState") or {}).get("terminated")
+    restarts = int(container.get("restartCount") or 0)
+    if "waiting" in state:
+        waiting = state["waiting"] or {}
+        cause = _reason_and_message(waiting, "waiting")
+        if waiting.get("reason") in STARTING and last is None:
+            return cause
+        return cause + _last_termination(last, restarts)
+    if "terminated" in state:
+        return _termination(state["terminated"] or {}) + _last_termination(None, restarts)
+    return None
+
+
+def _reason_and_message(part: Mapping[str, Any], fallback: str) -> str:
+    reason = part.get("reason") or fallback
+    message = str(part.get("message") or "").strip()
+    return f"{reason}: {message}" if message else str(reason)
+
+
+def _termination(terminated: Mapping[str, Any]) -> str:
+    text = f"{terminated.get('reason') or 'Terminated'} (exit code {terminated.get('exitCode')})"
+    message = str(terminated.get("message") or "").strip()
+    # The termination message is the container's last words (its log's tail): keep it short.
+    return f"{text}: {message[-500:]}" if message else text
+
+
+def _last_termination(last: Mapping[str, Any] | None, restarts: int) -> str:
+    parts = [f"restarted {restarts} times"] if restarts else []
+    if last:
+        parts.append(f"last ended {_termination(last)}")
+    return f" ({'; '.join(parts)})" if parts else ""

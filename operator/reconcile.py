@@ -10,10 +10,14 @@ is where the engine resumes from, and every action is idempotent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+import fnmatch
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from pydantic import ValidationError
@@ -33,8 +37,8 @@ from fedtrain.pretrained import cluster_problems
 from fedtrain.store import S3Store
 
 from . import manifests
-from .aggregator_client import AggregatorClient
-from .core import DriverCore, Pass, RoundMemory
+from .aggregator_client import AggregatorClient, AggregatorUnavailableError
+from .core import DriverCore, Pass, RoundMemory, unexpected_error
 from .credentials import KubeCredentials
 from .engine import Action, Event, RecordRound, SubmitUpdate, set_condition
 from .history import StoreHistory
@@ -42,9 +46,16 @@ from .jobs import JobTable, KubeJobs
 from .kube import Kube
 from .manifests import PodDefaults, TrainingRef
 from .metrics import OperatorMetrics
-from .provisioning import Provisioner
+from .provisioning import Provisioner, ReadinessProbe
 from .settings import OperatorSettings
 from .status_writer import StatusWriter
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+#: How long the operator waits for a pod's /readyz when asking why it is not ready.
+READINESS_TIMEOUT_SECONDS = 3.0
 
 
 def _utc_now() -> datetime:
@@ -66,6 +77,8 @@ class TrainingRuntime:
     invalid: str | None = None
     deleting: bool = False  # set by the delete handler: no reconcile may act any more
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reconcile (or clean-up) at a time
+    last_error: str | None = None  # of the last reconcile that raised: a repeat is not logged again
+    error_delay: float = 0.0  # before the next reconcile after one that raised
 
 
 @dataclass
@@ -129,6 +142,35 @@ def validate_spec(body: Mapping[str, Any]) -> FederatedTrainingSpec | str:
     return "; ".join(problems) if problems else spec
 
 
+def unserved_site_namespaces(spec: FederatedTrainingSpec, served: Sequence[str]) -> str | None:
+    """What is wrong with a spec whose sites run in namespaces this operator does not serve, or None.
+
+    An operator that serves a list of namespaces holds Roles in those only: a Job elsewhere would be
+    refused (403) on every try. Cluster-wide (`served` empty), every namespace is served.
+    """
+    if not served:
+        return None
+    problems = [
+        f"spec.sites[{index}].namespace: {site.namespace!r} (site {site.name}) is not a namespace this "
+        f"operator serves ({', '.join(served)})"
+        for index, site in enumerate(spec.sites)
+        if not _serves(served, site.namespace)
+    ]
+    if not problems:
+        return None
+    return (
+        "; ".join(problems) + ": add it to the chart's siteNamespaces (FEDTRAIN_OPERATOR_NAMESPACES), "
+        "or set spec.sites[].namespace to a served one"
+    )
+
+
+def _serves(served: Sequence[str], namespace: str) -> bool:
+    """kopf's namespace patterns: names or globs, `!`-patterns exclude."""
+    if any(pattern.startswith("!") and fnmatch.fnmatchcase(namespace, pattern[1:]) for pattern in served):
+        return False
+    return any(not pattern.startswith("!") and fnmatch.fnmatchcase(namespace, pattern) for pattern in served)
+
+
 @dataclass
 class Outcome:
     """What one reconcile did: when to look again, and the events to post once the status is saved."""
@@ -138,25 +180,41 @@ class Outcome:
 
 
 class ClusterAggregator:
-    """The `AggregatorPort` on a cluster: the aggregator's HTTP API, and its Deployment to release."""
+    """The `AggregatorPort` on a cluster: the aggregator's HTTP API, and its Deployment to release.
 
-    def __init__(self, client: AggregatorClient, provisioner: Provisioner) -> None:
+    A call that finds the aggregator unreachable or not ready says why, from its pods: a crash loop,
+    a Secret missing, an image that cannot be pulled, or the store its /readyz cannot reach.
+    """
+
+    def __init__(
+        self, client: AggregatorClient, provisioner: Provisioner, readiness: ReadinessProbe | None = None
+    ) -> None:
         self.client = client
         self.provisioner = provisioner
+        self.readiness = readiness
+
+    async def _explained(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except AggregatorUnavailableError as error:
+            cause = await self.provisioner.why_unavailable(self.readiness)
+            if cause is None:
+                raise
+            raise AggregatorUnavailableError(f"{error}; the aggregator: {cause}", error.delay) from error
 
     async def initialize(self) -> str:
-        return await self.client.initialize()
+        return await self._explained(self.client.initialize())
 
     async def submit(self, round_index: int, site: str) -> UpdateVerdict:
-        return await self.client.submit(round_index, site)
+        return await self._explained(self.client.submit(round_index, site))
 
     async def close(
         self, round_index: int, participants: list[str], rejected: list[RejectedUpdate]
     ) -> RoundManifest:
-        return await self.client.close(round_index, participants, rejected)
+        return await self._explained(self.client.close(round_index, participants, rejected))
 
     async def merge(self, round_index: int) -> str:
-        return await self.client.merge(round_index)
+        return await self._explained(self.client.merge(round_index))
 
     async def release(self) -> None:
         """Scale the aggregator to zero: its objects stay (and go with the training)."""
@@ -184,6 +242,8 @@ class Reconciler:
         now = self.context.clock()
         status = self.runtime.writer.current(self.body)
         spec = validate_spec(self.body)
+        if not isinstance(spec, str):
+            spec = unserved_site_namespaces(spec, self.settings.namespaces) or spec
         if isinstance(spec, str):
             return await self._invalid(status, spec, now)
         status, events = self._valid_again(status, now)
@@ -194,6 +254,9 @@ class Reconciler:
                 self.runtime.memory.waiting(error)
             except PermanentError as error:  # an aggregator object the API server refuses
                 self.runtime.memory.failed(error)
+            except Exception as error:  # a spec the manifests cannot be built for: named, not looped
+                log.exception("%s/%s: provisioning failed unexpectedly", self.ref.namespace, self.ref.name)
+                self.runtime.memory.failed(unexpected_error("provisioning the aggregator", error))
         outcome = await self._core(spec).advance(status, self.context.clock)
         if not await self.runtime.writer.write(outcome.status, self.generation):
             return Outcome(delay=None, events=[])
@@ -237,13 +300,28 @@ class Reconciler:
             spec,
             layout,
             jobs=KubeJobs(context.kube, context.jobs, self.ref, spec, context.pod_defaults),
-            aggregator=ClusterAggregator(client, self.provisioner),
+            aggregator=ClusterAggregator(client, self.provisioner, self._readiness),
             credentials=credentials,
             history=StoreHistory(credentials.store, layout.history()),
             url_grace_seconds=self.settings.presign_grace_seconds,
             memory=runtime.memory,
             on_action=self._count,
         )
+
+    async def _readiness(self, pod: str, ip: str) -> str | None:
+        """Why a running aggregator pod is not ready, in its own words (its /readyz), or None."""
+        url = self.settings.aggregator_pod_base_url(self.ref.namespace, pod, ip, manifests.AGGREGATOR_PORT)
+        timeout = aiohttp.ClientTimeout(total=READINESS_TIMEOUT_SECONDS)
+        try:
+            async with self.context.session.get(f"{url}/readyz", timeout=timeout) as reply:
+                if reply.status < 300:
+                    return None
+                text = (await reply.text())[:500]
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return f"running, not ready; its /readyz did not answer ({type(error).__name__})"
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            text = json.loads(text)["error"]["message"]
+        return f"running, not ready: {text}"
 
     def _count(self, action: Action, result: object) -> None:
         metrics = self.context.metrics
@@ -265,6 +343,17 @@ class Reconciler:
             until = (status.round_deadline - self.context.clock()).total_seconds()
             delay = min(delay, max(0.05, until + 0.05))
         return delay
+
+    async def report_unexpected(self, error: Exception) -> None:
+        """A reconcile that failed with an error no code classified: say so in the status, once.
+
+        The training goes on being retried (the error may pass: a bug met on one path only); the
+        Ready condition names the error until a reconcile succeeds again.
+        """
+        status = self.runtime.writer.current(self.body).model_copy(deep=True)
+        message = str(unexpected_error("reconciling", error))
+        set_condition(status, ConditionType.READY, False, "OperatorError", message, self.context.clock())
+        await self.runtime.writer.write(status, self.generation)
 
     async def _invalid(self, status: FederatedTrainingStatus, message: str, now: datetime) -> Outcome:
         """An invalid spec: an Invalid condition and an event, and nothing else happens."""

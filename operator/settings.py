@@ -74,6 +74,15 @@ class OperatorSettings(BaseSettings):
             "namespaces/{namespace}/services/{service}:{port}/proxy. Default: the Service's cluster DNS name."
         ),
     )
+    aggregator_pod_url: str | None = Field(
+        None,
+        description=(
+            "URL template of one aggregator pod, with {namespace}, {pod}, {ip} and {port}: where the "
+            "operator asks a running pod that is not ready why (its /readyz). For an operator outside "
+            "the cluster, e.g. http://127.0.0.1:8001/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy. "
+            "Default: the pod's IP."
+        ),
+    )
     aggregator_timeout_seconds: float = Field(
         600, gt=0, description="How long one aggregator call (a fold, a close, a merge) may take."
     )
@@ -125,6 +134,10 @@ class OperatorSettings(BaseSettings):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    def aggregator_pod_base_url(self, namespace: str, pod: str, ip: str, port: int) -> str:
+        template = self.aggregator_pod_url or "http://{ip}:{port}"
+        return template.format(namespace=namespace, pod=pod, ip=ip, port=port).rstrip("/")
 
     def aggregator_base_url(self, namespace: str, service: str, port: int) -> str:
         template = self.aggregator_url or "http://{service}.{namespace}.svc:{port}"

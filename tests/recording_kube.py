@@ -7,7 +7,8 @@ unit-tested against hand-built bodies without an API server:
 - `create` returns None if the name exists (409), else the object as a server would return it (with
   a `metadata.uid`; a Secret's `stringData` turned into base64 `data`, as the API server does);
 - `read` and `patch` return None for an absent object (404); `patch` merges an RFC 7386 patch;
-- `apply` creates or patches, like `Kube.apply`; `delete` returns False if the object was gone;
+- `apply` creates or patches, like `Kube.apply`; `delete` returns False if the object was gone, and
+  removes what the object owned in its namespace, as the garbage collector does;
 - `list_labelled` returns the objects of a kind in a namespace that carry all the labels;
 - `secret_data` decodes `data` (base64) and `stringData`;
 - `patch_training_status` merges into a stored FederatedTraining's status; False if it is absent.
@@ -163,7 +164,22 @@ class RecordingKube(Kube):
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         self._record("delete", kind, namespace, name)
-        return self.objects.pop((kind, namespace, name), None) is not None
+        removed = self.objects.pop((kind, namespace, name), None)
+        if removed is not None:
+            self._collect_garbage(namespace, removed["metadata"].get("uid"))
+        return removed is not None
+
+    def _collect_garbage(self, namespace: str, owner_uid: str | None) -> None:
+        """The garbage collector: what the deleted object owned (same namespace) goes too."""
+        owned = [
+            key
+            for key, item in self.objects.items()
+            if key[1] == namespace
+            and any(ref.get("uid") == owner_uid for ref in item["metadata"].get("ownerReferences") or [])
+        ]
+        for key in owned:
+            removed = self.objects.pop(key)
+            self._collect_garbage(namespace, removed["metadata"].get("uid"))
 
     async def list_labelled(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[Manifest]:
         self._record("list", kind, namespace, "", dict(labels))

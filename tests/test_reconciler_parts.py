@@ -313,7 +313,7 @@ async def test_restart_between_job_and_secret_makes_the_secret(
 
 
 @pytest.mark.asyncio
-async def test_stop_deletes_the_job_and_its_secret(
+async def test_stop_deletes_the_job_and_garbage_collection_its_secret(
     kube: RecordingKube, body: dict[str, Any], ref: TrainingRef
 ) -> None:
     spec = spec_of(body)
@@ -325,7 +325,8 @@ async def test_stop_deletes_the_job_and_its_secret(
     await jobs.stop(StopSiteJob(site="fab-c", round=3, attempt=1, reason="suspended"))
 
     name = manifests.job_name(ref, "fab-c", 3, 1)
-    assert kube.calls == [Call("delete", "Job", "site-c", name), Call("delete", "Secret", "site-c", name)]
+    # The Secret is owned by the Job: the operator needs no right to delete (or list) Secrets.
+    assert kube.calls == [Call("delete", "Job", "site-c", name)]
     assert kube.objects == {}
 
 
@@ -713,11 +714,12 @@ def test_cleanup_targets_every_site_namespace_and_the_trainings(ref: TrainingRef
     targets = cleanup_targets(ref, spec)
     for namespace in ("site-a", "default", TRAINING_NAMESPACE):
         assert ("Job", namespace) in targets
-        assert ("Secret", namespace) in targets
     for kind in ("Deployment", "Service", "ConfigMap"):
         assert (kind, TRAINING_NAMESPACE) in targets
         assert (kind, "site-a") not in targets
-    assert len(targets) == len(set(targets)) == 3 * 2 + 3
+    # Secrets are never listed: garbage collection removes them with their owner.
+    assert not [target for target in targets if target[0] == "Secret"]
+    assert len(targets) == len(set(targets)) == 3 + 3
     # A spec that no longer validates still names the training's own namespace.
     assert set(cleanup_targets(ref, {"sites": None})) >= {
         ("Job", TRAINING_NAMESPACE),
@@ -725,23 +727,27 @@ def test_cleanup_targets_every_site_namespace_and_the_trainings(ref: TrainingRef
     }
 
 
-def _labelled(kind: str, namespace: str, name: str, uid: str | None) -> dict[str, Any]:
+def _labelled(
+    kind: str, namespace: str, name: str, uid: str | None, owner: dict[str, Any] | None = None
+) -> dict[str, Any]:
     labels = {manifests.TRAINING_UID: uid} if uid else {}
-    return {"kind": kind, "metadata": {"name": name, "namespace": namespace, "labels": labels}}
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
+    if owner is not None:
+        metadata["ownerReferences"] = [{"uid": owner["metadata"]["uid"]}]
+    return {"kind": kind, "metadata": metadata}
 
 
 @pytest.mark.asyncio
 async def test_remove_training_objects_deletes_only_ours_and_skips_a_forbidden_namespace(
     kube: RecordingKube, body: dict[str, Any], ref: TrainingRef
 ) -> None:
+    job = kube.put(_labelled("Job", "site-a", "j-a", ref.uid))
     ours = [
-        _labelled("Job", "site-a", "j-a", ref.uid),
-        _labelled("Secret", "site-a", "j-a", ref.uid),
-        _labelled("Secret", "site-c", "j-c", ref.uid),
         _labelled("Deployment", TRAINING_NAMESPACE, "agg", ref.uid),
         _labelled("ConfigMap", TRAINING_NAMESPACE, "agg", ref.uid),
-        _labelled("Secret", TRAINING_NAMESPACE, "agg-token", ref.uid),
     ]
+    # Owned by the Job: removed with it by garbage collection, never listed or deleted by the operator.
+    kube.put(_labelled("Secret", "site-a", "j-a", ref.uid, owner=job))
     kept = [
         _labelled("Job", "site-a", "other-training", "another-uid"),
         _labelled("Secret", "site-a", "unlabelled", None),
@@ -754,18 +760,19 @@ async def test_remove_training_objects_deletes_only_ours_and_skips_a_forbidden_n
 
     removed = await remove_training_objects(kube, ref, body["spec"])
 
-    assert removed == len(ours)
+    assert removed == len(ours) + 1  # and the Job
     remaining = {(kind, namespace, name) for kind, namespace, name in kube.objects}
     assert remaining == {(o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in kept}
     assert ("list", "Job", "site-b") in [(c.method, c.kind, c.namespace) for c in kube.calls]
     assert all(c.body == {manifests.TRAINING_UID: ref.uid} for c in kube.calls_of("list"))
+    assert not [call for call in kube.calls if call.kind == "Secret"]
 
 
 @pytest.mark.asyncio
 async def test_remove_training_objects_raises_other_api_errors(
     kube: RecordingKube, body: dict[str, Any], ref: TrainingRef
 ) -> None:
-    kube.forbid("Secret", "site-a", status=500)
+    kube.forbid("Job", "site-a", status=500)
     with pytest.raises(KubeError) as raised:
         await remove_training_objects(kube, ref, body["spec"])
     assert raised.value.status == 500

@@ -41,11 +41,17 @@ below is a permission check, not a call.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# Secrets here: the aggregator's token (created once, read back by a restarted operator), the
-# user's spec.storage.credentialsSecret (read, to presign URLs), and the deletion clean-up.
+# Secrets here, by name only (never listed or watched): the aggregator's token (created once,
+# read back by a restarted operator) and the user's spec.storage.credentialsSecret (read, to
+# presign URLs). Both go with their owner (the training) through garbage collection.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "list", "delete"]
+  verbs: ["get", "create"]
+# The aggregator's pods, listed by its Deployment's labels when it does not answer: their
+# container's waiting reason or last termination names the cause in the Waiting condition.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # The aggregator's ConfigMap (the training) and Service: created or patched to the spec
 # (Kube.apply), deleted with the training.
 - apiGroups: [""]
@@ -69,11 +75,11 @@ below is a permission check, not a call.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["create", "get", "delete"]
-# Each Job's Secret of presigned URLs, created owned by its Job (whose TTL removes it), deleted
-# with it; the deletion clean-up lists them by label.
+# Each Job's Secret of presigned URLs, created owned by its Job: garbage collection removes it
+# with the Job (its TTL, a stop, the clean-up), so the operator never reads, lists or deletes one.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create", "list", "delete"]
+  verbs: ["create"]
 {{- end }}
 
 {{/* Cluster-scoped reads kopf needs in either mode. */}}
