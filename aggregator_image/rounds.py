@@ -8,17 +8,19 @@ in the store when the round is closed with the participants the engine recorded.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from fedtrain.api import EvalMetrics, FederatedTrainingSpec, RejectedUpdate, TransferDtype
+from fedtrain.api import EvalMetrics, FederatedTrainingSpec, RejectedUpdate, SiteSpec, TransferDtype
 from fedtrain.codec import (
     CodecError,
     Metadata,
@@ -27,9 +29,13 @@ from fedtrain.codec import (
     Signature,
     check_base_model,
     check_update,
+    check_update_header,
     decode,
+    decode_header,
     encode,
     encode_file,
+    header_length,
+    parse_json,
     squared_norm,
 )
 from fedtrain.errors import PermanentError
@@ -41,6 +47,16 @@ from .strategies import Accumulator, make_strategy, site_weight
 
 log = logging.getLogger(__name__)
 
+#: The most samples a site whose data size the spec does not state (npz, imageFolder) may report: its
+#: weight under `weighting: samples`. Synthetic sites are bounded by the maps they generate.
+MAX_SITE_SAMPLES = 10_000_000
+#: A rejection's message is cut here: it ends in the round's manifest and the resource's status.
+MAX_MESSAGE_CHARS = 1000
+#: The first read of an update on S3: its whole header, for a LoRA update of a few hundred tensors.
+HEAD_BYTES = 64 * 1024
+#: Scalars a trainer reports (train_loss, samples_per_second...); the rest of its metrics is ignored.
+MAX_TRAIN_METRICS = 64
+
 
 class AggregationError(PermanentError):
     """A round that cannot be closed as asked (no accepted update, a participant missing)."""
@@ -49,9 +65,21 @@ class AggregationError(PermanentError):
         super().__init__(message, reason="AggregatorError")
 
 
+class UnknownRoundError(LookupError):
+    """A request about a round whose global model cannot exist yet (its previous round is not closed)."""
+
+
 class MissingModelError(AggregationError):
     """A round's global model is not in the store: it was written before the round began, so it was
     deleted (or the store reset) since. No retry brings it back."""
+
+
+class _Judged(Exception):  # noqa: N818 (not an error: a verdict given early)
+    """A verdict the header gave: raised out of the download it spares."""
+
+    def __init__(self, verdict: UpdateVerdict) -> None:
+        super().__init__(verdict.reason)
+        self.verdict = verdict
 
 
 @dataclass
@@ -59,6 +87,9 @@ class _OpenRound:
     accumulator: Accumulator
     verdicts: dict[str, UpdateVerdict] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)  # of the updates in the sum
+    # The checksum each accepted update had when it was accepted, also kept in the store (pins_key):
+    # an object replaced since is refused, also by an aggregator restarted in between.
+    pins: dict[str, str] = field(default_factory=dict)
     dirty: bool = False  # part of a rejected update is in the sum: rebuild it
 
 
@@ -76,8 +107,10 @@ class RoundAggregator:
         layout: TrainingLayout,
         spec: FederatedTrainingSpec,
         pretrained_weights: Path | bytes | None = None,
+        max_site_samples: int = MAX_SITE_SAMPLES,
     ) -> None:
         self.store = store
+        self.max_site_samples = max_site_samples
         self.layout = layout
         self.spec = spec
         self.strategy = make_strategy(spec.aggregation.strategy)
@@ -91,11 +124,14 @@ class RoundAggregator:
     # reading
 
     @contextmanager
-    def _opened(self, key: str, verify: bool) -> Iterator[tuple[Payload, int]]:
+    def _opened(
+        self, key: str, verify: bool, judge: Callable[[tuple[Payload, int]], None] | None = None
+    ) -> Iterator[tuple[Payload, int]]:
         """An object decoded for reading tensor by tensor, and its size in bytes.
 
         A local store's file is read in place; an S3 object is first downloaded to a temporary
-        file, so neither needs memory for more than the tensors being worked on.
+        file, so neither needs memory for more than the tensors being worked on. `judge` sees an S3
+        object's header (one or two ranged reads) before the download, and raises to refuse it.
         """
         path = self.store.local_path(key)
         if path is not None:
@@ -103,6 +139,8 @@ class RoundAggregator:
                 raise ObjectNotFound(self.store.uri(key))
             yield decode(path, name=key, verify=verify), path.stat().st_size
             return
+        if judge is not None:
+            judge(self._remote_header(key))
         with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
             local = Path(scratch) / "object.safetensors"
             self.store.get_file(key, local)
@@ -182,7 +220,31 @@ class RoundAggregator:
         return self._open[round_index]
 
     def _new_round(self, round_index: int) -> _OpenRound:
-        return _OpenRound(self.strategy.accumulator(self.signature(round_index).shapes))
+        open_round = _OpenRound(self.strategy.accumulator(self.signature(round_index).shapes))
+        open_round.pins = self._read_pins(round_index)
+        return open_round
+
+    def _pins_key(self, round_index: int) -> str:
+        return f"{self.layout.round_dir(round_index)}/accepted-updates.json"
+
+    def _read_pins(self, round_index: int) -> dict[str, str]:
+        try:
+            raw = parse_json(self.store.get_bytes(self._pins_key(round_index)), "accepted-updates.json")
+        except ObjectNotFound:
+            return {}
+        except CodecError as error:  # written only by the aggregator: a broken one is not a site's doing
+            raise AggregationError(
+                f"round {round_index}: the record of accepted updates is corrupt: {error}"
+            ) from None
+        return {str(site): str(sha) for site, sha in raw.items()} if isinstance(raw, dict) else {}
+
+    def _pin(self, round_index: int, open_round: _OpenRound, verdict: UpdateVerdict) -> None:
+        """Record the accepted update's checksum in the store before the verdict is given."""
+        if verdict.sha256 is None or open_round.pins.get(verdict.site) == verdict.sha256:
+            return
+        pins = {**open_round.pins, verdict.site: verdict.sha256}
+        self.store.put_bytes(self._pins_key(round_index), json.dumps(pins, sort_keys=True).encode())
+        open_round.pins = pins
 
     def submit(self, round_index: int, site: str) -> UpdateVerdict:
         """Validate a site's uploaded update and fold it into the round; return the verdict."""
@@ -193,6 +255,8 @@ class RoundAggregator:
         if site in open_round.verdicts:
             return open_round.verdicts[site]
         verdict = self._fold(round_index, site, open_round)
+        if verdict.accepted:
+            self._pin(round_index, open_round, verdict)
         open_round.verdicts[site] = verdict
         if not verdict.accepted and open_round.dirty:
             self._rebuild(round_index, list(open_round.weights))
@@ -203,6 +267,8 @@ class RoundAggregator:
     def _reject(
         self, round_index: int, site: str, reason: str, message: str, **extra: object
     ) -> UpdateVerdict:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         return UpdateVerdict(
             round=round_index, site=site, accepted=False, reason=reason, message=message, **extra
         )
@@ -216,17 +282,35 @@ class RoundAggregator:
         instead of twice is what keeps aggregation near memory speed.
         """
         key = self.layout.update(round_index, site)
+
+        def judge(opened: tuple[Payload, int]) -> None:
+            verdict = self._judge_header(round_index, site, key, opened, open_round)
+            if verdict is not None:
+                raise _Judged(verdict)
+
         try:
-            with self._opened(key, verify=False) as (payload, size):
-                return self._fold_payload(round_index, site, key, payload, size, open_round)
+            with self._opened(key, verify=False, judge=judge) as opened:
+                return self._fold_payload(round_index, site, key, opened, open_round)
+        except _Judged as judged:
+            return judged.verdict
         except ObjectNotFound:
             return self._reject(round_index, site, "missing", f"no update at {self.store.uri(key)}")
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error))
 
-    def _fold_payload(
-        self, round_index: int, site: str, key: str, payload: Payload, size: int, open_round: _OpenRound
-    ) -> UpdateVerdict:
+    def _remote_header(self, key: str) -> tuple[Payload, int]:
+        """An object's header and size, from one or two ranged reads: never more than the header."""
+        head, total = self.store.get_range(key, 0, HEAD_BYTES)
+        end = 8 + header_length(head, total, key)
+        if end > len(head):
+            head += self.store.get_range(key, len(head), end - len(head))[0]
+        return decode_header(head, total, key), total
+
+    def _judge_header(
+        self, round_index: int, site: str, key: str, opened: tuple[Payload, int], open_round: _OpenRound
+    ) -> UpdateVerdict | None:
+        """The verdict the header alone gives (a rejection, or an evaluation report's); None: read on."""
+        payload, size = opened
         meta = payload.meta
         if (meta.training, meta.round, meta.site) != (self.layout.name, round_index, site):
             return self._reject(
@@ -235,22 +319,48 @@ class RoundAggregator:
                 "mismatch",
                 f"{key} is the update of training {meta.training} round {meta.round} site {meta.site}",
             )
-        common = {
-            "samples": meta.samples,
-            "sha256": meta.tensors_sha256,
-            "update_bytes": size,
-            "evaluation": _evaluation(meta),
-            "train_seconds": meta.timings.get("train_seconds"),
-            "train_metrics": _train_metrics(meta),
-        }
+        try:
+            common = _common(meta, size)
+        except ValueError as error:
+            return self._reject(round_index, site, "metadata", f"{key} has unusable metrics: {error}")
+        site_spec = next((s for s in self.spec.sites if s.name == site), None)
+        if site_spec is None:
+            return self._reject(round_index, site, "unknown-site", f"{site} is not a site of this training")
+        pinned = open_round.pins.get(site)
+        if pinned is not None and pinned != meta.tensors_sha256:
+            message = f"{key} was replaced after it was accepted (checksum {pinned[:12]}...)"
+            return self._reject(round_index, site, "replaced", message, **common)
+        limit = self._samples_limit(site_spec)
+        if meta.samples > limit:
+            message = f"{key} reports {meta.samples} samples; the site's data holds at most {limit}"
+            return self._reject(round_index, site, "samples", message, **common)
         if meta.kind is PayloadKind.REPORT:
             return self._report_verdict(round_index, site, key, meta, common)
         try:
-            site_spec = self.spec.site(site)
-        except KeyError:
-            return self._reject(round_index, site, "unknown-site", f"{site} is not a site of this training")
+            check_update_header(payload, self.signature(round_index), name=key)
+        except CodecError as error:
+            return self._reject(round_index, site, error.reason, str(error), **common)
+        return None
+
+    def _samples_limit(self, site_spec: SiteSpec) -> int:
+        synthetic = site_spec.data.synthetic
+        return synthetic.samples if synthetic is not None else self.max_site_samples
+
+    def _is_training_round(self, round_index: int) -> bool:
+        """Whether the round surely trains: only early stopping makes an earlier round the evaluation."""
+        return round_index < self.spec.training.rounds and self.spec.evaluation.patience is None
+
+    def _fold_payload(
+        self, round_index: int, site: str, key: str, opened: tuple[Payload, int], open_round: _OpenRound
+    ) -> UpdateVerdict:
+        verdict = self._judge_header(round_index, site, key, opened, open_round)
+        if verdict is not None:
+            return verdict
+        payload, size = opened
+        meta = payload.meta
+        common = _common(meta, size)
         try:
-            weight = site_weight(self.spec.aggregation.weighting, meta.samples, site_spec.weight)
+            weight = site_weight(self.spec.aggregation.weighting, meta.samples, self.spec.site(site).weight)
         except ValueError as error:
             return self._reject(round_index, site, "samples", str(error), **common)
 
@@ -274,9 +384,13 @@ class RoundAggregator:
         return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
 
     def _report_verdict(
-        self, round_index: int, site: str, key: str, meta: Metadata, common: dict[str, object]
+        self, round_index: int, site: str, key: str, meta: Metadata, common: dict[str, Any]
     ) -> UpdateVerdict:
-        """An evaluation-only report: nothing to fold, but it must be of this training's base model."""
+        """An evaluation-only report: nothing to fold, but it must be of this training's base model,
+        and of the evaluation round (a training round needs an update)."""
+        if self._is_training_round(round_index):
+            message = f"{key} is an evaluation report, but round {round_index} is a training round"
+            return self._reject(round_index, site, "report", message, **common)
         try:
             check_base_model(meta, self.signature(round_index), name=key)
         except CodecError as error:
@@ -327,7 +441,10 @@ class RoundAggregator:
         if existing is not None:
             return existing
         participants = list(dict.fromkeys(participants))  # a site listed twice is still one update
+        if not participants:
+            raise AggregationError(f"round {round_index} has no accepted update to aggregate")
         open_round = self._sum_of(round_index, participants)
+        folded = [site for site in participants if site in open_round.weights]
         meta = self._next_model_meta(round_index)
         model_key = self.layout.global_model(round_index + 1)
         try:
@@ -341,7 +458,7 @@ class RoundAggregator:
             round=round_index,
             strategy=self.strategy.name.value,
             weighting=self.spec.aggregation.weighting.value,
-            participants=_manifest_participants(open_round, participants),
+            participants=_manifest_participants(open_round, folded),
             rejected=_manifest_rejections(open_round, rejected or []),
             model_key=model_key,
             model_uri=self.store.uri(model_key),
@@ -353,7 +470,12 @@ class RoundAggregator:
         return manifest
 
     def _sum_of(self, round_index: int, participants: list[str]) -> _OpenRound:
-        """The open round summing exactly `participants`; AggregationError unless each was accepted."""
+        """The open round summing the participants' accepted updates.
+
+        A participant the aggregator cannot fold (rejected, replaced in the store since it was
+        accepted, an evaluation report) is left out and listed among the round's rejections: one
+        site's file never fails a round. With none left, the next global model is the current one.
+        """
         open_round = self._round(round_index)
         if set(open_round.weights) != set(participants):
             # After a restart the sum is empty; or an update arrived after the engine decided to
@@ -361,12 +483,16 @@ class RoundAggregator:
             open_round = self._rebuild(round_index, participants)
         for site in participants:
             verdict = open_round.verdicts[site]
-            if not verdict.accepted:
-                raise AggregationError(
-                    f"round {round_index}: participant {site} was rejected: {verdict.message}"
+            if verdict.accepted and site not in open_round.weights:  # a report: nothing was folded
+                message = "an evaluation report cannot be a participant of a training round"
+                open_round.verdicts[site] = self._reject(round_index, site, "report", message)
+            if not open_round.verdicts[site].accepted:
+                log.warning(
+                    "round %d: participant %s left out: %s",
+                    round_index,
+                    site,
+                    open_round.verdicts[site].message,
                 )
-        if not participants:
-            raise AggregationError(f"round {round_index} has no accepted update to aggregate")
         return open_round
 
     def _next_model_meta(self, round_index: int) -> Metadata:
@@ -388,7 +514,10 @@ class RoundAggregator:
             self._global_model(round_index, verify=False) as (current, _),
             tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch,
         ):
-            next_tensors = self.strategy.apply(current.tensors, open_round.accumulator.result())
+            if open_round.weights:
+                next_tensors = self.strategy.apply(current.tensors, open_round.accumulator.result())
+            else:  # every participant was left out: the round changes nothing
+                next_tensors = dict(current.tensors)
             # A finite sum of squares means every value is finite (a norm is cheaper than isfinite).
             broken = sorted(name for name, t in next_tensors.items() if not math.isfinite(squared_norm(t)))
             if broken:
@@ -413,6 +542,10 @@ class RoundAggregator:
         """Write the global model of `round_index` with LoRA folded in, as a plain timm state dict."""
         from fedtrain.model import build_model  # timm and peft only where a model is built
 
+        if round_index > 0 and self.manifest(round_index - 1) is None:
+            raise UnknownRoundError(
+                f"round {round_index} has no global model: round {round_index - 1} is not closed"
+            )
         key = self.layout.merged_model()
         if self.store.exists(key):
             return self.store.uri(key)
@@ -470,15 +603,40 @@ def _manifest_rejections(open_round: _OpenRound, recorded: list[RejectedUpdate])
     ]
 
 
-def _train_metrics(meta: Metadata) -> dict[str, float]:
-    """The trainer's scalar figures (loss, accuracy, samples/s); the evaluation is reported apart."""
+def _common(meta: Metadata, size: int) -> dict[str, Any]:
+    """What every verdict on an update or report carries; ValueError when the metrics are unusable."""
+    train_seconds = meta.timings.get("train_seconds")
+    if train_seconds is not None and not (math.isfinite(train_seconds) and train_seconds >= 0):
+        raise ValueError(f"train_seconds is {train_seconds}")
     return {
-        name: float(value)
-        for name, value in meta.metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        "samples": meta.samples,
+        "sha256": meta.tensors_sha256,
+        "update_bytes": size,
+        "evaluation": _evaluation(meta),
+        "train_seconds": train_seconds,
+        "train_metrics": _train_metrics(meta),
     }
 
 
+def _train_metrics(meta: Metadata) -> dict[str, float]:
+    """The trainer's scalar figures (loss, accuracy, samples/s); the evaluation is reported apart."""
+    figures = {
+        name[:64]: float(value)
+        for name, value in meta.metrics.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+    }
+    return dict(sorted(figures.items())[:MAX_TRAIN_METRICS])
+
+
 def _evaluation(meta: Metadata) -> EvalMetrics | None:
+    """The site's evaluation of the global model: finite scores in range, or ValueError."""
     raw = meta.metrics.get("evaluation")
-    return EvalMetrics.model_validate(raw) if isinstance(raw, dict) else None
+    if raw is None:
+        return None
+    evaluation = EvalMetrics.model_validate(raw)  # a ValidationError is a ValueError
+    scores = (evaluation.accuracy, evaluation.macro_f1)
+    if not (math.isfinite(evaluation.loss) and evaluation.loss >= 0 and all(0 <= s <= 1 for s in scores)):
+        raise ValueError(f"evaluation scores out of range: {evaluation}")
+    if evaluation.samples < 0:
+        raise ValueError(f"evaluation of {evaluation.samples} samples")
+    return evaluation

@@ -61,7 +61,7 @@ def _spec(
             "lora": {"rank": lora_rank},
             "aggregation": {"weighting": weighting.value, "maxUpdateNorm": max_update_norm},
             "sites": [
-                {"name": site, "data": {"synthetic": {"samples": 20}}, "weight": EXPLICIT.get(site, 1.0)}
+                {"name": site, "data": {"synthetic": {"samples": 400}}, "weight": EXPLICIT.get(site, 1.0)}
                 for site in sites
             ],
         }
@@ -373,16 +373,55 @@ def test_every_bad_update_is_rejected_and_not_folded(
     assert (closed.message or "").startswith("nonfinite: ")
 
 
-def test_a_participant_that_was_rejected_cannot_close_the_round(
+def test_a_participant_that_cannot_be_folded_is_left_out_of_the_round(
     store: LocalStore, global_tensors: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
 ) -> None:
+    # One site's file never fails the round: a participant whose update is gone is a rejection.
     _prepare(store, global_tensors, deltas)
     store.delete(LAYOUT.update(0, "fab-c"))
     aggregator = RoundAggregator(store, LAYOUT, _spec())
-    with pytest.raises(AggregationError, match="participant fab-c was rejected: no update at"):
-        aggregator.close(0, list(SITES))
-    assert not store.exists(LAYOUT.manifest(0))
-    assert not store.exists(LAYOUT.global_model(1))
+    manifest = aggregator.close(0, list(SITES))
+    assert [p.site for p in manifest.participants] == ["fab-a", "fab-b"]
+    assert [r.site for r in manifest.rejected] == ["fab-c"]
+    assert manifest.rejected[0].reason.startswith("missing: no update at")
+    kept = {site: deltas[site] for site in ("fab-a", "fab-b")}
+    _assert_model(_next_global(store), _numpy_fedavg(global_tensors, kept, SAMPLES), rtol=1e-5)
+
+
+def test_a_round_whose_every_participant_is_left_out_keeps_the_model(
+    store: LocalStore, global_tensors: dict[str, torch.Tensor]
+) -> None:
+    _write_global(store, global_tensors)
+    manifest = RoundAggregator(store, LAYOUT, _spec()).close(0, ["fab-a"])
+    assert manifest.participants == []
+    assert [r.site for r in manifest.rejected] == ["fab-a"]
+    _assert_model(_next_global(store), {n: t.numpy() for n, t in global_tensors.items()})
+
+
+def _write_report(store: ObjectStore, site: str, round_index: int, fingerprint: str = BASE) -> None:
+    evaluation = {"evaluation": {"accuracy": 0.9, "loss": 0.3, "macroF1": 0.8, "samples": 20}}
+    meta = Metadata(
+        kind=PayloadKind.REPORT,
+        training=LAYOUT.name,
+        round=round_index,
+        site=site,
+        base_fingerprint=fingerprint,
+        metrics=evaluation,
+    )
+    store.put_bytes(LAYOUT.update(round_index, site), encode({}, meta))
+
+
+def test_an_evaluation_report_in_a_training_round_is_rejected(
+    store: LocalStore, global_tensors: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    _prepare(store, global_tensors, deltas)
+    _write_report(store, "fab-c", 0)
+    aggregator = RoundAggregator(store, LAYOUT, _spec())
+    verdict = aggregator.submit(0, "fab-c")
+    assert (verdict.accepted, verdict.reason) == (False, "report")
+    manifest = aggregator.close(0, list(SITES))
+    assert [p.site for p in manifest.participants] == ["fab-a", "fab-b"]
+    assert [r.site for r in manifest.rejected] == ["fab-c"]
 
 
 def test_an_evaluation_report_of_another_base_model_is_rejected(
@@ -390,24 +429,17 @@ def test_an_evaluation_report_of_another_base_model_is_rejected(
 ) -> None:
     # The final round's sites send reports (metrics, no tensors): their evaluation means something
     # only if it was of a model built from this training's base model, as an update's must be.
-    _write_global(store, global_tensors)
-    evaluation = {"evaluation": {"accuracy": 0.9, "loss": 0.3, "macroF1": 0.8, "samples": 20}}
+    meta = Metadata(kind=PayloadKind.MODEL, training=LAYOUT.name, round=1, base_fingerprint=BASE)
+    store.put_bytes(LAYOUT.global_model(1), encode(global_tensors, meta))
     for site, fingerprint in (("fab-a", BASE), ("fab-b", "a0" * 32)):
-        meta = Metadata(
-            kind=PayloadKind.REPORT,
-            training=LAYOUT.name,
-            round=0,
-            site=site,
-            base_fingerprint=fingerprint,
-            metrics=evaluation,
-        )
-        store.put_bytes(LAYOUT.update(0, site), encode({}, meta))
-    aggregator = RoundAggregator(store, LAYOUT, _spec())
+        _write_report(store, site, 1, fingerprint)
+    spec = _spec().model_copy(update={"training": _spec().training.model_copy(update={"rounds": 1})})
+    aggregator = RoundAggregator(store, LAYOUT, spec)
 
-    same_base = aggregator.submit(0, "fab-a")
+    same_base = aggregator.submit(1, "fab-a")
     assert same_base.accepted, same_base.message
     assert same_base.evaluation is not None
-    other_base = aggregator.submit(0, "fab-b")
+    other_base = aggregator.submit(1, "fab-b")
     assert not other_base.accepted
     assert other_base.reason == "base-model"
     assert "different base model" in (other_base.message or "")
@@ -607,6 +639,7 @@ def test_a_round_is_read_from_the_store_once(
     assert store.read.count(LAYOUT.manifest(0)) == 1
     assert sorted(store.read) == sorted(
         [LAYOUT.manifest(0), LAYOUT.global_model(0), LAYOUT.global_model(0)]
+        + [f"{LAYOUT.round_dir(0)}/accepted-updates.json"]  # the checksums pinned at acceptance
         + [LAYOUT.update(0, site) for site in SITES]
     )
     # Another aggregator (a restarted one) reads the manifest from the store.
