@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import threading
 import uuid
@@ -17,10 +18,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kmock
 import yaml
+from kmock._internal import parsing as kmock_parsing
 
 from fedtrain.api import GROUP, PLURAL, VERSION
+
+#: How often the emulated garbage collector looks for objects whose owners are gone.
+GC_INTERVAL = 0.3
 
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 
@@ -28,6 +34,8 @@ VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS),
     "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS),
+    # Written by the kubelet fixture for the Deployments' pods (their container states).
+    "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs=VERBS, subresources=["status"]),
     "v1/secrets": kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=VERBS),
     "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS),
     "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS),
@@ -48,6 +56,25 @@ RESOURCES: dict[str, kmock.ResourceInfo] = {
         subresources=["status"],
     ),
 }
+
+
+_KMOCK_PARSE_PATH = kmock_parsing.parse_path
+
+
+def _parse_path(path: str) -> Any:
+    """kmock's path parser, and the cluster-scoped Namespaces it cannot parse.
+
+    kmock reads `/api/v1/namespaces[/{name}]` as a namespace's prefix with no resource after it (a
+    500 on `GET /api/v1/namespaces`), so kopf, serving a list of namespaces, never learnt which exist.
+    """
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        name = parts[3] if len(parts) == 4 else None
+        return kmock_parsing.ParsedPath(group="", version="v1", plural="namespaces", name=name)
+    return _KMOCK_PARSE_PATH(path)
+
+
+kmock_parsing.parse_path = _parse_path  # read through the module at each request
 
 
 class ApiServer(kmock.KubernetesEmulator):
@@ -92,6 +119,26 @@ class ApiServer(kmock.KubernetesEmulator):
                 if seen is request:
                     del self._requests[index]
                     break
+
+    def orphans(self) -> list[str]:
+        """API paths of objects whose owners are all gone: what the garbage collector deletes."""
+        alive = {
+            (obj.raw.get("metadata") or {}).get("uid") for obj in self.objects.values() if not obj.deleted
+        }
+        paths = []
+        for (resource, namespace, name), obj in list(self.objects.items()):
+            if obj.deleted:
+                continue
+            owners = (obj.raw.get("metadata") or {}).get("ownerReferences") or []
+            if owners and not any(owner.get("uid") in alive for owner in owners):
+                root = (
+                    f"/apis/{resource.group}/{resource.version}"
+                    if resource.group
+                    else f"/api/{resource.version}"
+                )
+                where = f"/namespaces/{namespace}" if namespace else ""
+                paths.append(f"{root}{where}/{resource.plural}/{name}")
+        return paths
 
     def _check_version(self, request: Any) -> None:
         """Optimistic concurrency as an API server does it: a stale resourceVersion is refused."""
@@ -173,8 +220,22 @@ class Emulator:
                 handler.resources[key] = info
             self.handler = handler
             self.url = str(server.url).rstrip("/")
+            collector = asyncio.ensure_future(self._collect_garbage(handler))
             self._ready.set()
             await self._stop.wait()
+            collector.cancel()
+
+    async def _collect_garbage(self, handler: ApiServer) -> None:
+        """Kubernetes' garbage collector: an object whose owners are all gone is deleted, over HTTP
+        as any client would (a trainer's Secret with its Job, the aggregator's objects with the
+        training), every GC_INTERVAL seconds."""
+        async with aiohttp.ClientSession(self.url) as session:
+            while True:
+                await asyncio.sleep(GC_INTERVAL)
+                for path in handler.orphans():
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with session.delete(path, params={"propagationPolicy": "Background"}):
+                            pass
 
     def start(self) -> Emulator:
         self._thread.start()

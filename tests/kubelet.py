@@ -47,8 +47,16 @@ Fault injection and scale: `override(job) -> command | None` replaces a Job's co
 container's own); `complete_instantly(job, pod)` replaces the process altogether (run in a worker
 thread; returning is success, raising is a failed attempt), so thousands of Jobs cost no processes.
 
-Not emulated: init containers and all but the first container, liveness/startup probes, pod objects
-in the API, `completions`/`parallelism` above 1, more than one Deployment replica.
+Pod objects: each Deployment pod is written to the API (`v1/pods`, labels of its template) with the
+state a kubelet reports: `Pending` with `ContainerCreating`; `waiting` `CreateContainerConfigError` and
+kubelet's message while a Secret, ConfigMap or key is missing; `running` (and `Ready` once its probe
+passes); `waiting` `CrashLoopBackOff` between restarts, with `lastState.terminated` (exit code, and the
+log's tail as message under `terminationMessagePolicy: FallbackToLogsOnError`) and `restartCount`.
+`kubectl proxy`'s pod route (`/api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy/...`) reaches a pod
+whether it is ready or not. Garbage collection (owned objects) is the API server emulator's.
+
+Not emulated: init containers and all but the first container, liveness/startup probes, Job pods in
+the API, `completions`/`parallelism` above 1, more than one Deployment replica.
 """
 
 from __future__ import annotations
@@ -355,6 +363,10 @@ class _PodRun:
         self.next_start = 0.0
         self.backoff = backoff
         self.waiting: str | None = None
+        self.created_at = _now()
+        self.started_at: str | None = None
+        #: The Pod object last written to the API server (Deployments' pods only), None before.
+        self.published: dict[str, Any] | None = None
 
 
 class _JobRun:
@@ -548,6 +560,7 @@ class Kubelet:
         app.router.add_route(
             "*", "/api/v1/namespaces/{namespace}/services/{service}/proxy{path:.*}", self._proxy
         )
+        app.router.add_route("*", "/api/v1/namespaces/{namespace}/pods/{pod}/proxy{path:.*}", self._pod_proxy)
         runner = web.AppRunner(app, access_log=None)
         try:
             await runner.setup()
@@ -601,6 +614,11 @@ class Kubelet:
     def service_proxy_template(self) -> str:
         """The URL template of a Service port through this proxy, to fill with namespace, service, port."""
         return self.proxy_url + "/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy"
+
+    @property
+    def pod_proxy_template(self) -> str:
+        """The URL template of a pod's port through this proxy, to fill with namespace, pod, port."""
+        return self.proxy_url + "/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy"
 
     @property
     def jobs_seen(self) -> list[JobRecord]:
@@ -1180,6 +1198,7 @@ class Kubelet:
                 for pod in list(run.pods):
                     await self._stop_pod(pod)
                     self._retire(pod)
+                    await self._unpublish_pod(pod)
 
     async def _reconcile_deployment(self, run: _DeploymentRun) -> None:
         spec = run.obj.get("spec") or {}
@@ -1196,6 +1215,7 @@ class Kubelet:
             for pod in pods:
                 await self._stop_pod(pod)
                 self._retire(pod)
+                await self._unpublish_pod(pod)
                 with self._lock:
                     run.pods.remove(pod)
 
@@ -1217,6 +1237,7 @@ class Kubelet:
 
         for pod in run.pods:
             await self._keep_running(run, pod)
+            await self._publish_pod(pod, run)
 
         await self._deployment_status(run, current, want)
 
@@ -1365,6 +1386,95 @@ class Kubelet:
         ):
             run.last_status = key
 
+    # -- Pod objects (Deployments' pods) -----------------------------------------------------------------
+
+    def _pod_object(self, pod: _PodRun) -> dict[str, Any]:
+        """The Pod as a kubelet reports it: phase, conditions, and the container's state."""
+        running = pod.process is not None and pod.process.returncode is None
+        container = self._container(pod.template)
+        ready = running and pod.ready
+        condition = {"status": "True", "lastTransitionTime": pod.created_at}
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": pod.name,
+                "namespace": pod.namespace,
+                "labels": dict(pod.labels),
+                "creationTimestamp": pod.created_at,
+            },
+            "spec": {
+                "containers": [{"name": container.get("name", ""), "image": container.get("image", "")}]
+            },
+            "status": {
+                "phase": "Running" if running or pod.exit_codes else "Pending",
+                "podIP": "127.0.0.1",
+                "conditions": [
+                    {**condition, "type": "PodScheduled"},
+                    {**condition, "type": "Initialized"},
+                    {**condition, "type": "ContainersReady", "status": str(ready)},
+                    {**condition, "type": "Ready", "status": str(ready)},
+                ],
+                "containerStatuses": [self._container_status(pod, container, running, ready)],
+            },
+        }
+
+    def _container_status(
+        self, pod: _PodRun, container: Mapping[str, Any], running: bool, ready: bool
+    ) -> dict[str, Any]:
+        """running; waiting with kubelet's reasons (CreateContainerConfigError while a Secret or key is
+        missing, CrashLoopBackOff between restarts, ContainerCreating at first); the last termination,
+        with the log's tail as its message where terminationMessagePolicy is FallbackToLogsOnError."""
+        name = container.get("name", "")
+        state: dict[str, Any]
+        if running:
+            state = {"running": {"startedAt": pod.started_at}}
+        elif pod.waiting is not None:
+            state = {"waiting": {"reason": "CreateContainerConfigError", "message": pod.waiting}}
+        elif pod.exit_codes:
+            message = f"back-off {pod.backoff:g}s restarting failed container={name} pod={pod.name}"
+            state = {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
+        else:
+            state = {"waiting": {"reason": "ContainerCreating"}}
+        last: dict[str, Any] = {}
+        if pod.exit_codes:
+            code = pod.exit_codes[-1]
+            terminated: dict[str, Any] = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+            if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+                terminated["message"] = _tail(pod.log_path, 20)[-2048:]
+            last = {"terminated": terminated}
+        return {
+            "name": name,
+            "image": container.get("image", ""),
+            "ready": ready,
+            "started": running,
+            "restartCount": len(pod.exit_codes),
+            "state": state,
+            "lastState": last,
+        }
+
+    async def _publish_pod(self, pod: _PodRun, run: _DeploymentRun) -> None:
+        """Create the Pod object, then keep its status current (a write only when it changed)."""
+        document = self._pod_object(pod)
+        if document == pod.published or run.gone.is_set():
+            return
+        path = f"{CORE}/namespaces/{pod.namespace}/pods"
+        if pod.published is None:
+            async with self._api.post(path, json=document) as response:
+                if response.status >= 300 and response.status != 409:
+                    return
+        elif not await self._patch_status(f"{path}/{pod.name}/status", document["status"]):
+            return
+        pod.published = document
+
+    async def _unpublish_pod(self, pod: _PodRun) -> None:
+        if pod.published is None:
+            return
+        pod.published = None
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with self._api.delete(f"{CORE}/namespaces/{pod.namespace}/pods/{pod.name}"):
+                pass
+
     # -- pods --------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -1386,6 +1496,7 @@ class Kubelet:
         logger.debug("started pod %s/%s pid %s: %s", pod.namespace, pod.name, process.pid, command)
         with self._lock:
             pod.process = process
+            pod.started_at = _now()
             pod.starts += 1
             self._processes.add(process)
             self._pods[(pod.namespace, pod.name)] = pod
@@ -1685,7 +1796,29 @@ class Kubelet:
                 return unavailable
             target = target_pod.port_names[target]
         host_port = target_pod.ports.get(int(target), int(target))
+        return await self._forward(request, scheme, host_port, sub_path, "service")
 
+    async def _pod_proxy(self, request: web.Request) -> web.StreamResponse:
+        """`/api/v1/namespaces/{ns}/pods/{pod}[:{port}]/proxy/...`: straight to the pod, ready or not."""
+        namespace = request.match_info["namespace"]
+        reference = request.match_info["pod"]
+        raw_path = request.raw_path.split("?", 1)[0]
+        head = f"/api/v1/namespaces/{namespace}/pods/{reference}/proxy"
+        sub_path = raw_path[len(head) :] if raw_path.startswith(head) else ""
+        name, _, port_ref = reference.partition(":")
+        with self._lock:
+            run = self._pods.get((namespace, name))
+        resolved = run.pod if run is not None else None
+        if resolved is None:
+            return _status_response(404, "NotFound", f'pods "{name}" not found')
+        port = resolved.port_names.get(port_ref) or (int(port_ref) if port_ref.isdigit() else None)
+        if port is None:
+            port = next(iter(resolved.ports), 80)
+        return await self._forward(request, "http", resolved.ports.get(port, port), sub_path, "pod")
+
+    async def _forward(
+        self, request: web.Request, scheme: str, host_port: int, sub_path: str, what: str
+    ) -> web.StreamResponse:
         query = request.rel_url.raw_query_string
         url = yarl.URL(
             f"{scheme}://127.0.0.1:{host_port}{sub_path or '/'}" + (f"?{query}" if query else ""),
@@ -1713,4 +1846,4 @@ class Kubelet:
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             if response is not None:
                 return response
-            return _status_response(503, "ServiceUnavailable", f"error trying to reach service: {error}")
+            return _status_response(503, "ServiceUnavailable", f"error trying to reach {what}: {error}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import copy
 import itertools
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,14 +79,18 @@ class RecordingKube(Kube):
         self.objects: dict[ObjectKey, Manifest] = {}
         self.calls: list[Call] = []
         self.forbidden: dict[tuple[str, str], int] = {}
+        self.messages: dict[tuple[str, str], str] = {}
         self._versions = itertools.count(1)
 
     # ---------------------------------------------------------------------------------------------
     # for tests
 
-    def forbid(self, kind: str, namespace: str, status: int = 403) -> None:
-        """Every call on `kind` in `namespace` fails with HTTP `status` (403: forbidden) from now on."""
+    def forbid(self, kind: str, namespace: str, status: int = 403, message: str | None = None) -> None:
+        """Every call on `kind` in `namespace` fails with HTTP `status` (403: forbidden) from now on,
+        with `message` as the API server's Status message when given."""
         self.forbidden[(kind, namespace)] = status
+        if message is not None:
+            self.messages[(kind, namespace)] = message
 
     def put(self, manifest: Mapping[str, Any]) -> Manifest:
         """Store an object as given (no call recorded): what was in the cluster before the test."""
@@ -114,6 +119,8 @@ class RecordingKube(Kube):
         status = self.forbidden.get((kind, namespace))
         if status is not None:
             error = ApiException(status=status, reason="Forbidden" if status == 403 else "Error")
+            if (kind, namespace) in self.messages:
+                error.body = json.dumps({"message": self.messages[(kind, namespace)]})
             raise KubeError.of(f"{method} {kind} in {namespace}", error)
 
     def _stamp(self, stored: Manifest) -> None:

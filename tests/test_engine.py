@@ -1558,3 +1558,25 @@ def test_a_wait_past_its_bound_fails_the_training_counting_from_the_persisted_co
     assert "aggregator unreachable" in failed.message
     assert decision.events[-1].reason == "WaitTimedOut"
     assert ReleaseAggregator() in decision.actions
+
+
+def test_a_wait_of_a_known_kind_shows_it_and_fails_with_it_as_the_reason() -> None:
+    spec = make_spec().model_copy(deep=True)
+    spec.aggregation.wait_timeout_seconds = 30
+    world = start_round_zero(spec)
+    cause = 'pod wafer-aggregator-1: CreateContainerConfigError: secret "s3" not found'
+    world.memory.waiting_for = f"POST /v1/rounds/0/updates: HTTP 503; the aggregator: {cause}"
+    world.memory.waiting_reason = "AggregatorUnavailable"
+    world.step()
+    waiting = condition(world.status, ConditionType.WAITING)
+    assert (waiting.status, waiting.reason) == ("True", "AggregatorUnavailable")
+    assert cause in waiting.message
+    world.now += seconds(30)
+    decision = world.step()
+    assert world.status.phase is Phase.FAILED
+    failed = condition(world.status, ConditionType.FAILED)
+    assert failed.reason == "AggregatorUnavailable"
+    assert cause in failed.message
+    assert "waitTimeoutSeconds is 30" in failed.message
+    assert condition(world.status, ConditionType.WAITING).reason == "WaitTimedOut"
+    assert decision.events[-1].reason == "AggregatorUnavailable"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -36,16 +36,28 @@ from fedtrain.layout import TrainingLayout
 from fedtrain.messages import UpdateVerdict
 from fedtrain.operator import manifests
 from fedtrain.operator.cleanup import cleanup_targets, remove_training_objects
-from fedtrain.operator.core import MAX_PRESIGN_SECONDS, RoundMemory, build_trainer_job, url_expiry_seconds
+from fedtrain.operator.core import (
+    MAX_PRESIGN_SECONDS,
+    DriverCore,
+    RoundMemory,
+    build_trainer_job,
+    url_expiry_seconds,
+)
 from fedtrain.operator.credentials import KubeCredentials
-from fedtrain.operator.engine import JobObservation, JobState, StartSiteJob, StopSiteJob
+from fedtrain.operator.engine import JobObservation, JobState, StartSiteJob, StopSiteJob, step
 from fedtrain.operator.history import StoreHistory, append_record
 from fedtrain.operator.jobs import JobTable, KubeJobs, job_observation
 from fedtrain.operator.kube import KubeError
 from fedtrain.operator.manifests import PodDefaults, TrainingRef
 from fedtrain.operator.metrics import OperatorMetrics
-from fedtrain.operator.provisioning import Provisioner
-from fedtrain.operator.reconcile import Context, Reconciler, training_ref, validate_spec
+from fedtrain.operator.provisioning import Provisioner, pod_problem
+from fedtrain.operator.reconcile import (
+    Context,
+    Reconciler,
+    training_ref,
+    unserved_site_namespaces,
+    validate_spec,
+)
 from fedtrain.operator.settings import OperatorSettings
 from fedtrain.operator.status_writer import StatusWriter
 from fedtrain.store import LocalStore, S3Store
@@ -53,6 +65,7 @@ from fedtrain.store import LocalStore, S3Store
 ENDPOINT = "http://minio.example:9000"
 BUCKET = "fedtrain-runs"
 UID = "0b7c1a52-5f0e-4a8e-9d55-7a4d6c1f0e01"
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DEFAULTS = PodDefaults(trainer_image="fedtrain/trainer:test", aggregator_image="fedtrain/aggregator:test")
 
 
@@ -844,19 +857,21 @@ async def test_a_keys_secret_without_the_aws_key_names_is_a_wait_naming_them() -
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["Deployment", "ConfigMap", "Service", "Secret"])
 @pytest.mark.parametrize(
     ("status_code", "phase", "condition", "reason"),
     [
         (422, "Failed", "Failed", "KubernetesRejected"),  # refused as invalid: no retry can help
         (503, "Running", "Waiting", "Waiting"),  # the API server away: waited for, bounded
+        (403, "Running", "Waiting", "Forbidden"),  # RBAC lacks it: waited for (bounded), named
     ],
 )
 async def test_a_reconcile_that_cannot_provision_the_aggregator_fails_or_waits(
-    body: dict[str, Any], status_code: int, phase: str, condition: str, reason: str
+    body: dict[str, Any], kind: str, status_code: int, phase: str, condition: str, reason: str
 ) -> None:
     kube = RecordingKube()
     kube.put({**body, "status": {}})
-    kube.forbid("Deployment", TRAINING_NAMESPACE, status=status_code)
+    kube.forbid(kind, TRAINING_NAMESPACE, status=status_code)
     settings = OperatorSettings(liveness_port=None, metrics_port=None)
     async with aiohttp.ClientSession() as session:
         context = Context(
@@ -869,5 +884,243 @@ async def test_a_reconcile_that_cannot_provision_the_aggregator_fails_or_waits(
     assert conditions[condition]["status"] == "True"
     assert conditions[condition]["reason"] == reason
     assert f"HTTP {status_code}" in conditions[condition]["message"]
-    assert "Deployment" in conditions[condition]["message"]
+    assert kind in conditions[condition]["message"]
+    assert TRAINING_NAMESPACE in conditions[condition]["message"]
+    if status_code == 403:
+        assert "RBAC" in conditions[condition]["message"]
+    # Looked at again as soon as the shortest wait of the pass asks (the aggregator's, not up here).
     assert outcome.delay == (None if phase == "Failed" else pytest.approx(2.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer Jobs and their Secrets the API server refuses or the operator's RBAC forbids
+
+
+class FakeCredentials:
+    async def signer(self) -> FakeSigner:
+        return FakeSigner()
+
+    async def pretrained_url(self, expires_seconds: int) -> str | None:
+        return None
+
+
+class NoAggregator:
+    """An aggregator port no test here reaches."""
+
+    async def initialize(self) -> str:
+        raise AssertionError("not called")
+
+    async def submit(self, round_index: int, site: str) -> UpdateVerdict:
+        raise AssertionError("not called")
+
+    async def close(self, round_index: int, participants: list[str], rejected: list[Any]) -> Any:
+        raise AssertionError("not called")
+
+    async def merge(self, round_index: int) -> str:
+        raise AssertionError("not called")
+
+    async def release(self) -> None:
+        return None
+
+
+class NoHistory:
+    async def record(self, record: RoundRecord, status: FederatedTrainingStatus) -> None:
+        return None
+
+
+def _core(kube: RecordingKube, body: dict[str, Any], ref: TrainingRef) -> DriverCore:
+    spec = spec_of(body)
+    return DriverCore(
+        spec,
+        TrainingLayout(ref.namespace, ref.name),
+        jobs=KubeJobs(kube, JobTable(), ref, spec, DEFAULTS),
+        aggregator=NoAggregator(),
+        credentials=FakeCredentials(),
+        history=NoHistory(),
+        url_grace_seconds=600,
+    )
+
+
+INVALID_JOB = (
+    'Job.batch "wafer-fab-b-r0-a0" is invalid: spec.template.spec.containers[0].resources.limits: '
+    'Invalid value: "-1": must be greater than or equal to 0'
+)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["Job", "Secret"])
+async def test_a_trainer_object_refused_as_invalid_fails_the_training_naming_the_field(
+    kube: RecordingKube, body: dict[str, Any], ref: TrainingRef, kind: str
+) -> None:
+    kube.forbid(kind, "site-b", status=422, message=INVALID_JOB)
+    core = _core(kube, body, ref)
+    start = StartSiteJob(site="fab-b", round=0, attempt=0, mode="train")
+    status = FederatedTrainingStatus()
+    await core.act(status, [start])
+    failure = core.memory.failure
+    assert failure is not None
+    assert failure.reason == "KubernetesRejected"
+    assert f"create {kind} in site-b" in failure.message
+    assert "spec.template.spec.containers[0].resources.limits" in failure.message
+    decision = step(spec_of(body), status, core.memory.observations(status, {}), NOW)
+    assert decision.status.phase is Phase.FAILED
+    failed = next(c for c in decision.status.conditions if c.type.value == "Failed")
+    assert failed.reason == "KubernetesRejected"
+    assert "resources.limits" in failed.message
+
+
+@pytest.mark.asyncio
+async def test_a_job_create_the_rbac_forbids_is_a_wait_that_ends_failed_naming_it(
+    kube: RecordingKube, body: dict[str, Any], ref: TrainingRef
+) -> None:
+    kube.forbid(
+        "Job",
+        "site-b",
+        status=403,
+        message='jobs.batch is forbidden: User "system:serviceaccount:fedtrain:fedtrain-operator" cannot '
+        'create resource "jobs" in API group "batch" in the namespace "site-b"',
+    )
+    spec = spec_of(body).model_copy(deep=True)
+    spec.aggregation.wait_timeout_seconds = 30
+    core = _core(kube, body, ref)
+    start = StartSiteJob(site="fab-b", round=0, attempt=0, mode="train")
+    status = FederatedTrainingStatus()
+    await core.act(status, [start])
+    assert core.memory.waiting_reason == "Forbidden"
+    waiting_for = core.memory.waiting_for or ""
+    assert "create Job in site-b" in waiting_for
+    assert "siteNamespaces" in waiting_for
+    # The engine shows the wait, then fails the training with it once it outlasts its bound.
+    status = step(spec, status, core.memory.observations(status, {}), NOW).status
+    waiting = next(c for c in status.conditions if c.type.value == "Waiting")
+    assert (waiting.status, waiting.reason) == ("True", "Forbidden")
+    later = NOW + timedelta(seconds=30)
+    decision = step(spec, status, core.memory.observations(status, {}), later)
+    assert decision.status.phase is Phase.FAILED
+    failed = next(c for c in decision.status.conditions if c.type.value == "Failed")
+    assert failed.reason == "Forbidden"
+    assert 'in the namespace "site-b"' in failed.message
+    assert "waitTimeoutSeconds is 30" in failed.message
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_error_in_an_action_fails_the_training_once_naming_it(
+    kube: RecordingKube, body: dict[str, Any], ref: TrainingRef
+) -> None:
+    core = _core(kube, body, ref)
+
+    async def broken_start(action: StartSiteJob, job: TrainerJob) -> None:
+        raise ValueError("a bug")
+
+    core.jobs.start = broken_start  # type: ignore[method-assign]
+    await core.act(FederatedTrainingStatus(), [StartSiteJob(site="fab-a", round=0, attempt=0, mode="train")])
+    failure = core.memory.failure
+    assert failure is not None
+    assert failure.reason == "OperatorError"
+    assert "StartSiteJob failed with an unexpected ValueError: a bug" in failure.message
+
+
+# --------------------------------------------------------------------------------------------------
+# namespaces the operator does not serve
+
+
+def test_a_site_in_a_namespace_the_operator_does_not_serve_is_named_with_the_chart_value() -> None:
+    spec = spec_of(training_body())  # sites in site-a, site-b, site-c
+    assert unserved_site_namespaces(spec, []) is None  # cluster-wide: every namespace
+    assert unserved_site_namespaces(spec, [TRAINING_NAMESPACE, "site-*"]) is None
+    problem = unserved_site_namespaces(spec, [TRAINING_NAMESPACE, "site-a", "site-b"])
+    assert problem is not None
+    assert "spec.sites[2].namespace: 'site-c' (site fab-c)" in problem
+    assert "site-a" not in problem.split("serves")[0]
+    assert "siteNamespaces" in problem
+    assert unserved_site_namespaces(spec, ["site-*", "!site-b"]) is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# why the aggregator does not answer
+
+
+def _pod(name: str, container: dict[str, Any], ready: bool = False, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.7",
+            "conditions": [{"type": "Ready", "status": str(ready)}],
+            "containerStatuses": [container],
+            **status,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("container", "expected"),
+    [
+        (
+            {
+                "state": {
+                    "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}
+                }
+            },
+            'CreateContainerConfigError: secret "s3" not found',
+        ),
+        (
+            {
+                "restartCount": 4,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                "lastState": {"terminated": {"reason": "Error", "exitCode": 3, "message": "no bucket"}},
+            },
+            "CrashLoopBackOff: back-off 40s (restarted 4 times; last ended Error (exit code 3): no bucket)",
+        ),
+        (
+            {"state": {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x"'}}},
+            'ImagePullBackOff: Back-off pulling image "x"',
+        ),
+        ({"state": {"waiting": {"reason": "ContainerCreating"}}}, "ContainerCreating"),
+        ({"state": {"running": {}}}, None),
+    ],
+)
+def test_pod_problem_reads_what_kubectl_describe_shows(
+    container: dict[str, Any], expected: str | None
+) -> None:
+    assert pod_problem(_pod("agg-1", container)) == expected
+
+
+def test_an_unscheduled_pod_says_why() -> None:
+    pod = {
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes"}
+            ],
+        }
+    }
+    assert pod_problem(pod) == "Unschedulable: 0/3 nodes"
+
+
+@pytest.mark.asyncio
+async def test_why_unavailable_names_each_pod_and_asks_a_running_one_its_readiness(
+    kube: RecordingKube, ref: TrainingRef
+) -> None:
+    provisioner = Provisioner(kube, ref, DEFAULTS)
+    assert "has no pod" in (await provisioner.why_unavailable() or "")
+    labels = manifests.aggregator_selector(ref)
+    for name, container in (
+        ("agg-old", {"state": {"waiting": {"reason": "CrashLoopBackOff"}}}),
+        ("agg-new", {"state": {"running": {}}}),
+    ):
+        pod = _pod(name, container)
+        pod["kind"] = "Pod"
+        pod["metadata"].update(namespace=ref.namespace, labels=labels)
+        kube.put(pod)
+    asked: list[tuple[str, str]] = []
+
+    async def readiness(pod: str, ip: str) -> str | None:
+        asked.append((pod, ip))
+        return "running, not ready: NoSuchBucket"
+
+    cause = await provisioner.why_unavailable(readiness)
+    assert cause == "pod agg-new: running, not ready: NoSuchBucket; pod agg-old: CrashLoopBackOff"
+    assert asked == [("agg-new", "10.0.0.7")]
+    kube.forbid("Pod", ref.namespace)
+    assert "could not be read" in (await provisioner.why_unavailable(readiness) or "")
