@@ -8,13 +8,27 @@ free-form unions beyond int-or-string, maps with one value type, lists of object
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError, core_schema
 
 GROUP = "fedtrain.io"
 VERSION = "v1alpha1"
@@ -41,7 +55,63 @@ WAFER_CLASSES: tuple[str, ...] = (
     "none",
 )
 
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# --------------------------------------------------------------------------------------------------
+# grammars: every string from outside obeys the Kubernetes or S3 grammar of the place it goes to
+#
+# Each is an RE2 expression without backslashes or quotes, so that one text serves pydantic, the CRD's
+# `pattern` and CEL's `matches()` (written inside a quoted CEL string).
+
+_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+#: A DNS-1123 label: a namespace, a site, a training's metadata.name (no dots: see ObjectMeta).
+DNS_LABEL = f"^{_LABEL}$"
+#: A DNS-1123 subdomain: the name of a Secret, a PVC, a ServiceAccount, a PriorityClass.
+DNS_SUBDOMAIN = f"^{_LABEL}([.]{_LABEL})*$"
+#: A qualified name (label key, resource name, taint key): an optional DNS-subdomain prefix and "/".
+QUALIFIED_NAME = f"^({_LABEL}([.]{_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+#: A label value (also a taint value): empty, or alphanumerics with - _ . inside.
+LABEL_VALUE = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+#: A Kubernetes quantity that is not negative: 500m, 2, 1.5, 32Gi, 1e3.
+QUANTITY = "^[+]?([0-9]+([.][0-9]*)?|[.][0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
+_SAFE = "-A-Za-z0-9_+@=,~"
+#: One path segment: safe characters and dots, never "." or ".." (no way up or out).
+_SEGMENT = f"([{_SAFE}][{_SAFE}.]*|[.][{_SAFE}][{_SAFE}.]*|[.][.][{_SAFE}.]+)"
+#: A path inside a container or a volume, from its root.
+ABSOLUTE_PATH = f"^(/{_SEGMENT})+/?$"
+#: A relative path that stays inside where it starts (a subPath, an object key prefix).
+RELATIVE_PATH = f"^{_SEGMENT}(/{_SEGMENT})*$"
+#: A path a trainer reads data from: absolute, or (in a local run) relative to the working directory.
+DATA_PATH = f"^/?{_SEGMENT}(/{_SEGMENT})*/?$"
+#: An S3 bucket name: 3 to 63 characters, labels of lowercase letters, digits and hyphens.
+BUCKET = f"^{_LABEL}([.]{_LABEL})*$"
+#: S3 refuses bucket names that read as IPv4 addresses.
+IPV4 = "^[0-9]+[.][0-9]+[.][0-9]+[.][0-9]+$"
+#: An s3://bucket/key URI whose key has no "." or ".." segments.
+S3_URI = f"^s3://{_LABEL}([.]{_LABEL})*/{_SEGMENT}(/{_SEGMENT})*$"
+#: A host name or an IPv4 address (an IPv6 endpoint is written as a host name).
+_HOST = "[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
+#: An http(s) URL of a service: host, port, path; no credentials, query or fragment.
+SERVICE_URL = f"^https?://{_HOST}(:[0-9]{{1,5}})?(/{_SEGMENT})*/?$"
+#: An http(s) or file URL of a data file; query strings allowed (presigned URLs have them).
+DATA_URL = f"^(https?://{_HOST}(:[0-9]{{1,5}})?|file://)(/{_SEGMENT})+/?([?][-A-Za-z0-9_.~%&=+/:]*)?$"
+#: A timm pretrained tag: "timm/vit_small_patch14_dinov2.lvd142m" or a bare architecture tag.
+HUB_TAG = "^[A-Za-z0-9][-A-Za-z0-9_.]*(/[A-Za-z0-9][-A-Za-z0-9_.]*)?$"
+#: A timm model name (a Python identifier with dots for pretrained tags).
+MODEL_NAME = "^[a-z0-9][a-z0-9_.]*$"
+#: A class name: an ImageFolder directory name, so one path segment of printable characters (only
+#: in patterns, never in CEL: it holds backslash escapes).
+_NAME_CHAR = "[^/\\x00-\\x1f\\x7f]"
+_NAME_START = "[^./\\x00-\\x1f\\x7f]"
+CLASS_NAME = f"^({_NAME_START}{_NAME_CHAR}*|[.]{_NAME_START}{_NAME_CHAR}*|[.][.]{_NAME_CHAR}+)$"
+#: The largest integer the API server stores (int64).
+INT64_MAX: Final = 2**63 - 1
+#: Seeds feed NumPy and PyTorch generators, which take 32-bit seeds everywhere.
+SEED_MAX: Final = 2**32 - 1
+#: How large a free-form Kubernetes object (an Affinity) may be, as JSON.
+MAX_OBJECT_BYTES: Final = 64 * 1024
+
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+QualifiedName = Annotated[str, Field(min_length=1, max_length=316, pattern=QUALIFIED_NAME)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
 
 
 def _cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
@@ -55,11 +125,17 @@ def _cel_rules(*rules: dict[str, str]) -> dict[str, Any]:
 
 
 class ApiModel(BaseModel):
-    """Base of every API model: camelCase in YAML, unknown fields rejected (a typo is an error)."""
+    """Base of every API model: camelCase in YAML, unknown fields rejected (a typo is an error).
+
+    Python code builds models by field name (`TrainingSpec(local_steps=5)`); input from outside goes
+    through `parse` or `model_validate(..., by_name=False)`, which takes the camelCase names only, as
+    the CRD does.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
-        populate_by_name=True,
+        validate_by_name=True,
+        validate_by_alias=True,
         extra="forbid",
         use_enum_values=False,
         validate_default=True,
@@ -69,19 +145,54 @@ class ApiModel(BaseModel):
         """The object as it is written in YAML or sent to the API server (camelCase, unset omitted)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
+    @classmethod
+    def parse(cls, document: Any) -> Self:
+        """The model of a document from outside (a file, a request body): camelCase names only."""
+        return cls.model_validate(document, by_alias=True, by_name=False)
+
+
+class SpecModel(ApiModel):
+    """Base of the spec's models: validated as strictly as the API server validates the CRD.
+
+    No lax conversions (`"2"` is not a number, `"true"` not a boolean, a float not an integer) and
+    only finite numbers; enums still take their string values (ApiEnum).
+    """
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class ApiEnum(StrEnum):
+    """An enum of the API: its string values are valid input even where the model is strict."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.enum_schema(cls, list(cls), sub_type="str", strict=False)
+
 
 # --------------------------------------------------------------------------------------------------
 # spec.model
 
 
-class PretrainedSource(StrEnum):
+class PretrainedSource(ApiEnum):
     NONE = "none"
     HUB = "hub"
     URI = "uri"
     FILE = "file"
 
 
-class Pretrained(ApiModel):
+_LOCATION_GRAMMARS: Final = {
+    PretrainedSource.HUB: HUB_TAG,
+    PretrainedSource.URI: S3_URI,
+    PretrainedSource.FILE: ABSOLUTE_PATH,
+}
+_LOCATION_FORMS: Final = {
+    PretrainedSource.HUB: "must be a timm pretrained tag such as timm/vit_small_patch14_dinov2.lvd142m",
+    PretrainedSource.URI: "must be s3://bucket/key with no '.' or '..' in the key's path",
+    PretrainedSource.FILE: "must be an absolute path with no '.' or '..' in it",
+}
+
+
+class Pretrained(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
@@ -104,6 +215,15 @@ class Pretrained(ApiModel):
                 "message": "location is set but source is none: set source to hub, uri or file",
                 "fieldPath": ".location",
             },
+            *(
+                {
+                    "rule": f"!has(self.source) || self.source != '{source.value}' || !has(self.location)"
+                    f" || self.location.matches('{grammar}')",
+                    "message": f"location {_LOCATION_FORMS[source]}",
+                    "fieldPath": ".location",
+                }
+                for source, grammar in _LOCATION_GRAMMARS.items()
+            ),
         )
     )
 
@@ -117,6 +237,7 @@ class Pretrained(ApiModel):
     )
     location: str | None = Field(
         None,
+        max_length=1024,
         description=(
             "For hub: a timm pretrained tag such as 'timm/vit_small_patch14_dinov2.lvd142m' (omit for "
             "timm's default tag). For uri: s3://bucket/key.safetensors. For file: an absolute path."
@@ -131,10 +252,13 @@ class Pretrained(ApiModel):
             raise ValueError("location must be an s3://bucket/key URI when source is uri")
         if self.source is PretrainedSource.NONE and self.location:
             raise ValueError("location is set but source is none: set source to hub, uri or file")
+        grammar = _LOCATION_GRAMMARS.get(self.source)
+        if grammar and self.location and not re.fullmatch(grammar, self.location):
+            raise ValueError(f"location {_LOCATION_FORMS[self.source]}")
         return self
 
 
-class Architecture(ApiModel):
+class Architecture(SpecModel):
     """Overrides of the named timm architecture, for small experiments and tests."""
 
     model_config = ConfigDict(
@@ -164,7 +288,7 @@ class Architecture(ApiModel):
         return {key: value for key, value in names.items() if value is not None}
 
 
-class ModelSpec(ApiModel):
+class ModelSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
@@ -185,6 +309,8 @@ class ModelSpec(ApiModel):
     name: str = Field(
         "vit_small_patch14_dinov2",
         min_length=1,
+        max_length=128,
+        pattern=MODEL_NAME,
         description="timm model name, e.g. vit_small_patch14_dinov2 or vit_base_patch14_dinov2.",
     )
     pretrained: Pretrained = Field(
@@ -193,11 +319,14 @@ class ModelSpec(ApiModel):
     num_classes: int | None = Field(
         None, ge=2, le=100000, description="Number of classes; may be omitted when labels is set."
     )
-    labels: list[str] | None = Field(
+    labels: list[Annotated[str, Field(min_length=1, max_length=128, pattern=CLASS_NAME)]] | None = Field(
         None,
         min_length=2,
         max_length=1000,
-        description="Class names in label order; ImageFolder directories are matched to these names.",
+        description=(
+            "Class names in label order; ImageFolder directories are matched to these names, so each "
+            "is a directory name (no '/', not '.' or '..', at most 128 characters)."
+        ),
     )
     image_size: int = Field(224, ge=8, le=2048, description="Square input size in pixels.")
     architecture: Architecture | None = Field(
@@ -230,7 +359,11 @@ class ModelSpec(ApiModel):
 # spec.lora
 
 
-class LoraSpec(ApiModel):
+#: A module name or suffix of a torch model ("qkv", "blocks.0.attn"), or "all-linear".
+ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern="^[-A-Za-z0-9_.*]+$")]
+
+
+class LoraSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
@@ -241,7 +374,10 @@ class LoraSpec(ApiModel):
         )
     )
 
-    rank: int | Literal["none", "auto"] = Field(
+    rank: Annotated[
+        int | Literal["none", "auto"],
+        WrapValidator(_one_message("must be an integer from 1 to 1024, or 'none' or 'auto'")),
+    ] = Field(
         "auto",
         description=(
             "LoRA rank: an integer, none (full fine-tuning), or auto (by model size: under 20M "
@@ -250,9 +386,10 @@ class LoraSpec(ApiModel):
     )
     alpha: int | None = Field(None, ge=1, le=4096, description="LoRA scaling alpha; defaults to 2 x rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
-    target_modules: list[str] = Field(
+    target_modules: list[ModuleName] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
+        max_length=64,
         description=(
             "Module names (or suffixes) to adapt; 'all-linear' adapts every Linear layer except the "
             "classifier head, which is always trained fully."
@@ -270,45 +407,58 @@ class LoraSpec(ApiModel):
 # spec.training
 
 
-class OptimizerName(StrEnum):
+class OptimizerName(ApiEnum):
     ADAMW = "adamw"
     SGD = "sgd"
 
 
-class Optimizer(ApiModel):
+class Optimizer(SpecModel):
     name: OptimizerName = Field(OptimizerName.ADAMW, description="adamw or sgd.")
     lr: float = Field(1e-3, gt=0, le=10, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, le=1, description="Decoupled weight decay.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
 
 
-class ScheduleName(StrEnum):
+class ScheduleName(ApiEnum):
     CONSTANT = "constant"
     COSINE = "cosine"
 
 
-class LrSchedule(ApiModel):
+class LrSchedule(SpecModel):
     name: ScheduleName = Field(
         ScheduleName.COSINE,
         description="constant, or cosine decay over all rounds' local steps of a site.",
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps at the start of training.")
+    warmup_steps: int = Field(
+        0, ge=0, le=10_000_000, description="Linear warm-up steps at the start of training."
+    )
     min_lr_ratio: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of lr.")
 
 
-class Precision(StrEnum):
+class Precision(ApiEnum):
     AUTO = "auto"
     FP32 = "fp32"
     BF16 = "bf16"
 
 
-class TransferDtype(StrEnum):
+class TransferDtype(ApiEnum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
 
 
-class TrainingSpec(ApiModel):
+class Augmentation(ApiEnum):
+    """How training images are augmented; only choices that keep every label of their kind of data."""
+
+    NONE = "none"
+    WAFER_MAP = "waferMap"
+
+    def __bool__(self) -> bool:
+        # `if training.augment:` reads as "augments at all", as the boolean it replaced did.
+        return self is not Augmentation.NONE
+
+
+class TrainingSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
@@ -330,15 +480,24 @@ class TrainingSpec(ApiModel):
     batch_size: int = Field(32, ge=1, le=65536, description="Local batch size.")
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Local optimizer.")
     lr_schedule: LrSchedule = Field(default_factory=LrSchedule, description="Learning-rate schedule.")
-    seed: int = Field(0, ge=0, description="Seed of model initialisation, site selection and data order.")
+    seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed of model initialisation, site selection and data order."
+    )
     precision: Precision = Field(
         Precision.AUTO, description="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."
     )
-    grad_clip_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this L2 norm.")
+    grad_clip_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip gradients to this L2 norm.")
     transfer_dtype: TransferDtype = Field(
         TransferDtype.FP32, description="dtype of uploaded updates: fp32, bf16 or fp16."
     )
-    augment: bool = Field(True, description="Random flips and 90-degree rotations of training images.")
+    augment: Augmentation = Field(
+        Augmentation.NONE,
+        description=(
+            "Augmentation of training images: none (the default: every label stays true), or waferMap "
+            "(random flips and 90-degree rotations, for images whose class does not depend on "
+            "orientation, such as wafer maps; they change the label of digits, text and most photos)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _epochs_xor_steps(self) -> TrainingSpec:
@@ -357,24 +516,24 @@ class TrainingSpec(ApiModel):
 # spec.aggregation and spec.evaluation
 
 
-class StrategyName(StrEnum):
+class StrategyName(ApiEnum):
     FEDAVG = "fedavg"
 
 
-class Weighting(StrEnum):
+class Weighting(ApiEnum):
     SAMPLES = "samples"
     UNIFORM = "uniform"
     EXPLICIT = "explicit"
 
 
-class AggregationSpec(ApiModel):
+class AggregationSpec(SpecModel):
     strategy: StrategyName = Field(StrategyName.FEDAVG, description="Aggregation strategy: fedavg.")
     weighting: Weighting = Field(
         Weighting.SAMPLES,
         description="samples (by training samples), uniform, or explicit (each site's weight).",
     )
     min_sites: int = Field(
-        1, ge=1, description="Accepted updates a round needs to close; fewer fails the training."
+        1, ge=1, le=256, description="Accepted updates a round needs to close; fewer fails the training."
     )
     round_timeout_seconds: int = Field(
         3600,
@@ -401,27 +560,27 @@ class AggregationSpec(ApiModel):
         ),
     )
     max_update_norm: float | None = Field(
-        None, gt=0, description="Reject updates whose L2 norm exceeds this bound."
+        None, gt=0, le=1e12, description="Reject updates whose L2 norm exceeds this bound."
     )
 
     def sites_per_round(self, site_count: int) -> int:
         return min(site_count, max(self.min_sites, math.ceil(self.site_fraction * site_count)))
 
 
-class MetricName(StrEnum):
+class MetricName(ApiEnum):
     ACCURACY = "accuracy"
     MACRO_F1 = "macroF1"
     LOSS = "loss"
 
 
-class EvaluationSpec(ApiModel):
+class EvaluationSpec(SpecModel):
     metric: MetricName = Field(
         MetricName.ACCURACY, description="Metric that picks the best round: accuracy, macroF1 or loss."
     )
     patience: int | None = Field(
-        None, ge=1, description="Stop after this many rounds without improvement (unset: never)."
+        None, ge=1, le=10000, description="Stop after this many rounds without improvement (unset: never)."
     )
-    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+    min_delta: float = Field(0.0, ge=0, le=1e6, description="Smallest change that counts as an improvement.")
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Fraction of each site's data held out for validation."
     )
@@ -438,33 +597,88 @@ class EvaluationSpec(ApiModel):
 # spec.storage
 
 
-class StorageSpec(ApiModel):
-    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph RGW); omit for AWS S3.")
-    bucket: str = Field(
-        ..., min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$", description="Bucket."
+class StorageSpec(SpecModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": f"!self.bucket.matches('{IPV4}') && !self.bucket.startsWith('xn--')"
+                " && !self.bucket.endsWith('-s3alias') && !self.bucket.endsWith('--ol-s3')",
+                "message": "bucket is not a name S3 accepts: not an IP address, no xn-- prefix, "
+                "no -s3alias or --ol-s3 suffix",
+                "fieldPath": ".bucket",
+            },
+        )
     )
-    prefix: str = Field("fedtrain", description="Key prefix under which every training's objects live.")
-    region: str = Field("us-east-1", description="S3 region.")
+
+    endpoint: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=SERVICE_URL,
+        description=(
+            "S3 endpoint URL (MinIO, Ceph RGW), http(s)://host[:port][/path]; omit for AWS S3. "
+            "No credentials, query or fragment in it."
+        ),
+    )
+    bucket: str = Field(
+        ...,
+        min_length=3,
+        max_length=63,
+        pattern=BUCKET,
+        description="Bucket: lowercase letters, digits, hyphens and single dots, as S3 names buckets.",
+    )
+    prefix: str = Field(
+        "fedtrain",
+        min_length=1,
+        max_length=256,
+        pattern=RELATIVE_PATH,
+        description=(
+            "Key prefix under which every training's objects live: segments of letters, digits and "
+            "-_+@=,~. joined by '/', no leading '/', no '.' or '..' segment."
+        ),
+    )
+    region: str = Field(
+        "us-east-1",
+        min_length=1,
+        max_length=63,
+        pattern="^[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?$",
+        description="S3 region.",
+    )
     credentials_secret: str | None = Field(
         None,
+        min_length=1,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, in the training's namespace.",
     )
+
+    @model_validator(mode="after")
+    def _bucket_s3_accepts(self) -> StorageSpec:
+        bucket = self.bucket
+        reserved = bucket.startswith("xn--") or bucket.endswith(("-s3alias", "--ol-s3"))
+        if reserved or re.fullmatch(IPV4, bucket):
+            raise ValueError(
+                "bucket is not a name S3 accepts: not an IP address, no xn-- prefix, "
+                "no -s3alias or --ol-s3 suffix"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
 # spec.sites
 
 
-class SyntheticData(ApiModel):
+class SyntheticData(SpecModel):
     samples: int = Field(600, ge=10, le=10_000_000, description="Wafer maps this site generates.")
     dirichlet_alpha: float = Field(
-        0.5, gt=0, description="Class skew: smaller is more non-IID (Dirichlet concentration)."
+        0.5, gt=0, le=1e6, description="Class skew: smaller is more non-IID (Dirichlet concentration)."
     )
     map_size: int = Field(32, ge=16, le=512, description="Wafer map grid size in dies.")
-    seed: int | None = Field(None, ge=0, description="Data seed; defaults to one derived from the site name.")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Data seed; defaults to one derived from the site name."
+    )
 
 
-class NpzData(ApiModel):
+class NpzData(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
@@ -477,11 +691,17 @@ class NpzData(ApiModel):
     path: str | None = Field(
         None,
         min_length=1,
-        description="NPZ file with 'maps' (N,H,W die states) and 'labels', e.g. on the site's dataVolume.",
+        max_length=1024,
+        pattern=DATA_PATH,
+        description=(
+            "NPZ file with 'maps' (N,H,W die states) and 'labels', e.g. on the site's dataVolume; "
+            "no '.' or '..' segment."
+        ),
     )
     uri: str | None = Field(
         None,
-        pattern=r"^(https?|file)://",
+        max_length=4096,
+        pattern=DATA_URL,
         description="http(s):// or file:// URL the trainer downloads the NPZ file from (instead of path).",
     )
 
@@ -492,11 +712,17 @@ class NpzData(ApiModel):
         return self
 
 
-class ImageFolderData(ApiModel):
-    path: str = Field(..., min_length=1, description="Directory with one sub-directory of images per class.")
+class ImageFolderData(SpecModel):
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        pattern=DATA_PATH,
+        description="Directory with one sub-directory of images per class; no '.' or '..' segment.",
+    )
 
 
-class DataSpec(ApiModel):
+class DataSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
@@ -519,48 +745,124 @@ class DataSpec(ApiModel):
         return self
 
 
-Quantity = int | str
+def _one_message(message: str) -> Callable[[Any, ValidatorFunctionWrapHandler], Any]:
+    """A wrap validator that answers every failure of a union with one message (not one per branch)."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("value_error", message) from None
+
+    return validate
 
 
-class Resources(ApiModel):
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests.")
-    limits: dict[str, Quantity] = Field(
-        default_factory=dict, description="Resource limits, e.g. nvidia.com/gpu: 1."
+#: A Kubernetes quantity: a non-negative integer, or a string such as 500m, 1.5 or 32Gi.
+Quantity = Annotated[
+    Annotated[int, Field(ge=0, le=INT64_MAX)] | Annotated[str, Field(max_length=64, pattern=QUANTITY)],
+    WrapValidator(
+        _one_message(
+            "must be a Kubernetes quantity that is not negative: an integer, or a string such as "
+            "500m, 1.5, 8Gi or 1e3"
+        )
+    ),
+]
+ResourceName = Annotated[str, Field(min_length=1, max_length=316, pattern=QUALIFIED_NAME)]
+
+
+class Resources(SpecModel):
+    requests: dict[ResourceName, Quantity] = Field(
+        default_factory=dict, max_length=32, description="Resource requests, e.g. cpu: 500m, memory: 8Gi."
+    )
+    limits: dict[ResourceName, Quantity] = Field(
+        default_factory=dict, max_length=32, description="Resource limits, e.g. nvidia.com/gpu: 1."
     )
 
 
-class TolerationOperator(StrEnum):
+class TolerationOperator(ApiEnum):
     EXISTS = "Exists"
     EQUAL = "Equal"
 
 
-class TaintEffect(StrEnum):
+class TaintEffect(ApiEnum):
     NO_SCHEDULE = "NoSchedule"
     PREFER_NO_SCHEDULE = "PreferNoSchedule"
     NO_EXECUTE = "NoExecute"
 
 
-class Toleration(ApiModel):
+class Toleration(SpecModel):
     """A Kubernetes toleration, e.g. for the nvidia.com/gpu taint of GPU nodes."""
 
-    key: str | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
+    key: str | None = Field(
+        None,
+        max_length=316,
+        pattern=f"^$|{QUALIFIED_NAME}",
+        description="Taint key; empty with operator Exists matches every taint.",
+    )
     operator: TolerationOperator = Field(TolerationOperator.EQUAL, description="Exists or Equal.")
-    value: str | None = Field(None, description="Taint value (operator Equal).")
+    value: LabelValue | None = Field(None, description="Taint value (operator Equal).")
     effect: TaintEffect | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute.")
-    toleration_seconds: int | None = Field(None, ge=0, description="How long a NoExecute taint is tolerated.")
+    toleration_seconds: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="How long a NoExecute taint is tolerated."
+    )
 
 
-class DataVolume(ApiModel):
+#: Where the trainer's own volumes, or the kernel's, are mounted: a data volume goes elsewhere.
+RESERVED_MOUNTS: Final = ("/tmp", "/dev", "/proc", "/sys", "/etc/fedtrain")
+
+
+class DataVolume(SpecModel):
     """A PersistentVolumeClaim in the site's namespace, mounted into the trainer read-only."""
 
-    claim_name: str = Field(..., min_length=1, max_length=253, description="PersistentVolumeClaim name.")
-    mount_path: str = Field(
-        "/data", pattern=r"^/", description="Where the trainer sees the volume; data paths point inside it."
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": f"!{list(RESERVED_MOUNTS)}.exists(r, self.mountPath == r"
+                " || self.mountPath.startsWith(r + '/') || r.startsWith(self.mountPath + '/'))",
+                "message": f"mountPath must not be, hold or lie inside {', '.join(RESERVED_MOUNTS)}: "
+                "mount the data elsewhere, e.g. /data",
+                "fieldPath": ".mountPath",
+            },
+        )
     )
-    sub_path: str | None = Field(None, description="Mount only this sub-directory of the volume.")
+
+    claim_name: str = Field(
+        ..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="PersistentVolumeClaim name."
+    )
+    mount_path: str = Field(
+        "/data",
+        max_length=1024,
+        pattern=ABSOLUTE_PATH,
+        description=(
+            "Where the trainer sees the volume (an absolute path, not / nor one of the trainer's own "
+            "mounts); data paths point inside it."
+        ),
+    )
+    sub_path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        pattern=RELATIVE_PATH,
+        description="Mount only this sub-directory of the volume (relative, no '.' or '..' segment).",
+    )
+
+    @model_validator(mode="after")
+    def _mount_path_free(self) -> DataVolume:
+        path = self.mount_path.rstrip("/")
+        for reserved in RESERVED_MOUNTS:
+            if path == reserved or path.startswith(f"{reserved}/") or reserved.startswith(f"{path}/"):
+                raise ValueError(
+                    f"mountPath must not be, hold or lie inside {', '.join(RESERVED_MOUNTS)}: "
+                    "mount the data elsewhere, e.g. /data"
+                )
+        return self
 
 
-class SiteSpec(ApiModel):
+#: The fields of a Kubernetes Affinity.
+AFFINITY_KINDS: Final = ("nodeAffinity", "podAffinity", "podAntiAffinity")
+
+
+class SiteSpec(SpecModel):
     # A transition rule on a list item is allowed because the CRD makes spec.sites a map list keyed by
     # name: the API server pairs each site with the old site of the same name.
     model_config = ConfigDict(
@@ -584,7 +886,7 @@ class SiteSpec(ApiModel):
         None, description="PersistentVolumeClaim holding the site's data (read-only in the trainer)."
     )
     resources: Resources = Field(default_factory=Resources, description="Trainer container resources.")
-    weight: float | None = Field(None, gt=0, description="Aggregation weight (weighting: explicit).")
+    weight: float | None = Field(None, gt=0, le=1e9, description="Aggregation weight (weighting: explicit).")
     threads: int | None = Field(
         None,
         ge=1,
@@ -595,8 +897,10 @@ class SiteSpec(ApiModel):
             "among the trainers that run at once."
         ),
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the trainer pod must run on, e.g. a GPU type."
+    node_selector: dict[QualifiedName, LabelValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Node labels the trainer pod must run on, e.g. a GPU type.",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list,
@@ -604,25 +908,50 @@ class SiteSpec(ApiModel):
         description="Taints the trainer pod tolerates (GPU nodes are often tainted).",
     )
     affinity: dict[str, Any] | None = Field(
-        None, description="A Kubernetes Affinity object for the trainer pod, passed through as written."
+        None,
+        max_length=len(AFFINITY_KINDS),
+        json_schema_extra=_cel_rules(
+            {
+                "rule": f"self.all(kind, kind in {list(AFFINITY_KINDS)})",
+                "message": f"affinity takes {', '.join(AFFINITY_KINDS)}: check the field's spelling",
+            },
+        ),
+        description=(
+            "A Kubernetes Affinity object for the trainer pod (nodeAffinity, podAffinity, "
+            "podAntiAffinity), passed through as written; the operator checks it against the "
+            f"Kubernetes schema. At most {MAX_OBJECT_BYTES // 1024} KiB as JSON."
+        ),
     )
-    priority_class_name: str | None = Field(None, description="PriorityClass of the trainer pod.")
-    scheduler_name: str | None = Field(None, description="Scheduler for the trainer pod.")
-    service_account_name: str | None = Field(
+    priority_class_name: Name | None = Field(None, description="PriorityClass of the trainer pod.")
+    scheduler_name: Name | None = Field(None, description="Scheduler for the trainer pod.")
+    service_account_name: Name | None = Field(
         None, description="ServiceAccount the trainer runs as (its token is not mounted)."
     )
-    image_pull_secrets: list[str] = Field(
+    image_pull_secrets: list[Name] = Field(
         default_factory=list,
         max_length=16,
         description="Secrets in the site's namespace for pulling the trainer image.",
     )
+
+    @model_validator(mode="after")
+    def _affinity_bounded(self) -> SiteSpec:
+        if self.affinity is None:
+            return self
+        unknown = sorted(set(self.affinity) - set(AFFINITY_KINDS))
+        if unknown:
+            raise ValueError(
+                f"affinity: unknown field {', '.join(unknown)}: it takes {', '.join(AFFINITY_KINDS)}"
+            )
+        if len(json.dumps(self.affinity)) > MAX_OBJECT_BYTES:
+            raise ValueError(f"affinity is larger than {MAX_OBJECT_BYTES // 1024} KiB as JSON")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
 # the spec
 
 
-class FederatedTrainingSpec(ApiModel):
+class FederatedTrainingSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
@@ -891,17 +1220,43 @@ class FederatedTrainingStatus(ApiModel):
 # the resource
 
 
+#: What metadata.name must be, and why (the API server takes any DNS subdomain; the operator less).
+NAME_RULE: Final = (
+    "must be a DNS label: lowercase letters, digits and '-', at most 63 characters, no dots "
+    "(the aggregator's Service, ConfigMap and Secret are named after it; a dot would map "
+    "a.b onto the objects of the training a-b)"
+)
+
+
+def name_problems(name: object) -> list[str]:
+    """What is wrong with a training's metadata.name, for the operator, which reads bodies as dicts."""
+    if isinstance(name, str) and len(name) <= 63 and re.fullmatch(DNS_LABEL, name):
+        return []
+    return [f"metadata.name: {NAME_RULE}"]
+
+
 class ObjectMeta(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    """The metadata a file may carry; the API server fills in the rest (uid, creationTimestamp...)."""
 
-    name: str = Field(..., min_length=1, max_length=63, pattern=DNS_LABEL)
-    namespace: str | None = None
-    generation: int | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    name: str = Field(..., max_length=253)
+    namespace: str | None = Field(None, min_length=1, max_length=63, pattern=DNS_LABEL)
+    generation: int | None = Field(None, ge=0, le=INT64_MAX)
+    labels: dict[QualifiedName, LabelValue] = Field(default_factory=dict, max_length=64)
+    annotations: dict[QualifiedName, Annotated[str, Field(max_length=64 * 1024)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_label(cls, name: str) -> str:
+        if name_problems(name):
+            raise ValueError(NAME_RULE)
+        return name
 
 
-class FederatedTraining(ApiModel):
+class FederatedTraining(SpecModel):
     # The API server accepts any DNS subdomain as a name; ObjectMeta above wants a DNS label.
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
@@ -912,9 +1267,7 @@ class FederatedTraining(ApiModel):
         )
     )
 
-    api_version: Annotated[str, Field(validation_alias=AliasChoices("apiVersion", "api_version"))] = (
-        API_VERSION
-    )
+    api_version: str = Field(API_VERSION, max_length=64, description="fedtrain.io/v1alpha1.")
     kind: Literal["FederatedTraining"] = KIND
     metadata: ObjectMeta
     spec: FederatedTrainingSpec
@@ -932,8 +1285,49 @@ def describe_errors(error: ValidationError) -> list[str]:
     lines = []
     for problem in error.errors():
         where = ".".join(str(part) for part in problem["loc"]) or "(document)"
-        message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            message = "unknown field: check its spelling (fields are camelCase, as in examples/)"
-        lines.append(f"{where}: {message}")
+        lines.append(f"{where}: {_message(problem)}")
     return lines
+
+
+def _message(problem: ErrorDetails) -> str:
+    """What is wrong and, where the error names a shape, the fix."""
+    kind, location = problem["type"], problem["loc"]
+    field = str(location[-1]) if location else ""
+    if kind == "extra_forbidden":
+        if "_" in field and not field.startswith("_"):
+            return f"unknown field: write {to_camel(field)} (fields are camelCase, as in examples/)"
+        return "unknown field: check its spelling (fields are camelCase, as in examples/)"
+    if kind == "finite_number":
+        return "must be a finite number (not NaN or an infinity)"
+    if kind == "model_type":
+        class_name = str((problem.get("ctx") or {}).get("class_name", ""))
+        return _expected_object(field, class_name, problem["input"])
+    if kind == "dict_type":
+        return "must be a mapping of key: value pairs"
+    if kind == "list_type":
+        return "must be a list (one '- item' per line, or [a, b])"
+    if kind in ("int_type", "float_type", "bool_type") and isinstance(problem["input"], str):
+        return f"{problem['msg']}, not the string {problem['input']!r}: write it without quotes"
+    return problem["msg"].removeprefix("Value error, ")
+
+
+def _expected_object(field: str, class_name: str, given: Any) -> str:
+    """'must be an object' with the shape to write: imageFolder: /dir -> imageFolder: {path: /dir}."""
+    model = _api_models().get(class_name)
+    if model is None:
+        return "must be an object (key: value pairs)"
+    names = [info.alias or name for name, info in model.model_fields.items()]
+    required = [info.alias or name for name, info in model.model_fields.items() if info.is_required()]
+    if isinstance(given, str | int | float) and not isinstance(given, bool) and len(required) == 1:
+        return f"must be an object: write {field}: {{{required[0]}: {given}}}"
+    return f"must be an object with the fields {', '.join(names)}"
+
+
+def _api_models() -> dict[str, type[ApiModel]]:
+    found: dict[str, type[ApiModel]] = {}
+    pending: list[type[ApiModel]] = [ApiModel]
+    while pending:
+        model = pending.pop()
+        found[model.__name__] = model
+        pending.extend(model.__subclasses__())
+    return found

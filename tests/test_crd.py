@@ -142,7 +142,7 @@ def fully_loaded() -> dict[str, Any]:
                 "precision": "bf16",
                 "gradClipNorm": 1.0,
                 "transferDtype": "bf16",
-                "augment": False,
+                "augment": "waferMap",
             },
             "aggregation": {
                 "strategy": "fedavg",
@@ -833,7 +833,8 @@ def test_transition_rules_guard_what_cannot_change(
 def test_rules_use_only_standard_cel(schema: dict[str, Any]) -> None:
     # Kubernetes-only libraries (quantity, format, isSorted...) would not be evaluated above; keep to
     # functions cel-python runs too, so every rule here is tested.
-    allowed = {"has", "size", "type", "string", "int", "startsWith", "contains", "all", "exists", "map"}
+    allowed = {"has", "size", "type", "string", "int", "startsWith", "endsWith", "contains", "matches"}
+    allowed |= {"all", "exists", "map"}
     for path, _, rule in rules(schema):
         for expression in (rule["rule"], rule.get("messageExpression", "")):
             called = set(re.findall(r"([A-Za-z_]\w*)\(", expression))
