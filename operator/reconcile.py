@@ -133,12 +133,23 @@ def training_ref(body: Mapping[str, Any]) -> TrainingRef:
 
 
 def validate_spec(body: Mapping[str, Any]) -> FederatedTrainingSpec | str:
-    """The spec as the engine needs it on a cluster, or what is wrong with it (naming the fields)."""
+    """The spec as the engine needs it on a cluster, or what is wrong with it (naming the fields):
+    metadata.name, the spec (camelCase only, strict), what a cluster needs, and the trainer Jobs it
+    makes, checked against the Kubernetes schema."""
+    from fedtrain.api import name_problems
+
+    from .admission import trainer_job_problems
+
+    metadata = body.get("metadata") or {}
+    problems = name_problems(metadata.get("name"))
     try:
-        spec = FederatedTrainingSpec.model_validate(body.get("spec") or {})
+        spec = FederatedTrainingSpec.parse(body.get("spec") or {})
     except ValidationError as error:
-        return "; ".join(f"spec.{line}" for line in describe_errors(error))
-    problems = cluster_problems(spec)
+        return "; ".join([*problems, *(f"spec.{line}" for line in describe_errors(error))])
+    problems += cluster_problems(spec)
+    # An invalid name makes invalid labels: the Jobs are then checked as those of a valid one.
+    name = "check" if problems else str(metadata["name"])
+    problems += trainer_job_problems(spec, name, metadata.get("namespace") or "default")
     return "; ".join(problems) if problems else spec
 
 
