@@ -10,7 +10,6 @@ is where the engine resumes from, and every action is idempotent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import json
 import logging
@@ -330,9 +329,7 @@ class Reconciler:
                 text = (await reply.text())[:500]
         except (aiohttp.ClientError, TimeoutError) as error:
             return f"running, not ready; its /readyz did not answer ({type(error).__name__})"
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            text = json.loads(text)["error"]["message"]
-        return f"running, not ready: {text}"
+        return f"running, not ready: {_problem_text(text)}"
 
     def _count(self, action: Action, result: object) -> None:
         metrics = self.context.metrics
@@ -377,6 +374,19 @@ class Reconciler:
         if await self.runtime.writer.write(new_status, self.generation):
             self.context.metrics.status_written(self.ref, None, status, new_status, {})
         return Outcome(delay=self.settings.resync_seconds, events=events)
+
+
+def _problem_text(text: str) -> str:
+    """The message of an error reply (the aggregator's envelope, or a Kubernetes Status), else the text."""
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(payload, dict):
+        return text
+    error = payload.get("error")
+    message = error.get("message") if isinstance(error, dict) else payload.get("message")
+    return str(message) if message else text
 
 
 def _condition_true(status: FederatedTrainingStatus, kind: ConditionType) -> bool:

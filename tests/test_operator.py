@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,66 @@ def test_invalid_spec_gets_a_condition_an_event_and_no_jobs(cluster: Cluster) ->
     # Fixing the spec starts the training.
     cluster.api.patch_spec("broken", {"training": {"localEpochs": None}})
     wait_for("Jobs after the fix", lambda: cluster.trainer_jobs("broken"), timeout=60)
+
+
+# --------------------------------------------------------------------------------------------------
+# nothing leaves a training stuck: an aggregator that cannot start, namespaces not served
+
+#: The aggregator's own exit, as a process that cannot start would (a crash loop under the kubelet).
+CRASHING_AGGREGATOR = ["python", "-c", "import sys; sys.stderr.write('cannot start\\n'); sys.exit(3)"]
+
+
+def _condition(cluster: Cluster, name: str, kind: str) -> dict[str, Any] | None:
+    conditions = {c["type"]: c for c in cluster.api.status(name).get("conditions") or []}
+    found = conditions.get(kind)
+    return found if found and found["status"] == "True" else None
+
+
+def test_an_aggregator_that_cannot_start_is_named_and_fails_the_training_within_its_wait_bound(
+    cluster: Cluster,
+) -> None:
+    def crash(deployment: dict[str, Any]) -> list[str] | None:
+        return CRASHING_AGGREGATOR if deployment["metadata"]["name"].startswith("crash-") else None
+
+    cluster.kubelet.deployment_override = crash
+    cluster.start_operator(aggregator_pod_url=cluster.kubelet.pod_proxy_template)
+    bound = 10  # aggregation.waitTimeoutSeconds, its least
+    causes = {
+        # its credentials Secret does not exist: the pod cannot be configured
+        "no-keys": ("CreateContainerConfigError", 'secret "absent-keys" not found'),
+        # its process exits at once, again and again
+        "crash": ("CrashLoopBackOff", "exit code 3"),
+        # it runs, but its bucket does not exist: /readyz says so, and the pod never becomes ready
+        "no-bucket": ("running, not ready", "ft-absent-bucket"),
+    }
+    started = time.monotonic()
+    for name, spec in (
+        ("no-keys", {"storage": {"credentialsSecret": "absent-keys"}}),
+        ("crash", {}),
+        ("no-bucket", {"storage": {"bucket": "ft-absent-bucket"}}),
+    ):
+        cluster.api.apply(
+            cluster.training(name, rounds=1, sites=2, aggregation={"waitTimeoutSeconds": bound}, **spec)
+        )
+    for name, words in causes.items():
+
+        def named(name: str = name, words: tuple[str, ...] = words) -> dict[str, Any] | None:
+            waiting = _condition(cluster, name, "Waiting")
+            return waiting if waiting and all(word in waiting["message"] for word in words) else None
+
+        waiting = wait_for(f"{name}: the cause in the Waiting condition", named, timeout=60)
+        assert waiting["reason"] == "AggregatorUnavailable"
+        print(f"{name}: aggregator cause named in {time.monotonic() - started:.1f} s: {waiting['message']}")
+    for name, words in causes.items():
+        status = wait_for(f"{name} to fail", lambda name=name: cluster.finished(name), timeout=bound + 60)
+        failed = _condition(cluster, name, "Failed")
+        assert status["phase"] == "Failed"
+        assert failed is not None
+        assert failed["reason"] == "AggregatorUnavailable"
+        assert all(word in failed["message"] for word in words), failed["message"]
+        assert f"waitTimeoutSeconds is {bound}" in failed["message"]
+        print(
+            f"{name}: training failed {time.monotonic() - started:.1f} s after it was applied, "
+            f"with aggregation.waitTimeoutSeconds={bound}"
+        )
+        assert cluster.trainer_jobs(name) == []
