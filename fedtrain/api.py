@@ -1306,9 +1306,33 @@ def _message(problem: ErrorDetails) -> str:
         return "must be a mapping of key: value pairs"
     if kind == "list_type":
         return "must be a list (one '- item' per line, or [a, b])"
+    if kind == "string_pattern_mismatch":
+        pattern = str((problem.get("ctx") or {}).get("pattern", ""))
+        meaning = _PATTERN_MEANINGS.get(pattern)
+        return f"{meaning} (the pattern {pattern})" if meaning else problem["msg"]
     if kind in ("int_type", "float_type", "bool_type") and isinstance(problem["input"], str):
         return f"{problem['msg']}, not the string {problem['input']!r}: write it without quotes"
     return problem["msg"].removeprefix("Value error, ")
+
+
+_PATTERN_MEANINGS: Final = {
+    DNS_LABEL: "must be a DNS label: lowercase letters, digits and '-', starting and ending with a "
+    "letter or digit",
+    DNS_SUBDOMAIN: "must be a Kubernetes name (a DNS subdomain): lowercase letters, digits, '-' and '.'",
+    QUALIFIED_NAME: "must be a qualified name such as cpu, nvidia.com/gpu or kubernetes.io/hostname",
+    LABEL_VALUE: "must be a label value: letters, digits, '-', '_' and '.', starting and ending with a "
+    "letter or digit",
+    ABSOLUTE_PATH: "must be an absolute path (not /) of letters, digits and -_+@=,~. with no '.' or "
+    "'..' segment",
+    RELATIVE_PATH: "must be a relative path of letters, digits and -_+@=,~. with no leading '/' and no "
+    "'.' or '..' segment",
+    DATA_PATH: "must be a path of letters, digits and -_+@=,~. with no '.' or '..' segment",
+    BUCKET: "must be an S3 bucket name: lowercase letters, digits and '-', in labels joined by single dots",
+    SERVICE_URL: "must be an http(s)://host[:port][/path] URL without credentials, query or fragment",
+    DATA_URL: "must be an http(s):// or file:// URL of a file, with no '.' or '..' in its path",
+    MODEL_NAME: "must be a timm model name: lowercase letters, digits, '_' and '.'",
+    CLASS_NAME: "must be usable as a directory name: no '/', no control characters, not '.' or '..'",
+}
 
 
 def _expected_object(field: str, class_name: str, given: Any) -> str:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from fedtrain.api import FederatedTraining, FederatedTrainingStatus, Phase
+from fedtrain.api import FederatedTraining, FederatedTrainingSpec, FederatedTrainingStatus, Phase
 from fedtrain.crd import CRD_DIRS, CRD_FILENAME, render_crd
 from fedtrain.pretrained import cluster_problems
 from fedtrain.resource import InvalidResourceError, load_resource
@@ -38,14 +39,36 @@ SUSPENDED_MESSAGE = (
 )
 
 
+def _refuse(headline: str, problems: list[str]) -> typer.Exit:
+    """Print why a file is refused, user text escaped (a pattern's [a-z0-9] is not rich markup)."""
+    errors.print(f"[red]error:[/] {escape(headline)}")
+    for problem in problems:
+        errors.print(f"  {problem}", markup=False, soft_wrap=True)
+    return typer.Exit(EXIT_INVALID)
+
+
 def _load_or_exit(path: Path) -> FederatedTraining:
     try:
         return load_resource(path)
     except InvalidResourceError as error:
-        errors.print(f"[red]error:[/] {error.path} is not a valid FederatedTraining:")
-        for problem in error.problems:
-            errors.print(f"  {problem}")
-        raise typer.Exit(EXIT_INVALID) from None
+        raise _refuse(f"{error.path} is not a valid FederatedTraining:", error.problems) from None
+
+
+def local_problems(spec: FederatedTrainingSpec) -> list[str]:
+    """What a local run cannot find: data paths that do not exist on this machine (a cluster cannot
+    tell, its paths are inside the sites' volumes)."""
+    problems = []
+    for index, site in enumerate(spec.sites):
+        data = site.data
+        if data.image_folder is not None and not Path(data.image_folder.path).is_dir():
+            problems.append(
+                f"spec.sites[{index}].data.imageFolder.path: {data.image_folder.path} is not a directory "
+                "on this machine"
+            )
+        if data.npz is not None and data.npz.path is not None and not Path(data.npz.path).is_file():
+            where = f"spec.sites[{index}].data.npz.path"
+            problems.append(f"{where}: {data.npz.path} is not a file on this machine")
+    return problems
 
 
 @app.command()
@@ -60,15 +83,17 @@ def validate(
     """Check a FederatedTraining file without running anything."""
     resource = _load_or_exit(file)
     spec = resource.spec
-    problems = cluster_problems(spec) if cluster else []
-    if problems:
-        errors.print(f"[red]error:[/] {file} cannot run on a cluster:")
-        for problem in problems:
-            errors.print(f"  {problem}")
-        raise typer.Exit(EXIT_INVALID)
+    if cluster:
+        from .admission import trainer_job_problems  # the Kubernetes schema loads only here
+
+        namespace = resource.metadata.namespace or "default"
+        problems = cluster_problems(spec) + trainer_job_problems(spec, resource.metadata.name, namespace)
+        if problems:
+            raise _refuse(f"{file} cannot run on a cluster:", problems)
     console.print(
         f"{file}: valid: {resource.metadata.name}, {len(spec.sites)} sites, {spec.training.rounds} rounds, "
-        f"model {spec.model.name}"
+        f"model {spec.model.name}",
+        markup=False,
     )
 
 
@@ -101,6 +126,9 @@ def run(
 ) -> None:
     """Run a federated training on this machine: one trainer process per site, a local aggregator."""
     resource = _load_or_exit(file)
+    problems = local_problems(resource.spec)
+    if problems:
+        raise _refuse(f"{file} cannot run on this machine:", problems)
     if resume and overwrite:
         errors.print(
             "[red]error:[/] --resume continues the run in --run-dir, --overwrite deletes it: choose one"
@@ -122,7 +150,7 @@ def run(
     if status.phase == Phase.SUSPENDED:
         console.print(SUSPENDED_MESSAGE)
     elif status.phase != Phase.SUCCEEDED:
-        errors.print(f"[red]training failed:[/] {status.message}")
+        errors.print(f"[red]training failed:[/] {escape(status.message or '')}")
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -143,13 +171,14 @@ def _run_here(file: Path, resource: FederatedTraining, options: RunOptions) -> F
         try:
             status = runner.run()
         except RunError as error:
-            errors.print(f"[red]error:[/] {error}")
+            errors.print(f"[red]error:[/] {escape(str(error))}")
             raise typer.Exit(EXIT_INVALID) from None
         except KeyboardInterrupt:
             progress.stop()
             errors.print(
                 f"\ninterrupted: trainers stopped, status saved in {options.run_dir}; continue with\n"
-                f"  fedtrain run {file} --run-dir {options.run_dir} --resume"
+                f"  fedtrain run {file} --run-dir {options.run_dir} --resume",
+                markup=False,
             )
             raise typer.Exit(EXIT_INTERRUPTED) from None
     if status.phase != Phase.SUSPENDED:
@@ -182,18 +211,19 @@ def crd(
             except FileNotFoundError:
                 current = None
             if current == text:
-                console.print(f"{path}: up to date")
+                console.print(f"{path}: up to date", markup=False)
                 continue
             stale = True
             state = "is missing" if current is None else "is out of date with fedtrain/api.py"
-            errors.print(f"[red]error:[/] {path} {state}: run `make crd` (fedtrain crd) and commit the file")
+            fix = "run `make crd` (fedtrain crd) and commit the file"
+            errors.print(f"[red]error:[/] {escape(str(path))} {state}: {fix}")
         if stale:
             raise typer.Exit(EXIT_FAILED)
         return
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)
 
 
 if __name__ == "__main__":
