@@ -40,6 +40,8 @@ app = typer.Typer(
 #: Longer than the operator's client keeps an idle connection (aiohttp: 15 s): a server that closed
 #: it sooner would race the operator's next request on it.
 KEEP_ALIVE_SECONDS = 30
+#: The request line and headers together; uvicorn's default (16 KiB), stated so it stays a bound.
+H11_MAX_INCOMPLETE_EVENT_BYTES = 16 * 1024
 
 
 @app.callback()
@@ -91,7 +93,13 @@ def serve_training(settings: AggregatorSettings, token: str, resource: Federated
     except (ObjectNotFound, StoreError) as error:
         log.error("cannot read the pretrained weights %s: %s", resource.spec.model.pretrained.location, error)
         raise typer.Exit(EXIT_FAILED) from None
-    aggregator = RoundAggregator(store_of(resource), layout, resource.spec, pretrained_weights=weights)
+    aggregator = RoundAggregator(
+        store_of(resource),
+        layout,
+        resource.spec,
+        pretrained_weights=weights,
+        max_site_samples=settings.max_site_samples,
+    )
     log.info(
         "aggregator of %s/%s on %s:%d, store %s",
         layout.namespace,
@@ -100,14 +108,25 @@ def serve_training(settings: AggregatorSettings, token: str, resource: Federated
         settings.port,
         aggregator.store.uri(layout.root),
     )
+    app = create_app(
+        aggregator,
+        token,
+        serve_docs=settings.serve_docs,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_seconds=settings.body_timeout_seconds,
+    )
     # log_config=None: uvicorn's loggers (one access line per request) go through the root handler above.
+    # What is bounded: headers (h11: 16 KiB per incomplete event), bodies (BodyLimit: size and time),
+    # idle connections (keep-alive), and connections at once (limit_concurrency: more get 503).
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(aggregator, token),
+            app,
             host=settings.host,
             port=settings.port,
             log_config=None,
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES,
+            limit_concurrency=settings.limit_concurrency,
         )
     )
     server.run()

@@ -43,9 +43,11 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
+from fedtrain.api import RejectedUpdate
 from fedtrain.errors import PermanentError, TemporaryError
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import (
+    MAX_ROUND_INDEX,
     CloseRoundRequest,
     ErrorBody,
     ErrorReply,
@@ -59,7 +61,7 @@ from fedtrain.messages import (
     UpdateVerdict,
 )
 
-from .rounds import MissingModelError, RoundAggregator
+from .rounds import MissingModelError, RoundAggregator, UnknownRoundError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,12 @@ API_PREFIX = "/v1"
 READINESS_TTL_SECONDS = 5.0
 #: How long /readyz waits for the store; under the kubelet's default probe timeout of one second.
 READINESS_TIMEOUT_SECONDS = 0.8
+
+#: The largest request body read: the largest close request (256 participants and 256 rejections of
+#: 4,096 characters) is about 1.1 MB of JSON.
+MAX_BODY_BYTES = 2 * 1024 * 1024
+#: How long a client may take to send its whole body (a lying Content-Length is waited for no longer).
+BODY_TIMEOUT_SECONDS = 10.0
 
 #: Update norms: a LoRA delta of a few layers is ~0.01-1, a full fine-tune's much larger.
 NORM_BUCKETS = (0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
@@ -107,7 +115,7 @@ def error_response(
 
 
 #: A round in a path; module level, so FastAPI can resolve the annotation of the endpoints.
-RoundIndex = Annotated[int, Path(ge=0, description="Round index, from 0.")]
+RoundIndex = Annotated[int, Path(ge=0, le=MAX_ROUND_INDEX, description="Round index, from 0.")]
 
 #: FastAPI's type for documented responses, keyed by status code.
 Responses = dict[int | str, dict[str, Any]]
@@ -118,6 +126,13 @@ def _error_doc(description: str) -> dict[str, Any]:
 
 
 UNAUTHORIZED: Responses = {401: _error_doc("unauthorized: no bearer token, or not this training's token.")}
+BODY_LIMITS: Responses = {
+    408: _error_doc("request-timeout: the body did not arrive in time; nothing was done."),
+    413: _error_doc("content-too-large: the body is larger than the service reads; nothing was done."),
+}
+UNKNOWN_ROUND: Responses = {
+    404: _error_doc("unknown-round: the round's global model cannot exist yet (its previous round is open).")
+}
 INVALID: Responses = {
     422: _error_doc("invalid-request: the body or a path parameter is malformed; nothing was done.")
 }
@@ -341,6 +356,70 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """Reads each request body whole before the app sees it, refusing one over `max_bytes` (413), by
+    its Content-Length or by the bytes that actually arrive, and one not sent within `timeout_seconds`
+    (408): a client that lies about its length holds a connection no longer than that."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_seconds: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_seconds = timeout_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send, 413)
+            return
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                body = await self._read(receive)
+        except TimeoutError:
+            await self._refuse(scope, receive, send, 408)
+            return
+        if body is None:
+            await self._refuse(scope, receive, send, 413)
+            return
+        delivered = False
+
+        async def replay() -> AsgiMessage:
+            nonlocal delivered
+            if delivered:
+                return await receive()  # the app waits for a disconnect: pass it on
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        """The whole body, or None once it is over the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
+        if status == 413:
+            code, message = "content-too-large", f"the body is over {self.max_bytes} bytes"
+        else:
+            code, message = "request-timeout", f"the body did not arrive within {self.timeout_seconds:g} s"
+        # The connection is closed after the answer: what is left of the body is never read.
+        response = error_response(status, code, message, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
 class RequestMetrics:
     """Counts every response by route template (bounded labels) and status code, errors included."""
 
@@ -430,7 +509,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = codes.get(error.status_code, phrase.lower().replace(" ", "-"))
         detail = error.detail if isinstance(error.detail, str) else phrase
         if error.status_code == 404:
-            detail = f"no endpoint {request.method} {request.url.path}: see /openapi.json"
+            detail = f"no endpoint {request.method} {request.url.path}"
         headers = dict(error.headers) if error.headers else None
         return error_response(error.status_code, code, detail, headers=headers)
 
@@ -458,6 +537,9 @@ class _Library:
             except MissingModelError as error:
                 log.warning("%s: %s", what, error)
                 raise ApiError(409, "no-global-model", str(error)) from error
+            except UnknownRoundError as error:  # a request the operator never sends: not a failure
+                log.warning("%s: %s", what, error)
+                raise ApiError(404, "unknown-round", str(error)) from error
             except PermanentError as error:  # classified where raised: retrying cannot help
                 log.warning("%s: %s", what, error)
                 raise ApiError(409, "aggregation-failed", str(error)) from error
@@ -488,8 +570,14 @@ def create_app(
     readiness_probe: Callable[[], object] | None = None,
     readiness_ttl_seconds: float = READINESS_TTL_SECONDS,
     readiness_timeout_seconds: float = READINESS_TIMEOUT_SECONDS,
+    serve_docs: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_seconds: float = BODY_TIMEOUT_SECONDS,
 ) -> FastAPI:
     """The HTTP API around `aggregator`; /v1 requires `Authorization: Bearer <token>`.
+
+    `serve_docs` serves /openapi.json, /docs and /redoc (without a token, as probes are); off, they
+    are 404s: the schema describes the API, but need not be handed to anyone who asks.
 
     `readiness_probe` raises when the store is unusable; by default it lists one key of the training
     (S3: ListObjectsV2, which fails on a missing bucket, bad credentials or an unreachable endpoint).
@@ -504,6 +592,9 @@ def create_app(
         timeout_seconds=readiness_timeout_seconds,
     )
     app = FastAPI(
+        openapi_url="/openapi.json" if serve_docs else None,
+        docs_url="/docs" if serve_docs else None,
+        redoc_url="/redoc" if serve_docs else None,
         title="fedtrain aggregator",
         version="v1",
         description=(
@@ -515,6 +606,8 @@ def create_app(
     _add_probe_routes(app, readiness, metrics)
     v1 = _v1_router(_Library(aggregator), metrics)
     app.include_router(v1)
+    # Inside BearerAuth: a caller without the token is answered before its body is read.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout_seconds=body_timeout_seconds)
     # Added last, so outermost: the request counter sees the 401s of BearerAuth too.
     app.add_middleware(BearerAuth, token=token)
     # The app lists an included router as one opaque entry: match against the router's own routes.
@@ -568,7 +661,7 @@ def _v1_router(library: _Library, metrics: ServiceMetrics) -> APIRouter:
         prefix=API_PREFIX,
         tags=["v1"],
         dependencies=[Security(bearer)],
-        responses={**UNAUTHORIZED, **INVALID, **STORE_DOWN},
+        responses={**UNAUTHORIZED, **INVALID, **STORE_DOWN, **BODY_LIMITS},
     )
 
     @v1.post(
@@ -586,7 +679,7 @@ def _v1_router(library: _Library, metrics: ServiceMetrics) -> APIRouter:
         "/merge",
         response_model=ModelReply,
         summary="Write the final model: a round's global model with LoRA folded in.",
-        responses=CONFLICT,
+        responses={**CONFLICT, **UNKNOWN_ROUND},
     )
     def merge(request: MergeRequest) -> ModelReply:
         uri = library.call(f"merge round {request.round}", lambda agg: agg.merge(request.round))
@@ -626,7 +719,7 @@ def _add_round_routes(v1: APIRouter, library: _Library, metrics: ServiceMetrics)
         def work(agg: RoundAggregator) -> RoundManifest:
             newly = agg.manifest(round) is None
             started = time.perf_counter()
-            manifest = agg.close(round, list(request.participants), list(request.rejected))
+            manifest = agg.close(round, list(request.participants), list[RejectedUpdate](request.rejected))
             metrics.round_closed(round, newly, time.perf_counter() - started)
             return manifest
 

@@ -50,6 +50,30 @@ class AggregatorSettings(BaseSettings):
     )
     host: str = Field("0.0.0.0", description="Address to listen on (all interfaces: the pod's port).")
     port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
+    serve_docs: bool = Field(
+        False,
+        description="Serve the OpenAPI schema and its pages (/openapi.json, /docs, /redoc), without a token.",
+    )
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024 * 1024,
+        description="Largest request body read, else 413 (the largest close request is about 1.1 MB).",
+    )
+    body_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Time a client has to send its whole request body; then 408."
+    )
+    max_site_samples: int = Field(
+        10_000_000,
+        ge=1,
+        description=(
+            "Most samples an update may report for a site whose data size the spec does not state "
+            "(npz, imageFolder); a synthetic site's bound is its samples. Beyond it the update is rejected."
+        ),
+    )
+    limit_concurrency: int = Field(
+        64, ge=4, le=10_000, description="Connections and requests served at once; more are answered 503."
+    )
 
     @model_validator(mode="after")
     def _one_token(self) -> AggregatorSettings:

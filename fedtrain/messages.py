@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from fedtrain.api import EvalMetrics, RejectedUpdate
+from fedtrain.api import DNS_LABEL, EvalMetrics, RejectedUpdate
 
 
 class Message(BaseModel):
@@ -64,7 +64,16 @@ class RoundManifest(Message):
 # The aggregator's HTTP API (`python -m fedtrain.aggregator serve`): request and reply bodies.
 
 #: Site names are DNS labels (fedtrain.api.SiteSpec); anything else could not name an object key.
-SITE_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SITE_NAME = DNS_LABEL
+#: A training has at most this many sites (spec.sites' maxItems): no request lists more.
+MAX_SITES = 256
+#: Rounds are fewer than spec.training.rounds' maximum; the evaluation round comes after the last.
+MAX_ROUND_INDEX = 10_000
+#: The engine records a rejection as "reason: message", the aggregator's message cut at 1,000 characters.
+MAX_REASON_CHARS = 4096
+
+#: A site named in a request: a DNS label of at most 63 characters.
+SiteName = Annotated[str, Field(min_length=1, max_length=63, pattern=SITE_NAME)]
 
 
 def _json_number(value: object) -> object:
@@ -91,18 +100,29 @@ class SubmitUpdateRequest(Message):
     )
 
 
+class RecordedRejection(RejectedUpdate):
+    """A rejection the engine recorded, as a close request carries it: a site name and a bounded reason."""
+
+    site: SiteName = Field(..., description="Site name.")
+    reason: str = Field(
+        ..., max_length=MAX_REASON_CHARS, description="Why the aggregator rejected the update."
+    )
+
+
 class CloseRoundRequest(Message):
     """Close a round with the participants the engine recorded; closing a closed round is a no-op."""
 
-    participants: list[Annotated[str, Field(min_length=1, max_length=63, pattern=SITE_NAME)]] = Field(
+    participants: list[SiteName] = Field(
         ...,
+        max_length=MAX_SITES,
         description=(
             "Sites whose accepted updates make up the next global model, as the engine recorded them. "
             "After a restart the aggregator rebuilds the round from exactly these updates."
         ),
     )
-    rejected: list[RejectedUpdate] = Field(
+    rejected: list[RecordedRejection] = Field(
         default_factory=list,
+        max_length=MAX_SITES,
         description=(
             "Rejections the engine recorded; in the manifest they take precedence over the aggregator's own."
         ),
@@ -113,7 +133,10 @@ class MergeRequest(Message):
     """Write the final model: a round's global model with LoRA folded in."""
 
     round: JsonInteger = Field(
-        ..., ge=0, description="The round whose global model to merge (the last closed round + 1)."
+        ...,
+        ge=0,
+        le=MAX_ROUND_INDEX,
+        description="The round whose global model to merge (the last closed round + 1).",
     )
 
 
