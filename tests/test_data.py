@@ -12,12 +12,14 @@ from PIL import Image
 
 from fedtrain.api import (
     WAFER_CLASSES,
+    Augmentation,
     DataSpec,
     EvaluationSpec,
     ImageFolderData,
     ModelSpec,
     NpzData,
     SyntheticData,
+    TrainingSpec,
 )
 from fedtrain.trainer.data import (
     IMAGENET_MEAN,
@@ -434,6 +436,16 @@ def test_dihedral_codes_are_flips_and_transposes() -> None:
     assert len(rotations) == 8, "the eight codes give the eight distinct symmetries"
     quarter_turn = torch.rot90(images, 1, dims=(-2, -1)).flatten().tolist().__repr__()
     assert quarter_turn in rotations
+
+
+def test_augmentation_is_off_unless_the_spec_names_the_wafer_map_choice() -> None:
+    # Flips and quarter turns change a digit's label (6 and 9) and most photographs': the default
+    # keeps every label, and the wafer-map transforms are a named choice.
+    assert TrainingSpec().augment is Augmentation.NONE
+    assert not TrainingSpec().augment, "train.py augments only when the choice is truthy"
+    assert TrainingSpec.parse({"augment": "waferMap"}).augment
+    with pytest.raises(ValueError, match="'none' or 'waferMap'"):
+        TrainingSpec.parse({"augment": True})
 
 
 def test_augment_batch_is_deterministic_and_label_preserving() -> None:
