@@ -651,16 +651,15 @@ class StorageSpec(SpecModel):
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, in the training's namespace.",
     )
 
-    @model_validator(mode="after")
-    def _bucket_s3_accepts(self) -> StorageSpec:
-        bucket = self.bucket
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_s3_accepts(cls, bucket: str) -> str:
         reserved = bucket.startswith("xn--") or bucket.endswith(("-s3alias", "--ol-s3"))
         if reserved or re.fullmatch(IPV4, bucket):
             raise ValueError(
-                "bucket is not a name S3 accepts: not an IP address, no xn-- prefix, "
-                "no -s3alias or --ol-s3 suffix"
+                "not a name S3 accepts: not an IP address, no xn-- prefix, no -s3alias or --ol-s3 suffix"
             )
-        return self
+        return bucket
 
 
 # --------------------------------------------------------------------------------------------------
@@ -846,16 +845,17 @@ class DataVolume(SpecModel):
         description="Mount only this sub-directory of the volume (relative, no '.' or '..' segment).",
     )
 
-    @model_validator(mode="after")
-    def _mount_path_free(self) -> DataVolume:
-        path = self.mount_path.rstrip("/")
+    @field_validator("mount_path")
+    @classmethod
+    def _mount_path_free(cls, mount_path: str) -> str:
+        path = mount_path.rstrip("/")
         for reserved in RESERVED_MOUNTS:
             if path == reserved or path.startswith(f"{reserved}/") or reserved.startswith(f"{path}/"):
                 raise ValueError(
-                    f"mountPath must not be, hold or lie inside {', '.join(RESERVED_MOUNTS)}: "
+                    f"must not be, hold or lie inside {', '.join(RESERVED_MOUNTS)}: "
                     "mount the data elsewhere, e.g. /data"
                 )
-        return self
+        return mount_path
 
 
 #: The fields of a Kubernetes Affinity.
@@ -933,18 +933,19 @@ class SiteSpec(SpecModel):
         description="Secrets in the site's namespace for pulling the trainer image.",
     )
 
-    @model_validator(mode="after")
-    def _affinity_bounded(self) -> SiteSpec:
-        if self.affinity is None:
-            return self
-        unknown = sorted(set(self.affinity) - set(AFFINITY_KINDS))
+    @field_validator("affinity")
+    @classmethod
+    def _affinity_bounded(cls, affinity: dict[str, Any] | None) -> dict[str, Any] | None:
+        if affinity is None:
+            return None
+        unknown = sorted(set(affinity) - set(AFFINITY_KINDS))
         if unknown:
             raise ValueError(
-                f"affinity: unknown field {', '.join(unknown)}: it takes {', '.join(AFFINITY_KINDS)}"
+                f"unknown field {', '.join(unknown)}: an affinity takes {', '.join(AFFINITY_KINDS)}"
             )
-        if len(json.dumps(self.affinity)) > MAX_OBJECT_BYTES:
-            raise ValueError(f"affinity is larger than {MAX_OBJECT_BYTES // 1024} KiB as JSON")
-        return self
+        if len(json.dumps(affinity)) > MAX_OBJECT_BYTES:
+            raise ValueError(f"larger than {MAX_OBJECT_BYTES // 1024} KiB as JSON")
+        return affinity
 
 
 # --------------------------------------------------------------------------------------------------
