@@ -1319,7 +1319,9 @@ def _message(problem: ErrorDetails) -> str:
 _PATTERN_MEANINGS: Final = {
     DNS_LABEL: "must be a DNS label: lowercase letters, digits and '-', starting and ending with a "
     "letter or digit",
-    DNS_SUBDOMAIN: "must be a Kubernetes name (a DNS subdomain): lowercase letters, digits, '-' and '.'",
+    # BUCKET is the same grammar, hence the same text.
+    DNS_SUBDOMAIN: "must be a DNS subdomain, the form of Kubernetes names and S3 bucket names: lowercase "
+    "letters, digits and '-', in labels joined by single dots",
     QUALIFIED_NAME: "must be a qualified name such as cpu, nvidia.com/gpu or kubernetes.io/hostname",
     LABEL_VALUE: "must be a label value: letters, digits, '-', '_' and '.', starting and ending with a "
     "letter or digit",
@@ -1328,7 +1330,6 @@ _PATTERN_MEANINGS: Final = {
     RELATIVE_PATH: "must be a relative path of letters, digits and -_+@=,~. with no leading '/' and no "
     "'.' or '..' segment",
     DATA_PATH: "must be a path of letters, digits and -_+@=,~. with no '.' or '..' segment",
-    BUCKET: "must be an S3 bucket name: lowercase letters, digits and '-', in labels joined by single dots",
     SERVICE_URL: "must be an http(s)://host[:port][/path] URL without credentials, query or fragment",
     DATA_URL: "must be an http(s):// or file:// URL of a file, with no '.' or '..' in its path",
     MODEL_NAME: "must be a timm model name: lowercase letters, digits, '_' and '.'",

@@ -155,3 +155,124 @@ def test_validate_command_accepts_the_example_and_names_bad_fields(tmp_path: Pat
     result = runner.invoke(app, ["validate", str(bad)])
     assert result.exit_code == 2
     assert "not valid YAML" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# input from outside: strict, camelCase, finite, bounded (issue 11)
+
+
+def parse_problems(document: dict[str, Any]) -> list[str]:
+    with pytest.raises(ValidationError) as error:
+        FederatedTrainingSpec.parse(document)
+    return describe_errors(error.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_called_so(value: float) -> None:
+    # NaN used to be reported as "less than or equal to 10", which sends the user looking elsewhere.
+    lines = parse_problems(spec(training={"optimizer": {"lr": value}}))
+    assert lines == ["training.optimizer.lr: must be a finite number (not NaN or an infinity)"]
+
+
+@pytest.mark.parametrize(
+    ("section", "where"),
+    [
+        ({"training": {"rounds": "2"}}, "training.rounds"),
+        ({"training": {"rounds": True}}, "training.rounds"),
+        ({"training": {"batchSize": 16.0}}, "training.batchSize"),
+        ({"suspend": "false"}, "suspend"),
+        ({"suspend": 0}, "suspend"),
+        ({"aggregation": {"siteFraction": "1"}}, "aggregation.siteFraction"),
+        ({"training": {"seed": 2**64}}, "training.seed"),
+    ],
+)
+def test_values_are_read_as_strictly_as_the_api_server_reads_them(
+    section: dict[str, Any], where: str
+) -> None:
+    lines = parse_problems(spec(**section))
+    assert any(line.startswith(f"{where}:") for line in lines), lines
+
+
+def test_a_quoted_number_is_answered_with_the_fix() -> None:
+    lines = parse_problems(spec(training={"rounds": "2"}))
+    assert lines == [
+        "training.rounds: Input should be a valid integer, not the string '2': write it without quotes"
+    ]
+
+
+def test_enums_still_take_their_string_values() -> None:
+    parsed = FederatedTrainingSpec.parse(spec(training={"optimizer": {"name": "sgd"}, "precision": "bf16"}))
+    assert parsed.training.optimizer.name.value == "sgd"
+    assert parsed.training.precision.value == "bf16"
+
+
+def test_snake_case_names_are_refused_with_the_camel_case_one() -> None:
+    document = spec()
+    document["sites"][0]["data"] = {"image_folder": {"path": "/data"}}
+    lines = parse_problems(document)
+    assert (
+        "sites.0.data.image_folder: unknown field: write imageFolder (fields are camelCase, as in examples/)"
+        in lines
+    )
+
+
+def test_python_code_still_builds_models_by_field_name() -> None:
+    # Only input from outside is camelCase-only; the code's own constructors keep their names.
+    from fedtrain.api import DataSpec, ImageFolderData, TrainingSpec
+
+    assert TrainingSpec(local_steps=5, batch_size=8).local_steps == 5
+    assert DataSpec(image_folder=ImageFolderData(path="/data")).image_folder is not None
+
+
+def test_an_object_written_as_a_string_is_answered_with_its_shape() -> None:
+    document = spec()
+    document["sites"][0]["data"] = {"imageFolder": "/dir"}
+    lines = parse_problems(document)
+    assert lines == ["sites.0.data.imageFolder: must be an object: write imageFolder: {path: /dir}"]
+    lines = parse_problems(spec(training={"optimizer": "adamw"}))
+    assert lines == ["training.optimizer: must be an object with the fields name, lr, weightDecay, momentum"]
+
+
+@pytest.mark.parametrize(
+    ("section", "where", "says"),
+    [
+        ({"storage": {"bucket": "fedtrain", "prefix": "../../other"}}, "storage.prefix", "relative path"),
+        ({"storage": {"bucket": "192.168.1.1"}}, "storage.bucket", "IP address"),
+        ({"storage": {"bucket": "my..bucket"}}, "storage.bucket", "S3 bucket name"),
+        ({"storage": {"bucket": "fedtrain", "endpoint": "file:///etc"}}, "storage.endpoint", "http(s)://"),
+        (
+            {"storage": {"bucket": "fedtrain", "credentialsSecret": "../x"}},
+            "storage.credentialsSecret",
+            "DNS",
+        ),
+        ({"model": {"numClasses": 9, "name": "vit;x"}}, "model.name", "timm model name"),
+        (
+            {
+                "model": {
+                    "numClasses": 9,
+                    "pretrained": {"source": "uri", "location": "s3://b/../../etc/passwd"},
+                }
+            },
+            "model.pretrained",
+            "no '.' or '..'",
+        ),
+    ],
+)
+def test_strings_obey_the_grammar_of_where_they_go(section: dict[str, Any], where: str, says: str) -> None:
+    lines = parse_problems(spec(**section))
+    assert any(line.startswith(f"{where}:") and says in line for line in lines), lines
+
+
+def test_a_metadata_name_with_a_dot_is_refused_naming_the_clash() -> None:
+    document = yaml.safe_load((ROOT / "examples" / "quick.yaml").read_text())
+    document["metadata"]["name"] = "a.b"
+    with pytest.raises(ValidationError) as error:
+        FederatedTraining.parse(document)
+    (line,) = describe_errors(error.value)
+    assert line.startswith("metadata.name: must be a DNS label")
+    assert "a.b onto the objects of the training a-b" in line
+
+
+def test_augment_true_is_refused_naming_the_choices() -> None:
+    lines = parse_problems(spec(training={"augment": True}))
+    assert lines == ["training.augment: Input should be 'none' or 'waferMap'"]
