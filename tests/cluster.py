@@ -89,9 +89,15 @@ class ApiServer(kmock.KubernetesEmulator):
         self._versions = itertools.count(1)
         #: Requests served, by "<method> <resource>[/<subresource>] <client>" (the User-Agent's product).
         self.request_counts: collections.Counter[str] = collections.Counter()
+        #: What each bearer token asked for, as RBAC sees a request: (verb, group, resource, namespace).
+        self.access: collections.defaultdict[str, set[Access]] = collections.defaultdict(set)
 
     async def _handle(self, request: Any) -> Any:
         self.request_counts[_request_kind(request)] += 1
+        access = _access(request)
+        if access is not None:
+            token = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+            self.access[token].add(access)
         data = request.data
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(data, dict):
             metadata = data.setdefault("metadata", {})
@@ -189,6 +195,25 @@ def _request_kind(request: Any) -> str:
     return f"{watch}{method} {resource} {agent}"
 
 
+#: A request as RBAC authorizes it: verb, API group, resource[/subresource], namespace (None: cluster).
+Access = tuple[str, str, str, str | None]
+
+
+def _access(request: Any) -> Access | None:
+    resource = request.resource
+    if resource is None or not getattr(resource, "plural", None):
+        return None
+    method = str(getattr(request.method, "value", request.method)).upper()
+    if method == "GET":
+        verb = "watch" if request.params.get("watch") in ("true", "1") else "get" if request.name else "list"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update"}.get(method, "")
+        if method == "DELETE":
+            verb = "delete" if request.name else "deletecollection"
+    plural = f"{resource.plural}/{request.subresource}" if request.subresource else resource.plural
+    return verb, resource.group or "", plural, request.namespace or None
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -249,12 +274,13 @@ class Emulator:
             self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
-    def write_kubeconfig(self, path: Path) -> Path:
+    def write_kubeconfig(self, path: Path, token: str = "test-token") -> Path:
+        """A kubeconfig for this server; a `token` of its own tells a client's requests apart (`access`)."""
         config: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "users": [{"name": "tester", "user": {"token": token}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester"}}],
             "current-context": "emulator",
         }

@@ -7,11 +7,14 @@ driver contract's, in test_contract.py."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,6 +30,68 @@ from fedtrain.api import GROUP, PLURAL, VERSION
 from fedtrain.operator import manifests
 
 pytestmark = pytest.mark.e2e
+
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The operator's own bearer token: the emulator records what it asked for under it.
+OPERATOR_TOKEN = "fedtrain-operator"
+
+
+def _render_tool() -> ModuleType:
+    """tools/render_manifests.py (a script, not a package), loaded once."""
+    if "render_manifests" in sys.modules:
+        return sys.modules["render_manifests"]
+    spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "tools" / "render_manifests.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def chart_rbac(values: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The chart's rules for these values: the ClusterRole's, and each namespace's Role's."""
+    tool = _render_tool()
+    rendered = tool.render_chart(
+        values, chart_dir=ROOT / "charts" / "fedtrain", name="ft", namespace="ft-system"
+    )
+    objects = [document.manifest for document in tool.documents(rendered)]
+    cluster_rules = [rule for item in objects if item["kind"] == "ClusterRole" for rule in item["rules"]]
+    roles: dict[str, list[dict[str, Any]]] = {}
+    for item in objects:
+        if item["kind"] == "Role":
+            roles.setdefault(item["metadata"]["namespace"], []).extend(item["rules"])
+    return cluster_rules, roles
+
+
+def assert_within_chart_rbac(cluster: Cluster, values: dict[str, Any]) -> None:
+    """Every request the operator sent is one the chart's RBAC for `values` grants."""
+    cluster_rules, roles = chart_rbac(values)
+
+    def allows(rules: list[dict[str, Any]], verb: str, group: str, resource: str) -> bool:
+        return any(
+            group in rule["apiGroups"]
+            and resource in rule["resources"]
+            and verb in rule["verbs"]
+            and not rule.get("resourceNames")
+            for rule in rules
+        )
+
+    assert cluster.emulator.handler is not None
+    sent = cluster.emulator.handler.access[OPERATOR_TOKEN]
+    assert sent, "the operator's requests were recorded"
+    denied = sorted(
+        (verb, group, resource, namespace or "")
+        for verb, group, resource, namespace in sent
+        if not allows(cluster_rules, verb, group, resource)
+        and not (namespace and allows(roles.get(namespace, []), verb, group, resource))
+    )
+    assert not denied, f"requests the chart's RBAC ({values}) would forbid: {denied}"
+
+
+def operator_kubeconfig(cluster: Cluster, folder: Path) -> Path:
+    return cluster.emulator.write_kubeconfig(folder / "operator-kubeconfig", token=OPERATOR_TOKEN)
 
 
 @pytest.fixture
@@ -67,7 +132,7 @@ class StatusRecorder:
 
 def test_training_succeeds_with_history_events_models_and_metrics(cluster: Cluster, tmp_path: Path) -> None:
     metrics_port = free_port()
-    cluster.start_operator(metrics_port=metrics_port)
+    cluster.start_operator(metrics_port=metrics_port, kubeconfig=operator_kubeconfig(cluster, tmp_path))
     aggregator = cluster.kubelet.service_proxy_template.format(
         namespace=TRAINING_NAMESPACE, service="wafer-aggregator", port=manifests.AGGREGATOR_PORT
     )
@@ -142,6 +207,7 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     states = {state for _, _, sites in recorder.seen for state in sites}
     assert {"Pending", "Running"} & states, recorder.seen
     assert "Trained" not in states, recorder.seen
+    assert_within_chart_rbac(cluster, {})  # cluster-wide
 
 
 def check_scraped_metrics(prometheus: PrometheusServer) -> None:
@@ -225,8 +291,8 @@ def test_aggregator_killed_mid_round_closes_with_the_same_result(cluster: Cluste
         torch.testing.assert_close(tensor.float(), expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_deleting_mid_round_removes_jobs_and_secrets_everywhere(cluster: Cluster) -> None:
-    cluster.start_operator()
+def test_deleting_mid_round_removes_jobs_and_secrets_everywhere(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_operator(kubeconfig=operator_kubeconfig(cluster, tmp_path))
     cluster.api.apply(cluster.training("gone", rounds=3, sites=3))
     wait_for("round 0's Jobs", lambda: len(cluster.trainer_jobs("gone")) >= 3, timeout=120)
     cluster.api.delete("gone")
@@ -245,6 +311,8 @@ def test_deleting_mid_round_removes_jobs_and_secrets_everywhere(cluster: Cluster
 
     wait_for("no Jobs or Secrets left", lambda: not leftovers(), timeout=30)
     wait_for("no trainer processes left", lambda: not cluster.kubelet.running_jobs(), timeout=30)
+    # The clean-up lists and deletes Jobs only: their Secrets, and the token, go by garbage collection.
+    assert_within_chart_rbac(cluster, {})
 
 
 def test_invalid_spec_gets_a_condition_an_event_and_no_jobs(cluster: Cluster) -> None:
@@ -330,3 +398,30 @@ def test_an_aggregator_that_cannot_start_is_named_and_fails_the_training_within_
             f"with aggregation.waitTimeoutSeconds={bound}"
         )
         assert cluster.trainer_jobs(name) == []
+
+
+def test_namespaced_operator_trains_refuses_an_unserved_site_and_stays_within_its_roles(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    served = [TRAINING_NAMESPACE, "site-a", "site-b"]
+    for namespace in [*served, "site-c"]:
+        cluster.api.core.create_namespace({"metadata": {"name": namespace}})
+    cluster.start_operator(kubeconfig=operator_kubeconfig(cluster, tmp_path), namespaces=served)
+    started = time.monotonic()
+    cluster.api.apply(cluster.training("outside", rounds=1, sites=3))  # fab-c runs in site-c
+    cluster.api.apply(cluster.training("inside", rounds=1, sites=2))
+
+    invalid = wait_for("the Invalid condition", lambda: _condition(cluster, "outside", "Invalid"), timeout=60)
+    print(f"unserved site namespace refused in {time.monotonic() - started:.1f} s: {invalid['message']}")
+    assert "'site-c' (site fab-c)" in invalid["message"]
+    assert "siteNamespaces" in invalid["message"]
+    status = wait_for("the served training to finish", lambda: cluster.finished("inside"), timeout=300)
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert {job["metadata"]["namespace"] for job in cluster.trainer_jobs("inside")} == {"site-a", "site-b"}
+    assert cluster.trainer_jobs("outside") == []
+    names = [d.metadata.name for d in cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items]
+    assert names == ["inside-aggregator"]
+    print(f"namespaced training succeeded in {time.monotonic() - started:.1f} s")
+    assert_within_chart_rbac(
+        cluster, {"watchNamespaces": [TRAINING_NAMESPACE], "siteNamespaces": ["site-a", "site-b"]}
+    )
