@@ -540,12 +540,12 @@ class RoundAggregator:
 
     def merge(self, round_index: int) -> str:
         """Write the global model of `round_index` with LoRA folded in, as a plain timm state dict."""
-        from fedtrain.model import build_model  # timm and peft only where a model is built
-
         if round_index > 0 and self.manifest(round_index - 1) is None:
             raise UnknownRoundError(
                 f"round {round_index} has no global model: round {round_index - 1} is not closed"
             )
+        from fedtrain.model import build_model  # timm and peft only where a model is built
+
         key = self.layout.merged_model()
         if self.store.exists(key):
             return self.store.uri(key)
