@@ -8,6 +8,7 @@ expand to gigabytes (a "billion laughs" document) before any validation could lo
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,11 @@ class StrictYamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_document(text: str) -> Any:
-    """One YAML document, read strictly (see StrictYamlLoader); raises yaml.YAMLError."""
-    return yaml.load(text, Loader=StrictYamlLoader)  # a SafeLoader: builds plain data only
+def load_document(text: str, name: str = "<text>") -> Any:
+    """One YAML document, read strictly (see StrictYamlLoader); raises yaml.YAMLError naming `name`."""
+    stream = io.StringIO(text)
+    stream.name = name  # what PyYAML's error marks show in place of "<unicode string>"
+    return yaml.load(stream, Loader=StrictYamlLoader)  # a SafeLoader: builds plain data only
 
 
 def read_resource_file(path: Path) -> dict[str, Any]:
@@ -80,7 +83,7 @@ def read_resource_file(path: Path) -> dict[str, Any]:
         problem = f"the file is larger than {MAX_FILE_BYTES // 1024} KiB, the API server's limit on an object"
         raise InvalidResourceError(path, [problem])
     try:
-        document = load_document(data.decode("utf-8"))
+        document = load_document(data.decode("utf-8"), str(path))
     except UnicodeDecodeError:
         raise InvalidResourceError(path, ["not valid YAML: the file is not UTF-8 text"]) from None
     except yaml.YAMLError as error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
 from pathlib import Path
 
 import yaml
@@ -31,3 +33,82 @@ def test_validate_cluster_accepts_a_cluster_example() -> None:
     result = CliRunner().invoke(app, ["validate", str(ROOT / "examples" / "gpu-s3.yaml"), "--cluster"])
     assert result.exit_code == 0, result.output
     assert "valid" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# a file from outside: strict YAML, bounded, printed without markup (issue 11)
+
+QUICK = (ROOT / "examples" / "quick.yaml").read_text()
+
+
+def validate(tmp_path: Path, text: str, *options: str) -> tuple[int, str]:
+    path = tmp_path / "training.yaml"
+    path.write_text(text)
+    result = CliRunner().invoke(app, ["validate", str(path), *options])
+    return result.exit_code, result.output
+
+
+def test_a_duplicate_key_is_refused_naming_the_key_and_both_lines(tmp_path: Path) -> None:
+    text = QUICK.replace("    rounds: 2\n", "    rounds: 2\n    rounds: 2000\n")
+    code, output = validate(tmp_path, text)
+    assert code == 2
+    assert "duplicate key 'rounds' (first on line 12): keep one of them" in output
+    assert 'training.yaml", line 13' in output
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_without_expanding_it(tmp_path: Path) -> None:
+    # Nine levels of nine aliases: 387 million items if expanded; it used to pass validation in 7 s
+    # and take `fedtrain run` past 3 GB.
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = "\n".join(f"          {line}" for line in levels)
+    text = QUICK.replace(
+        "    - name: fab-a\n", f"    - name: fab-a\n      affinity:\n        nodeAffinity:\n{bomb}\n", 1
+    )
+    tracemalloc.start()
+    started = time.perf_counter()
+    code, output = validate(tmp_path, text)
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert code == 2
+    assert "YAML anchors and aliases (&name, *name) are not accepted: write the value out" in output
+    assert elapsed < 2.0
+    assert peak < 20 * 1024 * 1024
+
+
+def test_a_file_larger_than_an_object_may_be_is_refused_unread(tmp_path: Path) -> None:
+    code, output = validate(tmp_path, QUICK + "#" * (1024 * 1024) + "\n")
+    assert code == 2
+    assert "larger than 1024 KiB" in output
+
+
+def test_problems_are_printed_as_written_not_as_rich_markup(tmp_path: Path) -> None:
+    # Rich read "[a-z0-9]" in a pattern as a markup tag and dropped it.
+    text = QUICK.replace("name: fab-a", "name: fab-a\n      nodeSelector: {'bad key!': x}", 1)
+    code, output = validate(tmp_path, text)
+    assert code == 2
+    assert "[a-z0-9]([-a-z0-9]*[a-z0-9])?" in output
+
+
+def test_validate_cluster_checks_the_trainer_jobs_against_the_kubernetes_schema(tmp_path: Path) -> None:
+    document = yaml.safe_load((ROOT / "examples" / "gpu-s3.yaml").read_text())
+    document["spec"]["sites"][1]["affinity"] = {"podAffinity": {"requiredDuringScheduling": []}}
+    text = yaml.safe_dump(document)
+    assert validate(tmp_path, text)[0] == 0, "the models keep an affinity free-form"
+    code, output = validate(tmp_path, text, "--cluster")
+    assert code == 2
+    assert "spec.sites[1].affinity.podAffinity: Additional properties are not allowed" in output
+
+
+def test_run_refuses_data_paths_missing_on_this_machine_before_anything_starts(tmp_path: Path) -> None:
+    document = yaml.safe_load((ROOT / "examples" / "gpu-pvc.yaml").read_text())
+    document["spec"]["sites"][0]["data"] = {"imageFolder": {"path": str(tmp_path / "images")}}
+    document["spec"]["sites"][1]["data"] = {"npz": {"path": str(tmp_path / "wafers.npz")}}
+    path = tmp_path / "training.yaml"
+    path.write_text(yaml.safe_dump(document))
+    result = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert f"spec.sites[0].data.imageFolder.path: {tmp_path / 'images'} is not a directory" in result.output
+    assert f"spec.sites[1].data.npz.path: {tmp_path / 'wafers.npz'} is not a file" in result.output
+    assert not (tmp_path / "run").exists()
