@@ -25,6 +25,7 @@ PATHS = {
     "Secret": "/api/v1/namespaces/{ns}/secrets",
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "Service": "/api/v1/namespaces/{ns}/services",
+    "Pod": "/api/v1/namespaces/{ns}/pods",
 }
 
 #: A tiny HTTP server: /healthz, /file/<name> from $DATA_DIR, and an echo of everything else.
@@ -552,3 +553,98 @@ def test_close_kills_whole_process_groups(emulator: Emulator, api: Api, tmp_path
     assert not alive(pid)
     wait_for(lambda: not alive(child), 2)
     assert not work_dir.exists()
+
+
+def _deployment(name: str, command: list[str], **container: Any) -> dict[str, Any]:
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "main", "image": "x", "command": command, **container}]},
+            },
+        },
+    }
+
+
+def _container_state(api: Api, app: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The (state, container status) of the app's one Pod object, if there is one."""
+    pods = [
+        p
+        for p in api.request("GET", PATHS["Pod"].format(ns=NS))["items"]
+        if p["metadata"]["labels"]["app"] == app
+    ]
+    statuses = (pods[0].get("status") or {}).get("containerStatuses") if len(pods) == 1 else None
+    return (statuses[0]["state"], statuses[0]) if statuses else None
+
+
+def test_deployment_pods_are_written_with_the_states_a_kubelet_reports(api: Api, kubelet: Kubelet) -> None:
+    # A Secret that does not exist yet: kubelet's CreateContainerConfigError, then running once it does.
+    api.create(
+        _deployment(
+            "configured",
+            ["python", "-c", "import time; time.sleep(60)"],
+            env=[{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "later", "key": "k"}}}],
+        )
+    )
+
+    def waiting_reason(app: str, reason: str) -> dict[str, Any] | None:
+        found = _container_state(api, app)
+        return found[1] if found and (found[0].get("waiting") or {}).get("reason") == reason else None
+
+    status = wait_for(lambda: waiting_reason("configured", "CreateContainerConfigError"), 5)
+    assert 'secret "later" not found' in status["state"]["waiting"]["message"]
+    api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "later", "namespace": NS},
+            "stringData": {"k": "v"},
+        }
+    )
+    wait_for(lambda: (found := _container_state(api, "configured")) and "running" in found[0], 5)
+
+    # A process that exits: CrashLoopBackOff, with the last termination (and its log's tail).
+    api.create(
+        _deployment(
+            "crashing",
+            ["python", "-c", "import sys; print('bucket missing'); sys.exit(3)"],
+            terminationMessagePolicy="FallbackToLogsOnError",
+        )
+    )
+    status = wait_for(lambda: waiting_reason("crashing", "CrashLoopBackOff"), 10)
+    terminated = status["lastState"]["terminated"]
+    assert (terminated["exitCode"], terminated["reason"]) == (3, "Error")
+    assert "bucket missing" in terminated["message"]
+    assert status["restartCount"] >= 1
+
+    # Deleted with its Deployment.
+    api.delete("Deployment", "crashing")
+    wait_for(lambda: _container_state(api, "crashing") is None, 5)
+
+
+def test_the_emulator_collects_objects_whose_owners_are_gone(api: Api, emulator: Emulator) -> None:
+    owner = api.create(job("owner", ["true"]))
+    owned = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "owned",
+            "namespace": NS,
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": "owner", "uid": owner["metadata"]["uid"]}
+            ],
+        },
+    }
+    api.create(owned)
+    api.create({**owned, "metadata": {"name": "free", "namespace": NS}})
+    time.sleep(0.5)
+    assert api.get("Secret", "owned") is not None
+    api.delete("Job", "owner")
+    wait_for(lambda: api.get("Secret", "owned") is None, 5)
+    assert api.get("Secret", "free") is not None
