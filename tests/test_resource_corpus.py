@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -271,3 +272,44 @@ def test_the_examples_pass_every_layer(
     if "storage" in document["spec"]:  # the local-run examples have none, which a cluster needs
         assert cli_problems(case, tmp_path, "--cluster") is None
         assert operator_problems(case) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# the operator's own refusals
+
+
+def _cluster_body() -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "gpu-s3.yaml").read_text())
+    body["metadata"].update(uid="0")
+    return body
+
+
+def test_validate_spec_refuses_a_name_that_would_share_another_trainings_aggregator() -> None:
+    body = _cluster_body()
+    body["metadata"]["name"] = "wafer.defects"  # its aggregator would be wafer-defects-aggregator
+    verdict = validate_spec(body)
+    assert isinstance(verdict, str)
+    assert verdict.startswith("metadata.name: must be a DNS label")
+
+
+def test_validate_spec_names_the_site_field_the_kubernetes_schema_refuses() -> None:
+    body = _cluster_body()
+    body["spec"]["sites"][1]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][
+        0
+    ]["weight"] = "heavy"
+    verdict = validate_spec(body)
+    assert verdict == (
+        "spec.sites[1].affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight: "
+        "'heavy' is not of type 'integer'"
+    )
+
+
+def test_validate_spec_stays_cheap_on_every_reconcile() -> None:
+    body = _cluster_body()
+    validate_spec(body)  # the Kubernetes schema is read once per process
+    started = time.perf_counter()
+    for _ in range(50):
+        assert not isinstance(validate_spec(body), str)
+    per_call = (time.perf_counter() - started) / 50
+    print(f"\nvalidate_spec of examples/gpu-s3.yaml, verdicts cached: {per_call * 1000:.2f} ms")
+    assert per_call < 0.02
