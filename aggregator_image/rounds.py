@@ -90,7 +90,10 @@ class _OpenRound:
     # The checksum each accepted update had when it was accepted, also kept in the store (pins_key):
     # an object replaced since is refused, also by an aggregator restarted in between.
     pins: dict[str, str] = field(default_factory=dict)
-    dirty: bool = False  # part of a rejected update is in the sum: rebuild it
+    dirty: bool = False  # part of the update being folded is in the sum
+    # Part of a rejected update is in the sum: it is rebuilt once, when the round closes, so a
+    # rejection costs the reading of one update, never the re-reading of every accepted one.
+    tainted: bool = False
 
 
 class RoundAggregator:
@@ -259,7 +262,7 @@ class RoundAggregator:
             self._pin(round_index, open_round, verdict)
         open_round.verdicts[site] = verdict
         if not verdict.accepted and open_round.dirty:
-            self._rebuild(round_index, list(open_round.weights))
+            open_round.tainted, open_round.dirty = True, False
         level = logging.INFO if verdict.accepted else logging.WARNING
         log.log(level, "round %d site %s: %s", round_index, site, verdict.reason or "accepted")
         return verdict
@@ -277,9 +280,10 @@ class RoundAggregator:
         """Check an update and fold it in the same single read of each tensor.
 
         Tensors are added as they pass their own checks; if the update is then rejected as a
-        whole (checksum, a later tensor, the norm bound), `open_round.dirty` is set and the caller
-        rebuilds the sum from the accepted updates. Rejections are rare; reading every update once
-        instead of twice is what keeps aggregation near memory speed.
+        whole (checksum, a later tensor, the norm bound), `open_round.dirty` is set: the round is
+        then tainted, and its close rebuilds the sum from the accepted updates, once however many
+        updates were rejected. Reading every update once instead of twice is what keeps aggregation
+        near memory speed; a rejection costs the reading of that update alone.
         """
         key = self.layout.update(round_index, site)
 
@@ -400,8 +404,9 @@ class RoundAggregator:
     def _rebuild(self, round_index: int, sites: list[str]) -> _OpenRound:
         """A fresh sum of exactly `sites`' updates, read again from the store; other verdicts kept.
 
-        Used after a rejected update left part of itself in the sum, after a restart (the sum is
-        gone), and when the engine closes a round without an update the aggregator had folded.
+        Used when a round closes after a rejected update left part of itself in the sum, after a
+        restart (the sum is gone), and when the engine closes a round without an update the
+        aggregator had folded.
         """
         previous = self._open.get(round_index)
         rebuilt = self._open[round_index] = self._new_round(round_index)
@@ -409,10 +414,14 @@ class RoundAggregator:
             rebuilt.verdicts = {
                 site: verdict for site, verdict in previous.verdicts.items() if site not in sites
             }
+        changed = []
         for site in sites:
             rebuilt.verdicts[site] = self._fold(round_index, site, rebuilt)
             if rebuilt.dirty:  # the object changed in the store since it was accepted
-                return self._rebuild(round_index, [s for s in sites if s != site])
+                changed.append(site)
+                rebuilt.dirty = False
+        if changed:  # one more pass without all of them, whatever their number
+            return self._rebuild(round_index, [site for site in sites if site not in changed])
         return rebuilt
 
     @staticmethod
@@ -477,7 +486,7 @@ class RoundAggregator:
         site's file never fails a round. With none left, the next global model is the current one.
         """
         open_round = self._round(round_index)
-        if set(open_round.weights) != set(participants):
+        if open_round.tainted or set(open_round.weights) != set(participants):
             # After a restart the sum is empty; or an update arrived after the engine decided to
             # close without it: sum exactly the participants, as the engine recorded them.
             open_round = self._rebuild(round_index, participants)

@@ -827,3 +827,27 @@ def test_a_round_whose_aggregate_overflows_publishes_nothing(tmp_path: Path) -> 
         aggregator.close(0, ["fab-a", "fab-b"])
     assert not store.exists(LAYOUT.global_model(1))
     assert not store.exists(LAYOUT.manifest(0))
+
+
+def test_a_rejection_reads_only_its_own_update_and_the_close_rebuilds_once(
+    tmp_path: Path, global_tensors: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    # A NaN in the last tensor is found after the others were folded: the round is tainted, not
+    # rebuilt at once, so hostile sites cannot make every rejection re-read the accepted updates.
+    store = RecordingStore(tmp_path / "store")
+    _prepare(store, global_tensors, deltas)
+    bad = ["nan-1", "nan-2", "nan-3"]
+    for site in bad:
+        poisoned = {name: tensor.clone() for name, tensor in deltas["fab-a"].items()}
+        poisoned["pos_embed"].view(-1)[0] = math.nan
+        store.put_bytes(LAYOUT.update(0, site), _update_bytes(site, poisoned, 10))
+    aggregator = RoundAggregator(store, LAYOUT, _spec(sites=[*SITES, *bad]))
+    for site in SITES:
+        assert aggregator.submit(0, site).accepted
+    reads = len(store.read)
+    for site in bad:
+        assert aggregator.submit(0, site).reason == "nonfinite"
+    assert store.read[reads:] == [LAYOUT.update(0, site) for site in bad]
+    aggregator.close(0, list(SITES))
+    assert all(store.read.count(LAYOUT.update(0, site)) == 2 for site in SITES)
+    _assert_model(_next_global(store), _numpy_fedavg(global_tensors, deltas, SAMPLES))
