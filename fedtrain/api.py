@@ -628,12 +628,12 @@ class StorageSpec(SpecModel):
     )
     prefix: str = Field(
         "fedtrain",
-        min_length=1,
         max_length=256,
-        pattern=RELATIVE_PATH,
+        pattern=f"^$|{RELATIVE_PATH}",
         description=(
-            "Key prefix under which every training's objects live: segments of letters, digits and "
-            "-_+@=,~. joined by '/', no leading '/', no '.' or '..' segment."
+            "Key prefix under which every training's objects live: empty (the bucket's root), or "
+            "segments of letters, digits and -_+@=,~. joined by '/', no leading or trailing '/', no '.' "
+            "or '..' segment."
         ),
     )
     region: str = Field(
@@ -1309,7 +1309,9 @@ def _message(problem: ErrorDetails) -> str:
         return "must be a list (one '- item' per line, or [a, b])"
     if kind == "string_pattern_mismatch":
         pattern = str((problem.get("ctx") or {}).get("pattern", ""))
-        meaning = _PATTERN_MEANINGS.get(pattern)
+        meaning = _PATTERN_MEANINGS.get(pattern.removeprefix("^$|"))
+        if meaning and pattern.startswith("^$|"):
+            meaning = f"must be empty or {meaning.removeprefix('must be ')}"
         return f"{meaning} (the pattern {pattern})" if meaning else problem["msg"]
     if kind in ("int_type", "float_type", "bool_type") and isinstance(problem["input"], str):
         return f"{problem['msg']}, not the string {problem['input']!r}: write it without quotes"
