@@ -392,6 +392,8 @@ def _waited_too_long(
     waited = (now - since).total_seconds()
     if waited < bound:
         reason = observations.waiting_reason or "Waiting"
+        if observations.waiting_reason and (waiting is None or waiting.status != "True"):
+            decision.warning(reason, waiting_for)  # a wait of a known kind begins: say so once
         set_condition(status, ConditionType.WAITING, True, reason, waiting_for, now)
         return False
     message = (

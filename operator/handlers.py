@@ -125,9 +125,9 @@ async def run_training(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.
             try:
                 outcome = await Reconciler(context, body).reconcile()
             except KubeError as error:
-                delay = _failed_reconcile(context, runtime, error, logging.WARNING)
+                delay = failed_reconcile(context, runtime, error, logging.WARNING)
             except Exception as error:  # not classified where raised: logged once, shown in the status
-                delay = _failed_reconcile(context, runtime, error, logging.ERROR)
+                delay = failed_reconcile(context, runtime, error, logging.ERROR)
                 with contextlib.suppress(Exception):  # the status write may be what fails
                     await Reconciler(context, body).report_unexpected(error)
             else:
@@ -142,7 +142,7 @@ async def run_training(body: kopf.Body, stopped: kopf.DaemonStopped, memo: kopf.
             await _sleep(runtime, stopped, delay)
 
 
-def _failed_reconcile(context: Context, runtime: TrainingRuntime, error: Exception, level: int) -> float:
+def failed_reconcile(context: Context, runtime: TrainingRuntime, error: Exception, level: int) -> float:
     """Count and log a reconcile that raised (a repeat of the last error only at DEBUG); the delay
     before the next one, doubling while the same error repeats, up to MAX_ERROR_RETRY_SECONDS."""
     context.metrics.reconcile_errors.labels(error=type(error).__name__).inc()

@@ -121,8 +121,8 @@ class OperatorMetrics:
         )
         self.failures = Counter(
             "fedtrain_training_failures",
-            "Trainings that failed, by the reason of their Failed condition (WaitTimedOut: a wait outlasted "
-            "aggregation.waitTimeoutSeconds).",
+            "Trainings that failed, by the reason of their Failed condition (a wait that outlasted "
+            "aggregation.waitTimeoutSeconds: AggregatorUnavailable, Forbidden, or WaitTimedOut).",
             [*training, "reason"],
             registry=r,
         )

@@ -398,6 +398,24 @@ def test_no_rule_has_a_wildcard(
                 assert rule["resources"] == ["federatedtrainings/finalizers"], rule
 
 
+def test_no_secret_is_listed_watched_or_deleted_and_pods_are_only_listed(
+    default_objects: list[dict[str, Any]], namespaced_objects: list[dict[str, Any]]
+) -> None:
+    for objects in (default_objects, namespaced_objects):
+        for item in objects:
+            if item["kind"] not in {"ClusterRole", "Role"}:
+                continue
+            verbs = granted(item["rules"])
+            assert verbs.get(("", "secrets"), set()) <= {"get", "create"}, item["metadata"]
+            assert verbs.get(("", "pods"), set()) <= {"list"}, item["metadata"]
+    # Namespaced: Secrets are read only where trainings live; in site namespaces only created.
+    for role in of_kind(namespaced_objects, "Role"):
+        namespace = role["metadata"]["namespace"]
+        secrets = granted(role["rules"]).get(("", "secrets"), set())
+        if namespace in NAMESPACED["siteNamespaces"] and namespace not in NAMESPACED["watchNamespaces"]:
+            assert secrets == {"create"}, namespace
+
+
 def test_every_rbac_rule_has_a_comment() -> None:
     rules = 0
     for template in sorted((CHART / "templates").iterdir()):

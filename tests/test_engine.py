@@ -1567,7 +1567,11 @@ def test_a_wait_of_a_known_kind_shows_it_and_fails_with_it_as_the_reason() -> No
     cause = 'pod wafer-aggregator-1: CreateContainerConfigError: secret "s3" not found'
     world.memory.waiting_for = f"POST /v1/rounds/0/updates: HTTP 503; the aggregator: {cause}"
     world.memory.waiting_reason = "AggregatorUnavailable"
-    world.step()
+    began = world.step()
+    assert [(e.type, e.reason) for e in began.events] == [("Warning", "AggregatorUnavailable")]
+    world.now += seconds(5)
+    assert world.step().events == [], "once, when the wait begins"
+    world.now -= seconds(5)
     waiting = condition(world.status, ConditionType.WAITING)
     assert (waiting.status, waiting.reason) == ("True", "AggregatorUnavailable")
     assert cause in waiting.message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,7 @@ from fedtrain.operator.core import (
 )
 from fedtrain.operator.credentials import KubeCredentials
 from fedtrain.operator.engine import JobObservation, JobState, StartSiteJob, StopSiteJob, step
+from fedtrain.operator.handlers import failed_reconcile
 from fedtrain.operator.history import StoreHistory, append_record
 from fedtrain.operator.jobs import JobTable, KubeJobs, job_observation
 from fedtrain.operator.kube import KubeError
@@ -1124,3 +1126,32 @@ async def test_why_unavailable_names_each_pod_and_asks_a_running_one_its_readine
     assert asked == [("agg-new", "10.0.0.7")]
     kube.forbid("Pod", ref.namespace)
     assert "could not be read" in (await provisioner.why_unavailable(readiness) or "")
+
+
+# --------------------------------------------------------------------------------------------------
+# a reconcile that raises what no code classified
+
+
+@pytest.mark.asyncio
+async def test_an_unexpected_reconcile_error_is_shown_in_the_status_and_logged_once(
+    body: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    kube = RecordingKube()
+    kube.put({**body, "status": {}})
+    settings = OperatorSettings(liveness_port=None, metrics_port=None)
+    async with aiohttp.ClientSession() as session:
+        context = Context(
+            settings=settings, kube=kube, session=session, metrics=OperatorMetrics(CollectorRegistry())
+        )
+        error = ValueError("a bug")
+        await Reconciler(context, body).report_unexpected(error)
+        runtime = context.runtime(training_ref(body))
+        with caplog.at_level(logging.WARNING, logger="fedtrain.operator.handlers"):
+            delays = [failed_reconcile(context, runtime, error, logging.ERROR) for _ in range(4)]
+    status = kube.get(KIND, TRAINING_NAMESPACE, body["metadata"]["name"])["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "OperatorError")
+    assert "unexpected ValueError: a bug" in ready["message"]
+    assert len(caplog.records) == 1, "the same error is logged once"
+    assert caplog.records[0].exc_info is not None
+    assert delays == [5.0, 10.0, 20.0, 40.0]
