@@ -89,6 +89,8 @@ class ApiServer(kmock.KubernetesEmulator):
         self._versions = itertools.count(1)
         #: Requests served, by "<method> <resource>[/<subresource>] <client>" (the User-Agent's product).
         self.request_counts: collections.Counter[str] = collections.Counter()
+        #: Objects deleted so far: the garbage collector looks for orphans only after one is.
+        self.changes = 0
         #: What each bearer token asked for, as RBAC sees a request: (verb, group, resource, namespace).
         self.access: collections.defaultdict[str, set[Access]] = collections.defaultdict(set)
 
@@ -119,12 +121,25 @@ class ApiServer(kmock.KubernetesEmulator):
         try:
             return await super()._handle(request)
         finally:
+            if self._gone(request):
+                self.changes += 1  # something may have lost its owner
             # kmock logs every request and scans the whole log on each new one, so every request costs
             # more than the last; nothing here asserts on past requests: keep only those in flight.
             for index, seen in enumerate(self._requests):
                 if seen is request:
                     del self._requests[index]
                     break
+
+    def _gone(self, request: Any) -> bool:
+        """A delete, or a patch that removed an object's last finalizer (and with it the object)."""
+        if request.method == kmock.method.DELETE:
+            return True
+        if request.method not in (kmock.method.PATCH, kmock.method.PUT) or not request.name:
+            return False
+        try:
+            return bool(self.objects[(request.resource, request.namespace, request.name)].deleted)
+        except KeyError:
+            return False
 
     def orphans(self) -> list[str]:
         """API paths of objects whose owners are all gone: what the garbage collector deletes."""
@@ -254,9 +269,13 @@ class Emulator:
         """Kubernetes' garbage collector: an object whose owners are all gone is deleted, over HTTP
         as any client would (a trainer's Secret with its Job, the aggregator's objects with the
         training), every GC_INTERVAL seconds."""
+        seen = 0
         async with aiohttp.ClientSession(self.url) as session:
             while True:
                 await asyncio.sleep(GC_INTERVAL)
+                if handler.changes == seen:
+                    continue
+                seen = handler.changes
                 for path in handler.orphans():
                     with contextlib.suppress(aiohttp.ClientError):
                         async with session.delete(path, params={"propagationPolicy": "Background"}):
