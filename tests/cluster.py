@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +91,8 @@ class ApiServer(kmock.KubernetesEmulator):
         self.request_counts: collections.Counter[str] = collections.Counter()
         #: Objects deleted so far: the garbage collector looks for orphans only after one is.
         self.changes = 0
+        #: When set, RBAC: a request it answers False for is refused with 403, as an API server does.
+        self.authorizer: Callable[[str, Access], bool] | None = None
         #: What each bearer token asked for, as RBAC sees a request: (verb, group, resource, namespace).
         self.access: collections.defaultdict[str, set[Access]] = collections.defaultdict(set)
 
@@ -100,6 +102,8 @@ class ApiServer(kmock.KubernetesEmulator):
         if access is not None:
             token = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
             self.access[token].add(access)
+            if self.authorizer is not None and not self.authorizer(token, access):
+                raise kmock.KubernetesError(status=403, reason="Forbidden", message=_forbidden(token, access))
         data = request.data
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(data, dict):
             metadata = data.setdefault("metadata", {})
@@ -227,6 +231,19 @@ def _access(request: Any) -> Access | None:
             verb = "delete" if request.name else "deletecollection"
     plural = f"{resource.plural}/{request.subresource}" if request.subresource else resource.plural
     return verb, resource.group or "", plural, request.namespace or None
+
+
+def _forbidden(user: str, access: Access) -> str:
+    """The API server's words for a request RBAC refuses."""
+    verb, group, resource, namespace = access
+    plural, _, subresource = resource.partition("/")
+    where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    what = f"{plural}.{group}" if group else plural
+    sub = f' subresource "{subresource}"' if subresource else ""
+    return (
+        f'{what} is forbidden: User "{user}" cannot {verb} resource "{plural}"{sub} '
+        f'in API group "{group}" {where}'
+    )
 
 
 def _now() -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import urllib3
+from cluster import running_emulator
 from contract_drivers import Cluster, created_once, running_cluster
 from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, wait_for
 from ports import free_port
@@ -27,7 +28,9 @@ from prometheus_server import PrometheusServer, Target, values
 from safetensors.torch import load_file
 
 from fedtrain.api import GROUP, PLURAL, VERSION
+from fedtrain.errors import TemporaryError
 from fedtrain.operator import manifests
+from fedtrain.operator.kube import Kube, KubeForbiddenError, load_api_client
 
 pytestmark = pytest.mark.e2e
 
@@ -425,3 +428,27 @@ def test_namespaced_operator_trains_refuses_an_unserved_site_and_stays_within_it
     assert_within_chart_rbac(
         cluster, {"watchNamespaces": [TRAINING_NAMESPACE], "siteNamespaces": ["site-a", "site-b"]}
     )
+
+
+@pytest.mark.asyncio
+async def test_a_create_the_rbac_forbids_is_a_wait_naming_the_verb_resource_and_namespace(
+    tmp_path: Path,
+) -> None:
+    """The real client against an API server that refuses with 403: a wait (bounded by the engine)."""
+    with running_emulator() as emulator:
+        assert emulator.handler is not None
+        emulator.handler.authorizer = lambda user, access: (
+            not (user == OPERATOR_TOKEN and access[0] == "create" and access[3] == "site-b")
+        )
+        kubeconfig = emulator.write_kubeconfig(tmp_path / "kubeconfig", token=OPERATOR_TOKEN)
+        kube = Kube(load_api_client(kubeconfig))
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "site-b"}}
+        with pytest.raises(KubeForbiddenError) as raised:
+            await kube.create(job)
+        assert await kube.create({**job, "metadata": {"name": "j", "namespace": "site-a"}}) is not None
+    assert isinstance(raised.value, TemporaryError)
+    assert raised.value.reason == "Forbidden"
+    message = str(raised.value)
+    assert "create Job site-b/j: HTTP 403" in message
+    assert 'cannot create resource "jobs" in API group "batch" in the namespace "site-b"' in message
+    assert "siteNamespaces" in message
