@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 #: The most samples a site whose data size the spec does not state (npz, imageFolder) may report: its
 #: weight under `weighting: samples`. Synthetic sites are bounded by the maps they generate.
 MAX_SITE_SAMPLES = 10_000_000
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 #: A rejection's message is cut here: it ends in the round's manifest and the resource's status.
 MAX_MESSAGE_CHARS = 1000
 #: The first read of an update on S3: its whole header, for a LoRA update of a few hundred tensors.
@@ -334,10 +336,8 @@ class RoundAggregator:
         if pinned is not None and pinned != meta.tensors_sha256:
             message = f"{key} was replaced after it was accepted (checksum {pinned[:12]}...)"
             return self._reject(round_index, site, "replaced", message, **common)
-        limit = self._samples_limit(site_spec)
-        if meta.samples > limit:
-            message = f"{key} reports {meta.samples} samples; the site's data holds at most {limit}"
-            return self._reject(round_index, site, "samples", message, **common)
+        if problem := self._samples_problem(site_spec, meta):
+            return self._reject(round_index, site, "samples", f"{key} reports {problem}", **common)
         if meta.kind is PayloadKind.REPORT:
             return self._report_verdict(round_index, site, key, meta, common)
         try:
@@ -346,9 +346,16 @@ class RoundAggregator:
             return self._reject(round_index, site, error.reason, str(error), **common)
         return None
 
-    def _samples_limit(self, site_spec: SiteSpec) -> int:
+    def _samples_problem(self, site_spec: SiteSpec, meta: Metadata) -> str | None:
+        """Why the sample counts (the update's weight, the evaluation's) cannot be the site's, if so."""
         synthetic = site_spec.data.synthetic
-        return synthetic.samples if synthetic is not None else self.max_site_samples
+        limit = synthetic.samples if synthetic is not None else self.max_site_samples
+        evaluation = meta.metrics.get("evaluation")
+        evaluated = evaluation.get("samples") if isinstance(evaluation, dict) else None
+        for what, count in (("training", meta.samples), ("evaluation", evaluated)):
+            if isinstance(count, int) and count > limit:
+                return f"{count} {what} samples; the site's data holds at most {limit}"
+        return None
 
     def _is_training_round(self, round_index: int) -> bool:
         """Whether the round surely trains: only early stopping makes an earlier round the evaluation."""
@@ -614,6 +621,8 @@ def _manifest_rejections(open_round: _OpenRound, recorded: list[RejectedUpdate])
 
 def _common(meta: Metadata, size: int) -> dict[str, Any]:
     """What every verdict on an update or report carries; ValueError when the metrics are unusable."""
+    if not _SHA256.fullmatch(meta.tensors_sha256):
+        raise ValueError(f"tensors_sha256 {meta.tensors_sha256[:80]!r} is not a sha256")
     train_seconds = meta.timings.get("train_seconds")
     if train_seconds is not None and not (math.isfinite(train_seconds) and train_seconds >= 0):
         raise ValueError(f"train_seconds is {train_seconds}")

@@ -297,7 +297,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for name, _ in pairs:
             if name in seen:
-                raise _HostileJsonError(f"the name {name[:80]!r} appears twice")
+                raise _HostileJsonError(f"the name {name[:80]!r} twice")
             seen.add(name)
     return result
 
@@ -349,7 +349,10 @@ def _parse_header(head: bytes, total: int, source: str) -> dict[str, Any]:
         text.count(b"{") > MAX_TENSORS + MAX_METADATA_BRACES
         or text.count(b"[") > 2 * MAX_TENSORS + MAX_METADATA_BRACES
     ):
-        raise _not_safetensors(source, f"its header holds more than the {MAX_TENSORS} tensors fedtrain reads")
+        raise _not_safetensors(
+            source,
+            f"its header holds more JSON objects or arrays than the {MAX_TENSORS} tensors fedtrain reads",
+        )
     try:
         header = parse_json(text, source)
     except CodecError:

@@ -63,6 +63,11 @@ MODEL = {
     "imageSize": 28,
     "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
 }
+#: The stable codes a rejection may give (a metrics label, and the first word of the status message).
+REASONS = {
+    *("format", "pickle", "metadata", "samples", "nonfinite", "norm", "names", "shape", "dtype"),
+    *("checksum", "base-model", "mismatch", "missing", "report"),
+}
 #: The bounds every rejection must stay within.
 MAX_REJECTION_SECONDS = 1.0
 MAX_REJECTION_RSS_BYTES = 50 * 1024 * 1024
@@ -210,10 +215,8 @@ def half_precision_declared_fp32(site: str) -> bytes:
 
 
 def integer_tensors(site: str) -> bytes:
-    header, _ = split(update(site))
-    tensors = {name: torch.zeros(shape, dtype=torch.int32) for name, shape in SHAPES.items()}
-    _, data = split(encode(tensors, meta(site)))
-    return join(header, data)
+    """Right names and shapes, but int32 where the update declares fp32 (encode casts floats only)."""
+    return encode({name: torch.zeros(shape, dtype=torch.int32) for name, shape in SHAPES.items()}, meta(site))
 
 
 def report(site: str) -> bytes:
@@ -366,6 +369,21 @@ CORPUS: list[Case] = [
         "numbers",
         "samples-5000-digits",
         lambda site: with_metadata_text(site, '"samples":100', '"samples":' + "9" * 5000),
+    ),
+    Case(
+        "numbers",
+        "evaluation-samples-10^18",
+        lambda site: with_metadata(
+            site,
+            set_in(
+                ("metrics", "evaluation"), {"loss": 0.1, "accuracy": 0.5, "macroF1": 0.5, "samples": 10**18}
+            ),
+        ),
+    ),
+    Case(
+        "malformed",
+        "checksum-100000-chars",
+        lambda site: with_metadata(site, set_in(("tensors_sha256",), "z" * 100_000)),
     ),
     Case("numbers", "samples-negative", lambda site: with_metadata(site, set_in(("samples",), -5))),
     Case("numbers", "samples-zero", lambda site: update(site, samples=0)),
@@ -556,7 +574,7 @@ def test_a_hostile_update_is_that_sites_rejection(client: TestClient, store: S3S
     assert result.status == 200, result.body
     verdict = UpdateVerdict.model_validate(result.body)
     assert not verdict.accepted, verdict
-    assert verdict.reason, verdict
+    assert verdict.reason in REASONS, verdict
     assert verdict.message, verdict
     assert result.seconds < MAX_REJECTION_SECONDS
     assert result.rss_bytes < MAX_REJECTION_RSS_BYTES
