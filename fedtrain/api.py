@@ -1245,7 +1245,8 @@ class ObjectMeta(BaseModel):
     namespace: str | None = Field(None, min_length=1, max_length=63, pattern=DNS_LABEL)
     generation: int | None = Field(None, ge=0, le=INT64_MAX)
     labels: dict[QualifiedName, LabelValue] = Field(default_factory=dict, max_length=64)
-    annotations: dict[QualifiedName, Annotated[str, Field(max_length=64 * 1024)]] = Field(
+    # The API server allows 256 KiB of annotations in all (kubectl's last-applied-configuration is one).
+    annotations: dict[QualifiedName, Annotated[str, Field(max_length=256 * 1024)]] = Field(
         default_factory=dict, max_length=64
     )
 
@@ -1281,12 +1282,15 @@ class FederatedTraining(SpecModel):
         return self
 
 
-def describe_errors(error: ValidationError) -> list[str]:
-    """One line per problem, each naming the field as the user wrote it (spec.training.localSteps)."""
+def describe_errors(error: ValidationError, within: str = "") -> list[str]:
+    """One line per problem, each naming the field as the user wrote it (spec.training.localSteps);
+    `within` is where the validated object sits ("spec" for a spec validated alone)."""
     lines = []
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(document)"
-        lines.append(f"{where}: {_message(problem)}")
+        where = ".".join(
+            [within, *(str(part) for part in problem["loc"])] if within else map(str, problem["loc"])
+        )
+        lines.append(f"{where or '(document)'}: {_message(problem)}")
     return lines
 
 

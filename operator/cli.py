@@ -11,7 +11,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedtrain.api import FederatedTraining, FederatedTrainingSpec, FederatedTrainingStatus, Phase
+from fedtrain.api import (
+    FederatedTraining,
+    FederatedTrainingSpec,
+    FederatedTrainingStatus,
+    Phase,
+    PretrainedSource,
+)
 from fedtrain.crd import CRD_DIRS, CRD_FILENAME, render_crd
 from fedtrain.pretrained import cluster_problems
 from fedtrain.resource import InvalidResourceError, load_resource
@@ -58,6 +64,11 @@ def local_problems(spec: FederatedTrainingSpec) -> list[str]:
     """What a local run cannot find: data paths that do not exist on this machine (a cluster cannot
     tell, its paths are inside the sites' volumes)."""
     problems = []
+    pretrained = spec.model.pretrained
+    if pretrained.source is PretrainedSource.FILE and not Path(pretrained.location or "").is_file():
+        problems.append(
+            f"spec.model.pretrained.location: {pretrained.location} is not a file on this machine"
+        )
     for index, site in enumerate(spec.sites):
         data = site.data
         if data.image_folder is not None and not Path(data.image_folder.path).is_dir():

@@ -144,7 +144,7 @@ def validate_spec(body: Mapping[str, Any]) -> FederatedTrainingSpec | str:
     try:
         spec = FederatedTrainingSpec.parse(body.get("spec") or {})
     except ValidationError as error:
-        return "; ".join([*problems, *(f"spec.{line}" for line in describe_errors(error))])
+        return "; ".join([*problems, *describe_errors(error, "spec")])
     problems += cluster_problems(spec)
     # An invalid name makes invalid labels: the Jobs are then checked as those of a valid one.
     name = "check" if problems else str(metadata["name"])

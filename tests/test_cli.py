@@ -105,10 +105,15 @@ def test_run_refuses_data_paths_missing_on_this_machine_before_anything_starts(t
     document = yaml.safe_load((ROOT / "examples" / "gpu-pvc.yaml").read_text())
     document["spec"]["sites"][0]["data"] = {"imageFolder": {"path": str(tmp_path / "images")}}
     document["spec"]["sites"][1]["data"] = {"npz": {"path": str(tmp_path / "wafers.npz")}}
+    document["spec"]["model"]["pretrained"] = {
+        "source": "file",
+        "location": str(tmp_path / "base.safetensors"),
+    }
     path = tmp_path / "training.yaml"
     path.write_text(yaml.safe_dump(document))
     result = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert f"spec.sites[0].data.imageFolder.path: {tmp_path / 'images'} is not a directory" in result.output
     assert f"spec.sites[1].data.npz.path: {tmp_path / 'wafers.npz'} is not a file" in result.output
+    assert f"spec.model.pretrained.location: {tmp_path / 'base.safetensors'} is not a file" in result.output
     assert not (tmp_path / "run").exists()

@@ -313,3 +313,12 @@ def test_validate_spec_stays_cheap_on_every_reconcile() -> None:
     per_call = (time.perf_counter() - started) / 50
     print(f"\nvalidate_spec of examples/gpu-s3.yaml, verdicts cached: {per_call * 1000:.2f} ms")
     assert per_call < 0.02
+
+
+def test_validate_spec_names_a_rule_across_fields_as_one_of_the_spec() -> None:
+    body = _cluster_body()
+    body["spec"]["aggregation"]["minSites"] = 3
+    assert (
+        validate_spec(body)
+        == "spec: aggregation.minSites is 3 but there are only 2 sites: lower minSites or add sites"
+    )
