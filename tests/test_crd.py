@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import jsonschema
 import kubernetes_validate
@@ -411,6 +411,24 @@ def test_the_generator_fails_loudly_on_what_kubernetes_cannot_express() -> None:
 
     with pytest.raises(SchemaError, match=r"^Union\.value: a union"):
         openapi_schema(Union)
+
+
+def test_keys_with_a_grammar_become_a_cel_rule_on_the_map() -> None:
+    # Structural schemas have no patternProperties or propertyNames: the API server would drop them.
+    class Limits(ApiModel):
+        limits: dict[Annotated[str, Field(max_length=8, pattern="^[a-z]+$")], int] = Field(
+            default_factory=dict, max_length=4, description="Limits."
+        )
+
+    node = openapi_schema(Limits, "spec")["properties"]["limits"]
+    assert node["additionalProperties"] == {"type": "integer"}
+    assert node["maxProperties"] == 4
+    assert "patternProperties" not in node
+    assert "propertyNames" not in node
+    assert violations(node, {"cpu": 1}) == []
+    (found,) = violations(node, {"CPU": 1})
+    assert found == "<root>: every key must match ^[a-z]+$ and have at most 8 characters"
+    assert len(violations(node, {"abcdefghi": 1})) == 1
 
 
 # --------------------------------------------------------------------------------------------------
