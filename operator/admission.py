@@ -16,17 +16,20 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator, Sequence
+from decimal import Decimal
 from typing import Any, Final
 
 import jsonschema
+from kubernetes.utils import parse_quantity
 from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
-from fedtrain.api import FederatedTrainingSpec, SiteSpec
+from fedtrain.api import INT64_MAX, FederatedTrainingSpec, SiteSpec
 
 from .manifests import PodDefaults, TrainingRef, trainer_job
 
-#: The Kubernetes version whose schema the Jobs are checked against: the oldest one the chart supports.
+#: The Kubernetes version whose schema the Jobs are checked against, pinned so that a verdict does not
+#: change with the kubernetes-validate release installed.
 KUBERNETES_VERSION: Final = "1.30.0"
 #: At most this many problems per site are reported (one wrong Affinity can give dozens).
 MAX_PROBLEMS_PER_SITE: Final = 5
@@ -84,13 +87,54 @@ def _site_problems(spec: FederatedTrainingSpec, site: SiteSpec, name: str, names
         if len(_VERDICTS) >= _MAX_VERDICTS:
             _VERDICTS.clear()
         job = trainer_job(TrainingRef(namespace, name, "0"), spec, site, 0, 0, "train", _DEFAULTS)
-        found: list[str] = []
+        found = resource_problems(site)
         for error in _errors(job):
             found.append(f"{_site_field(error.absolute_path)}: {_short(error.message)}")
             if len(found) == MAX_PROBLEMS_PER_SITE:
                 break
         _VERDICTS[key] = tuple(dict.fromkeys(found))
     return _VERDICTS[key]
+
+
+def resource_problems(site: SiteSpec) -> list[str]:
+    """What the API server checks of a container's resources beyond their schema: each quantity
+    parses and fits in an int64, a request is at most its limit, and an extended resource (such as
+    nvidia.com/gpu) is a whole number whose request, if any, equals its limit."""
+    problems: list[str] = []
+    amounts: dict[str, dict[str, Decimal]] = {}
+    for kind, values in (("requests", site.resources.requests), ("limits", site.resources.limits)):
+        amounts[kind] = {}
+        for name, value in values.items():
+            where = f"resources.{kind}.{name}"
+            try:
+                amount = parse_quantity(value)
+            except ValueError:
+                problems.append(f"{where}: {value!r} is not a quantity Kubernetes can read")
+                continue
+            if amount > INT64_MAX:
+                problems.append(f"{where}: {value} is larger than a quantity may be")
+            elif _extended(name) and amount != amount.to_integral_value():
+                problems.append(f"{where}: {name} is counted in whole units, not {value}")
+            amounts[kind][name] = amount
+    for name, request in amounts["requests"].items():
+        limit = amounts["limits"].get(name)
+        if _extended(name) and limit != request:
+            problems.append(
+                f"resources.requests.{name}: an extended resource's request must equal its limit: "
+                f"set limits.{name} to {site.resources.requests[name]}"
+            )
+        elif limit is not None and request > limit:
+            problems.append(
+                f"resources.requests.{name}: {site.resources.requests[name]} is more than the limit "
+                f"{site.resources.limits[name]}"
+            )
+    return problems
+
+
+def _extended(name: str) -> bool:
+    # Kubernetes' own resources (cpu, memory, hugepages-*, ephemeral-storage, kubernetes.io/...) are
+    # not extended; a vendor's (nvidia.com/gpu) is.
+    return "/" in name and not name.split("/")[0].endswith("kubernetes.io")
 
 
 def _errors(job: dict[str, Any]) -> Iterator[jsonschema.ValidationError]:
