@@ -17,6 +17,7 @@ from fedtrain.api import FederatedTraining
 from fedtrain.store import ObjectNotFound, StoreError
 
 from .settings import (
+    KEEP_ALIVE_SECONDS,
     AggregatorSettings,
     SettingsError,
     layout_of,
@@ -30,18 +31,13 @@ EXIT_INVALID = 2
 
 log = logging.getLogger("fedtrain.aggregator")
 
+__all__ = ["KEEP_ALIVE_SECONDS", "app"]  # the keep-alive is read by benchmarks/operator_scale.py
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="The fedtrain aggregator: validates site updates, closes rounds, merges the final model.",
 )
-
-
-#: Longer than the operator's client keeps an idle connection (aiohttp: 15 s): a server that closed
-#: it sooner would race the operator's next request on it.
-KEEP_ALIVE_SECONDS = 30
-#: The request line and headers together; uvicorn's default (16 KiB), stated so it stays a bound.
-H11_MAX_INCOMPLETE_EVENT_BYTES = 16 * 1024
 
 
 @app.callback()
@@ -85,6 +81,7 @@ def serve_training(settings: AggregatorSettings, token: str, resource: Federated
     import uvicorn
 
     from .rounds import RoundAggregator
+    from .server import server_config
     from .service import create_app
 
     layout = layout_of(resource)
@@ -116,19 +113,16 @@ def serve_training(settings: AggregatorSettings, token: str, resource: Federated
         body_timeout_seconds=settings.body_timeout_seconds,
     )
     # log_config=None: uvicorn's loggers (one access line per request) go through the root handler above.
-    # What is bounded: headers (h11: 16 KiB per incomplete event), bodies (BodyLimit: size and time),
-    # idle connections (keep-alive), and connections at once (limit_concurrency: more get 503).
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,
-            timeout_keep_alive=KEEP_ALIVE_SECONDS,
-            h11_max_incomplete_event_size=H11_MAX_INCOMPLETE_EVENT_BYTES,
-            limit_concurrency=settings.limit_concurrency,
-        )
+    # Every wait on a client is bounded: see fedtrain.aggregator.server.
+    config = server_config(
+        app,
+        settings.host,
+        settings.port,
+        limit_concurrency=settings.limit_concurrency,
+        header_timeout_seconds=settings.header_timeout_seconds,
+        log_config=None,
     )
+    server = uvicorn.Server(config)
     server.run()
     if not server.started:  # the port was taken, or the app failed its start-up
         raise typer.Exit(EXIT_FAILED)

@@ -20,6 +20,14 @@ from fedtrain.store import S3Store
 
 ENV_PREFIX = "FEDTRAIN_AGGREGATOR_"
 
+#: Longer than the operator's client keeps an idle connection (aiohttp: 15 s): a server that closed
+#: it sooner would race the operator's next request on it.
+KEEP_ALIVE_SECONDS = 30
+#: The request line and headers together; uvicorn's default (16 KiB), stated so it stays a bound.
+H11_MAX_INCOMPLETE_EVENT_BYTES = 16 * 1024
+#: Time for a request's line and headers (a few hundred bytes) to arrive.
+HEADER_TIMEOUT_SECONDS = 10.0
+
 #: The namespace of a training file whose metadata names none, as kubectl would assume.
 DEFAULT_NAMESPACE = "default"
 
@@ -70,6 +78,12 @@ class AggregatorSettings(BaseSettings):
             "Most samples an update may report for a site whose data size the spec does not state "
             "(npz, imageFolder); a synthetic site's bound is its samples. Beyond it the update is rejected."
         ),
+    )
+    header_timeout_seconds: float = Field(
+        HEADER_TIMEOUT_SECONDS,
+        gt=0,
+        le=600,
+        description="Time a client has to send a request's line and headers; then the connection is closed.",
     )
     limit_concurrency: int = Field(
         64, ge=4, le=10_000, description="Connections and requests served at once; more are answered 503."

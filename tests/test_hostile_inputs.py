@@ -36,7 +36,9 @@ from fastapi.testclient import TestClient
 from ports import free_port
 
 from fedtrain.aggregator.rounds import RoundAggregator
+from fedtrain.aggregator.server import server_config
 from fedtrain.aggregator.service import create_app
+from fedtrain.aggregator.settings import HEADER_TIMEOUT_SECONDS
 from fedtrain.api import FederatedTrainingSpec, TransferDtype
 from fedtrain.codec import METADATA_KEY, Metadata, PayloadKind, decode, encode
 from fedtrain.layout import TrainingLayout
@@ -709,9 +711,16 @@ def test_the_schema_and_its_pages_need_a_setting(client: TestClient) -> None:
 class RunningServer:
     """The app served by uvicorn in a thread, as `python -m fedtrain.aggregator serve` serves it."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, header_timeout_seconds: float = HEADER_TIMEOUT_SECONDS) -> None:
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        config = server_config(
+            app,
+            "127.0.0.1",
+            self.port,
+            header_timeout_seconds=header_timeout_seconds,
+            log_level="warning",
+            lifespan="off",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -808,6 +817,40 @@ def largest_close_with_probes(s3_endpoint: str) -> LargestClose:
     for key in own.list():
         own.delete(key)
     return LargestClose(reply["status"], len(body), took, latencies)
+
+
+def _whole_response(connection: socket.socket) -> bytes:
+    """One response of a kept-alive connection: its headers and Content-Length bytes of body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_headers_sent_slowly_are_cut_off(store: S3Store) -> None:
+    # uvicorn waits for a request's headers without limit; the service's protocol closes the
+    # connection once they are late, on a fresh connection and on a kept-alive one alike.
+    with RunningServer(service(store), header_timeout_seconds=0.5) as running:
+        answer, seconds = running.raw(b"POST /v1/merge HTTP/1.1\r\nHost: x\r\n", wait=5)
+        print(f"headers never finished: connection closed after {seconds:.2f} s")
+        assert answer == b""
+        assert seconds < 2
+        with socket.create_connection(("127.0.0.1", running.port), timeout=5) as connection:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _whole_response(connection).startswith(b"HTTP/1.1 200")
+            time.sleep(0.8)  # idle past the header deadline: left to the keep-alive timeout
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _whole_response(connection).startswith(b"HTTP/1.1 200")
+            started = time.perf_counter()
+            connection.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert connection.recv(65536) == b""
+            assert time.perf_counter() - started < 2
 
 
 def test_healthz_answers_while_the_largest_close_is_processed(s3_endpoint: str) -> None:
