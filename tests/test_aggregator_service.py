@@ -592,6 +592,16 @@ def test_settings_come_from_the_environment(clean_env: pytest.MonkeyPatch, tmp_p
     store = store_of(resource)
     assert (store.bucket, store.prefix, store.endpoint) == ("models", "fedtrain", "http://s3:9000")
     assert pretrained_weights(resource) is None
+    # What bounds the service's inputs, and whether it serves its schema: safe defaults.
+    assert settings_.serve_docs is False
+    assert (settings_.max_body_bytes, settings_.body_timeout_seconds) == (2 * 1024 * 1024, 10.0)
+    assert (settings_.header_timeout_seconds, settings_.max_site_samples) == (10.0, 10_000_000)
+    clean_env.setenv("FEDTRAIN_AGGREGATOR_SERVE_DOCS", "true")
+    clean_env.setenv("FEDTRAIN_AGGREGATOR_MAX_SITE_SAMPLES", "5000")
+    assert (load_settings().serve_docs, load_settings().max_site_samples) == (True, 5000)
+    clean_env.setenv("FEDTRAIN_AGGREGATOR_MAX_BODY_BYTES", "10")
+    with pytest.raises(SettingsError, match="FEDTRAIN_AGGREGATOR_MAX_BODY_BYTES"):
+        load_settings()
 
 
 def test_a_training_without_a_namespace_is_in_default(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
