@@ -4,8 +4,8 @@ What it measures: training throughput (images per second) of
 
 * ours: `fedtrain.trainer.train.train_steps` with a real `FederatedModel` from `build_model`, real
   `SiteData` (synthetic wafer maps from `load_site_data`), the real `make_optimizer` and
-  `make_scheduler`, and the spec's defaults (augmentation on, gradient clipping at 1.0);
-* ours, lean: the same with `augment: false` and `gradClipNorm: null`, to show what those cost;
+  `make_scheduler`, the wafer maps' `augment: waferMap` and the default gradient clipping at 1.0;
+* ours, lean: the same with `augment: none` and `gradClipNorm: null`, to show what those cost;
 * reference: `timm.create_model` + peft `LoraConfig` (every Linear except the head, the head
   trained fully, as `all-linear` does in fedtrain), `torch.optim.AdamW` with the same settings,
   `cross_entropy`, nothing else: no augmentation, clipping, schedule or per-step metrics.
@@ -70,12 +70,12 @@ def make_spec(args: argparse.Namespace, lean: bool) -> TrainerSpec:
     spec = FederatedTrainingSpec.model_validate(
         {
             "model": {"name": args.model, "numClasses": len(WAFER_CLASSES), "imageSize": args.image_size},
-            "lora": {"rank": args.rank},
+            "lora": {"rank": int(args.rank) if args.rank.isdigit() else args.rank},
             "training": {
                 "batchSize": args.batch_size,
                 "localSteps": args.steps,
                 "precision": "bf16" if args.bf16 else "fp32",
-                **({"augment": False, "gradClipNorm": None} if lean else {}),
+                **({"augment": "none", "gradClipNorm": None} if lean else {"augment": "waferMap"}),
             },
             # 20 % of a site's samples are held out for validation.
             "sites": [{"name": SITE, "data": {"synthetic": {"samples": train_samples * 5 // 4 + 1}}}],
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = make_spec(args, lean=False)
     data = load_site_data(spec.site.data, spec.model, spec.evaluation, SITE, spec.training.seed)
     total_steps = args.warmup + args.repeats * args.steps
-    loops = [our_loop("ours (train_steps, spec defaults)", spec, data, device, total_steps)]
+    loops = [our_loop("ours (train_steps, waferMap augmentation)", spec, data, device, total_steps)]
     if not args.no_lean:
         lean = make_spec(args, lean=True)
         loops.append(our_loop("ours, augment off, no clipping", lean, data, device, total_steps))
