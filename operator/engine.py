@@ -368,6 +368,10 @@ def _finalizing(
     return True
 
 
+#: The status message of a training that waits: the wait's cause follows.
+WAITING_PREFIX = "waiting: "
+
+
 def _waited_too_long(
     spec: FederatedTrainingSpec,
     status: FederatedTrainingStatus,
@@ -386,6 +390,11 @@ def _waited_too_long(
     if waiting_for is None:
         if waiting is not None and waiting.status == "True":
             set_condition(status, ConditionType.WAITING, False, "Resolved", "nothing to wait for", now)
+            if (status.message or "").startswith(WAITING_PREFIX):  # back to what the training is doing
+                progressing = next(
+                    (c for c in status.conditions if c.type is ConditionType.PROGRESSING), None
+                )
+                status.message = progressing.message if progressing is not None else ""
         return False
     since = waiting.last_transition_time if waiting is not None and waiting.status == "True" else now
     bound = spec.aggregation.wait_timeout_seconds
@@ -395,6 +404,7 @@ def _waited_too_long(
         if observations.waiting_reason and (waiting is None or waiting.status != "True"):
             decision.warning(reason, waiting_for)  # a wait of a known kind begins: say so once
         set_condition(status, ConditionType.WAITING, True, reason, waiting_for, now)
+        status.message = f"{WAITING_PREFIX}{waiting_for}"  # what `kubectl get ft -o wide` shows
         return False
     message = (
         f"gave up after waiting {waited:.0f} s (aggregation.waitTimeoutSeconds is {bound}): {waiting_for}"

@@ -1527,11 +1527,13 @@ def test_a_wait_is_a_condition_that_clears_when_it_passes() -> None:
     )
     assert waiting.last_transition_time == world.now
     assert of_type(decision.actions, CloseRound) != []  # asked again
+    assert (world.status.message or "").startswith("waiting: POST /v1/rounds/0/close")
     world.memory.waiting_for = None
     world.now += seconds(5)
     world.step()
     assert condition(world.status, ConditionType.WAITING).status == "False"
     assert world.status.phase is Phase.RUNNING
+    assert not (world.status.message or "").startswith("waiting"), world.status.message
 
 
 def test_a_wait_past_its_bound_fails_the_training_counting_from_the_persisted_condition() -> None:
@@ -1575,6 +1577,7 @@ def test_a_wait_of_a_known_kind_shows_it_and_fails_with_it_as_the_reason() -> No
     waiting = condition(world.status, ConditionType.WAITING)
     assert (waiting.status, waiting.reason) == ("True", "AggregatorUnavailable")
     assert cause in waiting.message
+    assert world.status.message == f"waiting: {world.memory.waiting_for}"
     world.now += seconds(30)
     decision = world.step()
     assert world.status.phase is Phase.FAILED

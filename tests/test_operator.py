@@ -1,8 +1,9 @@
 """The kopf operator end to end: a FederatedTraining on an emulated cluster, with real trainers,
 a real aggregator service and S3, through what only the operator does: events, metrics, Secrets and
-the bucket of a successful training, a restarted aggregator, deletion and an invalid spec. The
-scenarios both drivers share (failing, hanging and rejected sites, restarts, suspension) are the
-driver contract's, in test_contract.py."""
+the bucket of a successful training, a restarted aggregator (in namespaced mode), deletion, an
+invalid spec, an aggregator that cannot start, and the chart's RBAC held against every request the
+operator sent. The scenarios both drivers share (failing, hanging and rejected sites, restarts,
+suspension) are the driver contract's, in test_contract.py."""
 
 from __future__ import annotations
 
@@ -258,10 +259,21 @@ def _fab_c_late_in_round_0(job: dict[str, Any]) -> list[str] | None:
 
 
 @pytest.mark.parametrize("cluster", [_fab_c_late_in_round_0], indirect=True)
-def test_aggregator_killed_mid_round_closes_with_the_same_result(cluster: Cluster) -> None:
-    cluster.start_operator()
+def test_aggregator_killed_mid_round_closes_with_the_same_result(cluster: Cluster, tmp_path: Path) -> None:
+    """Run by an operator in namespaced mode (the other tests run it cluster-wide): it serves the
+    listed namespaces only, refuses a training with a site elsewhere, and stays within its Roles."""
+    served = [TRAINING_NAMESPACE, "site-a", "site-b", "site-c"]
+    for namespace in [*served, "site-d"]:
+        cluster.api.core.create_namespace({"metadata": {"name": namespace}})
+    cluster.start_operator(kubeconfig=operator_kubeconfig(cluster, tmp_path), namespaces=served)
+    started = time.monotonic()
+    cluster.api.apply(cluster.training("outside", rounds=1, sites=4))  # fab-d runs in site-d
     # Every site is needed, so the round stays open until fab-c's update arrives.
     cluster.api.apply(cluster.training("agg", rounds=1, sites=3, aggregation={"minSites": 3}))
+    invalid = wait_for("the Invalid condition", lambda: _condition(cluster, "outside", "Invalid"), timeout=60)
+    print(f"unserved site namespace refused in {time.monotonic() - started:.1f} s: {invalid['message']}")
+    assert "'site-d' (site fab-d)" in invalid["message"]
+    assert "siteNamespaces" in invalid["message"]
 
     def accepted_some() -> bool:
         status = cluster.api.status("agg")
@@ -292,6 +304,13 @@ def test_aggregator_killed_mid_round_closes_with_the_same_result(cluster: Cluste
             expected[name] += participant["weight"] * delta.float()
     for name, tensor in produced.items():
         torch.testing.assert_close(tensor.float(), expected[name], rtol=1e-5, atol=1e-6)
+
+    assert cluster.trainer_jobs("outside") == []
+    names = [d.metadata.name for d in cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items]
+    assert names == ["agg-aggregator"]
+    print(f"namespaced training succeeded in {time.monotonic() - started:.1f} s")
+    values = {"watchNamespaces": [TRAINING_NAMESPACE], "siteNamespaces": ["site-a", "site-b", "site-c"]}
+    assert_within_chart_rbac(cluster, values)
 
 
 def test_deleting_mid_round_removes_jobs_and_secrets_everywhere(cluster: Cluster, tmp_path: Path) -> None:
@@ -382,11 +401,19 @@ def test_an_aggregator_that_cannot_start_is_named_and_fails_the_training_within_
     for name, words in causes.items():
 
         def named(name: str = name, words: tuple[str, ...] = words) -> dict[str, Any] | None:
-            waiting = _condition(cluster, name, "Waiting")
-            return waiting if waiting and all(word in waiting["message"] for word in words) else None
+            status = cluster.api.status(name)
+            waiting = next((c for c in status.get("conditions") or [] if c["type"] == "Waiting"), None)
+            if waiting is None or waiting["status"] != "True":
+                return None
+            return (
+                {**waiting, "status message": status.get("message", "")}
+                if all(word in waiting["message"] for word in words)
+                else None
+            )
 
         waiting = wait_for(f"{name}: the cause in the Waiting condition", named, timeout=60)
         assert waiting["reason"] == "AggregatorUnavailable"
+        assert waiting["status message"] == f"waiting: {waiting['message']}"  # kubectl get ft -o wide
         print(f"{name}: aggregator cause named in {time.monotonic() - started:.1f} s: {waiting['message']}")
     for name, words in causes.items():
         status = wait_for(f"{name} to fail", lambda name=name: cluster.finished(name), timeout=bound + 60)
@@ -401,33 +428,6 @@ def test_an_aggregator_that_cannot_start_is_named_and_fails_the_training_within_
             f"with aggregation.waitTimeoutSeconds={bound}"
         )
         assert cluster.trainer_jobs(name) == []
-
-
-def test_namespaced_operator_trains_refuses_an_unserved_site_and_stays_within_its_roles(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    served = [TRAINING_NAMESPACE, "site-a", "site-b"]
-    for namespace in [*served, "site-c"]:
-        cluster.api.core.create_namespace({"metadata": {"name": namespace}})
-    cluster.start_operator(kubeconfig=operator_kubeconfig(cluster, tmp_path), namespaces=served)
-    started = time.monotonic()
-    cluster.api.apply(cluster.training("outside", rounds=1, sites=3))  # fab-c runs in site-c
-    cluster.api.apply(cluster.training("inside", rounds=1, sites=2))
-
-    invalid = wait_for("the Invalid condition", lambda: _condition(cluster, "outside", "Invalid"), timeout=60)
-    print(f"unserved site namespace refused in {time.monotonic() - started:.1f} s: {invalid['message']}")
-    assert "'site-c' (site fab-c)" in invalid["message"]
-    assert "siteNamespaces" in invalid["message"]
-    status = wait_for("the served training to finish", lambda: cluster.finished("inside"), timeout=300)
-    assert status["phase"] == "Succeeded", status.get("message")
-    assert {job["metadata"]["namespace"] for job in cluster.trainer_jobs("inside")} == {"site-a", "site-b"}
-    assert cluster.trainer_jobs("outside") == []
-    names = [d.metadata.name for d in cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items]
-    assert names == ["inside-aggregator"]
-    print(f"namespaced training succeeded in {time.monotonic() - started:.1f} s")
-    assert_within_chart_rbac(
-        cluster, {"watchNamespaces": [TRAINING_NAMESPACE], "siteNamespaces": ["site-a", "site-b"]}
-    )
 
 
 @pytest.mark.asyncio
