@@ -332,9 +332,28 @@ def _closing(
         return False
     if observations.manifest is None or observations.manifest.round != status.round:
         decision.act(_close_action(status))
-    else:
-        _record_training_round(spec, status, observations.manifest, decision, now)
+        return False
+    _left_out_at_close(status, observations.manifest, decision)
+    shortfall = _quorum_shortfall(spec, status)
+    if shortfall is not None:
+        _fail(status, decision, "QuorumNotMet", shortfall, now)
+        return True
+    _record_training_round(spec, status, observations.manifest, decision, now)
     return False
+
+
+def _left_out_at_close(status: FederatedTrainingStatus, manifest: RoundManifest, decision: Decision) -> None:
+    """Accepted sites the aggregator did not fold at the close (an update replaced or deleted after it
+    was accepted) are that site's rejection: the round closes with the others, quorum permitting."""
+    folded = {participant.site for participant in manifest.participants}
+    reasons = {rejection.site: rejection.reason for rejection in manifest.rejected}
+    for site in status.sites:
+        if site.state is SiteState.ACCEPTED and site.name not in folded:
+            site.state = SiteState.REJECTED
+            site.message = reasons.get(site.name, "left out when the round closed")
+            decision.warning(
+                "UpdateRejected", f"site {site.name}: left out of round {status.round}: {site.message}"
+            )
 
 
 def _finalizing(

@@ -255,6 +255,8 @@ def _trainer_container(site: SiteSpec, defaults: PodDefaults, mounts: list[dict[
         "env": _scratch_env() + _thread_env(site),
         "volumeMounts": mounts,
         "securityContext": _restricted_container_security(),
+        # A crash's last log lines become the container's termination message (kubectl describe).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     resources = _resources(site)
     if resources:
@@ -451,6 +453,8 @@ def _aggregator_container(spec: FederatedTrainingSpec, defaults: PodDefaults) ->
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         "securityContext": _restricted_container_security(),
+        # The operator names a crash-looping aggregator by its termination message: its last log lines.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if defaults.aggregator_resources:
         container["resources"] = defaults.aggregator_resources

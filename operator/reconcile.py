@@ -28,6 +28,7 @@ from fedtrain.api import (
     RejectedUpdate,
     StorageSpec,
     describe_errors,
+    name_problems,
 )
 from fedtrain.errors import PermanentError, TemporaryError
 from fedtrain.layout import TrainingLayout
@@ -36,6 +37,7 @@ from fedtrain.pretrained import cluster_problems
 from fedtrain.store import S3Store
 
 from . import manifests
+from .admission import trainer_job_problems
 from .aggregator_client import AggregatorClient, AggregatorUnavailableError
 from .core import DriverCore, Pass, RoundMemory, unexpected_error
 from .credentials import KubeCredentials
@@ -135,10 +137,6 @@ def validate_spec(body: Mapping[str, Any]) -> FederatedTrainingSpec | str:
     """The spec as the engine needs it on a cluster, or what is wrong with it (naming the fields):
     metadata.name, the spec (camelCase only, strict), what a cluster needs, and the trainer Jobs it
     makes, checked against the Kubernetes schema."""
-    from fedtrain.api import name_problems
-
-    from .admission import trainer_job_problems
-
     metadata = body.get("metadata") or {}
     problems = name_problems(metadata.get("name"))
     try:

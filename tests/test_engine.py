@@ -1587,3 +1587,34 @@ def test_a_wait_of_a_known_kind_shows_it_and_fails_with_it_as_the_reason() -> No
     assert "waitTimeoutSeconds is 30" in failed.message
     assert condition(world.status, ConditionType.WAITING).reason == "WaitTimedOut"
     assert decision.events[-1].reason == "AggregatorUnavailable"
+
+
+def test_an_update_left_out_at_the_close_is_that_sites_rejection() -> None:
+    """An update replaced after it was accepted is refused by the aggregator at the close: the site
+    counts as rejected (named in an event), the round closes with the others."""
+    world = start_round_zero(make_spec(min_sites=2))
+    complete(world, names(3))
+    world.step()
+    world.manifest = manifest(0, ["site-0", "site-2"], [RejectedUpdate(site="site-1", reason="replaced: x")])
+    decision = world.step()
+
+    assert world.status.round == 1
+    record = world.status.history[-1]
+    assert record.participants == ["site-0", "site-2"]
+    assert [(r.site, r.reason) for r in record.rejected] == [("site-1", "replaced: x")]
+    assert decision.events[0] == Event(
+        "Warning", "UpdateRejected", "site site-1: left out of round 0: replaced: x"
+    )
+
+
+def test_updates_left_out_at_the_close_below_min_sites_fail_the_training() -> None:
+    world = start_round_zero(make_spec(min_sites=2))
+    complete(world, names(3))
+    world.step()
+    left_out = [RejectedUpdate(site=site, reason="replaced: x") for site in ("site-1", "site-2")]
+    world.manifest = manifest(0, ["site-0"], left_out)
+    world.step()
+
+    assert world.status.phase is Phase.FAILED
+    assert condition(world.status, ConditionType.FAILED).reason == "QuorumNotMet"
+    assert world.status.message == "round 0: 1 accepted updates, minSites is 2 (accepted: 1, rejected: 2)"
