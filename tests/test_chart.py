@@ -7,19 +7,17 @@ Operator's kinds are not among those schemas: their shape is checked here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from render_tool import render_tool
 from typer.testing import CliRunner
 
 from fedtrain.api import FederatedTraining
@@ -38,18 +36,7 @@ MONITORING_GROUP = "monitoring.coreos.com/v1"
 NOT_FROM_VALUES = {"kubeconfig"}
 
 
-def _load_tool() -> ModuleType:
-    # tools/ is a folder of scripts, not a package: load the script as a module.
-    spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "tools" / "render_manifests.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = render_tool()
 
 
 def render(values: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:

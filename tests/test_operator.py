@@ -8,14 +8,11 @@ suspension) are the driver contract's, in test_contract.py."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -26,6 +23,7 @@ from contract_drivers import Cluster, created_once, running_cluster
 from operator_harness import SECRET_KEY, TRAINING_NAMESPACE, wait_for
 from ports import free_port
 from prometheus_server import PrometheusServer, Target, values
+from render_tool import render_tool
 from safetensors.torch import load_file
 
 from fedtrain.api import GROUP, PLURAL, VERSION
@@ -41,22 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_TOKEN = "fedtrain-operator"
 
 
-def _render_tool() -> ModuleType:
-    """tools/render_manifests.py (a script, not a package), loaded once."""
-    if "render_manifests" in sys.modules:
-        return sys.modules["render_manifests"]
-    spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "tools" / "render_manifests.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
-
-
 def chart_rbac(values: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """The chart's rules for these values: the ClusterRole's, and each namespace's Role's."""
-    tool = _render_tool()
+    tool = render_tool()
     rendered = tool.render_chart(
         values, chart_dir=ROOT / "charts" / "fedtrain", name="ft", namespace="ft-system"
     )
