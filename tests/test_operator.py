@@ -8,6 +8,7 @@ suspension) are the driver contract's, in test_contract.py."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import threading
 import time
@@ -25,6 +26,7 @@ from ports import free_port
 from prometheus_server import PrometheusServer, Target, values
 from render_tool import render_tool
 from safetensors.torch import load_file
+from test_resource_corpus import admitted_by_the_cluster, names_the_field
 
 from fedtrain.api import GROUP, PLURAL, VERSION
 from fedtrain.errors import TemporaryError
@@ -342,6 +344,34 @@ def test_invalid_spec_gets_a_condition_an_event_and_no_jobs(cluster: Cluster) ->
     # Fixing the spec starts the training.
     cluster.api.patch_spec("broken", {"training": {"localEpochs": None}})
     wait_for("Jobs after the fix", lambda: cluster.trainer_jobs("broken"), timeout=60)
+
+
+def test_resources_the_cluster_admits_but_cannot_run_end_invalid_without_jobs(cluster: Cluster) -> None:
+    """The malformed resources of tests/corpus/resources.yaml that pass the CRD's schema and CEL rules,
+    applied to the running operator together: each ends in an Invalid condition naming its field
+    within 30 s, with no Job, no aggregator and no operator error."""
+    admitted = admitted_by_the_cluster()
+    assert len(admitted) >= 10, [case.id for case in admitted]
+    cluster.start_operator()
+    started = time.monotonic()
+    for case in admitted:
+        document = copy.deepcopy(case.document)
+        document["metadata"] = {"name": case.id, "namespace": TRAINING_NAMESPACE}
+        cluster.api.apply(document)
+
+    def all_invalid() -> dict[str, dict[str, Any]] | None:
+        found = {case.id: _condition(cluster, case.id, "Invalid") for case in admitted}
+        return None if None in found.values() else {name: found[name] or {} for name in found}
+
+    conditions = wait_for("an Invalid condition on every admitted case", all_invalid, timeout=30)
+    print(f"\n{len(admitted)} resources the CRD admits: all Invalid in {time.monotonic() - started:.1f} s")
+    for case in admitted:
+        message = conditions[case.id]["message"]
+        assert names_the_field(message, case.says), (case.id, message)
+        assert cluster.trainer_jobs(case.id) == []
+        ready = {c["type"]: c for c in cluster.api.status(case.id).get("conditions") or []}.get("Ready", {})
+        assert ready.get("reason") != "OperatorError", (case.id, ready)
+    assert cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items == []
 
 
 # --------------------------------------------------------------------------------------------------
