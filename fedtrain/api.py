@@ -445,6 +445,7 @@ class TransferDtype(ApiEnum):
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
+    INT8 = "int8"
 
 
 class Augmentation(ApiEnum):
@@ -488,7 +489,18 @@ class TrainingSpec(SpecModel):
     )
     grad_clip_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip gradients to this L2 norm.")
     transfer_dtype: TransferDtype = Field(
-        TransferDtype.FP32, description="dtype of uploaded updates: fp32, bf16 or fp16."
+        TransferDtype.FP32,
+        description=(
+            "dtype of what crosses the network: fp32, bf16, fp16 or int8. Updates are sent in it; global "
+            "models go to the sites in it too (bf16 with int8). int8 stores each floating tensor of an "
+            "update as int8 plus float32 absmax scales, one per row (one per column for matrices taller "
+            "than wide, such as LoRA B; one per 1-D tensor), each value rounded to the nearest multiple "
+            "of its scale (absmax/127), an error of at most half a scale; updates are dequantised to fp32 "
+            "before they are folded. Global models are not sent in int8: their weights are large beside "
+            "one round's change, and an error of half a scale on every weight, every round, would swamp "
+            "the updates. The aggregator keeps its own fp32 copy of each global model, and the merged "
+            "final model is fp32 whatever this is."
+        ),
     )
     augment: Augmentation = Field(
         Augmentation.NONE,
