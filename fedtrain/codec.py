@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -58,6 +59,7 @@ TORCH_DTYPES: dict[TransferDtype, torch.dtype] = {
     TransferDtype.FP32: torch.float32,
     TransferDtype.BF16: torch.bfloat16,
     TransferDtype.FP16: torch.float16,
+    TransferDtype.INT8: torch.int8,
 }
 #: safetensors' dtype names of the tensors fedtrain writes (optimizer state holds integer steps too).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -76,6 +78,20 @@ _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _ELEMENT_SIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in SAFETENSORS_DTYPES.values()}
 
 _HASH_WORKERS = 4
+
+#: int8 updates: each floating tensor `name` is stored as int8 beside its float32 absmax scales, named
+#: `name + INT8_SCALE_SUFFIX`. The suffix holds an empty dotted component, which no torch parameter name
+#: can (module and parameter names can be neither empty nor dotted), so it never collides with one.
+INT8_SCALE_SUFFIX = "..int8_scale"
+INT8_LEVELS = 127
+#: The dtype global models are sent to sites in, per transfer dtype: a model's weights are not
+#: quantised to int8 (an error of half a scale on every weight, every round, swamps the updates).
+MODEL_TRANSFER_DTYPES: dict[TransferDtype, TransferDtype] = {
+    TransferDtype.FP32: TransferDtype.FP32,
+    TransferDtype.BF16: TransferDtype.BF16,
+    TransferDtype.FP16: TransferDtype.FP16,
+    TransferDtype.INT8: TransferDtype.BF16,
+}
 
 
 class CodecError(ValueError):
@@ -189,6 +205,82 @@ def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+# int8
+
+
+def scale_name(name: str) -> str:
+    """The name of the float32 scales of int8 tensor `name` in an int8 update."""
+    return name + INT8_SCALE_SUFFIX
+
+
+def int8_scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a tensor's scales, broadcastable against it: one scale per row (the first
+    dimension), per column for a matrix taller than wide (LoRA B: 768 x 8 gets 8 scales, not 768),
+    one for a 1-D tensor (a bias, a norm weight) and for a scalar."""
+    if len(shape) <= 1:
+        return tuple(1 for _ in shape)
+    if len(shape) == 2 and shape[0] > shape[1]:
+        return (1, shape[1])
+    return (shape[0], *(1 for _ in shape[1:]))
+
+
+def quantize_int8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scales) of a floating tensor: scale = absmax / 127 over each row (see
+    `int8_scale_shape`), value = round(x / scale) in float32, halves to even (torch.round), so
+    |x - value * scale| <= scale / 2. A zero row has scale 0 and values 0 (so has a row whose absmax
+    is below 127 times the smallest float32, whose scale underflows to 0)."""
+    values = tensor.detach().to(torch.float32)
+    scale_shape = int8_scale_shape(tuple(values.shape))
+    axes = [axis for axis, size in enumerate(scale_shape) if size == 1 and values.shape[axis] != 1]
+    if values.numel() == 0:
+        return values.to(torch.int8), torch.zeros(scale_shape, dtype=torch.float32)
+    absmax = values.abs().amax(dim=axes, keepdim=True) if axes else values.abs()
+    scale = (absmax / INT8_LEVELS).reshape(scale_shape)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantized = torch.where(scale > 0, torch.round(values / safe), torch.zeros_like(values))
+    return quantized.clamp_(-INT8_LEVELS, INT8_LEVELS).to(torch.int8), scale.contiguous()
+
+
+def dequantize_int8(quantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 values of an int8 tensor: value * scale."""
+    return quantized.to(torch.float32).mul_(scale)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to(dtype).contiguous()
+
+
+def _quantized_part(tensor: torch.Tensor, part: int) -> torch.Tensor:
+    return quantize_int8(tensor)[part]
+
+
+_Stored = tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def _stored_layout(tensors: Mapping[str, torch.Tensor], transfer_dtype: TransferDtype) -> dict[str, _Stored]:
+    """What is stored for each name: dtype, shape, and how to make it (cast or quantised on demand,
+    one tensor at a time), for tensors to be sent in `transfer_dtype`."""
+    dtype = TORCH_DTYPES[transfer_dtype]
+    layout: dict[str, _Stored] = {}
+    for name, tensor in tensors.items():
+        shape = tuple(tensor.shape)
+        if not tensor.is_floating_point():
+            layout[name] = (tensor.dtype, shape, partial(_cast, tensor, tensor.dtype))
+        elif dtype is torch.int8:
+            if INT8_SCALE_SUFFIX in name:
+                raise CodecError("names", f"tensor {name} holds {INT8_SCALE_SUFFIX!r}, which int8 reserves")
+            layout[name] = (torch.int8, shape, partial(_quantized_part, tensor, 0))
+            layout[scale_name(name)] = (
+                torch.float32,
+                int8_scale_shape(shape),
+                partial(_quantized_part, tensor, 1),
+            )
+        else:
+            layout[name] = (dtype, shape, partial(_cast, tensor, dtype))
+    return layout
+
+
+# --------------------------------------------------------------------------------------------------
 # encode
 
 
@@ -196,29 +288,25 @@ def write_payload(out: BinaryIO, tensors: Mapping[str, torch.Tensor], meta: Meta
     """Write `tensors`, cast to `meta.transfer_dtype` (floating ones), as safetensors to `out`.
 
     Tensors are cast and written one at a time, so no copy of the whole payload is ever made.
+    With int8, each floating tensor is stored quantised beside its scales (`quantize_int8`); the
+    checksum covers the stored tensors (int8 values and scales), what a reader hashes as it reads.
     Returns the metadata as written, with its checksum.
     """
-    dtype = TORCH_DTYPES[meta.transfer_dtype]
-
-    def cast(name: str) -> torch.Tensor:
-        tensor = tensors[name].detach()
-        return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
-
-    names = sorted(tensors)
+    layout = _stored_layout(tensors, meta.transfer_dtype)
+    names = sorted(layout)
     with ThreadPoolExecutor(_HASH_WORKERS) as pool:
-        digest = _combine(list(pool.map(lambda name: _digest_line(name, cast(name)), names)))
+        digest = _combine(list(pool.map(lambda name: _digest_line(name, layout[name][2]()), names)))
     meta = meta.model_copy(update={"tensors_sha256": digest})
     header: dict[str, Any] = {"__metadata__": {METADATA_KEY: meta.model_dump_json()}}
     offset = 0
     for name in names:
-        tensor = tensors[name]
-        target = dtype if tensor.is_floating_point() else tensor.dtype
+        target, shape, _ = layout[name]
         if target not in _DTYPE_NAMES:
             raise CodecError("dtype", f"tensor {name} has dtype {target}, which fedtrain does not store")
-        size = tensor.numel() * torch.empty((), dtype=target).element_size()
+        size = math.prod(shape) * _ELEMENT_SIZES[target]
         header[name] = {
             "dtype": _DTYPE_NAMES[target],
-            "shape": list(tensor.shape),
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -227,7 +315,7 @@ def write_payload(out: BinaryIO, tensors: Mapping[str, torch.Tensor], meta: Meta
     out.write(struct.pack("<Q", len(encoded)))
     out.write(encoded)
     for name in names:
-        out.write(_tensor_bytes(cast(name)))
+        out.write(_tensor_bytes(layout[name][2]()))
     return meta
 
 
@@ -556,31 +644,55 @@ def check_base_model(meta: Metadata, signature: Signature, name: str = "update")
 
 def check_update_header(payload: Payload, signature: Signature, name: str = "update") -> None:
     """What the header alone shows, checked before a tensor byte is read: the kind, the base model,
-    tensor names, shapes and dtypes against the global model's (so a rejection costs O(header))."""
+    tensor names, shapes and dtypes against the global model's (so a rejection costs O(header)).
+    An int8 update holds exactly each tensor in int8 and its float32 scales (`int8_scale_shape`)."""
     meta = payload.meta
     if meta.kind is not PayloadKind.UPDATE:
         raise CodecError("format", f"{name} is a {meta.kind.value}, not an update")
     check_base_model(meta, signature, name)
+    int8 = meta.transfer_dtype is TransferDtype.INT8
     names, expected = set(payload.tensors), set(signature.shapes)
-    if unknown := sorted(names - expected):
+    stored = expected | {scale_name(n) for n in expected} if int8 else expected
+    if unknown := sorted(names - stored):
         raise CodecError("names", f"{name} has unknown tensors: {', '.join(n[:80] for n in unknown[:5])}")
-    if missing := sorted(expected - names):
-        raise CodecError("names", f"{name} is missing tensors: {', '.join(missing[:5])}")
+    if missing := sorted(stored - names):
+        what = "int8 scales" if int8 and all(n.endswith(INT8_SCALE_SUFFIX) for n in missing) else "tensors"
+        raise CodecError("names", f"{name} is missing {what}: {', '.join(missing[:5])}")
+    expected_layout = {n: (signature.shapes[n], TORCH_DTYPES[meta.transfer_dtype]) for n in expected}
+    if int8:
+        expected_layout |= {
+            scale_name(n): (int8_scale_shape(signature.shapes[n]), torch.float32) for n in expected
+        }
     shapes, dtypes = payload.shapes, payload.dtypes
-    dtype = TORCH_DTYPES[meta.transfer_dtype]
     for tensor_name in sorted(names):
-        if shapes[tensor_name] != signature.shapes[tensor_name]:
+        shape, dtype = expected_layout[tensor_name]
+        if shapes[tensor_name] != shape:
             raise CodecError(
-                "shape",
-                f"{name}: tensor {tensor_name} has shape {shapes[tensor_name]}, "
-                f"expected {signature.shapes[tensor_name]}",
+                "shape", f"{name}: tensor {tensor_name} has shape {shapes[tensor_name]}, expected {shape}"
             )
         if dtypes[tensor_name] != dtype:
+            declared = "float32 scales" if tensor_name not in expected else meta.transfer_dtype.value
             raise CodecError(
                 "dtype",
-                f"{name}: tensor {tensor_name} is {dtypes[tensor_name]}, but the update declares "
-                f"{meta.transfer_dtype.value}",
+                f"{name}: tensor {tensor_name} is {dtypes[tensor_name]}, but the update declares {declared}",
             )
+
+
+def _read_update_tensor(payload: Payload, tensor_name: str, name: str) -> tuple[torch.Tensor, list[str]]:
+    """A checked update tensor as it is folded (int8 dequantised to float32), and the digest lines of
+    what is stored for it."""
+    tensor = payload.tensors[tensor_name]  # names, shapes and dtypes were checked by the header
+    if payload.meta.transfer_dtype is not TransferDtype.INT8:
+        return tensor, [_digest_line(tensor_name, tensor)]
+    scales = payload.tensors[scale_name(tensor_name)]
+    if not math.isfinite(squared_norm(scales)):
+        raise CodecError(
+            "nonfinite", f"{name}: tensor {tensor_name} holds NaN or Inf values (its int8 scales)"
+        )
+    if bool((scales < 0).any()):
+        raise CodecError("scale", f"{name}: tensor {tensor_name} has negative int8 scales")
+    lines = [_digest_line(tensor_name, tensor), _digest_line(scale_name(tensor_name), scales)]
+    return dequantize_int8(tensor, scales), lines
 
 
 def check_update(
@@ -593,27 +705,30 @@ def check_update(
 
     Rejects unknown or missing tensor names, wrong shapes, a dtype other than the declared transfer
     dtype, NaN or Inf, a different base model, and a checksum that does not match (so decode it
-    with verify=False). Each tensor is read once, in parallel threads, and handed to `on_tensor`
+    with verify=False). An int8 update's tensors are dequantised to float32 (its scales must be
+    finite and non-negative): the norm and the finite check are of the values folded; the checksum
+    is of the bytes stored. Each tensor is read once, in parallel threads, and handed to `on_tensor`
     (from several threads, never twice for one name) as soon as it passes its own checks: a caller
     that folds it at once must undo the fold if the whole update is then rejected.
     """
     check_update_header(payload, signature, name)
     meta = payload.meta
-    names = set(payload.tensors)
 
-    def visit(tensor_name: str) -> tuple[str, float]:
-        tensor = payload.tensors[tensor_name]  # names, shapes and dtypes were checked above
+    def visit(tensor_name: str) -> tuple[list[str], float]:
+        tensor, lines = _read_update_tensor(payload, tensor_name, name)
         squared = squared_norm(tensor)
         if not math.isfinite(squared):
             raise CodecError("nonfinite", f"{name}: tensor {tensor_name} holds NaN or Inf values")
-        line = _digest_line(tensor_name, tensor)
         if on_tensor is not None:
             on_tensor(tensor_name, tensor)
-        return line, squared
+        return lines, squared
 
     with ThreadPoolExecutor(_HASH_WORKERS) as pool:
-        results = list(pool.map(visit, sorted(names)))
-    digest = _combine([line for line, _ in results])
+        results = list(pool.map(visit, sorted(signature.shapes)))
+    # Lines in the order of the stored names, as the writer hashed them.
+    digest = _combine(
+        sorted((line for lines, _ in results for line in lines), key=lambda line: line.split("\0", 1)[0])
+    )
     if digest != meta.tensors_sha256:
         raise CodecError(
             "checksum",

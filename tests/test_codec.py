@@ -47,6 +47,8 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "pos_embed": (1, 5, 8),
 }
 SIGNATURE = Signature(shapes=dict(SHAPES), base_fingerprint=BASE)
+#: Transfer dtypes that store each tensor cast (int8 stores values and scales: tests/test_int8.py).
+CAST_DTYPES = [dtype for dtype in TransferDtype if dtype is not TransferDtype.INT8]
 
 
 def _tensors(seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -91,7 +93,7 @@ def _rejection(data: bytes | Path) -> CodecError:
 # round trips
 
 
-@pytest.mark.parametrize("dtype", list(TransferDtype))
+@pytest.mark.parametrize("dtype", CAST_DTYPES)
 def test_round_trip_casts_to_the_transfer_dtype_and_keeps_metadata(
     dtype: TransferDtype, tmp_path: Path
 ) -> None:
@@ -404,7 +406,7 @@ def test_digest_of_non_contiguous_tensors_is_that_of_their_values() -> None:
 # the format, checked against the safetensors library in both directions
 
 
-@pytest.mark.parametrize("dtype", list(TransferDtype))
+@pytest.mark.parametrize("dtype", CAST_DTYPES)
 def test_what_fedtrain_writes_the_safetensors_library_reads(dtype: TransferDtype, tmp_path: Path) -> None:
     tensors = {**_tensors(), "step": torch.tensor(7, dtype=torch.int64), "empty": torch.zeros(0)}
     meta = _meta(transfer_dtype=dtype)
