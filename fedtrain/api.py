@@ -404,6 +404,110 @@ class LoraSpec(SpecModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# spec.exchange
+
+#: A glob over parameter names: fnmatch's `*`, `?` and `[...]`, over the characters of a name
+#: (only in patterns, never in CEL: it holds backslash escapes).
+LAYER_PATTERN = "^[-A-Za-z0-9_.*?\\[\\]]+$"
+#: A torch module type name: a Python identifier ("LayerNorm", "BatchNorm2d").
+MODULE_TYPE = "^[A-Za-z_][A-Za-z0-9_]*$"
+#: How many patterns or module types one exchange block may list.
+MAX_EXCHANGE_ENTRIES: Final = 64
+
+LayerPattern = Annotated[str, Field(min_length=1, max_length=256, pattern=LAYER_PATTERN)]
+ModuleType = Annotated[str, Field(min_length=1, max_length=128, pattern=MODULE_TYPE)]
+
+
+class ExchangePolicy(ApiEnum):
+    ALL = "all"
+    FIXED = "fixed"
+    EXCLUDE = "exclude"
+
+
+class ExchangeSpec(SpecModel):
+    """Which trainable tensors leave a site each round; the rest stay in the site's private state."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "(has(self.policy) && self.policy != 'all')"
+                " || (!has(self.layers) && !has(self.modules))",
+                "message": "policy all exchanges every trainable tensor and takes neither layers nor "
+                "modules: drop them or choose policy fixed or exclude",
+            },
+            {
+                "rule": "!has(self.policy) || self.policy != 'fixed'"
+                " || (has(self.layers) && !has(self.modules))",
+                "message": "policy fixed needs layers (the patterns of the tensors exchanged) and takes "
+                "no modules: set layers, or use policy exclude to keep module types local",
+                "fieldPath": ".layers",
+                "reason": "FieldValueRequired",
+            },
+            {
+                "rule": "!has(self.policy) || self.policy != 'exclude'"
+                " || has(self.layers) || has(self.modules)",
+                "message": "policy exclude needs layers or modules (what stays local): set one of them",
+                "reason": "FieldValueRequired",
+            },
+        )
+    )
+
+    policy: ExchangePolicy = Field(
+        ExchangePolicy.ALL,
+        description=(
+            "all: every trainable tensor leaves the site (the LoRA matrices and the head, or every "
+            "tensor under full fine-tuning); fixed: only the trainable tensors matching layers leave "
+            "it; exclude: the trainable tensors matching layers, and those of modules of the types "
+            "in modules, never leave the site and persist in its private state (personal layers: "
+            "FedPer keeps the head, FedBN the normalisation layers). Frozen base weights never move."
+        ),
+    )
+    layers: list[LayerPattern] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_EXCHANGE_ENTRIES,
+        description=(
+            "Glob patterns (*, ?, [...]) over timm parameter names: the names of the tensors in the "
+            "global model without peft's 'base_model.model.' prefix and '.modules_to_save.default' "
+            "part, e.g. 'head.*' (the classifier), 'blocks.*.attn.qkv.lora_*', 'blocks.0.norm1.weight'. "
+            "fixed: the tensors exchanged; exclude: tensors kept local. Each pattern must match a "
+            "trainable tensor."
+        ),
+    )
+    modules: list[ModuleType] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_EXCHANGE_ENTRIES,
+        description=(
+            "exclude only: module class names (e.g. LayerNorm, BatchNorm2d) whose own trainable "
+            "parameters stay local; each must own a trainable parameter (under LoRA the base "
+            "model's normalisation layers are frozen: use lora.rank none to make them trainable)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_policy(self) -> ExchangeSpec:
+        if self.policy is ExchangePolicy.ALL and (self.layers or self.modules):
+            raise ValueError(
+                "policy all exchanges every trainable tensor and takes neither layers nor modules: "
+                "drop them or choose policy fixed or exclude"
+            )
+        if self.policy is ExchangePolicy.FIXED and (not self.layers or self.modules):
+            raise ValueError(
+                "policy fixed needs layers (the patterns of the tensors exchanged) and takes no "
+                "modules: set layers, or use policy exclude to keep module types local"
+            )
+        if self.policy is ExchangePolicy.EXCLUDE and not (self.layers or self.modules):
+            raise ValueError("policy exclude needs layers or modules (what stays local): set one of them")
+        return self
+
+    @property
+    def has_personal(self) -> bool:
+        """Whether some trainable tensors may stay at the site (every policy but all)."""
+        return self.policy is not ExchangePolicy.ALL
+
+
+# --------------------------------------------------------------------------------------------------
 # spec.training
 
 
@@ -1010,6 +1114,13 @@ class FederatedTrainingSpec(SpecModel):
                 "fieldPath": ".lora",
             },
             {
+                "rule": "has(self.exchange) == has(oldSelf.exchange)"
+                " && (!has(self.exchange) || self.exchange == oldSelf.exchange)",
+                "message": "exchange cannot change after creation (what each site keeps and sends "
+                "shapes every round): create a new FederatedTraining",
+                "fieldPath": ".exchange",
+            },
+            {
                 "rule": "has(self.storage) == has(oldSelf.storage)"
                 " && (!has(self.storage) || self.storage == oldSelf.storage)",
                 "message": "storage cannot change after creation (the models and updates are there): "
@@ -1027,6 +1138,10 @@ class FederatedTrainingSpec(SpecModel):
 
     model: ModelSpec = Field(..., description="The model every site fine-tunes.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Low-rank adaptation settings.")
+    exchange: ExchangeSpec = Field(
+        default_factory=ExchangeSpec,
+        description="Which trainable tensors leave each site; the rest stay personal to the site.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Local training settings.")
     aggregation: AggregationSpec = Field(
         default_factory=AggregationSpec, description="How updates are combined and rounds close."

@@ -91,6 +91,22 @@ def test_defaults_are_sane_and_round_trip_as_camel_case() -> None:
             "architecture",
             "divisible",
         ),
+        (spec(exchange={"policy": "fixed"}), "exchange", "policy fixed needs layers"),
+        (
+            spec(exchange={"policy": "fixed", "layers": ["head.*"], "modules": ["LayerNorm"]}),
+            "exchange",
+            "takes no modules",
+        ),
+        (spec(exchange={"policy": "exclude"}), "exchange", "needs layers or modules"),
+        (spec(exchange={"layers": ["head.*"]}), "exchange", "policy all exchanges every trainable"),
+        (spec(exchange={"policy": "sparse"}), "exchange.policy", "'all', 'fixed' or 'exclude'"),
+        (spec(exchange={"policy": "exclude", "layers": ["head/x"]}), "exchange.layers.0", "pattern"),
+        (spec(exchange={"policy": "exclude", "modules": ["nn.LayerNorm"]}), "exchange.modules.0", "pattern"),
+        (
+            spec(exchange={"policy": "exclude", "layers": ["head.*"] * 65}),
+            "exchange.layers",
+            "at most 64",
+        ),
     ],
 )
 def test_errors_name_the_field_and_say_what_to_do(document: dict[str, Any], where: str, says: str) -> None:
@@ -276,3 +292,25 @@ def test_a_metadata_name_with_a_dot_is_refused_naming_the_clash() -> None:
 def test_augment_true_is_refused_naming_the_choices() -> None:
     lines = parse_problems(spec(training={"augment": True}))
     assert lines == ["training.augment: Input should be 'none' or 'waferMap'"]
+
+
+@pytest.mark.parametrize(
+    "exchange",
+    [
+        {"policy": "fixed", "layers": ["blocks.*.attn.qkv.lora_*", "head.weight"]},
+        {"policy": "exclude", "layers": ["head.*"]},
+        {"policy": "exclude", "modules": ["LayerNorm", "BatchNorm2d"]},
+        {"policy": "exclude", "layers": ["blocks.[01].norm?.*"], "modules": ["LayerNorm"]},
+    ],
+)
+def test_each_policy_takes_its_own_fields(exchange: dict[str, Any]) -> None:
+    parsed = FederatedTrainingSpec.model_validate(spec(exchange=exchange))
+    assert parsed.exchange.has_personal
+    assert FederatedTrainingSpec.parse(parsed.to_api()) == parsed
+
+
+def test_the_default_exchange_is_everything_trainable() -> None:
+    parsed = FederatedTrainingSpec.model_validate(spec())
+    assert parsed.exchange.policy.value == "all"
+    assert not parsed.exchange.has_personal
+    assert (parsed.exchange.layers, parsed.exchange.modules) == (None, None)

@@ -724,6 +724,12 @@ CREATE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         f"wafer data have {len(WAFER_CLASSES)} classes",
     ),
     ("rank-zero", spec_change(lambda s: s["lora"].update(rank=0)), "rank must be between 1 and 1024"),
+    ("exchange-fixed-bare", spec_change(lambda s: s.update(exchange={"policy": "fixed"})), "needs layers"),
+    (
+        "exchange-all-layers",
+        spec_change(lambda s: s.update(exchange={"layers": ["head.*"]})),
+        "policy all exchanges every trainable tensor",
+    ),
     ("rank-huge", spec_change(lambda s: s["lora"].update(rank=2048)), "rank must be between 1 and 1024"),
     ("long-name", lambda d: d["metadata"].update(name="x" * 64), "metadata.name must be a DNS label"),
     (
@@ -809,6 +815,11 @@ UPDATE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str | None]] = [
     ("model-labels", spec_change(lambda s: s["model"]["labels"].reverse()), "model cannot change"),
     ("lora-rank", spec_change(lambda s: s["lora"].update(rank=16)), "lora cannot change"),
     ("lora-removed", spec_change(lambda s: s.pop("lora")), "lora cannot change"),
+    (
+        "exchange-added",
+        spec_change(lambda s: s.update(exchange={"policy": "exclude", "layers": ["head.*"]})),
+        "exchange cannot change",
+    ),
     (
         "storage-added",
         spec_change(lambda s: s.update(storage={"bucket": "fedtrain"})),
