@@ -23,6 +23,7 @@ import torch
 
 from fedtrain.api import EvalMetrics, FederatedTrainingSpec, RejectedUpdate, SiteSpec, TransferDtype
 from fedtrain.codec import (
+    MODEL_TRANSFER_DTYPES,
     CodecError,
     Metadata,
     Payload,
@@ -33,7 +34,6 @@ from fedtrain.codec import (
     check_update_header,
     decode,
     decode_header,
-    encode,
     encode_file,
     header_length,
     parse_json,
@@ -151,6 +151,47 @@ class RoundAggregator:
             self.store.get_file(key, local)
             yield decode(local, name=key, verify=verify), local.stat().st_size
 
+    @property
+    def model_dtype(self) -> TransferDtype:
+        """The dtype of the global models sent to the sites: the transfer dtype (bf16 with int8)."""
+        return MODEL_TRANSFER_DTYPES[self.spec.training.transfer_dtype]
+
+    def exact_model_key(self, round_index: int) -> str:
+        """The aggregator's own fp32 copy of a global model sent to the sites in a lower precision:
+        each round adds the mean delta to it, so rounding the sites' copy never accumulates."""
+        return f"{self.layout.round_dir(round_index)}/global-fp32.safetensors"
+
+    @contextmanager
+    def _exact_model(self, round_index: int, verify: bool) -> Iterator[tuple[Payload, int]]:
+        """The global model in full precision: the fp32 copy, or the sites' model when it is fp32 (or
+        when the copy is missing, for a training started before models were sent in lower precision)."""
+        key = self.exact_model_key(round_index)
+        if self.model_dtype is not TransferDtype.FP32 and self.store.exists(key):
+            with self._opened(key, verify=verify) as opened:
+                yield opened
+            return
+        if self.model_dtype is not TransferDtype.FP32:
+            log.warning("round %d: no fp32 copy of the global model; the sites' copy is used", round_index)
+        with self._global_model(round_index, verify) as opened:
+            yield opened
+
+    def _put_model(
+        self, tensors: dict[str, torch.Tensor], meta: Metadata, round_index: int
+    ) -> tuple[Metadata, str]:
+        """Write a global model: the fp32 copy first when the sites get a lower precision, then the
+        sites' model (whose key the trainers are given). Returns the sites' metadata and file sha256."""
+        with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
+            staged = Path(scratch) / "global.safetensors"
+            if self.model_dtype is not TransferDtype.FP32:
+                exact = meta.model_copy(update={"transfer_dtype": TransferDtype.FP32})
+                encode_file(tensors, exact, staged)
+                self.store.put_file(self.exact_model_key(round_index), staged)
+            written, file_sha256 = encode_file(
+                tensors, meta.model_copy(update={"transfer_dtype": self.model_dtype}), staged
+            )
+            self.store.put_file(self.layout.global_model(round_index), staged)
+        return written, file_sha256
+
     @contextmanager
     def _global_model(self, round_index: int, verify: bool) -> Iterator[tuple[Payload, int]]:
         try:
@@ -212,7 +253,7 @@ class RoundAggregator:
                 base_fingerprint=model.base_fingerprint,
                 config={"rank": model.rank, "alpha": model.alpha, "parameters": model.parameter_count},
             )
-            self.store.put_bytes(key, encode(model.exchanged_state(), meta))
+            self._put_model(model.exchanged_state(), meta, 0)
             log.info("initial global model written to %s", self.store.uri(key))
         return self.store.uri(key)
 
@@ -464,7 +505,7 @@ class RoundAggregator:
         meta = self._next_model_meta(round_index)
         model_key = self.layout.global_model(round_index + 1)
         try:
-            model_sha256 = self._write_next_model(round_index, open_round, meta, model_key)
+            model_sha256 = self._write_next_model(round_index, open_round, meta)
         finally:
             # The sum was turned into the next model in place: whatever happened, a retry must
             # rebuild it from the updates in the store.
@@ -519,17 +560,14 @@ class RoundAggregator:
             kind=PayloadKind.MODEL,
             training=self.layout.name,
             round=round_index + 1,
-            transfer_dtype=TransferDtype.FP32,
+            transfer_dtype=self.model_dtype,
             base_fingerprint=current_meta.base_fingerprint,
             config=current_meta.config,
         )
 
-    def _write_next_model(self, round_index: int, open_round: _OpenRound, meta: Metadata, key: str) -> str:
+    def _write_next_model(self, round_index: int, open_round: _OpenRound, meta: Metadata) -> str:
         """Apply the aggregate to the global model and upload the result; returns its file sha256."""
-        with (
-            self._global_model(round_index, verify=False) as (current, _),
-            tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch,
-        ):
+        with self._exact_model(round_index, verify=False) as (current, _):
             if open_round.weights:
                 next_tensors = self.strategy.apply(current.tensors, open_round.accumulator.result())
             else:  # every participant was left out: the round changes nothing
@@ -542,11 +580,9 @@ class RoundAggregator:
                     f"round {round_index}: the aggregate is not finite in {', '.join(broken[:3])}; "
                     "set aggregation.maxUpdateNorm to reject runaway updates"
                 )
-            staged = Path(scratch) / "global.safetensors"
-            written, file_sha256 = encode_file(next_tensors, meta, staged)
+            written, file_sha256 = self._put_model(next_tensors, meta, round_index + 1)
             shapes = {name: tuple(tensor.shape) for name, tensor in next_tensors.items()}
             del next_tensors
-            self.store.put_file(key, staged)
         # The next round starts from this model: its signature is known without reading it back.
         self._signatures = {round_index + 1: (Signature(shapes, written.base_fingerprint), written)}
         return file_sha256
@@ -566,7 +602,7 @@ class RoundAggregator:
         if self.store.exists(key):
             return self.store.uri(key)
         model = build_model(self.spec, self._pretrained_weights)
-        with self._global_model(round_index, verify=True) as (payload, _):
+        with self._exact_model(round_index, verify=True) as (payload, _):
             if model.base_fingerprint != payload.meta.base_fingerprint:
                 raise AggregationError(
                     "the global model was trained from a different base model than the spec builds"
