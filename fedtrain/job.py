@@ -11,7 +11,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedtrain.api import EvaluationSpec, FederatedTrainingSpec, LoraSpec, ModelSpec, SiteSpec, TrainingSpec
+from fedtrain.api import (
+    EvaluationSpec,
+    ExchangeSpec,
+    FederatedTrainingSpec,
+    LoraSpec,
+    ModelSpec,
+    SiteSpec,
+    TrainingSpec,
+)
 
 
 class TrainerSpec(BaseModel):
@@ -21,6 +29,7 @@ class TrainerSpec(BaseModel):
 
     model: ModelSpec
     lora: LoraSpec
+    exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)
     training: TrainingSpec
     evaluation: EvaluationSpec
     site: SiteSpec
@@ -30,6 +39,7 @@ class TrainerSpec(BaseModel):
         return cls(
             model=spec.model,
             lora=spec.lora,
+            exchange=spec.exchange,
             training=spec.training,
             evaluation=spec.evaluation,
             site=spec.site(site),

@@ -4,9 +4,10 @@ The trainer fine-tunes it and the aggregator rebuilds it to merge the final mode
 apart from both (importable as fedtrain.model); the operator's image holds neither it nor torch.
 """
 
+from .errors import ModelError
+from .exchange import ExchangeError, ExchangePlan, resolve_exchange, timm_name
 from .factory import (
     FederatedModel,
-    ModelError,
     ModelRecipe,
     auto_lora_rank,
     build_model,
@@ -15,11 +16,15 @@ from .factory import (
 )
 
 __all__ = [
+    "ExchangeError",
+    "ExchangePlan",
     "FederatedModel",
     "ModelError",
     "ModelRecipe",
     "auto_lora_rank",
     "build_model",
     "create_backbone",
+    "resolve_exchange",
     "resolve_rank",
+    "timm_name",
 ]

@@ -19,8 +19,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from torch import nn
 
-from fedtrain.api import LoraSpec, ModelSpec, PretrainedSource, TrainingSpec
+from fedtrain.api import ExchangeSpec, LoraSpec, ModelSpec, PretrainedSource, TrainingSpec
 from fedtrain.codec import tensors_digest
+
+from .errors import ModelError
+from .exchange import ExchangePlan, resolve_exchange
 
 #: (parameter count below which, LoRA rank). Above the last bound: rank 32. Under 20M: full tuning.
 AUTO_RANK_TABLE: tuple[tuple[int, int | None], ...] = (
@@ -40,10 +43,8 @@ class ModelRecipe(Protocol):
     def lora(self) -> LoraSpec: ...
     @property
     def training(self) -> TrainingSpec: ...
-
-
-class ModelError(ValueError):
-    """The spec names a model that cannot be built as asked; the message says how to fix it."""
+    @property
+    def exchange(self) -> ExchangeSpec: ...
 
 
 def auto_lora_rank(parameter_count: int) -> int | None:
@@ -141,9 +142,33 @@ class FederatedModel:
     alpha: int | None
     parameter_count: int
     base_fingerprint: str
+    plan: ExchangePlan
 
     def exchanged_names(self) -> list[str]:
-        return sorted(name for name, param in self.module.named_parameters() if param.requires_grad)
+        """The shared tensors: what leaves a site and what the global model holds, sorted."""
+        return list(self.plan.shared)
+
+    def personal_names(self) -> list[str]:
+        """Trainable tensors the exchange policy keeps at each site (its private state), sorted."""
+        return list(self.plan.personal)
+
+    def personal_state(self) -> dict[str, torch.Tensor]:
+        params = dict(self.module.named_parameters())
+        return {name: params[name].detach().cpu().clone() for name in self.plan.personal}
+
+    def load_personal(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore a site's personal tensors; ModelError unless exactly those, shaped alike."""
+        params = dict(self.module.named_parameters())
+        if set(tensors) != set(self.plan.personal) or any(
+            tensors[name].shape != params[name].shape for name in tensors
+        ):
+            raise ModelError(
+                f"the site's private state holds {len(tensors)} personal tensors that do not fit the "
+                f"{len(self.plan.personal)} this model keeps local (spec.exchange or the model changed)"
+            )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor.to(params[name].dtype))
 
     def exchanged_state(self) -> dict[str, torch.Tensor]:
         """Detached copies of the trainable tensors: what a global model or an update holds."""
@@ -163,7 +188,11 @@ class FederatedModel:
                 params[name].copy_(tensor.to(params[name].dtype))
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """A plain timm state dict with LoRA folded in, loadable without peft."""
+        """A plain timm state dict with LoRA folded in, loadable without peft.
+
+        Personal tensors hold whatever this module holds: in the aggregator, which loads only the
+        shared tensors into a freshly built model, they are the initial values.
+        """
         if self.rank is None:
             return {name: tensor.detach().clone() for name, tensor in self.module.state_dict().items()}
         merged = cast(PeftModel, copy.deepcopy(self.module)).merge_and_unload()
@@ -186,7 +215,8 @@ def build_model(spec: ModelRecipe, weights: Path | bytes | None = None) -> Feder
     if rank is None:
         # Full fine-tuning: every tensor is exchanged, so only the architecture is fingerprinted.
         fingerprint = _fingerprint(backbone, {}, spec)
-        return FederatedModel(backbone, None, None, parameter_count, fingerprint)
+        plan = resolve_exchange(backbone, spec.exchange)
+        return FederatedModel(backbone, None, None, parameter_count, fingerprint, plan)
 
     frozen = {
         name: param.detach()
@@ -215,4 +245,6 @@ def build_model(spec: ModelRecipe, weights: Path | bytes | None = None) -> Feder
         adapted: nn.Module = get_peft_model(backbone, config)
     except ValueError as error:
         raise ModelError(f"lora.targetModules do not match {spec.model.name}: {error}") from None
-    return FederatedModel(adapted, rank, alpha, parameter_count, fingerprint)
+    return FederatedModel(
+        adapted, rank, alpha, parameter_count, fingerprint, resolve_exchange(adapted, spec.exchange)
+    )

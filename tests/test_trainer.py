@@ -13,13 +13,21 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from torch import nn
 
 from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.api import FederatedTrainingSpec, SiteSpec
 from fedtrain.codec import PayloadKind, check_update, decode
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
-from fedtrain.model import ModelError, auto_lora_rank, build_model, resolve_rank
+from fedtrain.model import (
+    ExchangeError,
+    FederatedModel,
+    ModelError,
+    auto_lora_rank,
+    build_model,
+    resolve_rank,
+)
 from fedtrain.store import LocalStore
 from fedtrain.trainer import train as train_module
 from fedtrain.trainer.train import (
@@ -91,6 +99,99 @@ def test_lora_adapts_linear_layers_and_trains_the_whole_head() -> None:
     assert any("patch_embed" in name for name in frozen)
     assert model.rank == 4
     assert model.alpha == 8, "alpha defaults to 2 x rank"
+
+
+EXCHANGE_ARCHITECTURE = {"depth": 2, "embedDim": 64, "numHeads": 2}
+
+
+def exchange_model(exchange: dict[str, Any], **overrides: Any) -> FederatedModel:
+    return build_model(
+        tiny_spec(model={"architecture": EXCHANGE_ARCHITECTURE}, exchange=exchange, **overrides)
+    )
+
+
+def test_the_default_policy_exchanges_every_trainable_tensor() -> None:
+    model = build_model(tiny_spec(model={"architecture": EXCHANGE_ARCHITECTURE}))
+    trainable = sorted(name for name, param in model.module.named_parameters() if param.requires_grad)
+    assert model.exchanged_names() == trainable
+    assert model.personal_names() == []
+
+
+def test_exclude_layers_keeps_the_head_personal_fedper() -> None:
+    model = exchange_model({"policy": "exclude", "layers": ["head.*"]})
+    assert model.personal_names() == [
+        "base_model.model.head.modules_to_save.default.bias",
+        "base_model.model.head.modules_to_save.default.weight",
+    ]
+    shared = model.exchanged_names()
+    assert len(shared) == 2 * 4 * 2, "LoRA A and B of qkv, proj, fc1, fc2 in two blocks"
+    assert all("lora_" in name for name in shared)
+    assert set(model.exchanged_state()) == set(shared)
+    assert set(model.personal_state()) == set(model.personal_names())
+
+
+def test_exclude_modules_keeps_the_norms_personal_fedbn() -> None:
+    model = exchange_model({"policy": "exclude", "modules": ["LayerNorm"]}, lora={"rank": "none"})
+    norms = sorted(
+        f"{prefix}.{name}"
+        for prefix, module in model.module.named_modules()
+        if isinstance(module, nn.LayerNorm)
+        for name, _ in module.named_parameters(recurse=False)
+    )
+    assert model.personal_names() == norms
+    assert len(norms) == 2 * 2 * 2 + 2, "norm1 and norm2 of two blocks, and the final norm"
+    trainable = {name for name, param in model.module.named_parameters() if param.requires_grad}
+    assert set(model.exchanged_names()) == trainable - set(norms)
+    assert "head.weight" in model.exchanged_names()
+
+
+def test_fixed_exchanges_only_the_matching_tensors() -> None:
+    model = exchange_model({"policy": "fixed", "layers": ["blocks.*.attn.qkv.lora_*", "head.bias"]})
+    assert model.exchanged_names() == [
+        "base_model.model.blocks.0.attn.qkv.lora_A.default.weight",
+        "base_model.model.blocks.0.attn.qkv.lora_B.default.weight",
+        "base_model.model.blocks.1.attn.qkv.lora_A.default.weight",
+        "base_model.model.blocks.1.attn.qkv.lora_B.default.weight",
+        "base_model.model.head.modules_to_save.default.bias",
+    ]
+    assert "base_model.model.head.modules_to_save.default.weight" in model.personal_names()
+    assert len(model.exchanged_names()) + len(model.personal_names()) == 18
+
+
+def test_a_global_model_of_shared_tensors_loads_and_personal_ones_restore() -> None:
+    model = exchange_model({"policy": "exclude", "layers": ["head.*"]})
+    other = exchange_model({"policy": "exclude", "layers": ["head.*"]})
+    with torch.no_grad():
+        for param in other.module.parameters():
+            param.add_(1.0)
+    model.load_exchanged(other.exchanged_state())
+    model.load_personal(other.personal_state())
+    for name, tensor in {**other.exchanged_state(), **other.personal_state()}.items():
+        assert torch.equal(dict(model.module.named_parameters())[name], tensor), name
+    with pytest.raises(ModelError, match="personal tensors"):
+        model.load_personal({})
+    with pytest.raises(ModelError, match="names"):
+        model.load_exchanged({**other.exchanged_state(), **other.personal_state()})
+
+
+@pytest.mark.parametrize(
+    ("exchange", "says"),
+    [
+        (
+            {"policy": "exclude", "layers": ["head.*", "foo.*"]},
+            "spec.exchange.layers[1]: 'foo.*' matches no trainable tensor; trainable tensors look like "
+            "'blocks.0.attn.proj.lora_A.default.weight', ",
+        ),
+        ({"policy": "fixed", "layers": ["patch_embed.*"]}, "spec.exchange.layers[0]: 'patch_embed.*'"),
+        ({"policy": "exclude", "modules": ["LayerNorm"]}, "spec.exchange.modules[0]: no LayerNorm module"),
+        ({"policy": "exclude", "layers": ["*"]}, "spec.exchange: policy exclude keeps every trainable"),
+    ],
+)
+def test_an_exchange_that_does_not_fit_the_model_names_the_field(exchange: dict[str, Any], says: str) -> None:
+    with pytest.raises(ExchangeError) as error:
+        exchange_model(exchange)
+    assert says in str(error.value)
+    assert isinstance(error.value, ModelError)
 
 
 def test_auto_rank_on_a_small_model_means_full_fine_tuning() -> None:
