@@ -112,7 +112,8 @@ def build_trainer_job(
     """One attempt's job: its slice of the spec and URLs for exactly the objects it may touch.
 
     A training attempt reads the private state of the site's last accepted attempt and writes its
-    own; an evaluation neither reads nor writes private state.
+    own; an evaluation writes none, and reads it only where the site keeps personal tensors there
+    (spec.exchange other than all), which the evaluated model needs.
     """
     training = action.mode == "train"
     state_from = action.state_from
@@ -120,7 +121,7 @@ def build_trainer_job(
         signer.presign_get(
             layout.site_state(action.site, state_from.round, state_from.attempt), expires_seconds
         )
-        if training and state_from is not None
+        if (training or spec.exchange.has_personal) and state_from is not None
         else None
     )
     state_put_url = (

@@ -448,7 +448,7 @@ def _start_round(
     status.round_deadline = now + timedelta(seconds=spec.aggregation.round_timeout_seconds)
     status.sites = [SiteRoundStatus(name=name, started_at=now) for name in sites]
     for name in sites:
-        decision.act(_start_job(status, name, 0, mode))
+        decision.act(_start_job(spec, status, name, 0, mode))
     if mode == "train":
         status.message = f"round {round_index + 1} of {spec.training.rounds}: {len(sites)} sites training"
         decision.normal("RoundStarted", f"round {round_index} started with sites {', '.join(sites)}")
@@ -462,9 +462,13 @@ def _mode(status: FederatedTrainingStatus) -> JobMode:
     return "evaluate" if status.stage is Stage.EVALUATING else "train"
 
 
-def _start_job(status: FederatedTrainingStatus, site: str, attempt: int, mode: JobMode) -> StartSiteJob:
-    """Start a site's attempt; a training attempt starts from the site's last committed private state."""
-    state_from = status.site_states.get(site) if mode == "train" else None
+def _start_job(
+    spec: FederatedTrainingSpec, status: FederatedTrainingStatus, site: str, attempt: int, mode: JobMode
+) -> StartSiteJob:
+    """Start a site's attempt; a training attempt starts from the site's last committed private state,
+    and so does an evaluation where the site keeps personal tensors there (spec.exchange)."""
+    reads_state = mode == "train" or spec.exchange.has_personal
+    state_from = status.site_states.get(site) if reads_state else None
     return StartSiteJob(site=site, round=status.round, attempt=attempt, mode=mode, state_from=state_from)
 
 
@@ -504,7 +508,7 @@ def _follow_job(
         # Past the deadline the site is about to become a straggler: starting it would only
         # create a Job to delete in the same breath.
         if not overdue:
-            decision.act(_start_job(status, site.name, site.attempt, _mode(status)))
+            decision.act(_start_job(spec, status, site.name, site.attempt, _mode(status)))
     elif job.state is JobState.ACTIVE:
         site.state = SiteState.RUNNING
     elif job.state is JobState.SUCCEEDED:
@@ -591,7 +595,7 @@ def _site_failed(
         site.state = SiteState.PENDING
         site.started_at = now
         site.message = f"attempt {site.attempt} after: {detail}"
-        decision.act(_start_job(status, site.name, site.attempt, _mode(status)))
+        decision.act(_start_job(spec, status, site.name, site.attempt, _mode(status)))
         decision.warning("SiteRetry", f"round {status.round}: site {site.name} failed ({detail}); retrying")
     else:
         site.state = SiteState.FAILED

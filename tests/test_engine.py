@@ -24,6 +24,8 @@ from fedtrain.api import (
     Condition,
     ConditionType,
     EvalMetrics,
+    ExchangePolicy,
+    ExchangeSpec,
     FederatedTrainingSpec,
     FederatedTrainingStatus,
     Phase,
@@ -708,6 +710,20 @@ def test_round_closes_records_the_weighted_evaluation_and_starts_the_next() -> N
         Event("Normal", "RoundClosed", "round 0 closed with 2 updates; global model 0 accuracy 0.620"),
         Event("Normal", "RoundStarted", "round 1 started with sites site-0, site-1, site-2"),
     ]
+
+
+def test_an_evaluation_starts_from_the_committed_state_where_sites_keep_personal_tensors() -> None:
+    personal = ExchangeSpec(policy=ExchangePolicy.EXCLUDE, layers=["head.*"])
+    world = start_round_zero(make_spec(rounds=1).model_copy(update={"exchange": personal}))
+    complete(world, names(3), evaluation=metrics(0.5, samples=100))
+    world.step()
+    world.manifest = manifest(0, names(3))
+    world.now = T0 + seconds(100)
+    decision = world.step()
+    committed = {name: AttemptRef(round=0, attempt=0) for name in names(3)}
+    assert of_type(decision.actions, StartSiteJob) == starts(
+        1, names(3), mode="evaluate", state_from=committed
+    )
 
 
 def test_last_round_is_followed_by_evaluation_merge_and_success() -> None:

@@ -657,6 +657,19 @@ def test_an_evaluation_attempt_gets_no_state_urls(body: dict[str, Any]) -> None:
     assert job.mode == "evaluate"
 
 
+def test_an_evaluation_reads_the_committed_state_where_the_site_keeps_personal_tensors(
+    body: dict[str, Any],
+) -> None:
+    body["spec"]["exchange"] = {"policy": "exclude", "layers": ["head.*"]}
+    layout = TrainingLayout(TRAINING_NAMESPACE, "wafer")
+    signer = FakeSigner()
+    action = StartSiteJob("fab-b", 4, 0, "evaluate", state_from=AttemptRef(round=3, attempt=0))
+    job = build_trainer_job(spec_of(body), layout, action, signer, 700, None)
+    assert job.state_get_url == signer.presign_get(layout.site_state("fab-b", 3, 0), 700)
+    assert job.state_put_url is None, "an evaluation never writes a site's state"
+    assert job.spec.exchange.layers == ["head.*"]
+
+
 def test_url_expiry_is_the_round_timeout_plus_grace_capped_at_seven_days() -> None:
     short = spec_of(training_body(aggregation={"roundTimeoutSeconds": 300}))
     assert url_expiry_seconds(short, 60) == 360

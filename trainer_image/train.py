@@ -32,6 +32,10 @@ from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
 log = logging.getLogger("fedtrain.trainer")
 
 
+#: Where a site's personal tensors live in its private state, beside the optimizer's `state.` tensors.
+PERSONAL_PREFIX = "personal."
+
+
 class IncompatibleModelError(RuntimeError):
     """The global model does not fit the model this site builds (different base or tensors)."""
 
@@ -397,8 +401,10 @@ def fetch_inputs(job: TrainerJob, device: torch.device) -> RoundInputs:
     )
     model = build_model(spec, _pretrained_weights(job))
     _load_global_model(job, model)
+    # Evaluations get a state URL only when the site keeps personal tensors (operator/core.py).
+    private_state = _fetch_private_state(job)
+    restore_personal(job, model, private_state)
     model.module.to(device)
-    private_state = _fetch_private_state(job) if job.mode == "train" else None
     return RoundInputs(data, model, private_state, time.perf_counter() - started)
 
 
@@ -466,6 +472,8 @@ def train_locally(
     metrics.update(trained)
     after = model.exchanged_state()
     state_tensors, state_config = pack_state(optimizer, scheduler)
+    # Personal tensors never enter the update: they persist beside the optimizer state.
+    state_tensors.update({PERSONAL_PREFIX + name: tensor for name, tensor in model.personal_state().items()})
     state_config["data_cursor"] = plan.end.to_config()
     return LocalTraining(
         delta={name: after[name].cpu() - before[name].cpu() for name in before},
@@ -540,6 +548,29 @@ def _load_global_model(job: TrainerJob, model: FederatedModel) -> None:
         raise IncompatibleModelError(str(error)) from None
 
 
+def restore_personal(job: TrainerJob, model: FederatedModel, private_state: Payload | None) -> None:
+    """Put the site's own personal tensors over the model; in its first round they stay initial."""
+    if not model.personal_names():
+        return
+    if private_state is None:
+        log.log(
+            logging.WARNING if job.mode == "evaluate" else logging.INFO,
+            "no private state: the %d personal tensors start from the model's initial values",
+            len(model.personal_names()),
+        )
+        return
+    personal = {
+        name.removeprefix(PERSONAL_PREFIX): tensor
+        for name, tensor in private_state.tensors.items()
+        if name.startswith(PERSONAL_PREFIX)
+    }
+    try:
+        model.load_personal(personal)
+    except ModelError as error:
+        raise IncompatibleModelError(str(error)) from None
+    log.info("restored %d personal tensors from the site's private state", len(personal))
+
+
 def _fetch_private_state(job: TrainerJob) -> Payload | None:
     if not job.state_get_url:
         return None
@@ -558,8 +589,11 @@ def _restore_private_state(
     """Load the optimizer and schedule state where it fits; the data cursor it recorded."""
     if payload is None:
         return DataCursor()
+    optimizer_tensors = {
+        name: tensor for name, tensor in payload.tensors.items() if name.startswith("state.")
+    }
     try:
-        unpack_state(optimizer, scheduler, dict(payload.tensors), payload.meta.config)
+        unpack_state(optimizer, scheduler, optimizer_tensors, payload.meta.config)
     except (KeyError, ValueError, RuntimeError) as error:
         log.warning("private state does not fit this optimizer (%s): fresh optimizer", error)
     return DataCursor.from_config(payload.meta.config)
@@ -578,6 +612,9 @@ def _resolved_config(
         "trainable_parameters": sum(p.numel() for p in model.module.parameters() if p.requires_grad),
         "lora_rank": model.rank,
         "lora_alpha": model.alpha,
+        "exchange": spec.exchange.policy.value,
+        "exchanged_tensors": len(model.exchanged_names()),
+        "personal_tensors": len(model.personal_names()),
         "steps": steps,
         "batch_size": spec.training.batch_size,
         "optimizer": spec.training.optimizer.model_dump(mode="json"),
