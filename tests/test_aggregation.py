@@ -21,7 +21,15 @@ import torch
 
 from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
 from fedtrain.aggregator.strategies import FedAvg, WeightedMean, make_strategy, site_weight
-from fedtrain.api import FederatedTrainingSpec, RejectedUpdate, StrategyName, TransferDtype, Weighting
+from fedtrain.api import (
+    ExchangePolicy,
+    ExchangeSpec,
+    FederatedTrainingSpec,
+    RejectedUpdate,
+    StrategyName,
+    TransferDtype,
+    Weighting,
+)
 from fedtrain.codec import Metadata, PayloadKind, decode, encode, read_metadata
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest
@@ -738,6 +746,36 @@ def test_merged_model_loads_into_plain_timm_and_matches_the_peft_model(
     identity = _file_identity(store, LAYOUT.merged_model())
     assert aggregator.merge(1) == uri
     assert _file_identity(store, LAYOUT.merged_model()) == identity
+
+
+def test_an_update_carrying_a_personal_tensor_is_rejected_naming_it(store: LocalStore) -> None:
+    spec = _spec(sites=["fab-a", "fab-b"], lora_rank=4).model_copy(
+        update={"exchange": ExchangeSpec(policy=ExchangePolicy.EXCLUDE, layers=["head.*"])}
+    )
+    model = build_model(spec)
+    head = "base_model.model.head.modules_to_save.default.weight"
+    assert head in model.personal_names()
+    aggregator = RoundAggregator(store, LAYOUT, spec)
+    aggregator.initialize()
+    initial = decode(store.get_bytes(LAYOUT.global_model(0)))
+    assert sorted(initial.tensors) == model.exchanged_names(), "the global model holds shared tensors only"
+    shapes = {name: tuple(tensor.shape) for name, tensor in initial.tensors.items()}
+    shared = _random(shapes, seed=3, scale=0.01)
+    leaking = {**shared, head: torch.zeros(9, 32)}
+    fingerprint = initial.meta.base_fingerprint
+    store.put_bytes(LAYOUT.update(0, "fab-a"), _update_bytes("fab-a", shared, 30, fingerprint=fingerprint))
+    store.put_bytes(LAYOUT.update(0, "fab-b"), _update_bytes("fab-b", leaking, 30, fingerprint=fingerprint))
+    assert aggregator.submit(0, "fab-a").accepted
+    verdict = aggregator.submit(0, "fab-b")
+    assert (verdict.accepted, verdict.reason) == (False, "names")
+    assert f"unknown tensors: {head}" in (verdict.message or "")
+    aggregator.close(0, ["fab-a"])
+
+    # The merged global model's personal layers are the initial ones: no site sent its own.
+    aggregator.merge(1)
+    merged = decode(store.get_bytes(LAYOUT.merged_model()))
+    initial_head = model.personal_state()[head]
+    assert torch.equal(merged.tensors["head.weight"], initial_head)
 
 
 def test_merge_refuses_a_model_from_another_base(store: LocalStore) -> None:
