@@ -4,9 +4,15 @@ What it measures: the size of the real update object, `fedtrain.codec.encode` of
 exchanged tensors with kind `update` (safetensors header with fedtrain's JSON metadata plus the
 tensor bytes), for each model in --models and each configuration:
 
-* full fine-tuning (lora rank none), fp32 transfer (and bf16 for reference);
+* full fine-tuning (lora rank none), fp32 transfer (and bf16 and int8 for reference);
 * LoRA rank --rank (default 8) on every Linear outside the head ("all-linear"; the head is trained
-  fully), fp32 and bf16 transfer.
+  fully), fp32, bf16 and int8 transfer.
+
+int8 stores int8 values plus float32 absmax scales, one per row, one per column for matrices taller
+than wide (`fedtrain.codec.int8_scale_shape`). For int8 rows the script also prints what per-row
+scales everywhere would weigh (LoRA B of ViT-B is 768..3072 rows of 8 elements: one 4-byte scale per
+8 bytes of values), and the relative quantisation error ||x - deq(x)|| / ||x|| of both choices on the
+stand-in delta (random values: a check of the arithmetic, not of accuracy on trained updates).
 
 How: each model is built with `fedtrain.model.build_model` from a spec made with
 `FederatedTrainingSpec.model_validate` (pretrained=False, img_size=224, num_classes=9), exactly as
@@ -15,8 +21,8 @@ minus before) around a small random change of every trainable parameter, standin
 training: the encoded size depends only on the names, shapes and dtype, not on the values. The
 metadata carries metrics, timings and config like a real update (a few KB).
 
-Prints a table (MB = 1e6 bytes, and the ratio against full fine-tuning in fp32) and the target:
-LoRA bf16 at least 140x smaller than full fp32 for ViT-B/14.
+Prints a table (MB = 1e6 bytes, and the ratio against full fine-tuning in fp32) and the targets
+for ViT-B/14: LoRA bf16 at least 140x smaller than full fp32; LoRA int8 at least 280x smaller.
 
 Run:  .venv/bin/python benchmarks/transfer.py           (ViT-S, ViT-B and ViT-L; a few minutes)
       .venv/bin/python benchmarks/transfer.py --quick   (ViT-S and ViT-B; under a minute)
@@ -27,21 +33,32 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
 
 from fedtrain.api import WAFER_CLASSES, FederatedTrainingSpec, TransferDtype
-from fedtrain.codec import Metadata, PayloadKind, encode, l2_norm
+from fedtrain.codec import (
+    Metadata,
+    PayloadKind,
+    dequantize_int8,
+    encode,
+    int8_scale_shape,
+    l2_norm,
+    quantize_int8,
+)
 from fedtrain.model import FederatedModel, build_model
 
 MB = 1e6
 TARGET_MODEL = "vit_base_patch14_dinov2"
 TARGET_RATIO = 140.0
+TARGET_RATIO_INT8 = 280.0
+DTYPES = [TransferDtype.FP32, TransferDtype.BF16, TransferDtype.INT8]
 DEFAULT_MODELS = ["vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2"]
 
 
@@ -54,6 +71,10 @@ class Measurement:
     trainable: int
     parameters: int
     encoded_bytes: int
+    #: int8 only: the size with per-row scales everywhere, and the relative error of both choices.
+    per_row_bytes: int | None = None
+    error: float | None = None
+    per_row_error: float | None = None
 
 
 def make_spec(model_name: str, rank: int | str, image_size: int) -> FederatedTrainingSpec:
@@ -116,6 +137,30 @@ def update_size(model: FederatedModel, delta: dict[str, torch.Tensor], transfer_
     return len(encode(delta, meta))
 
 
+def _per_row_quantize(tensor: torch.Tensor) -> torch.Tensor:
+    """Dequantised int8 with one scale per row whatever the shape (the alternative not chosen)."""
+    if tensor.dim() < 2:
+        return dequantize_int8(*quantize_int8(tensor))
+    rows = tensor.reshape(tensor.shape[0], -1).float()
+    scale = rows.abs().amax(dim=1, keepdim=True) / 127
+    values = torch.where(scale > 0, torch.round(rows / torch.where(scale > 0, scale, 1.0)), 0.0)
+    return (values * scale).reshape(tensor.shape)
+
+
+def int8_scale_choice(delta: dict[str, torch.Tensor]) -> tuple[int, float, float]:
+    """Extra bytes of per-row scales everywhere, and the relative error of the chosen and per-row scales."""
+    extra = 0
+    squares = chosen = per_row = 0.0
+    for tensor in delta.values():
+        shape = tuple(tensor.shape)
+        rows = shape[0] if len(shape) >= 2 else 1
+        extra += 4 * (rows - math.prod(int8_scale_shape(shape)))
+        squares += float((tensor.double() ** 2).sum())
+        chosen += float(((tensor - dequantize_int8(*quantize_int8(tensor))).double() ** 2).sum())
+        per_row += float(((tensor - _per_row_quantize(tensor)).double() ** 2).sum())
+    return extra, math.sqrt(chosen / squares), math.sqrt(per_row / squares)
+
+
 def measure(
     model_name: str, rank: int | str, dtypes: list[TransferDtype], image_size: int
 ) -> list[Measurement]:
@@ -123,18 +168,22 @@ def measure(
     delta = site_delta(model, seed=0)
     trainable = sum(tensor.numel() for tensor in delta.values())
     setting = "full fine-tuning" if model.rank is None else f"LoRA rank {model.rank}"
-    results = [
-        Measurement(
+    results = []
+    for dtype in dtypes:
+        size = update_size(model, delta, dtype)
+        result = Measurement(
             model=model_name,
             setting=setting,
             transfer_dtype=dtype,
             tensors=len(delta),
             trainable=trainable,
             parameters=model.parameter_count,
-            encoded_bytes=update_size(model, delta, dtype),
+            encoded_bytes=size,
         )
-        for dtype in dtypes
-    ]
+        if dtype is TransferDtype.INT8:
+            more, error, per_row_error = int8_scale_choice(delta)
+            result = replace(result, per_row_bytes=size + more, error=error, per_row_error=per_row_error)
+        results.append(result)
     del model, delta
     gc.collect()
     return results
@@ -171,12 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     measurements: list[Measurement] = []
     for model_name in args.models:
-        measurements += measure(model_name, "none", [TransferDtype.FP32, TransferDtype.BF16], args.image_size)
-        measurements += measure(
-            model_name, args.rank, [TransferDtype.FP32, TransferDtype.BF16], args.image_size
-        )
+        measurements += measure(model_name, "none", DTYPES, args.image_size)
+        measurements += measure(model_name, args.rank, DTYPES, args.image_size)
         print(f"{model_name}: measured ({time.perf_counter() - started:.0f} s so far)", flush=True)
-
     full_fp32: dict[str, int] = {
         m.model: m.encoded_bytes
         for m in measurements
@@ -184,20 +230,6 @@ def main(argv: list[str] | None = None) -> None:
     }
     print()
     print("## encoded update per site per round (MB = 1e6 bytes)")
-    rows: list[list[str]] = []
-    for m in measurements:
-        rows.append(
-            [
-                m.model,
-                f"{m.parameters / 1e6:.1f}M",
-                m.setting,
-                m.transfer_dtype.value,
-                str(m.tensors),
-                f"{m.trainable:,}",
-                f"{m.encoded_bytes / MB:,.2f}",
-                f"{full_fp32[m.model] / m.encoded_bytes:,.1f}x",
-            ]
-        )
     print_table(
         [
             "model",
@@ -209,28 +241,71 @@ def main(argv: list[str] | None = None) -> None:
             "update MB",
             "smaller than full fp32",
         ],
-        rows,
+        [
+            [
+                m.model,
+                f"{m.parameters / 1e6:.1f}M",
+                m.setting,
+                m.transfer_dtype.value,
+                str(m.tensors),
+                f"{m.trainable:,}",
+                f"{m.encoded_bytes / MB:,.2f}",
+                f"{full_fp32[m.model] / m.encoded_bytes:,.1f}x",
+            ]
+            for m in measurements
+        ],
     )
-    lora_bf16 = next(
+    print_int8_scales(measurements, full_fp32)
+    print()
+    check_target(measurements, full_fp32, TransferDtype.BF16, TARGET_RATIO, args.rank)
+    check_target(measurements, full_fp32, TransferDtype.INT8, TARGET_RATIO_INT8, args.rank)
+
+
+def print_int8_scales(measurements: list[Measurement], full_fp32: dict[str, int]) -> None:
+    print()
+    print("## int8 scales: chosen (per row, per column for tall matrices) against per row everywhere")
+    rows = [
+        [
+            m.model,
+            m.setting,
+            f"{m.encoded_bytes / MB:,.3f}",
+            f"{full_fp32[m.model] / m.encoded_bytes:,.1f}x",
+            f"{m.error:.4f}",
+            f"{m.per_row_bytes / MB:,.3f}",
+            f"{full_fp32[m.model] / m.per_row_bytes:,.1f}x",
+            f"{m.per_row_error:.4f}",
+        ]
+        for m in measurements
+        if m.per_row_bytes is not None and m.error is not None and m.per_row_error is not None
+    ]
+    header = ["model", "setting", "chosen MB", "ratio", "rel. error", "per-row MB", "ratio", "rel. error"]
+    print_table(header, rows)
+
+
+def check_target(
+    measurements: list[Measurement],
+    full_fp32: dict[str, int],
+    dtype: TransferDtype,
+    target: float,
+    rank: int,
+) -> None:
+    lora = next(
         (
             m
             for m in measurements
-            if m.model == TARGET_MODEL
-            and m.setting.startswith("LoRA")
-            and m.transfer_dtype is TransferDtype.BF16
+            if m.model == TARGET_MODEL and m.setting.startswith("LoRA") and m.transfer_dtype is dtype
         ),
         None,
     )
-    print()
-    if lora_bf16 is None:
+    if lora is None:
         print(f"target not checked: {TARGET_MODEL} was not measured")
         return
-    ratio = full_fp32[TARGET_MODEL] / lora_bf16.encoded_bytes
+    ratio = full_fp32[TARGET_MODEL] / lora.encoded_bytes
     print(
-        f"target: LoRA rank {args.rank} bf16 at least {TARGET_RATIO:.0f}x smaller than full fine-tuning fp32 "
+        f"target: LoRA rank {rank} {dtype.value} at least {target:.0f}x smaller than full fine-tuning fp32 "
         f"for {TARGET_MODEL}: measured {ratio:.1f}x "
-        f"({full_fp32[TARGET_MODEL] / MB:,.1f} MB / {lora_bf16.encoded_bytes / MB:,.3f} MB): "
-        f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}"
+        f"({full_fp32[TARGET_MODEL] / MB:,.1f} MB / {lora.encoded_bytes / MB:,.3f} MB): "
+        f"{'met' if ratio >= target else 'NOT met'}"
     )
 
 
