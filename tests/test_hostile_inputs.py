@@ -34,13 +34,23 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from ports import free_port
+from safetensors.torch import save as save_safetensors
 
 from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.aggregator.server import server_config
 from fedtrain.aggregator.service import create_app
 from fedtrain.aggregator.settings import HEADER_TIMEOUT_SECONDS
 from fedtrain.api import FederatedTrainingSpec, TransferDtype
-from fedtrain.codec import METADATA_KEY, Metadata, PayloadKind, decode, encode
+from fedtrain.codec import (
+    METADATA_KEY,
+    Metadata,
+    PayloadKind,
+    decode,
+    encode,
+    quantize_int8,
+    scale_name,
+    tensors_digest,
+)
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
 from fedtrain.store import S3Store
@@ -68,7 +78,7 @@ MODEL = {
 #: The stable codes a rejection may give (a metrics label, and the first word of the status message).
 REASONS = {
     *("format", "pickle", "metadata", "samples", "nonfinite", "norm", "names", "shape", "dtype"),
-    *("checksum", "base-model", "mismatch", "missing", "report"),
+    *("checksum", "base-model", "mismatch", "missing", "report", "scale"),
 }
 #: The bounds every rejection must stay within.
 MAX_REJECTION_SECONDS = 1.0
@@ -219,6 +229,20 @@ def half_precision_declared_fp32(site: str) -> bytes:
 def integer_tensors(site: str) -> bytes:
     """Right names and shapes, but int32 where the update declares fp32 (encode casts floats only)."""
     return encode({name: torch.zeros(shape, dtype=torch.int32) for name, shape in SHAPES.items()}, meta(site))
+
+
+def int8_layout(change: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[str], bytes]:
+    """An int8 update (values and scales) that `change` edits, saved with a checksum that matches."""
+
+    def build(site: str) -> bytes:
+        stored: dict[str, torch.Tensor] = {}
+        for name, tensor in _random(SHAPES, 9).items():
+            stored[name], stored[scale_name(name)] = quantize_int8(tensor)
+        change(stored)
+        update_meta = meta(site, transfer_dtype=TransferDtype.INT8, tensors_sha256=tensors_digest(stored))
+        return save_safetensors(stored, metadata={METADATA_KEY: update_meta.model_dump_json()})
+
+    return build
 
 
 def report(site: str) -> bytes:
@@ -447,6 +471,28 @@ CORPUS: list[Case] = [
     Case("tensors", "integer-tensors", integer_tensors),
     Case(
         "tensors", "unknown-dtype", lambda site: with_header(site, set_in(("head.bias", "dtype"), "F8_E4M3"))
+    ),
+    Case("tensors", "int8-without-scales", int8_layout(lambda t: t.pop(scale_name("head.bias")))),
+    Case("tensors", "int8-scales-without-values", int8_layout(lambda t: t.pop("head.bias"))),
+    Case(
+        "tensors",
+        "int8-scales-wrong-shape",
+        int8_layout(lambda t: t.update({scale_name("head.weight"): torch.ones(1, 32)})),
+    ),
+    Case(
+        "tensors",
+        "int8-scales-negative",
+        int8_layout(lambda t: t.update({scale_name("head.bias"): -torch.ones(1)})),
+    ),
+    Case(
+        "tensors",
+        "int8-scales-nan",
+        int8_layout(lambda t: t.update({scale_name("head.bias"): torch.full((1,), math.nan)})),
+    ),
+    Case(
+        "tensors",
+        "int8-values-in-an-fp32-update",
+        lambda site: encode({n: torch.zeros(s, dtype=torch.int8) for n, s in SHAPES.items()}, meta(site)),
     ),
     Case("tensors", "checksum", lambda site: replace_bytes(site, flip_last_byte)),
     Case("tensors", "other-base-model", lambda site: update(site, base_fingerprint="a" * 64)),
