@@ -1,5 +1,16 @@
 """The error of a model that cannot be built as the spec asks (shared by the factory and exchange)."""
 
+from __future__ import annotations
 
-class ModelError(ValueError):
-    """The spec names a model that cannot be built as asked; the message says how to fix it."""
+from fedtrain.errors import PermanentError
+
+
+class ModelError(ValueError, PermanentError):
+    """The spec names a model that cannot be built as asked; the message says how to fix it.
+
+    A PermanentError too: where a driver meets it (the aggregator building the initial model) the
+    training fails at once with reason InvalidSpec and this message, as for any spec it cannot act on.
+    """
+
+    def __init__(self, message: str) -> None:
+        PermanentError.__init__(self, message, reason="InvalidSpec")

@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fedtrain.api import FederatedTraining, Phase
+from fedtrain.codec import decode
 from fedtrain.layout import TrainingLayout
+from fedtrain.model import build_model
 from fedtrain.operator.core import build_trainer_job
 from fedtrain.operator.engine import JobObservation, JobState, StartSiteJob
 from fedtrain.operator.local import (
@@ -207,3 +211,96 @@ def test_resume_takes_over_the_trainers_a_killed_runner_left_running(tmp_path: P
         for process in (*orphans.values(), bystander):
             process.kill()
             process.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# personal layers (spec.exchange) end to end, with real trainer processes
+
+TINY_VIT = {"numClasses": 9, "imageSize": 28, "architecture": {"depth": 2, "embedDim": 64, "numHeads": 2}}
+
+
+def exchange_resource(exchange: dict[str, Any]) -> FederatedTraining:
+    """Two sites, two rounds of a 2-block ViT fully fine-tuned (its LayerNorms trainable)."""
+    return FederatedTraining.model_validate(
+        {
+            "apiVersion": "fedtrain.io/v1alpha1",
+            "kind": "FederatedTraining",
+            "metadata": {"name": "personal"},
+            "spec": {
+                "model": TINY_VIT,
+                "lora": {"rank": "none"},
+                "exchange": exchange,
+                "training": {"rounds": 2, "localSteps": 2, "batchSize": 8, "optimizer": {"lr": 0.01}},
+                "aggregation": {"minSites": 2, "siteRetries": 0},
+                "sites": [
+                    {"name": name, "data": {"synthetic": {"samples": 32, "dirichletAlpha": alpha}}}
+                    for name, alpha in (("fab-a", 0.3), ("fab-b", 5.0))
+                ],
+            },
+        }
+    )
+
+
+def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors_travel(
+    tmp_path: Path,
+) -> None:
+    resource_ = exchange_resource({"policy": "exclude", "modules": ["LayerNorm"]})
+    runner = LocalRunner(resource_, RunOptions(run_dir=tmp_path / "run", parallel=2))
+    status = runner.run()
+    assert status.phase is Phase.SUCCEEDED, status.conditions
+    store, layout = runner.store, runner.layout
+    model = build_model(resource_.spec)
+    personal, shared = model.personal_names(), model.exchanged_names()
+    assert "blocks.0.norm1.weight" in personal
+    assert "head.weight" in shared
+
+    globals_ = [decode(store.get_bytes(layout.global_model(r))).tensors for r in (0, 1, 2)]
+    assert all(sorted(tensors) == shared for tensors in globals_), "a global model holds shared tensors only"
+    states: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    for site in ("fab-a", "fab-b"):
+        for round_index in (0, 1):
+            update = decode(store.get_bytes(layout.update(round_index, site)))
+            assert sorted(update.tensors) == shared, "no personal tensor ever leaves a site"
+            state = decode(store.get_bytes(layout.site_state(site, round_index, 0))).tensors
+            states[site, round_index] = {
+                name.removeprefix("personal."): tensor
+                for name, tensor in state.items()
+                if name.startswith("personal.")
+            }
+            assert sorted(states[site, round_index]) == personal
+    initial = model.personal_state()
+    for site in ("fab-a", "fab-b"):
+        for name in personal:
+            first, second = states[site, 0][name], states[site, 1][name]
+            assert not torch.equal(first, initial[name]), f"{site} trained {name} in round 0"
+            # Round 1 went on from the site's own round-0 values, not from the initial ones.
+            assert (second - first).norm() < (second - initial[name]).norm(), (site, name)
+    assert any(not torch.equal(states["fab-a", 1][n], states["fab-b", 1][n]) for n in personal)
+
+    # Both sites received the same shared tensors: global 1 is global 0 plus the mean of the deltas.
+    manifest = json.loads(store.get_bytes(layout.manifest(0)))
+    weights = {entry["site"]: entry["weight"] for entry in manifest["participants"]}
+    deltas = {site: decode(store.get_bytes(layout.update(0, site))).tensors for site in weights}
+    for name in shared:
+        mean = sum(weights[site] * deltas[site][name].double() for site in weights)
+        torch.testing.assert_close(globals_[1][name].double(), globals_[0][name].double() + mean)
+
+    logs = {path.name: path.read_text() for path in (tmp_path / "run" / "logs").glob("*.log")}
+    restored = [name for name, text in logs.items() if f"restored {len(personal)} personal tensors" in text]
+    assert len(restored) == 4, "round 1 and the final evaluation of each site start from its own"
+    # The merged global model keeps the initial personal layers: no site sent its own.
+    merged = load_file(str(tmp_path / "run" / "model-merged.safetensors"))
+    assert torch.equal(merged["blocks.0.norm1.weight"], initial["blocks.0.norm1.weight"])
+
+
+def test_a_pattern_that_matches_nothing_fails_the_run_before_any_trainer_starts(tmp_path: Path) -> None:
+    resource_ = exchange_resource({"policy": "exclude", "layers": ["head.*", "classifier.*"]})
+    options = RunOptions(
+        run_dir=tmp_path / "run", trainer_command=[sys.executable, "-c", ENV_DUMPING_TRAINER]
+    )
+    status = LocalRunner(resource_, options).run()
+    assert status.phase is Phase.FAILED
+    [ready] = [condition for condition in status.conditions if condition.type == "Ready"]
+    assert ready.reason == "InvalidSpec", ready
+    assert "spec.exchange.layers[1]: 'classifier.*' matches no trainable tensor" in ready.message
+    assert list((tmp_path / "run" / "jobs").iterdir()) == []
