@@ -12,6 +12,11 @@ holds a whole file in memory (its writer copies every tensor into one buffer, it
 memory-maps the file, so every page read stays in the process's resident set). A ViT-B global
 model is 343 MB: the aggregator must read and write it one tensor at a time. The tests check both
 directions against the safetensors library.
+
+An int8 update stores each floating tensor as int8 values beside float32 absmax scales (one per row,
+one per column for a matrix taller than wide) under `<name>..int8_scale`: still plain safetensors.
+Its checksum covers the stored bytes (what a reader hashes as it reads them); the norm and finite
+checks of `check_update` are of the dequantised float32 values, the values that are folded.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ class Metadata(BaseModel):
     transfer_dtype: TransferDtype = TransferDtype.FP32
     base_fingerprint: str = ""
     tensors_sha256: str = ""
-    norm: float | None = None
+    norm: float | None = None  # the sender's own figure; the aggregator computes the norm it bounds
     metrics: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
