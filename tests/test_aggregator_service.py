@@ -332,6 +332,18 @@ def test_a_round_without_a_global_model_is_409(client: TestClient, s3_store: S3S
     assert s3_store.list() == []
 
 
+def test_a_spec_whose_exchange_pattern_matches_nothing_is_refused_at_initialize(tmp_path: Path) -> None:
+    spec = FederatedTrainingSpec.model_validate(
+        {**SPEC_DOCUMENT, "exchange": {"policy": "fixed", "layers": ["blocks.*.lora_*", "fc_norm.*"]}}
+    )
+    store = LocalStore(tmp_path / "store")
+    app = create_app(RoundAggregator(store, LAYOUT, spec), TOKEN)
+    with TestClient(app, headers=AUTH) as client:
+        message = _error(client.post("/v1/initialize"), 409, "aggregation-failed")
+    assert "spec.exchange.layers[1]: 'fc_norm.*' matches no trainable tensor" in message
+    assert store.list() == [], "no global model is written"
+
+
 def test_store_failures_are_503(s3_endpoint: str) -> None:
     missing = S3Store(bucket=f"missing-{uuid.uuid4().hex[:12]}", endpoint=s3_endpoint)
     with TestClient(_app(missing), headers=AUTH) as client:
