@@ -132,6 +132,11 @@ def fully_loaded() -> dict[str, Any]:
                 "architecture": {"depth": 12, "embedDim": 384, "numHeads": 6},
             },
             "lora": {"rank": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["qkv", "proj"]},
+            "exchange": {
+                "policy": "exclude",
+                "layers": ["head.*", "blocks.[0-3].*"],
+                "modules": ["LayerNorm"],
+            },
             "training": {
                 "rounds": 20,
                 "localSteps": 200,
