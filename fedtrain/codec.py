@@ -255,16 +255,16 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().to(dtype).contiguous()
 
 
-def _quantized_part(tensor: torch.Tensor, part: int) -> torch.Tensor:
-    return quantize_int8(tensor)[part]
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 _Stored = tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
 
 
 def _stored_layout(tensors: Mapping[str, torch.Tensor], transfer_dtype: TransferDtype) -> dict[str, _Stored]:
-    """What is stored for each name: dtype, shape, and how to make it (cast or quantised on demand,
-    one tensor at a time), for tensors to be sent in `transfer_dtype`."""
+    """What is stored for each name: dtype, shape, and how to make it (cast on demand, one tensor at
+    a time; int8 quantised up front), for tensors to be sent in `transfer_dtype`."""
     dtype = TORCH_DTYPES[transfer_dtype]
     layout: dict[str, _Stored] = {}
     for name, tensor in tensors.items():
@@ -274,12 +274,10 @@ def _stored_layout(tensors: Mapping[str, torch.Tensor], transfer_dtype: Transfer
         elif dtype is torch.int8:
             if INT8_SCALE_SUFFIX in name:
                 raise CodecError("names", f"tensor {name} holds {INT8_SCALE_SUFFIX!r}, which int8 reserves")
-            layout[name] = (torch.int8, shape, partial(_quantized_part, tensor, 0))
-            layout[scale_name(name)] = (
-                torch.float32,
-                int8_scale_shape(shape),
-                partial(_quantized_part, tensor, 1),
-            )
+            # Quantised once, here: an int8 update is a quarter of the fp32 delta its sender holds.
+            values, scales = quantize_int8(tensor)
+            layout[name] = (torch.int8, shape, partial(_stored, values))
+            layout[scale_name(name)] = (torch.float32, tuple(scales.shape), partial(_stored, scales))
         else:
             layout[name] = (dtype, shape, partial(_cast, tensor, dtype))
     return layout
