@@ -381,6 +381,9 @@ class RoundAggregator:
             return self._reject(round_index, site, "samples", f"{key} reports {problem}", **common)
         if meta.kind is PayloadKind.REPORT:
             return self._report_verdict(round_index, site, key, meta, common)
+        if (sent := meta.transfer_dtype) is not (expected := self.spec.training.transfer_dtype):
+            message = f"{key} was sent in {sent.value}; this training's transferDtype is {expected.value}"
+            return self._reject(round_index, site, "dtype", message, **common)
         try:
             check_update_header(payload, self.signature(round_index), name=key)
         except CodecError as error:

@@ -62,11 +62,13 @@ def _spec(
     weighting: Weighting = Weighting.SAMPLES,
     max_update_norm: float | None = None,
     lora_rank: int | str = "auto",
+    transfer_dtype: TransferDtype = TransferDtype.FP32,
 ) -> FederatedTrainingSpec:
     return FederatedTrainingSpec.model_validate(
         {
             "model": MODEL,
             "lora": {"rank": lora_rank},
+            "training": {"transferDtype": transfer_dtype.value},
             "aggregation": {"weighting": weighting.value, "maxUpdateNorm": max_update_norm},
             "sites": [
                 {"name": site, "data": {"synthetic": {"samples": 400}}, "weight": EXPLICIT.get(site, 1.0)}
@@ -234,9 +236,10 @@ def test_half_precision_updates_are_summed_in_fp32(
     deltas: dict[str, dict[str, torch.Tensor]],
 ) -> None:
     _prepare(store, global_tensors, deltas, dtype)
-    aggregator = RoundAggregator(store, LAYOUT, _spec())
+    aggregator = RoundAggregator(store, LAYOUT, _spec(transfer_dtype=dtype))
     assert all(aggregator.submit(0, site).accepted for site in SITES)
     aggregator.close(0, list(SITES))
+    exact = dict(decode(store.get_bytes(aggregator.exact_model_key(1))).tensors)
 
     torch_dtype = {TransferDtype.BF16: torch.bfloat16, TransferDtype.FP16: torch.float16}[dtype]
     rounded = {
@@ -245,12 +248,10 @@ def test_half_precision_updates_are_summed_in_fp32(
     }
     weights = {site: float(SAMPLES[site]) for site in SITES}
     expected = _numpy_fedavg(global_tensors, rounded, weights)
-    _assert_model(_next_global(store), expected, rtol=1e-6)
+    _assert_model(exact, expected, rtol=1e-6)
     # The rounding is visible: the unrounded deltas give another model.
     unrounded = _numpy_fedavg(global_tensors, deltas, weights)
-    assert not np.allclose(
-        _next_global(store)["head.weight"].numpy(), unrounded["head.weight"], rtol=0, atol=1e-7
-    )
+    assert not np.allclose(exact["head.weight"].numpy(), unrounded["head.weight"], rtol=0, atol=1e-7)
 
 
 def test_fedavg_from_the_real_initial_model(store: LocalStore) -> None:
@@ -684,7 +685,7 @@ def test_s3_store_gives_the_local_result(
     results = {}
     for target in (store, s3_store):
         _prepare(target, global_tensors, deltas, TransferDtype.BF16)
-        aggregator = RoundAggregator(target, LAYOUT, _spec())
+        aggregator = RoundAggregator(target, LAYOUT, _spec(transfer_dtype=TransferDtype.BF16))
         verdicts = [aggregator.submit(0, site) for site in SITES]
         assert all(verdict.accepted for verdict in verdicts)
         manifest = aggregator.close(0, list(SITES))
@@ -696,7 +697,10 @@ def test_s3_store_gives_the_local_result(
     assert _manifest_facts(s3_manifest) == _manifest_facts(local_manifest)
     assert s3_manifest.model_uri == f"s3://{s3_store.bucket}/test/{LAYOUT.global_model(1)}"
     assert _tensor_region(s3_model) == _tensor_region(local_model)
-    assert RoundAggregator(s3_store, LAYOUT, _spec()).close(0, list(SITES)) == s3_manifest
+    assert (
+        RoundAggregator(s3_store, LAYOUT, _spec(transfer_dtype=TransferDtype.BF16)).close(0, list(SITES))
+        == s3_manifest
+    )
 
 
 # --------------------------------------------------------------------------------------------------

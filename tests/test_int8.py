@@ -424,3 +424,13 @@ def _job(
         state_get_url=store.presign_get(state(round_index - 1), 60),
         state_put_url=store.presign_put(state(round_index), 60),
     )
+
+
+def test_an_update_in_another_transfer_dtype_than_the_trainings_is_rejected(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    _write_global(store, _random(0))
+    update = _meta(site="fab-a").model_copy(update={"transfer_dtype": TransferDtype.FP32})
+    _write_update(store, "fab-a", encode(_random(1, scale=0.01), update))
+    verdict = RoundAggregator(store, LAYOUT, _spec(TransferDtype.INT8)).submit(0, "fab-a")
+    assert (verdict.accepted, verdict.reason) == (False, "dtype")
+    assert "was sent in fp32; this training's transferDtype is int8" in (verdict.message or "")
