@@ -156,16 +156,11 @@ class RoundAggregator:
         """The dtype of the global models sent to the sites: the transfer dtype (bf16 with int8)."""
         return MODEL_TRANSFER_DTYPES[self.spec.training.transfer_dtype]
 
-    def exact_model_key(self, round_index: int) -> str:
-        """The aggregator's own fp32 copy of a global model sent to the sites in a lower precision:
-        each round adds the mean delta to it, so rounding the sites' copy never accumulates."""
-        return f"{self.layout.round_dir(round_index)}/global-fp32.safetensors"
-
     @contextmanager
     def _exact_model(self, round_index: int, verify: bool) -> Iterator[tuple[Payload, int]]:
         """The global model in full precision: the fp32 copy, or the sites' model when it is fp32 (or
         when the copy is missing, for a training started before models were sent in lower precision)."""
-        key = self.exact_model_key(round_index)
+        key = self.layout.exact_global_model(round_index)
         if self.model_dtype is not TransferDtype.FP32 and self.store.exists(key):
             with self._opened(key, verify=verify) as opened:
                 yield opened
@@ -185,7 +180,7 @@ class RoundAggregator:
             if self.model_dtype is not TransferDtype.FP32:
                 exact = meta.model_copy(update={"transfer_dtype": TransferDtype.FP32})
                 encode_file(tensors, exact, staged)
-                self.store.put_file(self.exact_model_key(round_index), staged)
+                self.store.put_file(self.layout.exact_global_model(round_index), staged)
             written, file_sha256 = encode_file(
                 tensors, meta.model_copy(update={"transfer_dtype": self.model_dtype}), staged
             )
@@ -270,12 +265,11 @@ class RoundAggregator:
         open_round.pins = self._read_pins(round_index)
         return open_round
 
-    def _pins_key(self, round_index: int) -> str:
-        return f"{self.layout.round_dir(round_index)}/accepted-updates.json"
-
     def _read_pins(self, round_index: int) -> dict[str, str]:
         try:
-            raw = parse_json(self.store.get_bytes(self._pins_key(round_index)), "accepted-updates.json")
+            raw = parse_json(
+                self.store.get_bytes(self.layout.accepted_updates(round_index)), "accepted-updates.json"
+            )
         except ObjectNotFound:
             return {}
         except CodecError as error:  # written only by the aggregator: a broken one is not a site's doing
@@ -289,7 +283,9 @@ class RoundAggregator:
         if verdict.sha256 is None or open_round.pins.get(verdict.site) == verdict.sha256:
             return
         pins = {**open_round.pins, verdict.site: verdict.sha256}
-        self.store.put_bytes(self._pins_key(round_index), json.dumps(pins, sort_keys=True).encode())
+        self.store.put_bytes(
+            self.layout.accepted_updates(round_index), json.dumps(pins, sort_keys=True).encode()
+        )
         open_round.pins = pins
 
     def submit(self, round_index: int, site: str) -> UpdateVerdict:

@@ -26,6 +26,17 @@ class TrainingLayout:
         """The global model that round `round_index` starts from (round 0: the initial model)."""
         return f"{self.round_dir(round_index)}/global.safetensors"
 
+    def exact_global_model(self, round_index: int) -> str:
+        """The aggregator's fp32 copy of a global model that goes to the sites in a lower precision
+        (transferDtype bf16, fp16, int8): each round adds the mean delta to it, so rounding the
+        sites' copy never accumulates, and the merged model is made from it."""
+        return f"{self.round_dir(round_index)}/global-fp32.safetensors"
+
+    def accepted_updates(self, round_index: int) -> str:
+        """The checksums of a round's accepted updates, pinned when each was accepted: a replaced
+        object is refused at the close, also by a restarted aggregator."""
+        return f"{self.round_dir(round_index)}/accepted-updates.json"
+
     def update(self, round_index: int, site: str) -> str:
         """A site's update of a round: the delta of the exchanged tensors and its metadata."""
         return f"{self.round_dir(round_index)}/updates/{site}.safetensors"

@@ -239,7 +239,7 @@ def test_half_precision_updates_are_summed_in_fp32(
     aggregator = RoundAggregator(store, LAYOUT, _spec(transfer_dtype=dtype))
     assert all(aggregator.submit(0, site).accepted for site in SITES)
     aggregator.close(0, list(SITES))
-    exact = dict(decode(store.get_bytes(aggregator.exact_model_key(1))).tensors)
+    exact = dict(decode(store.get_bytes(LAYOUT.exact_global_model(1))).tensors)
 
     torch_dtype = {TransferDtype.BF16: torch.bfloat16, TransferDtype.FP16: torch.float16}[dtype]
     rounded = {

@@ -273,7 +273,7 @@ def test_the_fold_of_int8_updates_equals_numpy_and_the_sites_get_bf16(tmp_path: 
             for site in SAMPLES
         )
         expected[name] = tensor.double().numpy() + mean / total
-    exact = decode(store.get_bytes(aggregator.exact_model_key(1)))
+    exact = decode(store.get_bytes(LAYOUT.exact_global_model(1)))
     sites_copy = decode(store.get_bytes(LAYOUT.global_model(1)))
     assert exact.meta.transfer_dtype is TransferDtype.FP32
     assert sites_copy.meta.transfer_dtype is TransferDtype.BF16
@@ -306,7 +306,7 @@ def test_a_broken_int8_update_is_that_sites_rejection_and_the_norm_bound_is_on_d
     norm = aggregator.submit(0, "fab-c")
     assert (norm.accepted, norm.reason) == (False, "norm")
     aggregator.close(0, ["fab-a"])
-    exact = decode(store.get_bytes(aggregator.exact_model_key(1)))
+    exact = decode(store.get_bytes(LAYOUT.exact_global_model(1)))
     global_tensors = _random(0)
     for name in SHAPES:
         expected = global_tensors[name] + dequantize_int8(*_numpy_pair(good[name]))
@@ -319,7 +319,7 @@ def test_half_precision_transfer_sends_global_models_in_it(tmp_path: Path, dtype
     aggregator = RoundAggregator(store, LAYOUT, _spec(dtype))
     aggregator.initialize()
     initial = decode(store.get_bytes(LAYOUT.global_model(0)))
-    exact = decode(store.get_bytes(aggregator.exact_model_key(0)))
+    exact = decode(store.get_bytes(LAYOUT.exact_global_model(0)))
     assert initial.meta.transfer_dtype is dtype
     assert exact.meta.transfer_dtype is TransferDtype.FP32
     for name, tensor in exact.tensors.items():
@@ -331,7 +331,7 @@ def test_fp32_transfer_writes_no_copy(tmp_path: Path) -> None:
     aggregator = RoundAggregator(store, LAYOUT, _spec(TransferDtype.FP32))
     aggregator.initialize()
     assert decode(store.get_bytes(LAYOUT.global_model(0))).meta.transfer_dtype is TransferDtype.FP32
-    assert not store.exists(aggregator.exact_model_key(0))
+    assert not store.exists(LAYOUT.exact_global_model(0))
 
 
 def test_ten_rounds_drift_from_the_fp32_copy_against_rounding_the_stored_global() -> None:
@@ -399,8 +399,8 @@ def test_two_sites_train_two_rounds_with_int8_transfer(tmp_path: Path) -> None:
         sent = decode(store.get_bytes(layout.global_model(round_index + 1)))
         assert sent.meta.transfer_dtype is TransferDtype.BF16
         assert all(tensor.dtype == torch.bfloat16 for tensor in sent.tensors.values())
-    before = decode(store.get_bytes(aggregator.exact_model_key(0)))
-    after = decode(store.get_bytes(aggregator.exact_model_key(2)))
+    before = decode(store.get_bytes(layout.exact_global_model(0)))
+    after = decode(store.get_bytes(layout.exact_global_model(2)))
     assert any(not torch.equal(before.tensors[n], after.tensors[n]) for n in before.tensors), "it trained"
     aggregator.merge(2)
     merged = decode(store.get_bytes(layout.merged_model()))
