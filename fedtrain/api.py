@@ -791,6 +791,18 @@ class SyntheticData(SpecModel):
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="Data seed; defaults to one derived from the site name."
     )
+    contrast: float = Field(
+        1.0,
+        ge=0.1,
+        le=10.0,
+        description=(
+            "Intensity shift of this site's images, as a different tool would give: each pixel "
+            "x in [-1, 1] becomes contrast * x + brightness (1.0 and 0.0 change nothing)."
+        ),
+    )
+    brightness: float = Field(
+        0.0, ge=-2.0, le=2.0, description="Offset added to every pixel after contrast (see contrast)."
+    )
 
 
 class NpzData(SpecModel):
@@ -1292,6 +1304,9 @@ class RoundRecord(ApiModel):
         default_factory=dict, description="The round's global model on each site."
     )
     bytes_uploaded: int = Field(0, description="Update bytes the sites uploaded.")
+    site_bytes: dict[str, int] = Field(
+        default_factory=dict, description="Update bytes each site uploaded (sites that uploaded one)."
+    )
     model_uri: str | None = Field(None, description="Global model this round produced.")
 
     @property

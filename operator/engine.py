@@ -681,6 +681,7 @@ def _record(
         evaluation=weighted_evaluation(per_site),
         site_evaluation=per_site,
         bytes_uploaded=sum(site.update_bytes or 0 for site in status.sites),
+        site_bytes={site.name: site.update_bytes for site in status.sites if site.update_bytes is not None},
         model_uri=model_uri,
     )
 
