@@ -503,6 +503,28 @@ def test_site_name_seeds_synthetic_data_unless_a_seed_is_set() -> None:
     assert torch.equal(site("site-a", seed=5).train_images[:], site("site-b", seed=5).train_images[:])
 
 
+def test_synthetic_contrast_and_brightness_shift_every_pixel_of_the_same_maps() -> None:
+    def site(**shift: float) -> SiteData:
+        data = DataSpec(synthetic=SyntheticData(samples=30, map_size=16, seed=4, **shift))
+        return load_site_data(data, MODEL, EvaluationSpec(), "site-a", training_seed=0)
+
+    plain, shifted = site(), site(contrast=0.5, brightness=0.25)
+    assert torch.equal(plain.train_labels, shifted.train_labels)
+    for plain_images, shifted_images in (
+        (plain.train_images[:], shifted.train_images[:]),
+        (plain.val_images[:], shifted.val_images[:]),
+    ):
+        assert torch.equal(shifted_images, plain_images * 0.5 + 0.25)
+    assert set(shifted.train_images[:].unique().tolist()) == {-0.25, 0.75}
+    assert torch.equal(site(contrast=1.0, brightness=0.0).train_images[:], plain.train_images[:])
+
+
+@pytest.mark.parametrize("shift", [{"contrast": 0.0}, {"contrast": 11.0}, {"brightness": 3.0}])
+def test_synthetic_intensity_shift_is_bounded(shift: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=r"contrast|brightness"):
+        SyntheticData.model_validate({"samples": 30, **shift}, by_name=False)
+
+
 def test_load_site_data_reads_npz_and_image_folders(tmp_path: Path) -> None:
     maps, labels = generate_wafer_maps(20, 16, 1.0, seed=1)
     np.savez(tmp_path / "site.npz", maps=maps, labels=labels)

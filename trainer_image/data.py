@@ -398,15 +398,21 @@ class WaferMapImages(ImageSet):
 
     maps: npt.NDArray[np.uint8]
     image_size: int
+    #: The site's intensity shift (synthetic data's contrast and brightness): pixel -> a * x + b.
+    contrast: float = 1.0
+    brightness: float = 0.0
 
     def __len__(self) -> int:
         return len(self.maps)
 
     def _decode(self, rows: npt.NDArray[np.int64]) -> torch.Tensor:
-        return wafer_maps_to_images(self.maps[rows], self.image_size)
+        images = wafer_maps_to_images(self.maps[rows], self.image_size)
+        if self.contrast == 1.0 and self.brightness == 0.0:
+            return images
+        return images.mul_(self.contrast).add_(self.brightness)
 
     def subset(self, rows: npt.NDArray[np.int64]) -> WaferMapImages:
-        return WaferMapImages(self.maps[rows], self.image_size)
+        return WaferMapImages(self.maps[rows], self.image_size, self.contrast, self.brightness)
 
 
 @dataclass(frozen=True)
@@ -629,7 +635,9 @@ def load_site_data(
         maps, wafer_labels = generate_wafer_maps(
             data.synthetic.samples, data.synthetic.map_size, data.synthetic.dirichlet_alpha, seed
         )
-        images: ImageSet = WaferMapImages(maps, model.image_size)
+        images: ImageSet = WaferMapImages(
+            maps, model.image_size, data.synthetic.contrast, data.synthetic.brightness
+        )
         labels = torch.from_numpy(wafer_labels)
         class_names = list(WAFER_CLASSES)
     elif data.npz is not None:
