@@ -168,7 +168,15 @@ class OperatorMetrics:
             training,
             registry=r,
         )
-        return (self.site_jobs, self.stragglers, self.rejected, self.round_bytes)
+        # One series per site of a training: what each site's exchange policy and transfer dtype
+        # cost it on the wire, 0 for a site of the round that uploaded nothing.
+        self.site_round_bytes = Gauge(
+            "fedtrain_site_round_update_bytes",
+            "Update bytes the site uploaded in the last closed round (0 if it uploaded none).",
+            site,
+            registry=r,
+        )
+        return (self.site_jobs, self.stragglers, self.rejected, self.round_bytes, self.site_round_bytes)
 
     def _declare_evaluation(self) -> tuple[Gauge, ...]:
         """How the global model does on the validation data: of all sites, and of each site."""
@@ -317,6 +325,9 @@ class OperatorMetrics:
         self.rounds_completed.labels(**labels).inc()
         self.round_duration.labels(**labels).observe(max(0.0, record.duration_seconds))
         self.round_bytes.labels(**labels).set(record.bytes_uploaded)
+        if record.kind == "train":
+            for site in _round_sites(record):
+                self.site_round_bytes.labels(**labels, site=site).set(record.site_bytes.get(site, 0))
         if record.evaluation is not None:
             self.accuracy.labels(**labels).set(record.evaluation.accuracy)
             self.loss.labels(**labels).set(record.evaluation.loss)
@@ -331,6 +342,12 @@ class OperatorMetrics:
 def _condition(status: FederatedTrainingStatus, kind: ConditionType) -> Condition | None:
     """The condition of that type if it is True."""
     return next((c for c in status.conditions if c.type is kind and c.status == "True"), None)
+
+
+def _round_sites(record: RoundRecord) -> list[str]:
+    """Every site a round record names: those that uploaded, used, straggled, failed or were rejected."""
+    named = [*record.site_bytes, *record.participants, *record.stragglers, *record.failed]
+    return list(dict.fromkeys([*named, *(rejected.site for rejected in record.rejected)]))
 
 
 def _training(ref: TrainingRef) -> dict[str, str]:

@@ -44,6 +44,7 @@ CONTRACT_METRICS: frozenset[str] = frozenset(
         "fedtrain_stragglers_total",
         "fedtrain_updates_rejected_total",
         "fedtrain_round_update_bytes",
+        "fedtrain_site_round_update_bytes",
         "fedtrain_validation_accuracy",
         "fedtrain_validation_loss",
         "fedtrain_site_validation_accuracy",

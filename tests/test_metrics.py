@@ -24,6 +24,7 @@ from fedtrain.api import (
     EvalMetrics,
     FederatedTrainingStatus,
     Phase,
+    RejectedUpdate,
     RoundRecord,
     SiteRoundStatus,
     SiteState,
@@ -143,6 +144,9 @@ def test_trainer_figures_and_rounds_then_forget() -> None:
         participants=["a"],
         evaluation=evaluation,
         bytes_uploaded=4096,
+        site_bytes={"a": 3072, "c": 1024},
+        failed=["b"],
+        rejected=[RejectedUpdate(site="c", reason="norm")],
     )
     metrics.round_recorded(REF, record)
 
@@ -154,12 +158,17 @@ def test_trainer_figures_and_rounds_then_forget() -> None:
     assert value(registry, "fedtrain_rounds_completed_total") == 1
     assert value(registry, "fedtrain_round_duration_seconds_sum") == 90
     assert value(registry, "fedtrain_round_update_bytes") == 4096
+    # Each site's own upload (a rejected update was uploaded too), 0 for a site that sent none.
+    assert value(registry, "fedtrain_site_round_update_bytes", site="a") == 3072
+    assert value(registry, "fedtrain_site_round_update_bytes", site="b") == 0
+    assert value(registry, "fedtrain_site_round_update_bytes", site="c") == 1024
     assert value(registry, "fedtrain_validation_loss") == 1.25
 
     other = TrainingRef("research", "other", "uid-2")
     metrics.round_recorded(other, record)
     metrics.forget(REF)
     assert value(registry, "fedtrain_site_train_loss", site="a") is None
+    assert value(registry, "fedtrain_site_round_update_bytes", site="a") is None
     assert value(registry, "fedtrain_rounds_completed_total") is None
     assert (
         registry.get_sample_value(
