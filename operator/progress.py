@@ -12,7 +12,7 @@ from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RoundRe
 
 from .engine import Event
 from .local import MERGED_FILE, load_history
-from .report import plot_history, round_table
+from .report import plot_history, round_table, upload_table
 
 PLOT_FILE = "plot.png"
 
@@ -88,6 +88,7 @@ class RunProgress:
         records = load_history(self.run_dir)
         if records:
             self.console.print(round_table(records, self.sites))
+            self.console.print(upload_table(records, self.sites))
             plot_history(records, self.sites, self.run_dir / PLOT_FILE)
         self.console.print(f"{status.phase.value} in {seconds:.0f} s: {status.message}")
         self.console.print(f"run directory {self.run_dir}: status.json, history.jsonl, {PLOT_FILE}, logs/")

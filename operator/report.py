@@ -1,13 +1,17 @@
-"""What a person reads after (and during) a run: the per-round table and the loss/accuracy plot."""
+"""What a person reads after (and during) a run: the per-round tables and the loss/accuracy/bytes plot."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from fedtrain.api import RoundRecord
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def _bytes(count: int) -> str:
@@ -59,15 +63,46 @@ def round_table(records: Sequence[RoundRecord], sites: Sequence[str]) -> Table:
     return table
 
 
+def upload_table(records: Sequence[RoundRecord], sites: Sequence[str]) -> Table:
+    """One row per training round: the bytes each site uploaded (its exchange policy and dtype's cost).
+
+    "-" is a site that uploaded nothing that round (failed, straggled, or not selected).
+    """
+    table = Table(title="update bytes each site uploaded", show_lines=False)
+    table.add_column("round", justify="right")
+    for site in sites:
+        table.add_column(site, justify="right")
+    table.add_column("all", justify="right")
+    for record in records:
+        if record.kind != "train":
+            continue
+        per_site = [_bytes(record.site_bytes[site]) if site in record.site_bytes else "-" for site in sites]
+        table.add_row(str(record.round), *per_site, _bytes(record.bytes_uploaded))
+    return table
+
+
+def _plot_uploads(axis: Axes, records: Sequence[RoundRecord], sites: Sequence[str]) -> None:
+    for site in sites:
+        points = [
+            (r.round, r.site_bytes[site]) for r in records if r.kind == "train" and site in r.site_bytes
+        ]
+        axis.plot([x for x, _ in points], [b / 1024 for _, b in points], marker=".", alpha=0.6, label=site)
+    axis.set_ylabel("update KB uploaded")
+    axis.set_ylim(bottom=0)
+
+
 def plot_history(records: Sequence[RoundRecord], sites: Sequence[str], path: Path) -> None:
-    """Validation loss and accuracy of each round's global model, per site and weighted, as a PNG."""
+    """Validation loss and accuracy of each round's global model, per site and weighted, and the
+    bytes each site uploaded per round, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in CI
     import matplotlib.pyplot as plt
 
     rounds = [record.round for record in records]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    figure, (loss_axis, accuracy_axis, upload_axis) = plt.subplots(
+        1, 3, figsize=(16, 4), constrained_layout=True
+    )
     for site in sites:
         points = [(r.round, r.site_evaluation[site]) for r in records if site in r.site_evaluation]
         xs = [x for x, _ in points]
@@ -80,9 +115,11 @@ def plot_history(records: Sequence[RoundRecord], sites: Sequence[str], path: Pat
     accuracy_axis.plot(
         [x for x, _ in weighted], [m.accuracy for _, m in weighted], "k-o", linewidth=2, label="weighted"
     )
+    _plot_uploads(upload_axis, records, sites)
     for axis, name in ((loss_axis, "validation loss"), (accuracy_axis, "validation accuracy")):
-        axis.set_xlabel("round (global model evaluated)")
         axis.set_ylabel(name)
+    for axis in (loss_axis, accuracy_axis, upload_axis):
+        axis.set_xlabel("round (global model evaluated)")
         axis.set_xticks(rounds)
         axis.grid(alpha=0.3)
     accuracy_axis.set_ylim(0, 1)
