@@ -446,7 +446,17 @@ class RoundAggregator:
             check_base_model(meta, self.signature(round_index), name=key)
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error), **common)
-        return UpdateVerdict(round=round_index, site=site, accepted=True, **common)
+        site_model_uri = None
+        if self.spec.publishes_site_models:
+            # The trainer writes its own merged model before its report (trainer_image/train.py).
+            site_model = self.layout.site_merged_model(site)
+            if not self.store.exists(site_model):
+                message = f"{key} arrived without the site's own merged model at {self.store.uri(site_model)}"
+                return self._reject(round_index, site, "missing", message, **common)
+            site_model_uri = self.store.uri(site_model)
+        return UpdateVerdict(
+            round=round_index, site=site, accepted=True, site_model_uri=site_model_uri, **common
+        )
 
     def _rebuild(self, round_index: int, sites: list[str]) -> _OpenRound:
         """A fresh sum of exactly `sites`' updates, read again from the store; other verdicts kept.
@@ -595,7 +605,7 @@ class RoundAggregator:
             raise UnknownRoundError(
                 f"round {round_index} has no global model: round {round_index - 1} is not closed"
             )
-        from fedtrain.model import build_model  # timm and peft only where a model is built
+        from fedtrain.model import build_model, merged_model_config  # timm and peft only here
 
         key = self.layout.merged_model()
         if self.store.exists(key):
@@ -607,19 +617,12 @@ class RoundAggregator:
                     "the global model was trained from a different base model than the spec builds"
                 )
             model.load_exchanged(dict(payload.tensors))
-        spec_model = self.spec.model
         meta = Metadata(
             kind=PayloadKind.MERGED,
             training=self.layout.name,
             round=round_index,
             base_fingerprint=model.base_fingerprint,
-            config={
-                "timm_name": spec_model.name,
-                "num_classes": spec_model.class_count,
-                "labels": spec_model.class_names(),
-                "img_size": spec_model.image_size,
-                "architecture": spec_model.architecture.timm_kwargs() if spec_model.architecture else {},
-            },
+            config=merged_model_config(self.spec.model),
         )
         with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
             staged = Path(scratch) / "merged.safetensors"

@@ -449,6 +449,13 @@ class ExchangeSpec(SpecModel):
                 "message": "policy exclude needs layers or modules (what stays local): set one of them",
                 "reason": "FieldValueRequired",
             },
+            {
+                "rule": "!has(self.siteModels) || !self.siteModels"
+                " || (has(self.policy) && self.policy != 'all')",
+                "message": "siteModels publishes each site's personal layers, and policy all keeps none: "
+                "drop siteModels or choose policy fixed or exclude",
+                "fieldPath": ".siteModels",
+            },
         )
     )
 
@@ -484,6 +491,18 @@ class ExchangeSpec(SpecModel):
             "model's normalisation layers are frozen: use lora.rank none to make them trainable)."
         ),
     )
+    site_models: bool = Field(
+        False,
+        description=(
+            "Opt-in. true: in the final evaluation each site writes its own merged model (the global "
+            "shared tensors with its personal ones, LoRA folded in, loadable by timm without peft) "
+            "to the training's bucket, sites/<site>/model-merged.safetensors, and status.siteModelUris "
+            "lists them. Those objects leave the site's private domain: anyone who may read the "
+            "bucket reads each site's personal layers. false (the default): personal layers never "
+            "leave the site, and the merged global model holds their initial values. Needs a "
+            "policy other than all."
+        ),
+    )
 
     @model_validator(mode="after")
     def _fields_fit_policy(self) -> ExchangeSpec:
@@ -499,12 +518,33 @@ class ExchangeSpec(SpecModel):
             )
         if self.policy is ExchangePolicy.EXCLUDE and not (self.layers or self.modules):
             raise ValueError("policy exclude needs layers or modules (what stays local): set one of them")
+        if self.site_models and self.policy is ExchangePolicy.ALL:
+            raise ValueError(
+                "siteModels publishes each site's personal layers, and policy all keeps none: "
+                "drop siteModels or choose policy fixed or exclude"
+            )
         return self
 
     @property
     def has_personal(self) -> bool:
         """Whether some trainable tensors may stay at the site (every policy but all)."""
         return self.policy is not ExchangePolicy.ALL
+
+
+class TrainingMode(ApiEnum):
+    FEDERATED = "federated"
+    LOCAL_ONLY = "localOnly"
+
+
+def keeps_personal(mode: TrainingMode, exchange: ExchangeSpec) -> bool:
+    """Whether a site keeps trainable tensors in its private state: localOnly keeps them all."""
+    return mode is TrainingMode.LOCAL_ONLY or exchange.has_personal
+
+
+def publishes_site_models(mode: TrainingMode, exchange: ExchangeSpec) -> bool:
+    """Whether each site writes its own merged model in the final evaluation: localOnly always
+    (a site's own model is the only final model it has), otherwise when exchange.siteModels opts in."""
+    return mode is TrainingMode.LOCAL_ONLY or exchange.site_models
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1133,6 +1173,19 @@ class FederatedTrainingSpec(SpecModel):
                 "fieldPath": ".exchange",
             },
             {
+                "rule": "(has(self.mode) ? self.mode : 'federated')"
+                " == (has(oldSelf.mode) ? oldSelf.mode : 'federated')",
+                "message": "mode cannot change after creation: create a new FederatedTraining",
+                "fieldPath": ".mode",
+            },
+            {
+                "rule": "!has(self.mode) || self.mode != 'localOnly' || !has(self.exchange)"
+                " || !has(self.exchange.policy) || self.exchange.policy == 'all'",
+                "message": "mode localOnly keeps every trainable tensor at its site, so exchange "
+                "cannot choose what is shared: drop the exchange block or use mode federated",
+                "fieldPath": ".exchange",
+            },
+            {
                 "rule": "has(self.storage) == has(oldSelf.storage)"
                 " && (!has(self.storage) || self.storage == oldSelf.storage)",
                 "message": "storage cannot change after creation (the models and updates are there): "
@@ -1149,10 +1202,24 @@ class FederatedTrainingSpec(SpecModel):
     )
 
     model: ModelSpec = Field(..., description="The model every site fine-tunes.")
+    mode: TrainingMode = Field(
+        TrainingMode.FEDERATED,
+        description=(
+            "federated: sites exchange updates each round. localOnly: the baseline a consortium "
+            "compares against: every site fine-tunes on its own data for the same rounds and steps, "
+            "no tensor leaves a site (updates carry metrics only), each round scores each site's own "
+            "model on its own validation split, and in the final evaluation each site writes its own "
+            "merged model to the bucket (status.siteModelUris). Takes no exchange block."
+        ),
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Low-rank adaptation settings.")
     exchange: ExchangeSpec = Field(
         default_factory=ExchangeSpec,
-        description="Which trainable tensors leave each site; the rest stay personal to the site.",
+        description=(
+            "Which trainable tensors leave each site; the rest stay personal to the site. With "
+            "siteModels: true each site's merged model, personal layers included, is published to the "
+            "bucket at the end (opt-in: by default personal layers never leave a site)."
+        ),
     )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Local training settings.")
     aggregation: AggregationSpec = Field(
@@ -1184,6 +1251,12 @@ class FederatedTrainingSpec(SpecModel):
             missing = [site.name for site in self.sites if site.weight is None]
             if missing:
                 raise ValueError(f"weighting is explicit but sites {', '.join(missing)} have no weight")
+        if self.mode is TrainingMode.LOCAL_ONLY and self.exchange.policy is not ExchangePolicy.ALL:
+            raise ValueError(
+                "exchange: mode localOnly keeps every trainable tensor at its site, so exchange cannot "
+                f"choose what is shared (policy {self.exchange.policy.value}): drop the exchange block "
+                "or use mode federated"
+            )
         uses_wafer_data = any(site.data.synthetic or site.data.npz for site in self.sites)
         if uses_wafer_data and self.model.class_count != len(WAFER_CLASSES):
             raise ValueError(
@@ -1197,6 +1270,14 @@ class FederatedTrainingSpec(SpecModel):
             if site.name == name:
                 return site
         raise KeyError(name)
+
+    @property
+    def keeps_personal(self) -> bool:
+        return keeps_personal(self.mode, self.exchange)
+
+    @property
+    def publishes_site_models(self) -> bool:
+        return publishes_site_models(self.mode, self.exchange)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1341,6 +1422,15 @@ class FederatedTrainingStatus(ApiModel):
     best_metric: float | None = Field(None, description="Its value of evaluation.metric.")
     rounds_without_improvement: int = Field(0, ge=0, description="Rounds since the best one.")
     final_model_uri: str | None = Field(None, description="Merged final model (LoRA folded in).")
+    site_model_uris: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=256,
+        description=(
+            "Per site, its own merged model (global shared tensors with its personal ones, LoRA "
+            "folded in), written in the final evaluation when the spec publishes site models "
+            "(exchange.siteModels, or mode localOnly)."
+        ),
+    )
     message: str | None = Field(None, description="What the training is doing or why it failed.")
     started_at: datetime | None = Field(None, description="When the training started.")
     finished_at: datetime | None = Field(None, description="When the training finished.")

@@ -18,7 +18,10 @@ from fedtrain.api import (
     LoraSpec,
     ModelSpec,
     SiteSpec,
+    TrainingMode,
     TrainingSpec,
+    keeps_personal,
+    publishes_site_models,
 )
 
 
@@ -28,6 +31,7 @@ class TrainerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelSpec
+    mode: TrainingMode = TrainingMode.FEDERATED
     lora: LoraSpec
     exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)
     training: TrainingSpec
@@ -38,12 +42,21 @@ class TrainerSpec(BaseModel):
     def for_site(cls, spec: FederatedTrainingSpec, site: str) -> TrainerSpec:
         return cls(
             model=spec.model,
+            mode=spec.mode,
             lora=spec.lora,
             exchange=spec.exchange,
             training=spec.training,
             evaluation=spec.evaluation,
             site=spec.site(site),
         )
+
+    @property
+    def keeps_personal(self) -> bool:
+        return keeps_personal(self.mode, self.exchange)
+
+    @property
+    def publishes_site_models(self) -> bool:
+        return publishes_site_models(self.mode, self.exchange)
 
 
 class TrainerJob(BaseModel):
@@ -61,6 +74,11 @@ class TrainerJob(BaseModel):
     update_url: str = Field(description="PUT: this site's update (or evaluation report).")
     state_get_url: str | None = Field(None, description="GET: this site's private optimizer state.")
     state_put_url: str | None = Field(None, description="PUT: this site's private optimizer state.")
+    site_model_url: str | None = Field(
+        None,
+        description="PUT, evaluation only: this site's own merged model, where the spec publishes "
+        "site models (exchange.siteModels, or mode localOnly).",
+    )
     pretrained_url: str | None = Field(None, description="GET: base weights when pretrained.source is uri.")
     transfer_deadline: datetime | None = Field(
         None,

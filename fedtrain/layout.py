@@ -61,3 +61,9 @@ class TrainingLayout:
     def merged_model(self) -> str:
         """The final model with LoRA folded in, loadable by timm without peft."""
         return f"{self.root}/final/model-merged.safetensors"
+
+    def site_merged_model(self, site: str) -> str:
+        """A site's own final model: the global shared tensors with its personal ones, LoRA folded
+        in. Written by the site itself, and only where the spec publishes site models: it holds the
+        site's personal layers."""
+        return f"{self.root}/sites/{site}/model-merged.safetensors"

@@ -35,6 +35,9 @@ class UpdateVerdict(Message):
     train_metrics: dict[str, float] = Field(
         default_factory=dict, description="The trainer's own figures: train_loss, samples_per_second, ..."
     )
+    site_model_uri: str | None = Field(
+        None, description="An evaluation report's: the site's own merged model, where it publishes one."
+    )
 
 
 class Participant(Message):

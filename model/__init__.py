@@ -12,6 +12,7 @@ from .factory import (
     auto_lora_rank,
     build_model,
     create_backbone,
+    merged_model_config,
     resolve_rank,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "auto_lora_rank",
     "build_model",
     "create_backbone",
+    "merged_model_config",
     "resolve_exchange",
     "resolve_rank",
     "timm_name",

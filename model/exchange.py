@@ -82,9 +82,12 @@ def owned_by_modules(module: nn.Module, trainable: list[str], types: list[str]) 
     return set().union(*owners.values())
 
 
-def resolve_exchange(module: nn.Module, exchange: ExchangeSpec) -> ExchangePlan:
-    """Split the trainable parameters of `module` into shared and personal by `exchange`."""
+def resolve_exchange(module: nn.Module, exchange: ExchangeSpec, local_only: bool = False) -> ExchangePlan:
+    """Split the trainable parameters of `module` into shared and personal by `exchange`; under mode
+    localOnly every trainable tensor is personal (the spec allows no exchange block with it)."""
     trainable = sorted(name for name, param in module.named_parameters() if param.requires_grad)
+    if local_only:
+        return ExchangePlan((), tuple(trainable))
     if exchange.policy is ExchangePolicy.ALL:
         return ExchangePlan(tuple(trainable), ())
     matched = matching_layers(trainable, exchange.layers or [])

@@ -19,7 +19,14 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from torch import nn
 
-from fedtrain.api import ExchangeSpec, LoraSpec, ModelSpec, PretrainedSource, TrainingSpec
+from fedtrain.api import (
+    ExchangeSpec,
+    LoraSpec,
+    ModelSpec,
+    PretrainedSource,
+    TrainingMode,
+    TrainingSpec,
+)
 from fedtrain.codec import tensors_digest
 
 from .errors import ModelError
@@ -45,6 +52,19 @@ class ModelRecipe(Protocol):
     def training(self) -> TrainingSpec: ...
     @property
     def exchange(self) -> ExchangeSpec: ...
+    @property
+    def mode(self) -> TrainingMode: ...
+
+
+def merged_model_config(model: ModelSpec) -> dict[str, Any]:
+    """What a merged model's metadata records: enough to build the plain timm model it loads into."""
+    return {
+        "timm_name": model.name,
+        "num_classes": model.class_count,
+        "labels": model.class_names(),
+        "img_size": model.image_size,
+        "architecture": model.architecture.timm_kwargs() if model.architecture else {},
+    }
 
 
 def auto_lora_rank(parameter_count: int) -> int | None:
@@ -215,7 +235,7 @@ def build_model(spec: ModelRecipe, weights: Path | bytes | None = None) -> Feder
     if rank is None:
         # Full fine-tuning: every tensor is exchanged, so only the architecture is fingerprinted.
         fingerprint = _fingerprint(backbone, {}, spec)
-        plan = resolve_exchange(backbone, spec.exchange)
+        plan = resolve_exchange(backbone, spec.exchange, spec.mode is TrainingMode.LOCAL_ONLY)
         return FederatedModel(backbone, None, None, parameter_count, fingerprint, plan)
 
     frozen = {
@@ -245,6 +265,5 @@ def build_model(spec: ModelRecipe, weights: Path | bytes | None = None) -> Feder
         adapted: nn.Module = get_peft_model(backbone, config)
     except ValueError as error:
         raise ModelError(f"lora.targetModules do not match {spec.model.name}: {error}") from None
-    return FederatedModel(
-        adapted, rank, alpha, parameter_count, fingerprint, resolve_exchange(adapted, spec.exchange)
-    )
+    plan = resolve_exchange(adapted, spec.exchange, spec.mode is TrainingMode.LOCAL_ONLY)
+    return FederatedModel(adapted, rank, alpha, parameter_count, fingerprint, plan)

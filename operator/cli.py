@@ -167,7 +167,7 @@ def run(
 
 def _run_here(file: Path, resource: FederatedTraining, options: RunOptions) -> FederatedTrainingStatus:
     """Drive the run with a live progress display; a summary follows unless nothing was run."""
-    from .local import LocalRunner, RunError
+    from .local import SITE_MERGED_FILE, LocalRunner, RunError
     from .progress import RunProgress
 
     started = time.monotonic()
@@ -194,6 +194,9 @@ def _run_here(file: Path, resource: FederatedTraining, options: RunOptions) -> F
             raise typer.Exit(EXIT_INTERRUPTED) from None
     if status.phase != Phase.SUSPENDED:
         progress.summary(status, time.monotonic() - started)
+        for site in status.site_model_uris:
+            merged = options.run_dir / SITE_MERGED_FILE.format(site=site)
+            console.print(f"site {site}'s own merged model: {merged}", markup=False)
     return status
 
 

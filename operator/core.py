@@ -113,7 +113,8 @@ def build_trainer_job(
 
     A training attempt reads the private state of the site's last accepted attempt and writes its
     own; an evaluation writes none, and reads it only where the site keeps personal tensors there
-    (spec.exchange other than all), which the evaluated model needs.
+    (spec.exchange other than all, or mode localOnly), which the evaluated model needs. Where the
+    spec publishes site models, an evaluation also gets a PUT URL for the site's own merged model.
     """
     training = action.mode == "train"
     state_from = action.state_from
@@ -121,12 +122,17 @@ def build_trainer_job(
         signer.presign_get(
             layout.site_state(action.site, state_from.round, state_from.attempt), expires_seconds
         )
-        if (training or spec.exchange.has_personal) and state_from is not None
+        if (training or spec.keeps_personal) and state_from is not None
         else None
     )
     state_put_url = (
         signer.presign_put(layout.site_state(action.site, action.round, action.attempt), expires_seconds)
         if training
+        else None
+    )
+    site_model_url = (
+        signer.presign_put(layout.site_merged_model(action.site), expires_seconds)
+        if not training and spec.publishes_site_models
         else None
     )
     return TrainerJob(
@@ -140,6 +146,7 @@ def build_trainer_job(
         update_url=signer.presign_put(layout.update(action.round, action.site), expires_seconds),
         state_get_url=state_get_url,
         state_put_url=state_put_url,
+        site_model_url=site_model_url,
         pretrained_url=pretrained_url,
         transfer_deadline=transfer_deadline,
     )

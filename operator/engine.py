@@ -466,8 +466,8 @@ def _start_job(
     spec: FederatedTrainingSpec, status: FederatedTrainingStatus, site: str, attempt: int, mode: JobMode
 ) -> StartSiteJob:
     """Start a site's attempt; a training attempt starts from the site's last committed private state,
-    and so does an evaluation where the site keeps personal tensors there (spec.exchange)."""
-    reads_state = mode == "train" or spec.exchange.has_personal
+    and so does an evaluation where the site keeps personal tensors there (spec.exchange, localOnly)."""
+    reads_state = mode == "train" or spec.keeps_personal
     state_from = status.site_states.get(site) if reads_state else None
     return StartSiteJob(site=site, round=status.round, attempt=attempt, mode=mode, state_from=state_from)
 
@@ -571,6 +571,8 @@ def _apply_verdict(
         if status.stage is Stage.TRAINING:
             # The state this attempt wrote before its update is the site's from now on.
             status.site_states[site.name] = AttemptRef(round=status.round, attempt=site.attempt)
+        elif verdict.site_model_uri is not None:  # the final evaluation: the site's own model
+            status.site_model_uris[site.name] = verdict.site_model_uri
     else:
         site.state = SiteState.REJECTED
         site.message = ": ".join(part for part in (verdict.reason, verdict.message) if part) or "rejected"

@@ -54,6 +54,8 @@ STATUS_FILE = "status.json"
 SPEC_FILE = "training.yaml"
 HISTORY_FILE = "history.jsonl"
 MERGED_FILE = "model-merged.safetensors"
+#: Each site's own merged model, where the spec publishes them (exchange.siteModels, localOnly).
+SITE_MERGED_FILE = "model-merged-{site}.safetensors"
 PID_SUFFIX = ".pid"
 
 #: What a trainer process inherits of this one's environment: where programs and libraries are, the
@@ -355,13 +357,21 @@ class LocalAggregator:
 
     async def merge(self, round_index: int) -> str:
         uri: str = await asyncio.to_thread(self.aggregator.merge, round_index)
-        target = self.run_dir / MERGED_FILE
-        path = self.store.local_path(self.layout.merged_model())
+        await self._copy_out(self.layout.merged_model(), self.run_dir / MERGED_FILE)
+        if self.aggregator.spec.publishes_site_models:
+            # The final evaluation is over: each site that reported wrote its own merged model.
+            for site in self.aggregator.spec.sites:
+                key = self.layout.site_merged_model(site.name)
+                if await asyncio.to_thread(self.store.exists, key):
+                    await self._copy_out(key, self.run_dir / SITE_MERGED_FILE.format(site=site.name))
+        return uri
+
+    async def _copy_out(self, key: str, target: Path) -> None:
+        path = self.store.local_path(key)
         if path is not None:
             shutil.copyfile(path, target)
         else:
-            await asyncio.to_thread(self.store.get_file, self.layout.merged_model(), target)
-        return uri
+            await asyncio.to_thread(self.store.get_file, key, target)
 
     async def release(self) -> None:
         """Nothing to give back: the library lives as long as this process."""

@@ -27,6 +27,7 @@ from fedtrain.api import (
     FederatedTrainingSpec,
     RejectedUpdate,
     StrategyName,
+    TrainingMode,
     TransferDtype,
     Weighting,
 )
@@ -431,6 +432,46 @@ def test_an_evaluation_report_in_a_training_round_is_rejected(
     manifest = aggregator.close(0, list(SITES))
     assert [p.site for p in manifest.participants] == ["fab-a", "fab-b"]
     assert [r.site for r in manifest.rejected] == ["fab-c"]
+
+
+def test_a_report_where_sites_publish_their_models_names_the_site_s_model_or_is_rejected(
+    store: LocalStore, global_tensors: dict[str, torch.Tensor]
+) -> None:
+    meta = Metadata(kind=PayloadKind.MODEL, training=LAYOUT.name, round=1, base_fingerprint=BASE)
+    store.put_bytes(LAYOUT.global_model(1), encode(global_tensors, meta))
+    for site in ("fab-a", "fab-b"):
+        _write_report(store, site, 1)
+    store.put_bytes(LAYOUT.site_merged_model("fab-a"), b"the site's own merged model")
+    spec = _spec().model_copy(
+        update={
+            "training": _spec().training.model_copy(update={"rounds": 1}),
+            "exchange": ExchangeSpec(policy=ExchangePolicy.EXCLUDE, layers=["head.*"], site_models=True),
+        }
+    )
+    aggregator = RoundAggregator(store, LAYOUT, spec)
+    published = aggregator.submit(1, "fab-a")
+    assert published.accepted, published.message
+    assert published.site_model_uri == store.uri(LAYOUT.site_merged_model("fab-a"))
+    missing = aggregator.submit(1, "fab-b")
+    assert (missing.accepted, missing.reason) == (False, "missing")
+    assert "without the site's own merged model" in (missing.message or "")
+
+
+def test_local_only_updates_carry_no_tensor_and_a_shared_tensor_is_rejected(
+    store: LocalStore, global_tensors: dict[str, torch.Tensor]
+) -> None:
+    # mode localOnly: every trainable tensor is personal, so the global model holds none.
+    _write_global(store, {})
+    alone = _spec().model_copy(update={"mode": TrainingMode.LOCAL_ONLY})
+    store.put_bytes(LAYOUT.update(0, "fab-a"), _update_bytes("fab-a", {}, SAMPLES["fab-a"]))
+    store.put_bytes(LAYOUT.update(0, "fab-b"), _update_bytes("fab-b", global_tensors, SAMPLES["fab-b"]))
+    aggregator = RoundAggregator(store, LAYOUT, alone)
+    assert aggregator.submit(0, "fab-a").accepted
+    leaked = aggregator.submit(0, "fab-b")
+    assert not leaked.accepted, "a tensor sent in localOnly is refused"
+    manifest = aggregator.close(0, ["fab-a"])
+    assert [p.site for p in manifest.participants] == ["fab-a"]
+    assert _next_global(store) == {}
 
 
 def test_an_evaluation_report_of_another_base_model_is_rejected(

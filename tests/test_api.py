@@ -107,6 +107,13 @@ def test_defaults_are_sane_and_round_trip_as_camel_case() -> None:
             "exchange.layers",
             "at most 64",
         ),
+        (spec(exchange={"siteModels": True}), "exchange", "siteModels publishes each site's personal"),
+        (
+            spec(mode="localOnly", exchange={"policy": "fixed", "layers": ["head.*"]}),
+            "exchange",
+            "mode localOnly keeps every trainable tensor at its site",
+        ),
+        (spec(mode="local"), "mode", "'federated' or 'localOnly'"),
     ],
 )
 def test_errors_name_the_field_and_say_what_to_do(document: dict[str, Any], where: str, says: str) -> None:
@@ -307,6 +314,18 @@ def test_each_policy_takes_its_own_fields(exchange: dict[str, Any]) -> None:
     parsed = FederatedTrainingSpec.model_validate(spec(exchange=exchange))
     assert parsed.exchange.has_personal
     assert FederatedTrainingSpec.parse(parsed.to_api()) == parsed
+
+
+def test_site_models_are_published_by_opt_in_or_in_local_only_mode() -> None:
+    default = FederatedTrainingSpec.model_validate(spec(exchange={"policy": "exclude", "layers": ["head.*"]}))
+    assert default.keeps_personal
+    assert not default.publishes_site_models
+    opted_in = spec(exchange={"policy": "exclude", "layers": ["head.*"], "siteModels": True})
+    assert FederatedTrainingSpec.model_validate(opted_in).publishes_site_models
+    alone = FederatedTrainingSpec.model_validate(spec(mode="localOnly"))
+    assert alone.keeps_personal
+    assert alone.publishes_site_models
+    assert not FederatedTrainingSpec.model_validate(spec()).keeps_personal
 
 
 def test_the_default_exchange_is_everything_trainable() -> None:

@@ -735,6 +735,16 @@ CREATE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         spec_change(lambda s: s.update(exchange={"layers": ["head.*"]})),
         "policy all exchanges every trainable tensor",
     ),
+    (
+        "site-models-without-personal-layers",
+        spec_change(lambda s: s.update(exchange={"siteModels": True})),
+        "siteModels publishes each site's personal layers",
+    ),
+    (
+        "local-only-with-exchange",
+        spec_change(lambda s: s.update(mode="localOnly", exchange={"policy": "fixed", "layers": ["head.*"]})),
+        "mode localOnly keeps every trainable tensor at its site",
+    ),
     ("rank-huge", spec_change(lambda s: s["lora"].update(rank=2048)), "rank must be between 1 and 1024"),
     ("long-name", lambda d: d["metadata"].update(name="x" * 64), "metadata.name must be a DNS label"),
     (
@@ -825,6 +835,7 @@ UPDATE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str | None]] = [
         spec_change(lambda s: s.update(exchange={"policy": "exclude", "layers": ["head.*"]})),
         "exchange cannot change",
     ),
+    ("mode-changed", spec_change(lambda s: s.update(mode="localOnly")), "mode cannot"),
     (
         "storage-added",
         spec_change(lambda s: s.update(storage={"bucket": "fedtrain"})),

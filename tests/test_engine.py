@@ -726,6 +726,28 @@ def test_an_evaluation_starts_from_the_committed_state_where_sites_keep_personal
     )
 
 
+def test_the_final_evaluation_records_each_site_s_own_merged_model() -> None:
+    personal = ExchangeSpec(policy=ExchangePolicy.EXCLUDE, layers=["head.*"], site_models=True)
+    world = start_round_zero(make_spec(rounds=1).model_copy(update={"exchange": personal}))
+    complete(world, names(3))
+    world.step()
+    world.manifest = manifest(0, names(3))
+    world.step()
+    assert world.status.stage is Stage.EVALUATING
+    assert world.status.site_model_uris == {}, "a training round publishes no site model"
+    complete(world, names(3))
+    own = {name: f"s3://bucket/sites/{name}/model-merged.safetensors" for name in names(2)}
+    for name, uri in own.items():  # the third site's report came without one (a spec without it)
+        world.verdicts[name] = world.verdicts[name].model_copy(update={"site_model_uri": uri})
+    world.step()
+    assert world.status.stage is Stage.FINALIZING
+    assert world.status.site_model_uris == own
+    world.merged_model_uri = MERGED_URI
+    world.step()
+    assert world.status.phase is Phase.SUCCEEDED
+    assert world.status.site_model_uris == own
+
+
 def test_last_round_is_followed_by_evaluation_merge_and_success() -> None:
     world = start_round_zero(make_spec(rounds=1))
     complete(world, names(3), evaluation=metrics(0.5, samples=100))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file
 
@@ -244,7 +245,7 @@ def exchange_resource(exchange: dict[str, Any]) -> FederatedTraining:
 def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors_travel(
     tmp_path: Path,
 ) -> None:
-    resource_ = exchange_resource({"policy": "exclude", "modules": ["LayerNorm"]})
+    resource_ = exchange_resource({"policy": "exclude", "modules": ["LayerNorm"], "siteModels": True})
     runner = LocalRunner(resource_, RunOptions(run_dir=tmp_path / "run", parallel=2))
     status = runner.run()
     assert status.phase is Phase.SUCCEEDED, status.conditions
@@ -291,6 +292,75 @@ def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors
     # The merged global model keeps the initial personal layers: no site sent its own.
     merged = load_file(str(tmp_path / "run" / "model-merged.safetensors"))
     assert torch.equal(merged["blocks.0.norm1.weight"], initial["blocks.0.norm1.weight"])
+
+    # exchange.siteModels: each site published its own merged model, loadable by plain timm.
+    assert set(status.site_model_uris) == {"fab-a", "fab-b"}
+    own = {site: site_model(tmp_path / "run", site) for site in ("fab-a", "fab-b")}
+    for site, state in own.items():
+        assert status.site_model_uris[site] == store.uri(layout.site_merged_model(site))
+        # The site's personal layers are those its last training round left in its private state.
+        assert all(torch.equal(state[name], states[site, 1][name]) for name in personal)
+    assert any(not torch.equal(own["fab-a"][name], own["fab-b"][name]) for name in personal)
+    for name in shared:
+        torch.testing.assert_close(own["fab-a"][name], own["fab-b"][name])
+        torch.testing.assert_close(own["fab-a"][name], globals_[2][name])
+
+
+def test_local_only_sites_train_alone_send_no_tensor_and_publish_their_own_models(tmp_path: Path) -> None:
+    document = exchange_resource({}).model_dump(by_alias=True, exclude_none=True, mode="json")
+    document["metadata"]["name"] = "alone"
+    document["spec"].pop("exchange")
+    document["spec"]["mode"] = "localOnly"
+    document["spec"]["training"]["rounds"] = 1
+    resource_ = FederatedTraining.model_validate(document)
+    runner = LocalRunner(resource_, RunOptions(run_dir=tmp_path / "run", parallel=2))
+    status = runner.run()
+    assert status.phase is Phase.SUCCEEDED, status.conditions
+    store, layout = runner.store, runner.layout
+    model = build_model(resource_.spec)
+    assert model.exchanged_names() == []
+    personal = model.personal_names()
+    assert "head.weight" in personal, "every trainable tensor stays at its site"
+
+    assert decode(store.get_bytes(layout.global_model(1))).tensors == {}, "nothing was federated"
+    initial, own_states = model.personal_state(), {}
+    for site in ("fab-a", "fab-b"):
+        update = decode(store.get_bytes(layout.update(0, site)))
+        assert dict(update.tensors) == {}, "an update carries metadata and metrics only"
+        assert update.meta.metrics["evaluation"]["samples"] > 0
+        state = decode(store.get_bytes(layout.site_state(site, 0, 0))).tensors
+        own_states[site] = {
+            n.removeprefix("personal."): t for n, t in state.items() if n.startswith("personal.")
+        }
+        assert sorted(own_states[site]) == personal
+        assert not torch.equal(own_states[site]["head.weight"], initial["head.weight"]), f"{site} trained"
+    assert not torch.equal(own_states["fab-a"]["head.weight"], own_states["fab-b"]["head.weight"])
+
+    # The round table reports each site's own model on its own validation split.
+    train, final = status.history
+    assert (train.kind, final.kind) == ("train", "evaluate")
+    assert set(train.site_evaluation) == set(final.site_evaluation) == {"fab-a", "fab-b"}
+    logs = [path.read_text() for path in (tmp_path / "run" / "logs").glob("*.log")]
+    assert sum(f"restored {len(personal)} personal tensors" in text for text in logs) == 2
+    assert set(status.site_model_uris) == {"fab-a", "fab-b"}
+    for site in ("fab-a", "fab-b"):
+        published = site_model(tmp_path / "run", site)
+        assert all(torch.equal(published[name], own_states[site][name]) for name in personal)
+
+
+def site_model(run_dir: Path, site: str) -> dict[str, torch.Tensor]:
+    """A site's own merged model from the run directory, loaded into a plain timm model (no peft)."""
+    payload = decode((run_dir / f"model-merged-{site}.safetensors").read_bytes())
+    config = payload.meta.config
+    plain = timm.create_model(
+        config["timm_name"],
+        pretrained=False,
+        num_classes=config["num_classes"],
+        img_size=config["img_size"],
+        **config["architecture"],
+    )
+    plain.load_state_dict(dict(payload.tensors))
+    return {name: tensor.detach().clone() for name, tensor in plain.state_dict().items()}
 
 
 def test_a_pattern_that_matches_nothing_fails_the_run_before_any_trainer_starts(tmp_path: Path) -> None:

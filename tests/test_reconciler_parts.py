@@ -670,6 +670,33 @@ def test_an_evaluation_reads_the_committed_state_where_the_site_keeps_personal_t
     assert job.spec.exchange.layers == ["head.*"]
 
 
+def test_an_evaluation_gets_a_url_for_the_site_s_own_model_only_where_the_spec_publishes_it(
+    body: dict[str, Any],
+) -> None:
+    layout = TrainingLayout(TRAINING_NAMESPACE, "wafer")
+    signer = FakeSigner()
+    evaluation = StartSiteJob("fab-b", 4, 0, "evaluate", state_from=AttemptRef(round=3, attempt=0))
+    training = StartSiteJob("fab-b", 3, 0, "train", state_from=AttemptRef(round=2, attempt=0))
+    own_model = signer.presign_put(layout.site_merged_model("fab-b"), 700)
+    assert own_model.endswith("wafer/sites/fab-b/model-merged.safetensors?expires=700")
+
+    body["spec"]["exchange"] = {"policy": "exclude", "layers": ["head.*"]}
+    kept = spec_of(body)  # personal layers stay at the sites by default
+    assert build_trainer_job(kept, layout, evaluation, signer, 700, None).site_model_url is None
+
+    body["spec"]["exchange"]["siteModels"] = True
+    published = spec_of(body)
+    assert build_trainer_job(published, layout, evaluation, signer, 700, None).site_model_url == own_model
+    assert build_trainer_job(published, layout, training, signer, 700, None).site_model_url is None
+
+    del body["spec"]["exchange"]
+    body["spec"]["mode"] = "localOnly"
+    alone = build_trainer_job(spec_of(body), layout, evaluation, signer, 700, None)
+    assert alone.site_model_url == own_model
+    assert alone.state_get_url == signer.presign_get(layout.site_state("fab-b", 3, 0), 700)
+    assert alone.spec.mode.value == "localOnly"
+
+
 def test_url_expiry_is_the_round_timeout_plus_grace_capped_at_seven_days() -> None:
     short = spec_of(training_body(aggregation={"roundTimeoutSeconds": 300}))
     assert url_expiry_seconds(short, 60) == 360

@@ -24,7 +24,7 @@ from torch import nn
 from fedtrain.api import EvalMetrics, OptimizerName, Precision, PretrainedSource, ScheduleName
 from fedtrain.codec import CodecError, Metadata, Payload, PayloadKind, decode, encode, l2_norm
 from fedtrain.job import TrainerJob, TrainerSpec
-from fedtrain.model import FederatedModel, ModelError, build_model
+from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
 from fedtrain.store import ObjectNotFound, read_url, write_url
 
 from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
@@ -494,6 +494,8 @@ def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome,
     }
     trained = outcome.trained
     if trained is None:
+        if job.site_model_url:
+            publish_site_model(job, model)
         report = Metadata(kind=PayloadKind.REPORT, metrics=outcome.metrics, timings=outcome.timings, **common)
         write_url(job.update_url, encode({}, report), deadline=job.transfer_deadline)
         return report
@@ -517,6 +519,24 @@ def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome,
     write_url(job.update_url, encode(trained.delta, meta), deadline=job.transfer_deadline)
     log.info("update uploaded: %d tensors, norm %.4g", len(trained.delta), meta.norm or 0.0)
     return meta
+
+
+def publish_site_model(job: TrainerJob, model: FederatedModel) -> None:
+    """Write this site's own merged model (global shared tensors, its personal ones, LoRA folded in)
+    before the report: the report's arrival tells the aggregator the model is there."""
+    if job.site_model_url is None:
+        return
+    meta = Metadata(
+        kind=PayloadKind.MERGED,
+        training=job.training,
+        round=job.round,
+        site=job.site,
+        base_fingerprint=model.base_fingerprint,
+        config=merged_model_config(job.spec.model),
+    )
+    model.module.cpu()
+    write_url(job.site_model_url, encode(model.merged_state_dict(), meta), deadline=job.transfer_deadline)
+    log.info("site model uploaded: %d personal tensors", len(model.personal_names()))
 
 
 def _pretrained_weights(job: TrainerJob) -> Path | bytes | None:
