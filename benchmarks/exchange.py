@@ -352,7 +352,8 @@ def plot(results: list[Result], sites: list[str], path: Path) -> None:
         f1_axis.plot(positions + (index - 1.5) * 0.12, values, "o", label=site)
     f1_axis.set_ylabel("final macro-F1 on the site's validation split")
     f1_axis.set_ylim(0, 1)
-    bytes_axis.bar(positions, [r.round_bytes / 1000 for r in done], color="tab:blue")
+    uploads = [np.nan if r.policy == "centralised" else r.round_bytes / 1000 for r in done]
+    bytes_axis.bar(positions, uploads, color="tab:blue")
     bytes_axis.set_ylabel("KB uploaded per round (all sites)")
     for axis in (f1_axis, bytes_axis):
         axis.set_xticks(positions, names, rotation=25, ha="right", fontsize="small")

@@ -88,7 +88,8 @@ def _plot_uploads(axis: Axes, records: Sequence[RoundRecord], sites: Sequence[st
         ]
         axis.plot([x for x, _ in points], [b / 1024 for _, b in points], marker=".", alpha=0.6, label=site)
     axis.set_ylabel("update KB uploaded")
-    axis.set_ylim(bottom=0)
+    peak = max((count for r in records for count in r.site_bytes.values()), default=0) / 1024
+    axis.set_ylim(0, peak * 1.15 or 1)  # equal sizes would otherwise draw on the frame
 
 
 def plot_history(records: Sequence[RoundRecord], sites: Sequence[str], path: Path) -> None:
