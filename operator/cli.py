@@ -194,7 +194,7 @@ def _run_here(file: Path, resource: FederatedTraining, options: RunOptions) -> F
             raise typer.Exit(EXIT_INTERRUPTED) from None
     if status.phase != Phase.SUSPENDED:
         progress.summary(status, time.monotonic() - started)
-        for site in status.site_model_uris:
+        for site in sorted(status.site_model_uris):
             merged = options.run_dir / SITE_MERGED_FILE.format(site=site)
             console.print(f"site {site}'s own merged model: {merged}", markup=False)
     return status
