@@ -23,16 +23,17 @@ maps without the intensity shift.
 
 The model is a 2-block ViT (`vit_small_patch14_dinov2` with depth 2, embed dim 64, 2 heads;
 28 px; `lora.rank: none`, i.e. full fine-tuning, which FedBN needs) so that all policies train
-the same tensors. The full run: 4 sites x 800 maps, 2 rounds x 4 local epochs, batch 32: about
-10 minutes on 2 cores, most of it the ~10 s of CPU each trainer process spends importing torch,
-timm and peft (each site and round is a process of its own; the training itself takes seconds).
---quick (2 sites x 150 maps, 1 round, `all` and `int8` only) checks the machinery in about 2
-minutes; its figures say nothing about the policies. Targets: the best federated policy
+the same tensors. The full run: 4 sites x 800 maps, 2 rounds x 4 local epochs, batch 32: 17.5
+minutes measured on 2 cores shared with other work (planned as about 10 on idle ones, not
+measured), most of it the ~10 s of CPU each trainer process spends importing torch, timm and
+peft (each site and round is a process of its own; the training itself takes seconds).
+--quick (2 sites x 150 maps, 1 round, `all` and `int8` only) checks the machinery in about 70
+seconds; its figures say nothing about the policies. Targets: the best federated policy
 reaches at least 0.95x the centralised macro-F1 and beats localOnly by at least 5 points; int8
 transfer within 1 point of fp32 macro-F1.
 
-Run:  .venv/bin/python benchmarks/exchange.py              (4 sites, all policies; about 10 min)
-      .venv/bin/python benchmarks/exchange.py --quick      (2 sites, 1 round: all and int8; about 2 min)
+Run:  .venv/bin/python benchmarks/exchange.py              (4 sites, all policies; 10 to 18 min)
+      .venv/bin/python benchmarks/exchange.py --quick      (2 sites, 1 round: all and int8; about 70 s)
       .venv/bin/python benchmarks/exchange.py --policies all fedbn --rounds 2 --out /tmp/exchange
 """
 
