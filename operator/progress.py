@@ -8,7 +8,7 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RoundRecord, Stage
+from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RoundRecord, Stage, TrainingMode
 
 from .engine import Event
 from .local import MERGED_FILE, load_history
@@ -87,11 +87,14 @@ class RunProgress:
     def summary(self, status: FederatedTrainingStatus, seconds: float) -> None:
         records = load_history(self.run_dir)
         if records:
-            self.console.print(round_table(records, self.sites))
+            local_only = self.spec.mode is TrainingMode.LOCAL_ONLY
+            self.console.print(round_table(records, self.sites, local_only))
             self.console.print(upload_table(records, self.sites))
-            plot_history(records, self.sites, self.run_dir / PLOT_FILE)
+            plot_history(records, self.sites, self.run_dir / PLOT_FILE, local_only)
         self.console.print(f"{status.phase.value} in {seconds:.0f} s: {status.message}")
         self.console.print(f"run directory {self.run_dir}: status.json, history.jsonl, {PLOT_FILE}, logs/")
+        if self.spec.mode is TrainingMode.LOCAL_ONLY:
+            return  # no global model: the sites' own models are listed with the run's files
         if status.final_model_uri:
             self.console.print(f"final merged model: {self.run_dir / MERGED_FILE}")
         if status.best_model_uri:

@@ -25,9 +25,14 @@ def _bytes(count: int) -> str:
     return f"{size:.1f} GB"
 
 
-def round_table(records: Sequence[RoundRecord], sites: Sequence[str]) -> Table:
-    """One row per round: the global model's validation accuracy per site and weighted."""
-    table = Table(title="validation accuracy of each round's global model", show_lines=False)
+#: What a round's scores describe: the global model, or in `mode: localOnly` each site's own model.
+SCORED = {False: "each round's global model", True: "each site's own model (localOnly)"}
+
+
+def round_table(records: Sequence[RoundRecord], sites: Sequence[str], local_only: bool = False) -> Table:
+    """One row per round: the validation accuracy of the global model (or in localOnly of each site's
+    own model) per site and weighted."""
+    table = Table(title=f"validation accuracy of {SCORED[local_only]}", show_lines=False)
     table.add_column("round", justify="right")
     for site in sites:
         table.add_column(site, justify="right")
@@ -92,7 +97,9 @@ def _plot_uploads(axis: Axes, records: Sequence[RoundRecord], sites: Sequence[st
     axis.set_ylim(0, peak * 1.15 or 1)  # equal sizes would otherwise draw on the frame
 
 
-def plot_history(records: Sequence[RoundRecord], sites: Sequence[str], path: Path) -> None:
+def plot_history(
+    records: Sequence[RoundRecord], sites: Sequence[str], path: Path, local_only: bool = False
+) -> None:
     """Validation loss and accuracy of each round's global model, per site and weighted, and the
     bytes each site uploaded per round, as a PNG."""
     import matplotlib
@@ -120,11 +127,11 @@ def plot_history(records: Sequence[RoundRecord], sites: Sequence[str], path: Pat
     for axis, name in ((loss_axis, "validation loss"), (accuracy_axis, "validation accuracy")):
         axis.set_ylabel(name)
     for axis in (loss_axis, accuracy_axis, upload_axis):
-        axis.set_xlabel("round (global model evaluated)")
+        axis.set_xlabel("round (own model evaluated)" if local_only else "round (global model evaluated)")
         axis.set_xticks(rounds)
         axis.grid(alpha=0.3)
     accuracy_axis.set_ylim(0, 1)
     accuracy_axis.legend(loc="lower right", fontsize="small")
-    figure.suptitle("fedtrain: global model on each site's validation split")
+    figure.suptitle(f"fedtrain: {SCORED[local_only]} on each site's validation split")
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -67,3 +67,9 @@ def test_plot_has_a_panel_of_bytes_per_site_and_round(tmp_path: Path) -> None:
 
     width, height = Image.open(tmp_path / "plot.png").size
     assert width > 2.5 * height  # loss, accuracy and uploads side by side
+
+
+def test_a_local_only_table_says_it_scores_each_sites_own_model() -> None:
+    assert round_table(RECORDS, ["a", "b"]).title == "validation accuracy of each round's global model"
+    own = round_table(RECORDS, ["a", "b"], local_only=True).title
+    assert own == "validation accuracy of each site's own model (localOnly)"
