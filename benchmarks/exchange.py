@@ -194,23 +194,15 @@ def score_merged_model(
     run_dir: Path, sites: list[dict[str, Any]], training_seed: int
 ) -> dict[str, EvalMetrics]:
     """The run's merged final model (plain timm, no peft) on each site's own validation split."""
-    import timm
     import torch
 
     from fedtrain.codec import decode
+    from fedtrain.model import load_plain_model
     from fedtrain.trainer.data import load_site_data
     from fedtrain.trainer.train import evaluate
 
     payload = decode((run_dir / "model-merged.safetensors").read_bytes())
-    config = payload.meta.config
-    plain = timm.create_model(
-        config["timm_name"],
-        pretrained=False,
-        num_classes=config["num_classes"],
-        img_size=config["img_size"],
-        **config["architecture"],
-    )
-    plain.load_state_dict(dict(payload.tensors))
+    plain = load_plain_model(payload.meta.config, payload.tensors)
     spec = FederatedTrainingSpec.model_validate(
         resource("all", sites, argparse.Namespace(rounds=1, epochs=1), VAL_FRACTION)["spec"], by_name=False
     )

@@ -12,6 +12,7 @@ from .factory import (
     auto_lora_rank,
     build_model,
     create_backbone,
+    load_plain_model,
     merged_model_config,
     resolve_rank,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "auto_lora_rank",
     "build_model",
     "create_backbone",
+    "load_plain_model",
     "merged_model_config",
     "resolve_exchange",
     "resolve_rank",

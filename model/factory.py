@@ -8,6 +8,7 @@ tensors (LoRA matrices and the classifier head, or everything under full fine-tu
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -65,6 +66,20 @@ def merged_model_config(model: ModelSpec) -> dict[str, Any]:
         "img_size": model.image_size,
         "architecture": model.architecture.timm_kwargs() if model.architecture else {},
     }
+
+
+def load_plain_model(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A merged model loaded into the plain timm model its metadata config (`merged_model_config`)
+    names, without peft: what a user of the final or a site's merged model does with it."""
+    plain = timm.create_model(
+        config["timm_name"],
+        pretrained=False,
+        num_classes=config["num_classes"],
+        img_size=config["img_size"],
+        **config["architecture"],
+    )
+    plain.load_state_dict(dict(tensors))
+    return plain
 
 
 def auto_lora_rank(parameter_count: int) -> int | None:

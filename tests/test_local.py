@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
 from fedtrain.api import FederatedTraining, Phase
 from fedtrain.codec import decode
 from fedtrain.layout import TrainingLayout
-from fedtrain.model import build_model
+from fedtrain.model import build_model, load_plain_model
 from fedtrain.operator.core import build_trainer_job
 from fedtrain.operator.engine import JobObservation, JobState, StartSiteJob
 from fedtrain.operator.local import (
@@ -351,15 +350,7 @@ def test_local_only_sites_train_alone_send_no_tensor_and_publish_their_own_model
 def site_model(run_dir: Path, site: str) -> dict[str, torch.Tensor]:
     """A site's own merged model from the run directory, loaded into a plain timm model (no peft)."""
     payload = decode((run_dir / f"model-merged-{site}.safetensors").read_bytes())
-    config = payload.meta.config
-    plain = timm.create_model(
-        config["timm_name"],
-        pretrained=False,
-        num_classes=config["num_classes"],
-        img_size=config["img_size"],
-        **config["architecture"],
-    )
-    plain.load_state_dict(dict(payload.tensors))
+    plain = load_plain_model(payload.meta.config, payload.tensors)
     return {name: tensor.detach().clone() for name, tensor in plain.state_dict().items()}
 
 
