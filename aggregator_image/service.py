@@ -6,8 +6,9 @@ the participants it recorded, which rebuilds the sum from the store. The service
 its own beyond the library's open round.
 
 Errors are JSON `ErrorReply` bodies with a stable code. A rejected update is a verdict (200), not an
-error; a round the library cannot close is a 409 the operator turns into a failed training; a store
-that cannot be reached is a 503 the operator retries.
+error; a round the library cannot close is a 409 the operator turns into a failed training (code
+invalid-spec where the spec does not fit the model: the training fails as for an invalid spec); a
+store that cannot be reached is a 503 the operator retries.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 from fedtrain.api import RejectedUpdate
-from fedtrain.errors import PermanentError, TemporaryError
+from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import (
     MAX_ROUND_INDEX,
@@ -144,8 +145,10 @@ NO_GLOBAL_MODEL: Responses = {
 }
 CONFLICT: Responses = {
     409: _error_doc(
-        "no-global-model: the round's global model does not exist; aggregation-failed: the library "
-        "cannot do this (a participant was rejected, no update to aggregate, another base model)."
+        "no-global-model: the round's global model does not exist; invalid-spec: the training's spec "
+        "does not fit its model (an exchange pattern that matches no trainable tensor); "
+        "aggregation-failed: the library cannot do this (a participant was rejected, no update to "
+        "aggregate, another base model)."
     )
 }
 
@@ -542,7 +545,9 @@ class _Library:
                 raise ApiError(404, "unknown-round", str(error)) from error
             except PermanentError as error:  # classified where raised: retrying cannot help
                 log.warning("%s: %s", what, error)
-                raise ApiError(409, "aggregation-failed", str(error)) from error
+                # The user's spec at fault (a ModelError) keeps its reason across the API.
+                code = "invalid-spec" if error.reason == INVALID_SPEC else "aggregation-failed"
+                raise ApiError(409, code, str(error)) from error
             except TemporaryError as error:  # the store unreachable: the operator retries, bounded
                 log.warning("%s: the object store failed: %s", what, error)
                 raise ApiError(

@@ -8,12 +8,19 @@ package so that the store, the aggregator, its HTTP client and both drivers shar
   wait that outlasts `aggregation.waitTimeoutSeconds` fails the training;
 - a `PermanentError` does not (a round that cannot be closed, a model missing from the store): the
   training fails at once with a condition whose reason is `reason` and whose message says what to do.
+  Reason `INVALID_SPEC` says the user's spec is at fault, also where only the model shows it (an
+  exchange pattern that matches no trainable tensor): the training is then marked Invalid too, and
+  the aggregator's HTTP API carries that reason across to the operator as its own error code.
 """
 
 from __future__ import annotations
 
 #: How soon a driver looks again after a temporary error that names no delay of its own.
 DEFAULT_RETRY_SECONDS = 2.0
+
+#: The reason of a permanent error the user's spec causes (the condition reason the operator uses for
+#: a spec it refuses itself).
+INVALID_SPEC = "InvalidSpec"
 
 
 class TemporaryError(RuntimeError):

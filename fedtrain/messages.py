@@ -181,7 +181,7 @@ class ErrorBody(Message):
         ...,
         description=(
             "Stable code: unauthorized, invalid-request, not-found, method-not-allowed, no-global-model, "
-            "aggregation-failed, store-unavailable, internal."
+            "invalid-spec, aggregation-failed, store-unavailable, internal."
         ),
     )
     message: str = Field(..., description="What went wrong, for a person or a status message.")

@@ -8,7 +8,7 @@ import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from fedtrain.api import RejectedUpdate
-from fedtrain.errors import PermanentError, TemporaryError
+from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
 from fedtrain.messages import RoundManifest, UpdateVerdict
 
 #: How soon to ask again when the aggregator is not reachable yet (a pod starting, an image pull).
@@ -27,11 +27,20 @@ class AggregatorUnavailableError(TemporaryError):
         super().__init__(message, delay)
 
 
+#: The condition reason of a refusal, by the service's error code: the aggregator classified the
+#: error where it was raised, and its code says whose fault it is. Any other code: AggregatorError.
+REFUSAL_REASONS = {"invalid-spec": INVALID_SPEC}
+
+
 class AggregatorRefusedError(PermanentError):
-    """The aggregator refused the request for good (e.g. a round it cannot close): fail the training."""
+    """The aggregator refused the request for good (e.g. a round it cannot close): fail the training.
+
+    With reason InvalidSpec where the spec does not fit the model (code invalid-spec), else
+    AggregatorError.
+    """
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message, reason="AggregatorError")
+        super().__init__(message, reason=REFUSAL_REASONS.get(code, "AggregatorError"))
         self.code = code
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from fedtrain.api import FederatedTrainingSpec, StorageSpec
-from fedtrain.errors import PermanentError, TemporaryError
+from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
 from fedtrain.pretrained import pretrained_object
 from fedtrain.store import S3Store
 
@@ -58,7 +58,7 @@ class KubeCredentials:
 
     def _storage(self) -> StorageSpec:
         if self.spec.storage is None:  # refused when the spec was validated; kept for the type checker
-            raise PermanentError("spec.storage is required on a cluster", reason="InvalidSpec")
+            raise PermanentError("spec.storage is required on a cluster", reason=INVALID_SPEC)
         return self.spec.storage
 
     async def store(self) -> S3Store:

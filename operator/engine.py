@@ -34,6 +34,7 @@ from fedtrain.api import (
     SiteState,
     Stage,
 )
+from fedtrain.errors import INVALID_SPEC
 from fedtrain.messages import RoundManifest, UpdateVerdict
 
 JobMode = Literal["train", "evaluate"]
@@ -766,6 +767,8 @@ def _fail(
     set_condition(status, ConditionType.FAILED, True, reason, message, now)
     set_condition(status, ConditionType.PROGRESSING, False, reason, message, now)
     set_condition(status, ConditionType.READY, False, reason, message, now)
+    if reason == INVALID_SPEC:  # the spec is at fault, as where a driver refuses it before it runs
+        set_condition(status, ConditionType.INVALID, True, reason, message, now)
     decision.warning(reason, message)
     decision.act(ReleaseAggregator())
 

@@ -30,7 +30,7 @@ from fedtrain.api import (
     describe_errors,
     name_problems,
 )
-from fedtrain.errors import PermanentError, TemporaryError
+from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
 from fedtrain.pretrained import cluster_problems
@@ -277,8 +277,14 @@ class Reconciler:
     def _valid_again(
         self, status: FederatedTrainingStatus, now: datetime
     ) -> tuple[FederatedTrainingStatus, list[Event]]:
-        """Clear the Invalid condition of a spec that was invalid and is valid now."""
+        """Clear the Invalid condition of a spec that was invalid and is valid now.
+
+        A training that failed for its spec (the aggregator found that it does not fit the model)
+        keeps the condition: the spec passes the checks here, but the training is over because of it.
+        """
         if self.runtime.invalid is None and not _condition_true(status, ConditionType.INVALID):
+            return status, []
+        if self.runtime.invalid is None and _failed_for_its_spec(status):
             return status, []
         status = status.model_copy(deep=True)
         set_condition(status, ConditionType.INVALID, False, "Valid", "the spec is valid", now)
@@ -364,10 +370,10 @@ class Reconciler:
     async def _invalid(self, status: FederatedTrainingStatus, message: str, now: datetime) -> Outcome:
         """An invalid spec: an Invalid condition and an event, and nothing else happens."""
         new_status = status.model_copy(deep=True)
-        set_condition(new_status, ConditionType.INVALID, True, "InvalidSpec", message, now)
-        set_condition(new_status, ConditionType.READY, False, "InvalidSpec", message, now)
+        set_condition(new_status, ConditionType.INVALID, True, INVALID_SPEC, message, now)
+        set_condition(new_status, ConditionType.READY, False, INVALID_SPEC, message, now)
         new_status.message = f"invalid spec: {message}"
-        events = [] if self.runtime.invalid == message else [Event("Warning", "InvalidSpec", message)]
+        events = [] if self.runtime.invalid == message else [Event("Warning", INVALID_SPEC, message)]
         self.runtime.invalid = message
         if await self.runtime.writer.write(new_status, self.generation):
             self.context.metrics.status_written(self.ref, None, status, new_status, {})
@@ -389,3 +395,10 @@ def _problem_text(text: str) -> str:
 
 def _condition_true(status: FederatedTrainingStatus, kind: ConditionType) -> bool:
     return any(c.type is kind and c.status == "True" for c in status.conditions)
+
+
+def _failed_for_its_spec(status: FederatedTrainingStatus) -> bool:
+    return any(
+        c.type is ConditionType.FAILED and c.status == "True" and c.reason == INVALID_SPEC
+        for c in status.conditions
+    )

@@ -78,9 +78,24 @@ async def test_a_refusal_is_permanent_and_an_unready_service_temporary_with_its_
             await client.close(0, ["fab-a"], [])
         assert isinstance(permanent.value, AggregatorRefusedError)
         assert permanent.value.code == "aggregation-failed"
+        assert permanent.value.reason == "AggregatorError"
         client = AggregatorClient(session, str(unready.make_url("/")), "token", timeout=10)
         with pytest.raises(TemporaryError, match="HTTP 503 store-unavailable: down") as temporary:
             await client.close(0, ["fab-a"], [])
         assert temporary.value.delay == 7
     await refused.close()
     await unready.close()
+
+
+@pytest.mark.asyncio
+async def test_a_spec_that_does_not_fit_the_model_fails_as_an_invalid_spec() -> None:
+    """The service's code says the spec is at fault: the training fails with InvalidSpec, the message kept."""
+    message = "spec.exchange.layers[0]: 'foo.*' matches no trainable tensor; trainable tensors look like ..."
+    refused = await answering(409, {"error": {"code": "invalid-spec", "message": message}}, {})
+    async with aiohttp.ClientSession() as session:
+        client = AggregatorClient(session, str(refused.make_url("/")), "token", timeout=10)
+        with pytest.raises(AggregatorRefusedError) as permanent:
+            await client.close(0, ["fab-a"], [])
+    await refused.close()
+    assert (permanent.value.code, permanent.value.reason) == ("invalid-spec", "InvalidSpec")
+    assert str(permanent.value) == message

@@ -339,7 +339,7 @@ def test_a_spec_whose_exchange_pattern_matches_nothing_is_refused_at_initialize(
     store = LocalStore(tmp_path / "store")
     app = create_app(RoundAggregator(store, LAYOUT, spec), TOKEN)
     with TestClient(app, headers=AUTH) as client:
-        message = _error(client.post("/v1/initialize"), 409, "aggregation-failed")
+        message = _error(client.post("/v1/initialize"), 409, "invalid-spec")
     assert "spec.exchange.layers[1]: 'fc_norm.*' matches no trainable tensor" in message
     assert store.list() == [], "no global model is written"
 

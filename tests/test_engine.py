@@ -1081,6 +1081,23 @@ def test_aggregator_error_while_closing_fails_without_stopping_anything() -> Non
     assert decision.actions == [ReleaseAggregator()]
     assert world.status.phase is Phase.FAILED
     assert condition(world.status, ConditionType.FAILED).reason == "AggregatorError"
+    assert not [c for c in world.status.conditions if c.type is ConditionType.INVALID]
+
+
+def test_a_spec_the_model_refuses_at_initialize_fails_the_training_as_invalid() -> None:
+    """A permanent error of reason InvalidSpec (an exchange pattern that matches nothing, found when
+    the aggregator builds the model) fails the training and marks its spec Invalid."""
+    message = "spec.exchange.layers[0]: 'foo.*' matches no trainable tensor"
+    initializing = step(make_spec(), FederatedTrainingStatus(), Observations(), T0).status
+    decision = step(make_spec(), initializing, Observations(failure=Failure("InvalidSpec", message)), T0)
+
+    assert decision.status.phase is Phase.FAILED
+    assert decision.actions == [ReleaseAggregator()]
+    assert decision.events == [Event("Warning", "InvalidSpec", message)]
+    for kind in (ConditionType.FAILED, ConditionType.INVALID):
+        found = condition(decision.status, kind)
+        assert (found.status, found.reason, found.message) == ("True", "InvalidSpec", message)
+    assert condition(decision.status, READY).reason == "InvalidSpec"
 
 
 # --------------------------------------------------------------------------------------------------

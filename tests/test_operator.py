@@ -325,10 +325,16 @@ def test_deleting_mid_round_removes_jobs_and_secrets_everywhere(cluster: Cluster
 
 
 def test_invalid_spec_gets_a_condition_an_event_and_no_jobs(cluster: Cluster) -> None:
+    """A spec the operator refuses waits Invalid until it is fixed; one that only the model refuses
+    (spec.exchange matching no trainable tensor, found by the aggregator at initialize) fails the
+    training as an invalid spec too, not as an aggregator error."""
     cluster.start_operator()
     training = cluster.training("broken", rounds=1, sites=2)
     training["spec"]["training"]["localEpochs"] = 1  # with localSteps: one or the other
     cluster.api.apply(training)
+    cluster.api.apply(
+        cluster.training("misfit", rounds=1, sites=2, exchange={"policy": "fixed", "layers": ["foo.*"]})
+    )
 
     def invalid() -> dict[str, Any] | None:
         conditions = {c["type"]: c for c in cluster.api.status("broken").get("conditions") or []}
@@ -339,11 +345,23 @@ def test_invalid_spec_gets_a_condition_an_event_and_no_jobs(cluster: Cluster) ->
     assert "localSteps" in condition["message"]
     wait_for("an InvalidSpec event", lambda: "InvalidSpec" in cluster.event_reasons("broken"), timeout=30)
     assert cluster.trainer_jobs("broken") == []
-    assert cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items == []
+    deployments = cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items
+    assert "broken-aggregator" not in [d.metadata.name for d in deployments]
 
     # Fixing the spec starts the training.
     cluster.api.patch_spec("broken", {"training": {"localEpochs": None}})
     wait_for("Jobs after the fix", lambda: cluster.trainer_jobs("broken"), timeout=60)
+
+    status = wait_for("misfit to fail", lambda: cluster.finished("misfit"), timeout=120)
+    assert status["phase"] == "Failed", status
+    for kind in ("Failed", "Invalid", "Ready"):
+        found = {c["type"]: c for c in status["conditions"]}[kind]
+        assert found["reason"] == "InvalidSpec", found
+        assert "spec.exchange.layers[0]: 'foo.*' matches no trainable tensor" in found["message"], found
+    assert _condition(cluster, "misfit", "Invalid") is not None, "later reconciles keep it Invalid"
+    assert "InvalidSpec" in cluster.event_reasons("misfit")
+    assert "AggregatorError" not in cluster.event_reasons("misfit")
+    assert cluster.trainer_jobs("misfit") == []
 
 
 def test_resources_the_cluster_admits_but_cannot_run_end_invalid_without_jobs(cluster: Cluster) -> None:

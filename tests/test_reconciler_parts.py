@@ -934,6 +934,38 @@ async def test_a_reconcile_that_cannot_provision_the_aggregator_fails_or_waits(
     assert outcome.delay == (None if phase == "Failed" else pytest.approx(2.0))
 
 
+@pytest.mark.asyncio
+async def test_a_training_failed_for_its_spec_stays_invalid_on_later_reconciles(body: dict[str, Any]) -> None:
+    """The aggregator found the spec does not fit the model: the checks here pass it, but a later
+    reconcile (a Job event, an operator restart) must not call the spec valid again."""
+    message = "spec.exchange.layers[0]: 'foo.*' matches no trainable tensor"
+    since = NOW.isoformat()
+    conditions = [
+        {
+            "type": kind,
+            "status": "True",
+            "reason": "InvalidSpec",
+            "message": message,
+            "lastTransitionTime": since,
+        }
+        for kind in ("Failed", "Invalid")
+    ]
+    kube = RecordingKube()
+    failed = {**body, "status": {"phase": "Failed", "message": message, "conditions": conditions}}
+    kube.put(failed)
+    settings = OperatorSettings(liveness_port=None, metrics_port=None)
+    async with aiohttp.ClientSession() as session:
+        context = Context(
+            settings=settings, kube=kube, session=session, metrics=OperatorMetrics(CollectorRegistry())
+        )
+        outcome = await Reconciler(context, failed).reconcile()
+    status = kube.get(KIND, TRAINING_NAMESPACE, body["metadata"]["name"])["status"]
+    invalid = {c["type"]: c for c in status["conditions"]}["Invalid"]
+    assert (invalid["status"], invalid["reason"], invalid["message"]) == ("True", "InvalidSpec", message)
+    assert "SpecValid" not in [event.reason for event in outcome.events]
+    assert outcome.delay is None
+
+
 # --------------------------------------------------------------------------------------------------
 # trainer Jobs and their Secrets the API server refuses or the operator's RBAC forbids
 
