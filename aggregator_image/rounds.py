@@ -29,9 +29,7 @@ from fedtrain.codec import (
     Payload,
     PayloadKind,
     Signature,
-    check_base_model,
-    check_update,
-    check_update_header,
+    UpdateTensor,
     decode,
     decode_header,
     encode_file,
@@ -43,6 +41,7 @@ from fedtrain.errors import PermanentError
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
 from fedtrain.store import ObjectNotFound, ObjectStore
+from fedtrain.updates import check_base_model, check_update, check_update_header
 
 from .strategies import Accumulator, make_strategy, site_weight
 
@@ -381,7 +380,7 @@ class RoundAggregator:
             message = f"{key} was sent in {sent.value}; this training's transferDtype is {expected.value}"
             return self._reject(round_index, site, "dtype", message, **common)
         try:
-            check_update_header(payload, self.signature(round_index), name=key)
+            check_update_header(payload, self.signature(round_index), name=key, exchange=self.spec.exchange)
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error), **common)
         return None
@@ -417,12 +416,14 @@ class RoundAggregator:
 
         accumulator = open_round.accumulator
 
-        def fold(name: str, tensor: torch.Tensor) -> None:
+        def fold(name: str, tensor: UpdateTensor) -> None:
             open_round.dirty = True
             accumulator.add_tensor(name, tensor, weight)
 
         try:
-            norm = check_update(payload, self.signature(round_index), name=key, on_tensor=fold)
+            norm = check_update(
+                payload, self.signature(round_index), name=key, on_tensor=fold, exchange=self.spec.exchange
+            )
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error), **common)
         bound = self.spec.aggregation.max_update_norm

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import torch
 
 from fedtrain.api import StrategyName, Weighting
+from fedtrain.codec import SparseDelta, UpdateTensor
 
 
 def site_weight(weighting: Weighting, samples: int, explicit: float | None) -> float:
@@ -37,17 +38,18 @@ def _check_weight(weight: float) -> None:
 
 class Accumulator(ABC):
     """Takes updates one at a time. `add_tensor` may be called from several threads at once for
-    different tensors of one update; `count` then records the update as a whole."""
+    different tensors of one update; `count` then records the update as a whole. An update may send
+    some tensors only (exchange policy dynamic), and a tensor as some of its elements (sparse)."""
 
     @abstractmethod
-    def add_tensor(self, name: str, tensor: torch.Tensor, weight: float) -> None:
+    def add_tensor(self, name: str, tensor: UpdateTensor, weight: float) -> None:
         """Fold one tensor of an update in."""
 
     @abstractmethod
     def count(self, weight: float) -> None:
         """Record an update whose tensors were all added with `weight`."""
 
-    def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+    def add(self, delta: Mapping[str, UpdateTensor], weight: float) -> None:
         """Fold a whole update in."""
         _check_weight(weight)
         for name in delta:
@@ -60,16 +62,26 @@ class Accumulator(ABC):
 
 
 class WeightedMean(Accumulator):
-    """Running fp32 sum of weight x delta; divided by the total weight at the end."""
+    """Running fp32 sum of weight x delta per tensor, divided at the end by the weights of the
+    updates that sent that tensor; a tensor no update sent comes out zero (its global value stays).
+    A sparse tensor is added element by element into the sum (never made dense): its weight counts
+    for the whole tensor, the elements it did not send being zero in its delta."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self._sum = {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}
+        self.tensor_weights = dict.fromkeys(shapes, 0.0)
         self.total_weight = 0.0
         self.updates = 0
 
-    def add_tensor(self, name: str, tensor: torch.Tensor, weight: float) -> None:
-        # In-place add promotes bf16/fp16 into the fp32 sum without a temporary copy.
-        self._sum[name].add_(tensor, alpha=weight)
+    def add_tensor(self, name: str, tensor: UpdateTensor, weight: float) -> None:
+        running = self._sum[name]
+        if isinstance(tensor, SparseDelta):
+            running.view(-1).index_add_(0, tensor.index, tensor.values.to(torch.float32), alpha=weight)
+        else:
+            # In-place add promotes bf16/fp16 into the fp32 sum without a temporary copy.
+            running.add_(tensor, alpha=weight)
+        # One thread per tensor name: the read-modify-write of one key never races with itself.
+        self.tensor_weights[name] += weight
 
     def count(self, weight: float) -> None:
         _check_weight(weight)
@@ -79,8 +91,9 @@ class WeightedMean(Accumulator):
     def result(self) -> dict[str, torch.Tensor]:
         if self.updates == 0:
             raise ValueError("no update was added: a round needs at least one accepted update")
-        for running in self._sum.values():
-            running.div_(self.total_weight)  # in place: a model-sized copy is 343 MB for ViT-B
+        for name, running in self._sum.items():
+            if self.tensor_weights[name] > 0:
+                running.div_(self.tensor_weights[name])  # in place: a ViT-B-sized copy is 343 MB
         return self._sum
 
 

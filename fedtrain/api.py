@@ -422,6 +422,8 @@ class ExchangePolicy(ApiEnum):
     ALL = "all"
     FIXED = "fixed"
     EXCLUDE = "exclude"
+    DYNAMIC = "dynamic"
+    SPARSE = "sparse"
 
 
 class ExchangeSpec(SpecModel):
@@ -430,10 +432,10 @@ class ExchangeSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
-                "rule": "(has(self.policy) && self.policy != 'all')"
-                " || (!has(self.layers) && !has(self.modules))",
-                "message": "policy all exchanges every trainable tensor and takes neither layers nor "
-                "modules: drop them or choose policy fixed or exclude",
+                "rule": "(has(self.layers) || has(self.modules)) ? (has(self.policy)"
+                " && (self.policy == 'fixed' || self.policy == 'exclude')) : true",
+                "message": "layers and modules belong to policies fixed and exclude: drop them, or "
+                "choose policy fixed or exclude",
             },
             {
                 "rule": "!has(self.policy) || self.policy != 'fixed'"
@@ -450,10 +452,24 @@ class ExchangeSpec(SpecModel):
                 "reason": "FieldValueRequired",
             },
             {
+                "rule": "has(self.policy) && self.policy == 'dynamic'"
+                " ? has(self.topFraction) != has(self.threshold)"
+                " : !has(self.topFraction) && !has(self.threshold)",
+                "message": "policy dynamic takes exactly one of topFraction and threshold, and no other "
+                "policy takes either: topFraction is the share of tensors sent each round (e.g. 0.25), "
+                "threshold the relative drift a tensor must reach (e.g. 0.01)",
+            },
+            {
+                "rule": "has(self.policy) && self.policy == 'sparse' ? has(self.topK) : !has(self.topK)",
+                "message": "topK belongs to policy sparse, which needs it and no other policy takes: "
+                "the share of each tensor's elements sent each round (e.g. 0.05)",
+                "fieldPath": ".topK",
+            },
+            {
                 "rule": "!has(self.siteModels) || !self.siteModels"
-                " || (has(self.policy) && self.policy != 'all')",
-                "message": "siteModels publishes each site's personal layers, and policy all keeps none: "
-                "drop siteModels or choose policy fixed or exclude",
+                " || (has(self.policy) && (self.policy == 'fixed' || self.policy == 'exclude'))",
+                "message": "siteModels publishes each site's personal layers, which only policies fixed "
+                "and exclude keep: drop siteModels or choose policy fixed or exclude",
                 "fieldPath": ".siteModels",
             },
         )
@@ -466,7 +482,12 @@ class ExchangeSpec(SpecModel):
             "tensor under full fine-tuning); fixed: only the trainable tensors matching layers leave "
             "it; exclude: the trainable tensors matching layers, and those of modules of the types "
             "in modules, never leave the site and persist in its private state (personal layers: "
-            "FedPer keeps the head, FedBN the normalisation layers). Frozen base weights never move."
+            "FedPer keeps the head, FedBN the normalisation layers); dynamic: each round a site sends "
+            "only the trainable tensors that drifted most from the global model it received (by "
+            "topFraction or threshold) and the aggregator averages each tensor over the sites that "
+            "sent it; sparse: each round a site sends the topK largest elements of each tensor's "
+            "change as indices and values, and carries what it did not send into the next round "
+            "(error feedback, kept in its private state). Frozen base weights never move."
         ),
     )
     layers: list[LayerPattern] | None = Field(
@@ -491,6 +512,36 @@ class ExchangeSpec(SpecModel):
             "model's normalisation layers are frozen: use lora.rank none to make them trainable)."
         ),
     )
+    top_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "dynamic only: the share of the trainable tensors each site sends each round, those whose "
+            "change since the global model it received has the largest L2 norm relative to that "
+            "tensor's received norm (at least one tensor; 0.25 sends the quarter that moved most)."
+        ),
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description=(
+            "dynamic only: send each trainable tensor whose relative drift, ||local - received|| / "
+            "||received||, is at least this (a tensor received as zeros, such as LoRA B at first, "
+            "counts as infinitely drifted once it moves). A round may send no tensor."
+        ),
+    )
+    top_k: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "sparse only: the share of each tensor's elements sent each round (the largest in "
+            "magnitude of the change plus what earlier rounds did not send; at least one element "
+            "per tensor). 0.05 sends 5 % of the values, each with its int32 index."
+        ),
+    )
     site_models: bool = Field(
         False,
         description=(
@@ -499,36 +550,68 @@ class ExchangeSpec(SpecModel):
             "to the training's bucket, sites/<site>/model-merged.safetensors, and status.siteModelUris "
             "lists them. Those objects leave the site's private domain: anyone who may read the "
             "bucket reads each site's personal layers. false (the default): personal layers never "
-            "leave the site, and the merged global model holds their initial values. Needs a "
-            "policy other than all."
+            "leave the site, and the merged global model holds their initial values. Needs policy "
+            "fixed or exclude."
         ),
     )
 
     @model_validator(mode="after")
     def _fields_fit_policy(self) -> ExchangeSpec:
-        if self.policy is ExchangePolicy.ALL and (self.layers or self.modules):
+        policy = self.policy
+        if (self.layers or self.modules) and policy not in (ExchangePolicy.FIXED, ExchangePolicy.EXCLUDE):
             raise ValueError(
-                "policy all exchanges every trainable tensor and takes neither layers nor modules: "
-                "drop them or choose policy fixed or exclude"
+                f"policy {policy.value} takes neither layers nor modules (they belong to policies fixed "
+                "and exclude): drop them, or choose policy fixed or exclude"
             )
-        if self.policy is ExchangePolicy.FIXED and (not self.layers or self.modules):
+        if policy is ExchangePolicy.FIXED and (not self.layers or self.modules):
             raise ValueError(
                 "policy fixed needs layers (the patterns of the tensors exchanged) and takes no "
                 "modules: set layers, or use policy exclude to keep module types local"
             )
-        if self.policy is ExchangePolicy.EXCLUDE and not (self.layers or self.modules):
+        if policy is ExchangePolicy.EXCLUDE and not (self.layers or self.modules):
             raise ValueError("policy exclude needs layers or modules (what stays local): set one of them")
-        if self.site_models and self.policy is ExchangePolicy.ALL:
+        self._check_selection_fields()
+        if self.site_models and not self.has_personal:
             raise ValueError(
-                "siteModels publishes each site's personal layers, and policy all keeps none: "
-                "drop siteModels or choose policy fixed or exclude"
+                "siteModels publishes each site's personal layers, which only policies fixed and "
+                f"exclude keep (policy {policy.value} keeps none): drop siteModels or choose policy "
+                "fixed or exclude"
             )
         return self
 
+    def _check_selection_fields(self) -> None:
+        dynamic, sparse = self.policy is ExchangePolicy.DYNAMIC, self.policy is ExchangePolicy.SPARSE
+        chosen = (self.top_fraction is not None) + (self.threshold is not None)
+        if chosen != (1 if dynamic else 0):
+            raise ValueError(
+                "policy dynamic takes exactly one of topFraction and threshold, and no other policy takes "
+                f"either (policy {self.policy.value} has {chosen}): topFraction is the share of tensors "
+                "sent each round (e.g. 0.25), threshold the relative drift a tensor must reach (e.g. 0.01)"
+            )
+        if sparse != (self.top_k is not None):
+            raise ValueError(
+                "topK belongs to policy sparse, which needs it and no other policy takes (policy "
+                f"{self.policy.value}): the share of each tensor's elements sent each round (e.g. 0.05)"
+            )
+
+    def tensors_sent(self, tensor_count: int) -> int | None:
+        """dynamic with topFraction: how many of `tensor_count` tensors a site sends (at least one);
+        None where any number may go (threshold, and every other policy sends them all)."""
+        if self.top_fraction is None:
+            return None
+        return min(tensor_count, max(1, math.ceil(round(self.top_fraction * tensor_count, 9))))
+
+    def elements_sent(self, numel: int) -> int:
+        """sparse: how many of a tensor's `numel` elements a site sends each round (at least one)."""
+        if self.top_k is None:
+            return numel
+        return min(numel, max(1, math.ceil(round(self.top_k * numel, 9))))
+
     @property
     def has_personal(self) -> bool:
-        """Whether some trainable tensors may stay at the site (every policy but all)."""
-        return self.policy is not ExchangePolicy.ALL
+        """Whether some trainable tensors stay at the site (fixed and exclude): dynamic and sparse
+        choose among all of them each round and keep none personal."""
+        return self.policy in (ExchangePolicy.FIXED, ExchangePolicy.EXCLUDE)
 
 
 class TrainingMode(ApiEnum):
@@ -1186,6 +1269,16 @@ class FederatedTrainingSpec(SpecModel):
                 "fieldPath": ".exchange",
             },
             {
+                "rule": "!has(self.exchange) || !has(self.exchange.policy)"
+                " || self.exchange.policy != 'sparse' || !has(self.training)"
+                " || !has(self.training.transferDtype)"
+                " || self.training.transferDtype != 'int8'",
+                "message": "exchange policy sparse sends each tensor's largest elements with their "
+                "indices and training.transferDtype int8 quantises whole tensors: choose one (sparse "
+                "values go in fp32, bf16 or fp16)",
+                "fieldPath": ".training.transferDtype",
+            },
+            {
                 "rule": "has(self.storage) == has(oldSelf.storage)"
                 " && (!has(self.storage) || self.storage == oldSelf.storage)",
                 "message": "storage cannot change after creation (the models and updates are there): "
@@ -1256,6 +1349,13 @@ class FederatedTrainingSpec(SpecModel):
                 "exchange: mode localOnly keeps every trainable tensor at its site, so exchange cannot "
                 f"choose what is shared (policy {self.exchange.policy.value}): drop the exchange block "
                 "or use mode federated"
+            )
+        sparse = self.exchange.policy is ExchangePolicy.SPARSE
+        if sparse and self.training.transfer_dtype is TransferDtype.INT8:
+            raise ValueError(
+                "training.transferDtype: exchange policy sparse sends each tensor's largest elements "
+                "with their indices and int8 quantises whole tensors: choose one (sparse values go in "
+                "fp32, bf16 or fp16)"
             )
         uses_wafer_data = any(site.data.synthetic or site.data.npz for site in self.sites)
         if uses_wafer_data and self.model.class_count != len(WAFER_CLASSES):

@@ -16,7 +16,11 @@ directions against the safetensors library.
 An int8 update stores each floating tensor as int8 values beside float32 absmax scales (one per row,
 one per column for a matrix taller than wide) under `<name>..int8_scale`: still plain safetensors.
 Its checksum covers the stored bytes (what a reader hashes as it reads them); the norm and finite
-checks of `check_update` are of the dequantised float32 values, the values that are folded.
+checks of `fedtrain.updates.check_update` are of the dequantised float32 values, the values folded.
+
+A sparse tensor (`SparseDelta`, exchange policy sparse) is stored as the flat indices of its sent
+elements (`<name>..sparse_index`, int32, strictly increasing) and their values in the transfer dtype
+(`<name>..sparse_values`): still plain safetensors, and never densified on either side.
 """
 
 from __future__ import annotations
@@ -82,13 +86,19 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _ELEMENT_SIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in SAFETENSORS_DTYPES.values()}
 
-_HASH_WORKERS = 4
+HASH_WORKERS = 4
 
 #: int8 updates: each floating tensor `name` is stored as int8 beside its float32 absmax scales, named
 #: `name + INT8_SCALE_SUFFIX`. The suffix holds an empty dotted component, which no torch parameter name
 #: can (module and parameter names can be neither empty nor dotted), so it never collides with one.
 INT8_SCALE_SUFFIX = "..int8_scale"
 INT8_LEVELS = 127
+#: Sparse tensors: `name + SPARSE_INDEX_SUFFIX` holds the flat indices of the elements sent (int32;
+#: int64 for a tensor of 2**31 elements or more), `name + SPARSE_VALUES_SUFFIX` their values.
+SPARSE_INDEX_SUFFIX = "..sparse_index"
+SPARSE_VALUES_SUFFIX = "..sparse_values"
+#: What the stored parts of one tensor append to its name: no torch parameter name holds "..".
+PART_SUFFIXES = (INT8_SCALE_SUFFIX, SPARSE_INDEX_SUFFIX, SPARSE_VALUES_SUFFIX)
 #: The dtype global models are sent to sites in, per transfer dtype: a model's weights are not
 #: quantised to int8 (an error of half a scale on every weight, every round, swamps the updates).
 MODEL_TRANSFER_DTYPES: dict[TransferDtype, TransferDtype] = {
@@ -159,6 +169,26 @@ class Payload:
 
 
 @dataclass(frozen=True)
+class SparseDelta:
+    """Some elements of a tensor of `shape`: their flat indices (int64, strictly increasing) and
+    values; every other element is zero."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, ...]
+
+    def dense(self) -> torch.Tensor:
+        """The whole tensor in float32 (for tests and small tensors: the aggregator never needs it)."""
+        flat = torch.zeros(math.prod(self.shape), dtype=torch.float32)
+        flat[self.index] = self.values.to(torch.float32)
+        return flat.reshape(self.shape)
+
+
+#: What an update maps each tensor name to: the whole delta, or its sent elements.
+UpdateTensor = torch.Tensor | SparseDelta
+
+
+@dataclass(frozen=True)
 class Signature:
     """The names and shapes an update must have: those of the global model it was trained from."""
 
@@ -179,12 +209,12 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
-def _digest_line(name: str, tensor: torch.Tensor) -> str:
+def digest_line(name: str, tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(_tensor_bytes(tensor)).hexdigest()
     return f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0{digest}\n"
 
 
-def _combine(lines: list[str]) -> str:
+def combine_digests(lines: list[str]) -> str:
     outer = hashlib.sha256()
     for line in lines:
         outer.update(line.encode())
@@ -193,19 +223,21 @@ def _combine(lines: list[str]) -> str:
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, sha256 of bytes) of every tensor, in name order."""
-    with ThreadPoolExecutor(_HASH_WORKERS) as pool:
-        return _combine(list(pool.map(lambda name: _digest_line(name, tensors[name]), sorted(tensors))))
+    with ThreadPoolExecutor(HASH_WORKERS) as pool:
+        return combine_digests(list(pool.map(lambda name: digest_line(name, tensors[name]), sorted(tensors))))
 
 
-def squared_norm(tensor: torch.Tensor) -> float:
+def squared_norm(tensor: UpdateTensor) -> float:
     """Squared L2 norm; finite for every finite tensor (fp32 overflows above about 1.8e19 per value)."""
+    if isinstance(tensor, SparseDelta):
+        tensor = tensor.values
     squared = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float32)) ** 2
     if not math.isfinite(squared) and bool(torch.isfinite(tensor).all()):
         squared = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64)) ** 2
     return squared
 
 
-def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+def l2_norm(tensors: Mapping[str, UpdateTensor]) -> float:
     return math.sqrt(sum(squared_norm(tensor) for tensor in tensors.values()))
 
 
@@ -262,12 +294,31 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
 _Stored = tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]
 
 
-def _stored_layout(tensors: Mapping[str, torch.Tensor], transfer_dtype: TransferDtype) -> dict[str, _Stored]:
+def sparse_index_dtype(numel: int) -> torch.dtype:
+    """The dtype of a sparse tensor's flat indices: int32 unless the tensor has 2**31 elements."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _sparse_layout(name: str, sparse: SparseDelta, dtype: torch.dtype) -> dict[str, _Stored]:
+    if dtype is torch.int8:
+        raise CodecError("dtype", f"sparse tensor {name}: sparse values go in fp32, bf16 or fp16, not int8")
+    count = (int(sparse.index.numel()),)
+    index = _cast(sparse.index, sparse_index_dtype(math.prod(sparse.shape)))
+    return {
+        name + SPARSE_INDEX_SUFFIX: (index.dtype, count, partial(_stored, index)),
+        name + SPARSE_VALUES_SUFFIX: (dtype, count, partial(_cast, sparse.values, dtype)),
+    }
+
+
+def _stored_layout(tensors: Mapping[str, UpdateTensor], transfer_dtype: TransferDtype) -> dict[str, _Stored]:
     """What is stored for each name: dtype, shape, and how to make it (cast on demand, one tensor at
     a time; int8 quantised up front), for tensors to be sent in `transfer_dtype`."""
     dtype = TORCH_DTYPES[transfer_dtype]
     layout: dict[str, _Stored] = {}
     for name, tensor in tensors.items():
+        if isinstance(tensor, SparseDelta):
+            layout |= _sparse_layout(name, tensor, dtype)
+            continue
         shape = tuple(tensor.shape)
         if not tensor.is_floating_point():
             layout[name] = (tensor.dtype, shape, partial(_cast, tensor, tensor.dtype))
@@ -287,7 +338,7 @@ def _stored_layout(tensors: Mapping[str, torch.Tensor], transfer_dtype: Transfer
 # encode
 
 
-def write_payload(out: BinaryIO, tensors: Mapping[str, torch.Tensor], meta: Metadata) -> Metadata:
+def write_payload(out: BinaryIO, tensors: Mapping[str, UpdateTensor], meta: Metadata) -> Metadata:
     """Write `tensors`, cast to `meta.transfer_dtype` (floating ones), as safetensors to `out`.
 
     Tensors are cast and written one at a time, so no copy of the whole payload is ever made.
@@ -297,8 +348,8 @@ def write_payload(out: BinaryIO, tensors: Mapping[str, torch.Tensor], meta: Meta
     """
     layout = _stored_layout(tensors, meta.transfer_dtype)
     names = sorted(layout)
-    with ThreadPoolExecutor(_HASH_WORKERS) as pool:
-        digest = _combine(list(pool.map(lambda name: _digest_line(name, layout[name][2]()), names)))
+    with ThreadPoolExecutor(HASH_WORKERS) as pool:
+        digest = combine_digests(list(pool.map(lambda name: digest_line(name, layout[name][2]()), names)))
     meta = meta.model_copy(update={"tensors_sha256": digest})
     header: dict[str, Any] = {"__metadata__": {METADATA_KEY: meta.model_dump_json()}}
     offset = 0
@@ -322,7 +373,7 @@ def write_payload(out: BinaryIO, tensors: Mapping[str, torch.Tensor], meta: Meta
     return meta
 
 
-def encode(tensors: Mapping[str, torch.Tensor], meta: Metadata) -> bytes:
+def encode(tensors: Mapping[str, UpdateTensor], meta: Metadata) -> bytes:
     """Serialise `tensors` cast to `meta.transfer_dtype` (floating tensors only), with checksum."""
     buffer = io.BytesIO()
     write_payload(buffer, tensors, meta)
@@ -344,7 +395,7 @@ class _HashingWriter(io.RawIOBase):
         return self._out.write(data)
 
 
-def encode_file(tensors: Mapping[str, torch.Tensor], meta: Metadata, path: Path) -> tuple[Metadata, str]:
+def encode_file(tensors: Mapping[str, UpdateTensor], meta: Metadata, path: Path) -> tuple[Metadata, str]:
     """Like `encode`, straight into a file, for models too large to hold twice in memory.
 
     Returns the metadata as written and the sha256 of the whole file.
@@ -633,109 +684,3 @@ def decode(source: bytes | Path, name: str = "payload", verify: bool = True) -> 
                 f"{actual[:12]}...): the object was corrupted or altered after it was written",
             )
     return Payload(tensors=tensors, meta=meta)
-
-
-def check_base_model(meta: Metadata, signature: Signature, name: str = "update") -> None:
-    """Refuse a site's payload (an update or an evaluation report) made from another base model."""
-    if meta.base_fingerprint != signature.base_fingerprint:
-        raise CodecError(
-            "base-model",
-            f"{name} was trained from a different base model (fingerprint {meta.base_fingerprint[:12]}..., "
-            f"expected {signature.base_fingerprint[:12]}...): check the site's model and pretrained source",
-        )
-
-
-def check_update_header(payload: Payload, signature: Signature, name: str = "update") -> None:
-    """What the header alone shows, checked before a tensor byte is read: the kind, the base model,
-    tensor names, shapes and dtypes against the global model's (so a rejection costs O(header)).
-    An int8 update holds exactly each tensor in int8 and its float32 scales (`int8_scale_shape`)."""
-    meta = payload.meta
-    if meta.kind is not PayloadKind.UPDATE:
-        raise CodecError("format", f"{name} is a {meta.kind.value}, not an update")
-    check_base_model(meta, signature, name)
-    int8 = meta.transfer_dtype is TransferDtype.INT8
-    names, expected = set(payload.tensors), set(signature.shapes)
-    stored = expected | {scale_name(n) for n in expected} if int8 else expected
-    if unknown := sorted(names - stored):
-        raise CodecError("names", f"{name} has unknown tensors: {', '.join(n[:80] for n in unknown[:5])}")
-    if missing := sorted(stored - names):
-        what = "int8 scales" if int8 and all(n.endswith(INT8_SCALE_SUFFIX) for n in missing) else "tensors"
-        raise CodecError("names", f"{name} is missing {what}: {', '.join(missing[:5])}")
-    expected_layout = {n: (signature.shapes[n], TORCH_DTYPES[meta.transfer_dtype]) for n in expected}
-    if int8:
-        expected_layout |= {
-            scale_name(n): (int8_scale_shape(signature.shapes[n]), torch.float32) for n in expected
-        }
-    shapes, dtypes = payload.shapes, payload.dtypes
-    for tensor_name in sorted(names):
-        shape, dtype = expected_layout[tensor_name]
-        if shapes[tensor_name] != shape:
-            raise CodecError(
-                "shape", f"{name}: tensor {tensor_name} has shape {shapes[tensor_name]}, expected {shape}"
-            )
-        if dtypes[tensor_name] != dtype:
-            declared = "float32 scales" if tensor_name not in expected else meta.transfer_dtype.value
-            raise CodecError(
-                "dtype",
-                f"{name}: tensor {tensor_name} is {dtypes[tensor_name]}, but the update declares {declared}",
-            )
-
-
-def _read_update_tensor(payload: Payload, tensor_name: str, name: str) -> tuple[torch.Tensor, list[str]]:
-    """A checked update tensor as it is folded (int8 dequantised to float32), and the digest lines of
-    what is stored for it."""
-    tensor = payload.tensors[tensor_name]  # names, shapes and dtypes were checked by the header
-    if payload.meta.transfer_dtype is not TransferDtype.INT8:
-        return tensor, [_digest_line(tensor_name, tensor)]
-    scales = payload.tensors[scale_name(tensor_name)]
-    if not math.isfinite(squared_norm(scales)):
-        raise CodecError(
-            "nonfinite", f"{name}: tensor {tensor_name} holds NaN or Inf values (its int8 scales)"
-        )
-    if bool((scales < 0).any()):
-        raise CodecError("scale", f"{name}: tensor {tensor_name} has negative int8 scales")
-    lines = [_digest_line(tensor_name, tensor), _digest_line(scale_name(tensor_name), scales)]
-    return dequantize_int8(tensor, scales), lines
-
-
-def check_update(
-    payload: Payload,
-    signature: Signature,
-    name: str = "update",
-    on_tensor: Callable[[str, torch.Tensor], None] | None = None,
-) -> float:
-    """Check an update against the global model it claims to extend; return its L2 norm.
-
-    Rejects unknown or missing tensor names, wrong shapes, a dtype other than the declared transfer
-    dtype, NaN or Inf, a different base model, and a checksum that does not match (so decode it
-    with verify=False). An int8 update's tensors are dequantised to float32 (its scales must be
-    finite and non-negative): the norm and the finite check are of the values folded; the checksum
-    is of the bytes stored. Each tensor is read once, in parallel threads, and handed to `on_tensor`
-    (from several threads, never twice for one name) as soon as it passes its own checks: a caller
-    that folds it at once must undo the fold if the whole update is then rejected.
-    """
-    check_update_header(payload, signature, name)
-    meta = payload.meta
-
-    def visit(tensor_name: str) -> tuple[list[str], float]:
-        tensor, lines = _read_update_tensor(payload, tensor_name, name)
-        squared = squared_norm(tensor)
-        if not math.isfinite(squared):
-            raise CodecError("nonfinite", f"{name}: tensor {tensor_name} holds NaN or Inf values")
-        if on_tensor is not None:
-            on_tensor(tensor_name, tensor)
-        return lines, squared
-
-    with ThreadPoolExecutor(_HASH_WORKERS) as pool:
-        results = list(pool.map(visit, sorted(signature.shapes)))
-    # Lines in the order of the stored names, as the writer hashed them.
-    digest = _combine(
-        sorted((line for lines, _ in results for line in lines), key=lambda line: line.split("\0", 1)[0])
-    )
-    if digest != meta.tensors_sha256:
-        raise CodecError(
-            "checksum",
-            f"{name}: checksum mismatch (metadata says {meta.tensors_sha256[:12]}..., tensors hash to "
-            f"{digest[:12]}...): the object was corrupted or altered after it was written",
-        )
-    return math.sqrt(sum(squared for _, squared in results))

@@ -88,7 +88,7 @@ def resolve_exchange(module: nn.Module, exchange: ExchangeSpec, local_only: bool
     trainable = sorted(name for name, param in module.named_parameters() if param.requires_grad)
     if local_only:
         return ExchangePlan((), tuple(trainable))
-    if exchange.policy is ExchangePolicy.ALL:
+    if not exchange.has_personal:  # all, and dynamic and sparse, which choose among all each round
         return ExchangePlan(tuple(trainable), ())
     matched = matching_layers(trainable, exchange.layers or [])
     if exchange.policy is ExchangePolicy.FIXED:

@@ -98,8 +98,21 @@ def test_defaults_are_sane_and_round_trip_as_camel_case() -> None:
             "takes no modules",
         ),
         (spec(exchange={"policy": "exclude"}), "exchange", "needs layers or modules"),
-        (spec(exchange={"layers": ["head.*"]}), "exchange", "policy all exchanges every trainable"),
-        (spec(exchange={"policy": "sparse"}), "exchange.policy", "'all', 'fixed' or 'exclude'"),
+        (spec(exchange={"layers": ["head.*"]}), "exchange", "policy all takes neither layers nor modules"),
+        (
+            spec(exchange={"policy": "topk"}),
+            "exchange.policy",
+            "'all', 'fixed', 'exclude', 'dynamic' or 'sparse'",
+        ),
+        (spec(exchange={"policy": "sparse"}), "exchange", "topK belongs to policy sparse"),
+        (spec(exchange={"policy": "dynamic"}), "exchange", "exactly one of topFraction and threshold"),
+        (spec(exchange={"policy": "sparse", "topK": 1.0}), "exchange.topK", "less than 1"),
+        (spec(exchange={"policy": "dynamic", "threshold": 0}), "exchange.threshold", "greater than 0"),
+        (
+            spec(exchange={"policy": "sparse", "topK": 0.1}, training={"transferDtype": "int8"}),
+            "training.transferDtype",
+            "choose one",
+        ),
         (spec(exchange={"policy": "exclude", "layers": ["head/x"]}), "exchange.layers.0", "pattern"),
         (spec(exchange={"policy": "exclude", "modules": ["nn.LayerNorm"]}), "exchange.modules.0", "pattern"),
         (

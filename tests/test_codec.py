@@ -30,7 +30,6 @@ from fedtrain.codec import (
     Metadata,
     PayloadKind,
     Signature,
-    check_update,
     decode,
     encode,
     encode_file,
@@ -38,6 +37,7 @@ from fedtrain.codec import (
     read_metadata,
     tensors_digest,
 )
+from fedtrain.updates import check_update
 
 BASE = "base-fingerprint-0123456789abcdef"
 SHAPES: dict[str, tuple[int, ...]] = {

@@ -733,7 +733,47 @@ CREATE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "exchange-all-layers",
         spec_change(lambda s: s.update(exchange={"layers": ["head.*"]})),
-        "policy all exchanges every trainable tensor",
+        "belong to policies fixed and exclude",
+    ),
+    (
+        "exchange-dynamic-bare",
+        spec_change(lambda s: s.update(exchange={"policy": "dynamic"})),
+        "policy dynamic takes exactly one of topFraction and threshold",
+    ),
+    (
+        "exchange-dynamic-both",
+        spec_change(lambda s: s.update(exchange={"policy": "dynamic", "topFraction": 0.5, "threshold": 0.1})),
+        "policy dynamic takes exactly one of topFraction and threshold",
+    ),
+    (
+        "exchange-top-fraction-on-all",
+        spec_change(lambda s: s.update(exchange={"topFraction": 0.5})),
+        "policy dynamic takes exactly one of topFraction and threshold",
+    ),
+    (
+        "exchange-sparse-bare",
+        spec_change(lambda s: s.update(exchange={"policy": "sparse"})),
+        "topK belongs to policy sparse",
+    ),
+    (
+        "exchange-top-k-on-dynamic",
+        spec_change(lambda s: s.update(exchange={"policy": "dynamic", "threshold": 0.1, "topK": 0.1})),
+        "topK belongs to policy sparse",
+    ),
+    (
+        "exchange-sparse-site-models",
+        spec_change(lambda s: s.update(exchange={"policy": "sparse", "topK": 0.1, "siteModels": True})),
+        "which only policies fixed and exclude keep",
+    ),
+    (
+        "exchange-sparse-int8",
+        spec_change(
+            lambda s: (
+                s.update(exchange={"policy": "sparse", "topK": 0.1}),
+                s.setdefault("training", {}).update(transferDtype="int8"),
+            )
+        ),
+        "exchange policy sparse sends each tensor's largest elements",
     ),
     (
         "site-models-without-personal-layers",

@@ -30,7 +30,6 @@ from fedtrain.codec import (
     Metadata,
     PayloadKind,
     Signature,
-    check_update,
     decode,
     dequantize_int8,
     encode,
@@ -43,6 +42,7 @@ from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.store import LocalStore
 from fedtrain.trainer.train import run_job
+from fedtrain.updates import check_update
 
 BASE = "0f" * 32
 LAYOUT = TrainingLayout(namespace="lab", name="wafers")

@@ -17,7 +17,7 @@ from torch import nn
 
 from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.api import FederatedTrainingSpec, SiteSpec
-from fedtrain.codec import PayloadKind, check_update, decode
+from fedtrain.codec import PayloadKind, decode
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.model import (
@@ -41,6 +41,7 @@ from fedtrain.trainer.train import (
     run_job,
     unpack_state,
 )
+from fedtrain.updates import check_update
 
 TINY_ARCHITECTURE = {"depth": 1, "embedDim": 32, "numHeads": 2}
 

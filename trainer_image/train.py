@@ -22,9 +22,20 @@ import torch
 from torch import nn
 
 from fedtrain.api import EvalMetrics, OptimizerName, Precision, PretrainedSource, ScheduleName
-from fedtrain.codec import CodecError, Metadata, Payload, PayloadKind, decode, encode, l2_norm
+from fedtrain.codec import (
+    TORCH_DTYPES,
+    CodecError,
+    Metadata,
+    Payload,
+    PayloadKind,
+    UpdateTensor,
+    decode,
+    encode,
+    l2_norm,
+)
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
+from fedtrain.model.selection import select_update
 from fedtrain.store import ObjectNotFound, read_url, write_url
 
 from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
@@ -34,6 +45,8 @@ log = logging.getLogger("fedtrain.trainer")
 
 #: Where a site's personal tensors live in its private state, beside the optimizer's `state.` tensors.
 PERSONAL_PREFIX = "personal."
+#: Where exchange policy sparse keeps what a site has not sent yet (error feedback).
+RESIDUAL_PREFIX = "residual."
 
 
 class IncompatibleModelError(RuntimeError):
@@ -380,7 +393,7 @@ class RoundOutcome:
 class LocalTraining:
     """The result of local training: the update, the site's next private state, the settings used."""
 
-    delta: dict[str, torch.Tensor]
+    delta: dict[str, UpdateTensor]
     state_tensors: dict[str, torch.Tensor]
     state_config: dict[str, Any]
     samples: int
@@ -471,12 +484,23 @@ def train_locally(
     )
     metrics.update(trained)
     after = model.exchanged_state()
+    received = {name: tensor.cpu() for name, tensor in before.items()}
+    selection = select_update(
+        spec.exchange,
+        {name: after[name].cpu() - received[name] for name in received},
+        received,
+        _carried_residual(inputs.private_state),
+        TORCH_DTYPES[spec.training.transfer_dtype],
+    )
+    metrics.update(selection.metrics)
     state_tensors, state_config = pack_state(optimizer, scheduler)
-    # Personal tensors never enter the update: they persist beside the optimizer state.
+    # Personal tensors never enter the update: they persist beside the optimizer state, and so does
+    # what policy sparse has not sent yet.
     state_tensors.update({PERSONAL_PREFIX + name: tensor for name, tensor in model.personal_state().items()})
+    state_tensors.update({RESIDUAL_PREFIX + name: tensor for name, tensor in selection.residual.items()})
     state_config["data_cursor"] = plan.end.to_config()
     return LocalTraining(
-        delta={name: after[name].cpu() - before[name].cpu() for name in before},
+        delta=selection.update,
         state_tensors=state_tensors,
         state_config=state_config,
         samples=len(data.train_images),
@@ -601,6 +625,17 @@ def _fetch_private_state(job: TrainerJob) -> Payload | None:
     except CodecError as error:
         log.warning("private state unreadable (%s): fresh optimizer, first pass over the data", error)
     return None
+
+
+def _carried_residual(payload: Payload | None) -> dict[str, torch.Tensor]:
+    """What exchange policy sparse did not send in the site's earlier rounds (none without a state)."""
+    if payload is None:
+        return {}
+    return {
+        name.removeprefix(RESIDUAL_PREFIX): tensor
+        for name, tensor in payload.tensors.items()
+        if name.startswith(RESIDUAL_PREFIX)
+    }
 
 
 def _restore_private_state(
