@@ -341,6 +341,27 @@ def test_site_models_are_published_by_opt_in_or_in_local_only_mode() -> None:
     assert not FederatedTrainingSpec.model_validate(spec()).keeps_personal
 
 
+@pytest.mark.parametrize(
+    ("exchange", "tensors", "elements"),
+    [
+        ({"policy": "dynamic", "topFraction": 0.25}, 2, 1000),
+        ({"policy": "dynamic", "topFraction": 0.01}, 1, 1000),
+        ({"policy": "dynamic", "threshold": 0.05}, None, 1000),
+        ({"policy": "sparse", "topK": 0.05}, None, 50),
+        ({"policy": "sparse", "topK": 0.0001}, None, 1),
+    ],
+)
+def test_dynamic_and_sparse_keep_nothing_personal_and_say_how_much_goes(
+    exchange: dict[str, Any], tensors: int | None, elements: int
+) -> None:
+    parsed = FederatedTrainingSpec.model_validate(spec(exchange=exchange))
+    assert not parsed.exchange.has_personal
+    assert not parsed.keeps_personal
+    assert FederatedTrainingSpec.parse(parsed.to_api()) == parsed
+    assert parsed.exchange.tensors_sent(8) == tensors
+    assert parsed.exchange.elements_sent(1000) == elements
+
+
 def test_the_default_exchange_is_everything_trainable() -> None:
     parsed = FederatedTrainingSpec.model_validate(spec())
     assert parsed.exchange.policy.value == "all"

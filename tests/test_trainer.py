@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 import yaml
 from safetensors.torch import save_file
 from torch import nn
 
 from fedtrain.aggregator.rounds import RoundAggregator
-from fedtrain.api import FederatedTrainingSpec, SiteSpec
+from fedtrain.api import ExchangeSpec, FederatedTrainingSpec, SiteSpec
 from fedtrain.codec import PayloadKind, decode
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
@@ -26,6 +27,7 @@ from fedtrain.model import (
     ModelError,
     auto_lora_rank,
     build_model,
+    resolve_exchange,
     resolve_rank,
 )
 from fedtrain.store import LocalStore
@@ -157,6 +159,41 @@ def test_fixed_exchanges_only_the_matching_tensors() -> None:
     ]
     assert "base_model.model.head.modules_to_save.default.weight" in model.personal_names()
     assert len(model.exchanged_names()) + len(model.personal_names()) == 18
+
+
+@pytest.mark.parametrize(
+    "exchange", [{"policy": "dynamic", "topFraction": 0.25}, {"policy": "sparse", "topK": 0.05}]
+)
+def test_dynamic_and_sparse_choose_among_every_trainable_tensor_and_keep_none(
+    exchange: dict[str, Any],
+) -> None:
+    model = exchange_model(exchange)
+    trainable = sorted(name for name, param in model.module.named_parameters() if param.requires_grad)
+    assert model.exchanged_names() == trainable
+    assert model.personal_names() == []
+
+
+def test_on_a_cnn_fedbn_keeps_every_batchnorm_and_fedper_the_classifier() -> None:
+    """A real timm ResNet (BatchNorm2d, classifier `fc`), fully trainable as FedBN needs."""
+    cnn = timm.create_model("resnet10t", pretrained=False, num_classes=9)
+    trainable = sorted(name for name, _ in cnn.named_parameters())
+    norms = sorted(
+        f"{prefix}.{name}"
+        for prefix, module in cnn.named_modules()
+        if isinstance(module, nn.BatchNorm2d)
+        for name, _ in module.named_parameters(recurse=False)
+    )
+    assert len(norms) >= 20
+    fedbn = resolve_exchange(cnn, ExchangeSpec(policy="exclude", modules=["BatchNorm2d"]))
+    assert list(fedbn.personal) == norms
+    assert set(fedbn.shared) == set(trainable) - set(norms)
+    assert {"fc.weight", "fc.bias", "conv1.0.weight"} <= set(fedbn.shared)
+    fedper = resolve_exchange(cnn, ExchangeSpec(policy="exclude", layers=["fc.*"]))
+    assert fedper.personal == ("fc.bias", "fc.weight")
+    both = resolve_exchange(cnn, ExchangeSpec(policy="exclude", layers=["fc.*"], modules=["BatchNorm2d"]))
+    assert set(both.personal) == {*norms, "fc.bias", "fc.weight"}
+    with pytest.raises(ExchangeError, match=r"spec.exchange.modules\[0\]: no LayerNorm module"):
+        resolve_exchange(cnn, ExchangeSpec(policy="exclude", modules=["LayerNorm"]))
 
 
 def test_a_global_model_of_shared_tensors_loads_and_personal_ones_restore() -> None:
