@@ -11,8 +11,11 @@ from typing import Any
 
 import boto3
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
+
+from fedtrain.codec import decode
 
 pytestmark = pytest.mark.e2e
 
@@ -138,9 +141,12 @@ def test_a_suspended_resource_runs_nothing_and_says_how_to_go_on(tmp_path: Path)
     assert not list(run_dir.glob("logs/*.log")), "no trainer process ran"
 
 
-def test_a_run_against_s3_keeps_every_object_in_the_bucket(tmp_path: Path, s3_endpoint: str) -> None:
+def test_a_run_against_s3_keeps_every_object_in_the_bucket_and_sends_the_most_drifted_tensors(
+    tmp_path: Path, s3_endpoint: str
+) -> None:
+    """Also exchange policy dynamic end to end: each site sends half of its tensors, the most drifted."""
     run_dir = tmp_path / "run"
-    document = training("on-s3", rounds=1, sites=2)
+    document = training("on-s3", rounds=1, sites=2, exchange={"policy": "dynamic", "topFraction": 0.5})
     result = fedtrain(
         "run",
         str(write(tmp_path, document)),
@@ -163,6 +169,20 @@ def test_a_run_against_s3_keeps_every_object_in_the_bucket(tmp_path: Path, s3_en
     assert f"{root}/history.jsonl" in keys
     assert not (run_dir / "store").exists(), "nothing goes to the local store when --store is S3"
     assert json.loads((run_dir / "status.json").read_text())["finalModelUri"].startswith("s3://fedtrain-e2e/")
+
+    def read(key: str) -> dict[str, torch.Tensor]:
+        return dict(decode(s3.get_object(Bucket="fedtrain-e2e", Key=f"{root}/{key}")["Body"].read()).tensors)
+
+    before, after = read("rounds/00000/global.safetensors"), read("rounds/00001/global.safetensors")
+    sent: set[str] = set()
+    for site in ("fab-a", "fab-b"):
+        update = read(f"rounds/00000/updates/{site}.safetensors")
+        assert len(update) == len(before) // 2, "topFraction 0.5: half of the tensors leave each site"
+        assert set(update) < set(before)
+        sent |= set(update)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed
+    assert changed <= sent, "a tensor no site sent keeps its global value"
 
 
 def test_the_example_files_are_valid() -> None:
