@@ -493,3 +493,58 @@ def test_two_sites_train_two_rounds_sparse_with_the_residual_in_the_private_stat
         for name, tensor in before.items():
             changed = set(torch.nonzero((after[name] != tensor).reshape(-1)).reshape(-1).tolist())
             assert changed <= sent_indices[name], name  # only elements some site sent move
+
+
+# --------------------------------------------------------------------------------------------------
+# memory
+
+
+def _peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # the kernel's high-water mark restarts from now
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def test_sparse_updates_are_folded_without_a_dense_copy_whatever_the_number_of_sites(tmp_path: Path) -> None:
+    """A 64 MB tensor and 12 sites sending 1 % of it: after the first update has set the round up
+    (the running sum), folding the other 11 raises the peak RSS by far less than one dense copy."""
+    shape = (4096, 4096)
+    dense_bytes = 4096 * 4096 * 4
+    exchange = {"policy": "sparse", "topK": 0.01}
+    sites = [f"site-{index:02d}" for index in range(12)]
+    spec = FederatedTrainingSpec.model_validate(
+        {
+            "model": {"numClasses": 9},
+            "exchange": exchange,
+            "sites": [{"name": site, "data": {"synthetic": {"samples": 400}}} for site in sites],
+        },
+        by_name=False,
+    )
+    store = LocalStore(tmp_path)
+    meta = Metadata(kind=PayloadKind.MODEL, training=LAYOUT.name, round=0, base_fingerprint=BASE)
+    store.put_bytes(LAYOUT.global_model(0), encode({"w": torch.zeros(shape)}, meta))
+    count = spec.exchange.elements_sent(4096 * 4096)
+    for index, site in enumerate(sites):
+        chosen = torch.arange(index, 4096 * 4096, 97)[:count]
+        update = {"w": SparseDelta(chosen, torch.full((count,), float(index + 1)), shape)}
+        store.put_bytes(LAYOUT.update(0, site), encode(update, _meta(site=site, samples=10)))
+    aggregator = RoundAggregator(store, LAYOUT, spec)
+    assert aggregator.submit(0, sites[0]).accepted
+    _peak_rss_reset()
+    before = _rss("VmRSS")
+    for site in sites[1:]:
+        verdict = aggregator.submit(0, site)
+        assert verdict.accepted, verdict.message
+    grew = _rss("VmHWM") - before
+    assert grew < dense_bytes / 4, f"folding 11 sparse updates raised the peak RSS by {grew / 1e6:.1f} MB"
+    aggregator.close(0, sites)
+    result = decode(store.get_bytes(LAYOUT.global_model(1))).tensors["w"].reshape(-1)
+    expected = np.zeros(4096 * 4096)
+    for index in range(len(sites)):  # equal weights: the mean of the values each site sent
+        expected[np.arange(index, 4096 * 4096, 97)[:count]] += (index + 1) / len(sites)
+    np.testing.assert_allclose(result.numpy(), expected, rtol=1e-6)
