@@ -1,14 +1,16 @@
 """The kopf operator end to end: a FederatedTraining on an emulated cluster, with real trainers,
 a real aggregator service and S3, through what only the operator does: events, metrics, Secrets and
-the bucket of a successful training, a restarted aggregator (in namespaced mode), deletion, an
-invalid spec, an aggregator that cannot start, and the chart's RBAC held against every request the
-operator sent. The scenarios both drivers share (failing, hanging and rejected sites, restarts,
-suspension) are the driver contract's, in test_contract.py."""
+the bucket of a successful training (FedPer: personal heads, site models), a restarted aggregator
+(in namespaced mode), deletion, an invalid spec (also one only the model refuses), an aggregator
+that cannot start, and the chart's RBAC held against every request the operator sent. The scenarios
+both drivers share (failing, hanging and rejected sites, restarts, suspension) are the driver
+contract's, in test_contract.py."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import threading
 import time
@@ -29,7 +31,9 @@ from safetensors.torch import load_file
 from test_resource_corpus import admitted_by_the_cluster, names_the_field
 
 from fedtrain.api import GROUP, PLURAL, VERSION
+from fedtrain.codec import decode
 from fedtrain.errors import TemporaryError
+from fedtrain.model import timm_name
 from fedtrain.operator import manifests
 from fedtrain.operator.kube import Kube, KubeForbiddenError, load_api_client
 
@@ -39,6 +43,8 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 #: The operator's own bearer token: the emulator records what it asked for under it.
 OPERATOR_TOKEN = "fedtrain-operator"
+#: FedPer: every LoRA matrix is exchanged, each site keeps its own head.
+FEDPER = {"policy": "exclude", "layers": ["head.*"], "siteModels": True}
 
 
 def chart_rbac(values: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
@@ -133,7 +139,8 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     ]
     recorder = StatusRecorder(cluster, "wafer")
     with PrometheusServer(tmp_path / "prometheus", targets) as prometheus:
-        cluster.api.apply(cluster.training("wafer", rounds=2, sites=3))
+        # FedPer: the heads stay at their sites, each site publishes its own merged model.
+        cluster.api.apply(cluster.training("wafer", rounds=2, sites=3, exchange=FEDPER))
         status = wait_for("the training to finish", lambda: cluster.finished("wafer"), timeout=420)
         check_scraped_metrics(prometheus)
     recorder.stop()
@@ -185,6 +192,8 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     history = store.get_bytes(layout.history()).decode().splitlines()
     assert len(history) == 3
 
+    check_personal_heads(cluster, status)
+
     # Finished: the aggregator is scaled to zero.
     deployment = cluster.api.apps.read_namespaced_deployment("wafer-aggregator", TRAINING_NAMESPACE)
     assert deployment.spec.replicas == 0
@@ -199,6 +208,39 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     assert {"Pending", "Running"} & states, recorder.seen
     assert "Trained" not in states, recorder.seen
     assert_within_chart_rbac(cluster, {})  # cluster-wide
+
+
+def check_personal_heads(cluster: Cluster, status: dict[str, Any]) -> None:
+    """What exchange FEDPER left in the bucket: no global model holds a head, each site's private state
+    holds its own, and each site published a merged model with that head (they differ by site)."""
+    store, layout = cluster.store("wafer")
+    for round_index in (0, 1, 2):
+        tensors = decode(store.get_bytes(layout.global_model(round_index))).tensors
+        names = {timm_name(name) for name in tensors}
+        assert any("lora_" in name for name in names), f"global model {round_index} shares the LoRA matrices"
+        assert not [name for name in names if name.startswith("head.")], (round_index, sorted(names))
+    sites = ["fab-a", "fab-b", "fab-c"]
+    assert sorted(status["siteModelUris"]) == sites
+    assert sorted(status["siteStates"]) == sites
+    initial_head = decode(store.get_bytes(layout.merged_model())).tensors["head.weight"]
+    heads: dict[str, torch.Tensor] = {}
+    for site in sites:
+        assert status["siteModelUris"][site] == store.uri(layout.site_merged_model(site))
+        committed = status["siteStates"][site]
+        key = layout.site_state(site, committed["round"], committed["attempt"])
+        personal = {
+            timm_name(name.removeprefix("personal.")): tensor
+            for name, tensor in decode(store.get_bytes(key)).tensors.items()
+            if name.startswith("personal.")
+        }
+        assert sorted(personal) == ["head.bias", "head.weight"], (site, sorted(personal))
+        merged = decode(store.get_bytes(layout.site_merged_model(site))).tensors
+        # The published model carries the head the site's last accepted round left in its state.
+        assert torch.equal(merged["head.weight"], personal["head.weight"]), site
+        assert not torch.equal(merged["head.weight"], initial_head), f"{site} trained its head"
+        heads[site] = merged["head.weight"]
+    for first, second in itertools.combinations(sites, 2):
+        assert not torch.equal(heads[first], heads[second]), f"{first} and {second} have one head"
 
 
 def check_scraped_metrics(prometheus: PrometheusServer) -> None:
