@@ -17,11 +17,6 @@ from pydantic import ValidationError
 
 from fedtrain.api import describe_errors
 from fedtrain.job import TrainerJob
-from fedtrain.model import ModelError
-from fedtrain.store import ObjectNotFound, StoreError
-
-from .data import DataError
-from .train import IncompatibleModelError, run_job
 
 EXIT_OTHER = 1
 EXIT_INVALID = 2
@@ -49,6 +44,19 @@ def main(
     except yaml.YAMLError as error:
         log.error("%s is not valid YAML: %s", config, error)
         raise typer.Exit(EXIT_INVALID) from None
+    _run(job)
+
+
+def _run(job: TrainerJob) -> None:
+    """Run a valid job, mapping its failures to exit codes. torch, timm and peft are imported here,
+    once the job file is known to be valid: a bad one is refused in a second, not after the imports."""
+    from fedtrain.model import ModelError
+    from fedtrain.store import ObjectNotFound, StoreError
+
+    from .data import DataError
+    from .train import IncompatibleModelError, run_job
+
+    log = logging.getLogger("fedtrain.trainer")
     try:
         run_job(job)
     except (IncompatibleModelError, ModelError) as error:
