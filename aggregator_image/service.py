@@ -557,8 +557,8 @@ class _Library:
                     headers={"Retry-After": str(int(error.delay) or 1)},
                 ) from error
             except ValueError as error:
-                # As the local runner treats it: a model the spec cannot build (ModelError), metadata
-                # that does not validate. The operator fails the training with the message.
+                # As the local runner treats it: metadata that does not validate (a ModelError, also a
+                # ValueError, was answered above). The operator fails the training with the message.
                 log.warning("%s: %s", what, error)
                 raise ApiError(409, "aggregation-failed", str(error)) from error
 

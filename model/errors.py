@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedtrain.errors import PermanentError
+from fedtrain.errors import INVALID_SPEC, PermanentError
 
 
 class ModelError(ValueError, PermanentError):
@@ -13,4 +13,4 @@ class ModelError(ValueError, PermanentError):
     """
 
     def __init__(self, message: str) -> None:
-        PermanentError.__init__(self, message, reason="InvalidSpec")
+        PermanentError.__init__(self, message, reason=INVALID_SPEC)
