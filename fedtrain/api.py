@@ -363,6 +363,11 @@ class ModelSpec(SpecModel):
 ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern="^[-A-Za-z0-9_.*]+$")]
 
 
+class LoraAggregation(ApiEnum):
+    NAIVE = "naive"
+    FROZEN_A = "frozenA"
+
+
 class LoraSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
@@ -393,6 +398,17 @@ class LoraSpec(SpecModel):
         description=(
             "Module names (or suffixes) to adapt; 'all-linear' adapts every Linear layer except the "
             "classifier head, which is always trained fully."
+        ),
+    )
+
+    aggregation: LoraAggregation = Field(
+        LoraAggregation.NAIVE,
+        description=(
+            "How LoRA adapters federate. naive: A and B are trained and averaged each on its own "
+            "(the mean of B times the mean of A is not the mean of the sites' B times A). frozenA "
+            "(FFA-LoRA, Sun et al. 2024): A stays at its seeded initialisation, the same at every site, "
+            "and only B (and the head) is trained and exchanged, so averaging B averages the sites' "
+            "weight changes exactly. Takes no effect under rank none."
         ),
     )
 
@@ -715,6 +731,16 @@ class TrainingSpec(SpecModel):
         Precision.AUTO, description="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16."
     )
     grad_clip_norm: float | None = Field(1.0, gt=0, le=1e6, description="Clip gradients to this L2 norm.")
+    proximal_mu: float = Field(
+        0.0,
+        ge=0,
+        le=1e4,
+        description=(
+            "FedProx (Li et al. 2020): mu/2 times the squared distance of the trainable tensors from "
+            "the global model the site received is added to each step's loss, pulling local training "
+            "back towards it on non-IID data. 0 (the default) is plain local training."
+        ),
+    )
     transfer_dtype: TransferDtype = Field(
         TransferDtype.FP32,
         description=(
@@ -757,6 +783,93 @@ class TrainingSpec(SpecModel):
 
 class StrategyName(ApiEnum):
     FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmedMean"
+    KRUM = "krum"
+    MULTI_KRUM = "multiKrum"
+
+
+#: Strategies that step a server optimizer with the round's mean update (Reddi et al. 2021).
+SERVER_OPTIMIZERS: Final = frozenset(
+    {StrategyName.FEDAVGM, StrategyName.FEDADAM, StrategyName.FEDYOGI, StrategyName.FEDADAGRAD}
+)
+KRUMS: Final = (StrategyName.KRUM, StrategyName.MULTI_KRUM)
+#: Strategies that need every update of a round at once (tensor by tensor from the store).
+ROBUST_STRATEGIES: Final = frozenset(
+    {StrategyName.MEDIAN, StrategyName.TRIMMED_MEAN, StrategyName.KRUM, StrategyName.MULTI_KRUM}
+)
+
+
+class ServerOptimizerSpec(SpecModel):
+    """The server optimizer's settings (Reddi et al., "Adaptive Federated Optimization", 2021)."""
+
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description=(
+            "Server learning rate eta: the next model is the current one plus eta times the step. "
+            "Default 1.0 for fedavgm, 0.1 for fedadam, fedyogi and fedadagrad."
+        ),
+    )
+    momentum: float = Field(
+        0.9, ge=0, lt=1, description="fedavgm: server momentum beta (m = beta m + mean update)."
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="fedadam, fedyogi, fedadagrad: first-moment decay.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam, fedyogi: second-moment decay.")
+    tau: float = Field(
+        1e-3,
+        gt=0,
+        le=10,
+        description="fedadam, fedyogi, fedadagrad: adaptivity tau (added to sqrt(v); v starts at tau^2).",
+    )
+
+
+class RobustSpec(SpecModel):
+    """Settings of the robust strategies, which look at every update of a round together."""
+
+    trim_fraction: float | None = Field(
+        None,
+        ge=0,
+        lt=0.5,
+        description=(
+            "trimmedMean: the share of sites dropped at each end of every coordinate before averaging "
+            "(floor(share x sites) per side; default 0.1)."
+        ),
+    )
+    byzantine: int | None = Field(
+        None,
+        ge=0,
+        le=127,
+        description=(
+            "krum, multiKrum: f, the number of faulty sites to tolerate; a round needs more than "
+            "2f + 2 accepted updates (aggregation.minSites must say so)."
+        ),
+    )
+    select: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="multiKrum: how many of the best-scored updates are averaged (default: sites - f).",
+    )
+
+    def check_fits(self, strategy: StrategyName) -> None:
+        """ValueError unless every setting given belongs to `strategy`."""
+        if strategy not in (StrategyName.TRIMMED_MEAN, *KRUMS):
+            raise ValueError(
+                f"robust configures trimmedMean, krum or multiKrum, not {strategy.value}: choose one "
+                "of them, or drop robust"
+            )
+        if self.trim_fraction is not None and strategy is not StrategyName.TRIMMED_MEAN:
+            raise ValueError("robust.trimFraction belongs to strategy trimmedMean: drop it")
+        if self.byzantine is not None and strategy not in KRUMS:
+            raise ValueError("robust.byzantine belongs to strategies krum and multiKrum: drop it")
+        if self.select is not None and strategy is not StrategyName.MULTI_KRUM:
+            raise ValueError("robust.select belongs to strategy multiKrum: drop it")
 
 
 class Weighting(ApiEnum):
@@ -766,7 +879,69 @@ class Weighting(ApiEnum):
 
 
 class AggregationSpec(SpecModel):
-    strategy: StrategyName = Field(StrategyName.FEDAVG, description="Aggregation strategy: fedavg.")
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "!has(self.server) || (has(self.strategy) && self.strategy in "
+                "['fedavgm', 'fedadam', 'fedyogi', 'fedadagrad'])",
+                "message": "server configures a server optimizer: choose strategy fedavgm, fedadam, "
+                "fedyogi or fedadagrad, or drop server",
+                "fieldPath": ".server",
+            },
+            {
+                "rule": "!has(self.robust) || (has(self.strategy) && self.strategy in "
+                "['trimmedMean', 'krum', 'multiKrum'])",
+                "message": "robust configures trimmedMean, krum or multiKrum: choose one of them, or "
+                "drop robust",
+                "fieldPath": ".robust",
+            },
+            {
+                "rule": "!has(self.robust) || !has(self.robust.trimFraction)"
+                " || (has(self.strategy) && self.strategy == 'trimmedMean')",
+                "message": "robust.trimFraction belongs to strategy trimmedMean: drop it",
+                "fieldPath": ".robust.trimFraction",
+            },
+            {
+                "rule": "!has(self.robust) || !has(self.robust.byzantine)"
+                " || (has(self.strategy) && self.strategy in ['krum', 'multiKrum'])",
+                "message": "robust.byzantine belongs to strategies krum and multiKrum: drop it",
+                "fieldPath": ".robust.byzantine",
+            },
+            {
+                "rule": "!has(self.robust) || !has(self.robust.select)"
+                " || (has(self.strategy) && self.strategy == 'multiKrum')",
+                "message": "robust.select belongs to strategy multiKrum: drop it",
+                "fieldPath": ".robust.select",
+            },
+            {
+                "rule": "!has(self.strategy) || !(self.strategy in ['krum', 'multiKrum'])"
+                " || (has(self.robust) && has(self.robust.byzantine)"
+                " && has(self.minSites) && self.minSites > 2 * self.robust.byzantine + 2)",
+                "message": "krum and multiKrum need robust.byzantine (f) and minSites above 2f + 2, so "
+                "that every round they run on has enough honest updates: set both",
+                "fieldPath": ".robust",
+            },
+        )
+    )
+
+    strategy: StrategyName = Field(
+        StrategyName.FEDAVG,
+        description=(
+            "How the sites' updates become the next model. fedavg: their weighted mean. fedavgm, "
+            "fedadam, fedyogi, fedadagrad: a server optimizer stepped with that mean (settings in "
+            "server; its state is kept in the store per round). median: the coordinate-wise median; "
+            "trimmedMean: the coordinate-wise mean without the robust.trimFraction largest and "
+            "smallest; krum: the update closest to its n - f - 2 nearest others; multiKrum: the mean "
+            "of the robust.select best by that score (robust.byzantine is f). The robust ones are "
+            "unweighted and read every update of a round again, tensor by tensor, when it closes."
+        ),
+    )
+    server: ServerOptimizerSpec | None = Field(
+        None, description="Server optimizer settings (fedavgm, fedadam, fedyogi, fedadagrad only)."
+    )
+    robust: RobustSpec | None = Field(
+        None, description="Robust aggregation settings (trimmedMean, krum, multiKrum only)."
+    )
     weighting: Weighting = Field(
         Weighting.SAMPLES,
         description="samples (by training samples), uniform, or explicit (each site's weight).",
@@ -801,6 +976,34 @@ class AggregationSpec(SpecModel):
     max_update_norm: float | None = Field(
         None, gt=0, le=1e12, description="Reject updates whose L2 norm exceeds this bound."
     )
+
+    @model_validator(mode="after")
+    def _settings_fit_strategy(self) -> AggregationSpec:
+        strategy = self.strategy
+        if self.server is not None and strategy not in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"server configures a server optimizer, and strategy {strategy.value} has none: choose "
+                "strategy fedavgm, fedadam, fedyogi or fedadagrad, or drop server"
+            )
+        if self.robust is not None:
+            self.robust.check_fits(strategy)
+        if strategy in KRUMS:
+            f = self.robust.byzantine if self.robust is not None else None
+            if f is None or self.min_sites <= 2 * f + 2:
+                raise ValueError(
+                    "krum and multiKrum need robust.byzantine (f) and minSites above 2f + 2, so that "
+                    f"every round they run on has enough honest updates (minSites is {self.min_sites}, "
+                    f"f is {f}): set both"
+                )
+        return self
+
+    @property
+    def server_optimizer(self) -> ServerOptimizerSpec:
+        return self.server or ServerOptimizerSpec()
+
+    @property
+    def robust_settings(self) -> RobustSpec:
+        return self.robust or RobustSpec()
 
     def sites_per_round(self, site_count: int) -> int:
         return min(site_count, max(self.min_sites, math.ceil(self.site_fraction * site_count)))
