@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from fedtrain.codec import (
     UpdateTensor,
     decode,
     decode_header,
+    encode,
     encode_file,
     header_length,
     parse_json,
@@ -117,7 +118,7 @@ class RoundAggregator:
         self.max_site_samples = max_site_samples
         self.layout = layout
         self.spec = spec
-        self.strategy = make_strategy(spec.aggregation.strategy)
+        self.strategy = make_strategy(spec.aggregation.strategy, spec.aggregation)
         self._pretrained_weights = pretrained_weights
         self._open: dict[int, _OpenRound] = {}
         self._manifests: dict[int, RoundManifest] = {}  # closed rounds as read or written
@@ -524,6 +525,8 @@ class RoundAggregator:
             training=self.layout.name,
             round=round_index,
             strategy=self.strategy.name.value,
+            strategy_parameters=self.strategy.parameters(),
+            server_state_key=self.layout.server_state(round_index) if self.strategy.keeps_state else None,
             weighting=self.spec.aggregation.weighting.value,
             participants=_manifest_participants(open_round, folded),
             rejected=_manifest_rejections(open_round, rejected or []),
@@ -578,10 +581,14 @@ class RoundAggregator:
     def _write_next_model(self, round_index: int, open_round: _OpenRound, meta: Metadata) -> str:
         """Apply the aggregate to the global model and upload the result; returns its file sha256."""
         with self._exact_model(round_index, verify=False) as (current, _):
+            state: dict[str, torch.Tensor] = {}
             if open_round.weights:
-                next_tensors = self.strategy.apply(current.tensors, open_round.accumulator.result())
+                next_tensors, state = self.strategy.step(
+                    current.tensors, open_round.accumulator.result(), self._server_state(round_index - 1)
+                )
             else:  # every participant was left out: the round changes nothing
                 next_tensors = dict(current.tensors)
+                state = dict(self._server_state(round_index - 1))
             # A finite sum of squares means every value is finite (a norm is cheaper than isfinite).
             broken = sorted(name for name, t in next_tensors.items() if not math.isfinite(squared_norm(t)))
             if broken:
@@ -591,11 +598,30 @@ class RoundAggregator:
                     "set aggregation.maxUpdateNorm to reject runaway updates"
                 )
             written, file_sha256 = self._put_model(next_tensors, meta, round_index + 1)
+            if self.strategy.keeps_state:  # before the manifest: a closed round has its state
+                state_meta = Metadata(kind=PayloadKind.STATE, training=self.layout.name, round=round_index)
+                self.store.put_bytes(self.layout.server_state(round_index), encode(state, state_meta))
             shapes = {name: tuple(tensor.shape) for name, tensor in next_tensors.items()}
-            del next_tensors
+            del next_tensors, state
         # The next round starts from this model: its signature is known without reading it back.
         self._signatures = {round_index + 1: (Signature(shapes, written.base_fingerprint), written)}
         return file_sha256
+
+    def _server_state(self, round_index: int) -> Mapping[str, torch.Tensor]:
+        """The strategy's state after round `round_index` (none before round 0, or for a strategy
+        that keeps none). A missing state after a closed round starts the optimizer afresh, loudly."""
+        if round_index < 0 or not self.strategy.keeps_state:
+            return {}
+        try:
+            payload = decode(self.store.get_bytes(self.layout.server_state(round_index)), "server state")
+        except ObjectNotFound:
+            log.warning("round %d: no server optimizer state in the store: it starts afresh", round_index)
+            return {}
+        except CodecError as error:  # written only by the aggregator: a broken one is not a site's doing
+            raise AggregationError(
+                f"round {round_index}: the server optimizer state is corrupt: {error}"
+            ) from None
+        return payload.tensors
 
     # ---------------------------------------------------------------------------------------------
     # the final model

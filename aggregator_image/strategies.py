@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedtrain.api import StrategyName, Weighting
+from fedtrain.api import AggregationSpec, StrategyName, Weighting
 from fedtrain.codec import SparseDelta, UpdateTensor
 
 
@@ -109,6 +109,25 @@ class Strategy(ABC):
     ) -> dict[str, torch.Tensor]:
         """The next global model from the current one and the aggregate delta (which it may reuse)."""
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the strategy carries state from round to round (a server optimizer's moments)."""
+        return False
+
+    def parameters(self) -> dict[str, float]:
+        """The settings the strategy runs with, as the round manifest records them."""
+        return {}
+
+    def step(
+        self,
+        global_tensors: Mapping[str, torch.Tensor],
+        aggregate: dict[str, torch.Tensor],
+        state: Mapping[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The next global model and the strategy's next state, from its state after the previous
+        round (empty in the first). A pure function of its inputs: a repeated close gives the same."""
+        return self.apply(global_tensors, aggregate), {}
+
 
 class FedAvg(Strategy):
     """McMahan et al. 2017: the next model is the weighted mean of the sites' models."""
@@ -126,8 +145,13 @@ class FedAvg(Strategy):
         return aggregate
 
 
-STRATEGIES: dict[StrategyName, type[Strategy]] = {StrategyName.FEDAVG: FedAvg}
+def make_strategy(name: StrategyName, aggregation: AggregationSpec | None = None) -> Strategy:
+    """The strategy `name` with the settings of `aggregation` (the defaults without it)."""
+    from .server_optimizers import SERVER_OPTIMIZERS  # they build on this module
 
-
-def make_strategy(name: StrategyName) -> Strategy:
-    return STRATEGIES[name]()
+    settings = aggregation or AggregationSpec(strategy=name)
+    if name is StrategyName.FEDAVG:
+        return FedAvg()
+    if name in SERVER_OPTIMIZERS:
+        return SERVER_OPTIMIZERS[name](settings.server_optimizer)
+    raise ValueError(f"aggregation.strategy {name.value} is not built into this aggregator")

@@ -37,6 +37,11 @@ class TrainingLayout:
         object is refused at the close, also by a restarted aggregator."""
         return f"{self.round_dir(round_index)}/accepted-updates.json"
 
+    def server_state(self, round_index: int) -> str:
+        """A server optimizer's state (its moments) after round `round_index` closed, written before
+        the round's manifest; the close of the next round starts from it."""
+        return f"{self.round_dir(round_index)}/server-state.safetensors"
+
     def update(self, round_index: int, site: str) -> str:
         """A site's update of a round: the delta of the exchanged tensors and its metadata."""
         return f"{self.round_dir(round_index)}/updates/{site}.safetensors"

@@ -54,6 +54,14 @@ class RoundManifest(Message):
     training: str
     round: int
     strategy: str
+    #: The strategy's settings as used (a server optimizer's learning rate and decays, f for krum).
+    strategy_parameters: dict[str, float] = Field(default_factory=dict)
+    #: A server optimizer's state after this round (its moments), written before this manifest.
+    server_state_key: str | None = None
+    #: Robust strategies: participants whose update the aggregate left out (krum, multiKrum), and for
+    #: trimmedMean the share of coordinates at which each participant's value was trimmed.
+    not_selected: list[str] = Field(default_factory=list)
+    trimmed_share: dict[str, float] = Field(default_factory=dict)
     weighting: str
     participants: list[Participant]
     rejected: list[RejectedUpdate] = Field(default_factory=list)
