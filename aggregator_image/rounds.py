@@ -14,7 +14,7 @@ import math
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
 from fedtrain.store import ObjectNotFound, ObjectStore
 from fedtrain.updates import check_base_model, check_update, check_update_header
 
+from .robust_strategies import RobustOutcome, RobustStrategy
+from .stored_round import StoredRound
 from .strategies import Accumulator, make_strategy, site_weight
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class _OpenRound:
     # Part of a rejected update is in the sum: it is rebuilt once, when the round closes, so a
     # rejection costs the reading of one update, never the re-reading of every accepted one.
     tainted: bool = False
+    # A robust strategy's result: who its aggregate left out (set when the round closes).
+    outcome: RobustOutcome | None = None
 
 
 class RoundAggregator:
@@ -512,7 +516,6 @@ class RoundAggregator:
         if not participants:
             raise AggregationError(f"round {round_index} has no accepted update to aggregate")
         open_round = self._sum_of(round_index, participants)
-        folded = [site for site in participants if site in open_round.weights]
         meta = self._next_model_meta(round_index)
         model_key = self.layout.global_model(round_index + 1)
         try:
@@ -521,11 +524,15 @@ class RoundAggregator:
             # The sum was turned into the next model in place: whatever happened, a retry must
             # rebuild it from the updates in the store.
             del self._open[round_index]
+        # After the model: a robust strategy may leave out an update replaced since it was accepted.
+        folded = [site for site in participants if site in open_round.weights]
         manifest = RoundManifest(
             training=self.layout.name,
             round=round_index,
             strategy=self.strategy.name.value,
             strategy_parameters=self.strategy.parameters(),
+            not_selected=open_round.outcome.not_selected if open_round.outcome else [],
+            trimmed_share=open_round.outcome.trimmed_share if open_round.outcome else {},
             server_state_key=self.layout.server_state(round_index) if self.strategy.keeps_state else None,
             weighting=self.spec.aggregation.weighting.value,
             participants=_manifest_participants(open_round, folded),
@@ -582,9 +589,10 @@ class RoundAggregator:
         """Apply the aggregate to the global model and upload the result; returns its file sha256."""
         with self._exact_model(round_index, verify=False) as (current, _):
             state: dict[str, torch.Tensor] = {}
+            aggregate = self._aggregate(round_index, open_round)
             if open_round.weights:
                 next_tensors, state = self.strategy.step(
-                    current.tensors, open_round.accumulator.result(), self._server_state(round_index - 1)
+                    current.tensors, aggregate, self._server_state(round_index - 1)
                 )
             else:  # every participant was left out: the round changes nothing
                 next_tensors = dict(current.tensors)
@@ -606,6 +614,36 @@ class RoundAggregator:
         # The next round starts from this model: its signature is known without reading it back.
         self._signatures = {round_index + 1: (Signature(shapes, written.base_fingerprint), written)}
         return file_sha256
+
+    def _aggregate(self, round_index: int, open_round: _OpenRound) -> dict[str, torch.Tensor]:
+        """The round's aggregate delta: the folded sum, or the stored updates combined again."""
+        if not isinstance(self.strategy, RobustStrategy):
+            return open_round.accumulator.result() if open_round.weights else {}
+        while open_round.weights:
+            sites = sorted(open_round.weights)
+            with ExitStack() as opened:
+                payloads = {
+                    site: opened.enter_context(self._opened(self.layout.update(round_index, site), False))[0]
+                    for site in sites
+                }
+                changed = {s for s in sites if payloads[s].meta.tensors_sha256 != open_round.pins.get(s)}
+                stored = StoredRound(
+                    {s: p for s, p in payloads.items() if s not in changed}, self.signature(round_index)
+                )
+                outcome = (
+                    self.strategy.combine(stored, sorted(self.signature(round_index).shapes))
+                    if len(changed) < len(sites)
+                    else RobustOutcome({})
+                )
+                changed |= set(stored.replaced())
+            if not changed:
+                open_round.outcome = outcome
+                return outcome.delta
+            for site in sorted(changed):  # replaced in the store since it was accepted: left out
+                message = f"{self.layout.update(round_index, site)} was replaced after it was accepted"
+                open_round.verdicts[site] = self._reject(round_index, site, "replaced", message)
+                del open_round.weights[site]
+        return {}
 
     def _server_state(self, round_index: int) -> Mapping[str, torch.Tensor]:
         """The strategy's state after round `round_index` (none before round 0, or for a strategy

@@ -147,11 +147,14 @@ class FedAvg(Strategy):
 
 def make_strategy(name: StrategyName, aggregation: AggregationSpec | None = None) -> Strategy:
     """The strategy `name` with the settings of `aggregation` (the defaults without it)."""
-    from .server_optimizers import SERVER_OPTIMIZERS  # they build on this module
+    from .robust_strategies import ROBUST_STRATEGIES  # they build on this module
+    from .server_optimizers import SERVER_OPTIMIZERS
 
     settings = aggregation or AggregationSpec(strategy=name)
     if name is StrategyName.FEDAVG:
         return FedAvg()
     if name in SERVER_OPTIMIZERS:
         return SERVER_OPTIMIZERS[name](settings.server_optimizer)
+    if name in ROBUST_STRATEGIES:
+        return ROBUST_STRATEGIES[name](settings.robust_settings)
     raise ValueError(f"aggregation.strategy {name.value} is not built into this aggregator")

@@ -194,7 +194,7 @@ def _read_sparse(
     return SparseDelta(flat, values.to(torch.float32), shape), lines
 
 
-def _read_update_tensor(
+def read_update_tensor(
     payload: Payload, signature: Signature, tensor_name: str, name: str
 ) -> tuple[UpdateTensor, list[str]]:
     """A checked update tensor as it is folded (int8 dequantised to float32, sparse as indices and
@@ -236,7 +236,7 @@ def check_update(
     meta = payload.meta
 
     def visit(tensor_name: str) -> tuple[list[str], float]:
-        tensor, lines = _read_update_tensor(payload, signature, tensor_name, name)
+        tensor, lines = read_update_tensor(payload, signature, tensor_name, name)
         squared = squared_norm(tensor)
         if not math.isfinite(squared):
             raise CodecError("nonfinite", f"{name}: tensor {tensor_name} holds NaN or Inf values")

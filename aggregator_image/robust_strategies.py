@@ -1,0 +1,227 @@
+"""Robust strategies (median, trimmedMean, krum, multiKrum): every accepted update of a round, at once.
+
+They cannot be folded as updates arrive: a median needs all values of a coordinate. While a round is
+open each update is only checked (`check_update`: names, shapes, dtypes, finite values, norm bound,
+checksum); when it closes, `combine` reads the participants' updates again, one tensor at a time
+(`StoredUpdates.stack`: an N x tensor stack, int8 dequantised, sparse made dense for that tensor
+only), so peak memory is N times the largest tensor plus the model being written, never N models.
+Krum reads every update twice: once for the pairwise distances, once to average the chosen ones.
+
+Robust strategies are unweighted: a site's sample count must not buy it influence over a median.
+Under exchange policy dynamic a tensor is combined over the sites that sent it (krum's distances
+count a tensor a site did not send as a zero change). The manifest names the sites krum left out
+and, for trimmedMean, the share of each site's values that were trimmed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from fedtrain.api import RobustSpec, StrategyName
+
+from .robust import (
+    PairwiseDistances,
+    coordinate_median,
+    krum_select,
+    trim_count,
+    trimmed_mean,
+    unweighted_mean,
+)
+from .strategies import Accumulator, Strategy, _check_weight
+
+DEFAULT_TRIM_FRACTION = 0.1
+
+
+class StoredUpdates(Protocol):
+    """A round's accepted updates in the store, read one tensor at a time."""
+
+    @property
+    def sites(self) -> list[str]: ...
+
+    def stack(self, name: str) -> tuple[list[str], torch.Tensor]:
+        """The sites that sent tensor `name` and their changes of it, stacked (N, *shape), fp32."""
+        ...
+
+
+@dataclass
+class RobustOutcome:
+    """The aggregate delta and who was left out of it."""
+
+    delta: dict[str, torch.Tensor]
+    not_selected: list[str] = field(default_factory=list)
+    trimmed_share: dict[str, float] = field(default_factory=dict)
+
+
+class CheckedOnly(Accumulator):
+    """Records which updates were accepted; the tensors are combined from the store at close."""
+
+    def __init__(self) -> None:
+        self.updates = 0
+
+    def add_tensor(self, name: str, tensor: object, weight: float) -> None:
+        """Nothing to fold: the update was checked, and is read again when the round closes."""
+
+    def count(self, weight: float) -> None:
+        _check_weight(weight)
+        self.updates += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        raise ValueError("a robust strategy combines the stored updates: call combine")
+
+
+class RobustStrategy(Strategy):
+    """Base of the strategies that combine a round's stored updates when it closes."""
+
+    reads_stored_updates = True
+
+    def __init__(self, settings: RobustSpec) -> None:
+        self.settings = settings
+
+    def accumulator(self, shapes: Mapping[str, tuple[int, ...]]) -> Accumulator:
+        return CheckedOnly()
+
+    def apply(
+        self, global_tensors: Mapping[str, torch.Tensor], aggregate: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        for name, delta in aggregate.items():
+            delta.add_(global_tensors[name])
+        return aggregate
+
+    def combine(self, updates: StoredUpdates, names: list[str]) -> RobustOutcome:
+        """The round's aggregate delta of every tensor in `names`."""
+        raise NotImplementedError
+
+
+class CoordinateWise(RobustStrategy):
+    """A reduction of each coordinate over the sites that sent the tensor."""
+
+    def reduce(self, stack: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reduced(self, stack: torch.Tensor) -> torch.Tensor:
+        """The reduction, or zeros where no site sent the tensor (it keeps its global value)."""
+        return self.reduce(stack) if stack.shape[0] else torch.zeros(stack.shape[1:])
+
+    def combine(self, updates: StoredUpdates, names: list[str]) -> RobustOutcome:
+        return RobustOutcome({name: self.reduced(updates.stack(name)[1]) for name in names})
+
+
+class Median(CoordinateWise):
+    """Coordinate-wise median (Yin et al. 2018); the mean of the middle two for an even count."""
+
+    name = StrategyName.MEDIAN
+
+    def reduce(self, stack: torch.Tensor) -> torch.Tensor:
+        return coordinate_median(stack)
+
+
+class TrimmedMean(CoordinateWise):
+    """Coordinate-wise mean without the floor(beta x N) largest and smallest values (Yin et al. 2018)."""
+
+    name = StrategyName.TRIMMED_MEAN
+
+    @property
+    def trim_fraction(self) -> float:
+        fraction = self.settings.trim_fraction
+        return DEFAULT_TRIM_FRACTION if fraction is None else fraction
+
+    def parameters(self) -> dict[str, float]:
+        return {"trimFraction": self.trim_fraction}
+
+    def reduce(self, stack: torch.Tensor) -> torch.Tensor:
+        return trimmed_mean(stack, self.trim_fraction)
+
+    def combine(self, updates: StoredUpdates, names: list[str]) -> RobustOutcome:
+        trimmed = dict.fromkeys(updates.sites, 0)
+        seen = dict.fromkeys(updates.sites, 0)
+        delta: dict[str, torch.Tensor] = {}
+        for name in names:
+            senders, stack = updates.stack(name)
+            delta[name] = self.reduced(stack)
+            if senders:
+                _count_trimmed(senders, stack, trim_count(len(senders), self.trim_fraction), trimmed, seen)
+        share = {site: trimmed[site] / seen[site] for site in updates.sites if seen[site]}
+        return RobustOutcome(delta, trimmed_share=share)
+
+
+def _count_trimmed(
+    senders: list[str], stack: torch.Tensor, cut: int, trimmed: dict[str, int], seen: dict[str, int]
+) -> None:
+    """Add, per site, how many of its values fell among the `cut` smallest or largest of a coordinate."""
+    flat = stack.reshape(len(senders), -1)
+    for site in senders:
+        seen[site] += flat.shape[1]
+    if cut == 0:
+        return
+    ranks = flat.argsort(dim=0, stable=True).argsort(dim=0, stable=True)
+    outside = (ranks < cut) | (ranks >= len(senders) - cut)
+    for index, site in enumerate(senders):
+        trimmed[site] += int(outside[index].sum())
+
+
+class Krum(RobustStrategy):
+    """Krum (Blanchard et al. 2017): the update closest to its n - f - 2 nearest others; multiKrum
+    averages the `select` best-scored ones."""
+
+    name = StrategyName.KRUM
+
+    @property
+    def byzantine(self) -> int:
+        if self.settings.byzantine is None:
+            raise ValueError("krum needs aggregation.robust.byzantine")
+        return self.settings.byzantine
+
+    def select_count(self, sites: int) -> int:
+        return 1
+
+    def parameters(self) -> dict[str, float]:
+        return {"byzantine": float(self.byzantine)}
+
+    def combine(self, updates: StoredUpdates, names: list[str]) -> RobustOutcome:
+        sites = updates.sites
+        distances = PairwiseDistances(len(sites))
+        for name in names:
+            distances.add(_with_zeros(updates, name, sites))
+        chosen = [
+            sites[i] for i in krum_select(distances.matrix, self.byzantine, self.select_count(len(sites)))
+        ]
+        delta: dict[str, torch.Tensor] = {}
+        for name in names:
+            senders, stack = updates.stack(name)
+            rows = [index for index, site in enumerate(senders) if site in chosen]
+            delta[name] = unweighted_mean(stack[rows]) if rows else torch.zeros(stack.shape[1:])
+        return RobustOutcome(delta, not_selected=[site for site in sites if site not in chosen])
+
+
+class MultiKrum(Krum):
+    name = StrategyName.MULTI_KRUM
+
+    def select_count(self, sites: int) -> int:
+        return self.settings.select if self.settings.select is not None else sites - self.byzantine
+
+    def parameters(self) -> dict[str, float]:
+        chosen = {} if self.settings.select is None else {"select": float(self.settings.select)}
+        return super().parameters() | chosen
+
+
+def _with_zeros(updates: StoredUpdates, name: str, sites: list[str]) -> torch.Tensor:
+    """Tensor `name`'s changes of every site, zeros for a site that did not send it."""
+    senders, stack = updates.stack(name)
+    if senders == sites:
+        return stack
+    full = torch.zeros((len(sites), *stack.shape[1:]), dtype=stack.dtype)
+    for row, site in enumerate(senders):
+        full[sites.index(site)] = stack[row]
+    return full
+
+
+ROBUST_STRATEGIES: dict[StrategyName, Callable[[RobustSpec], RobustStrategy]] = {
+    StrategyName.MEDIAN: Median,
+    StrategyName.TRIMMED_MEAN: TrimmedMean,
+    StrategyName.KRUM: Krum,
+    StrategyName.MULTI_KRUM: MultiKrum,
+}
