@@ -1692,6 +1692,14 @@ class RoundRecord(ApiModel):
         default_factory=dict, description="Update bytes each site uploaded (sites that uploaded one)."
     )
     model_uri: str | None = Field(None, description="Global model this round produced.")
+    left_out: list[str] = Field(
+        default_factory=list,
+        description="Participants whose accepted update the robust strategy left out (krum, multiKrum).",
+    )
+    trimmed_share: dict[str, float] = Field(
+        default_factory=dict,
+        description="trimmedMean: the share of each participant's values that were trimmed away.",
+    )
 
     @property
     def duration_seconds(self) -> float:

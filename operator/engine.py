@@ -725,6 +725,8 @@ def _record_training_round(
 ) -> None:
     evaluated_model = status.global_model_uri  # the model this round's sites scored before training
     record = _record(status, now, kind="train", model_uri=manifest.model_uri)
+    record.left_out = list(manifest.not_selected)
+    record.trimmed_share = dict(manifest.trimmed_share)
     _remember(status, record, decision)
     if record.evaluation is not None:
         _track_best(spec, status, status.round, evaluated_model, record.evaluation)

@@ -176,7 +176,29 @@ class OperatorMetrics:
             site,
             registry=r,
         )
-        return (self.site_jobs, self.stragglers, self.rejected, self.round_bytes, self.site_round_bytes)
+        # Robust strategies: what the aggregate made of each site's update in the last closed round.
+        self.site_left_out = Gauge(
+            "fedtrain_site_round_left_out",
+            "1 if krum or multiKrum left the site's accepted update out of the last closed round's "
+            "aggregate, else 0.",
+            site,
+            registry=r,
+        )
+        self.site_trimmed_share = Gauge(
+            "fedtrain_site_round_trimmed_share",
+            "trimmedMean: the share of the site's update values trimmed away in the last closed round.",
+            site,
+            registry=r,
+        )
+        return (
+            self.site_jobs,
+            self.stragglers,
+            self.rejected,
+            self.round_bytes,
+            self.site_round_bytes,
+            self.site_left_out,
+            self.site_trimmed_share,
+        )
 
     def _declare_evaluation(self) -> tuple[Gauge, ...]:
         """How the global model does on the validation data: of all sites, and of each site."""
@@ -328,6 +350,10 @@ class OperatorMetrics:
         if record.kind == "train":
             for site in _round_sites(record):
                 self.site_round_bytes.labels(**labels, site=site).set(record.site_bytes.get(site, 0))
+            for site in record.participants:
+                self.site_left_out.labels(**labels, site=site).set(1 if site in record.left_out else 0)
+                if site in record.trimmed_share:
+                    self.site_trimmed_share.labels(**labels, site=site).set(record.trimmed_share[site])
         if record.evaluation is not None:
             self.accuracy.labels(**labels).set(record.evaluation.accuracy)
             self.loss.labels(**labels).set(record.evaluation.loss)

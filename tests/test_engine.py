@@ -668,7 +668,7 @@ def test_round_closes_records_the_weighted_evaluation_and_starts_the_next() -> N
 
     world.manifest = manifest(
         0, ["site-0", "site-1"], [RejectedUpdate(site="site-2", reason="norm: too large")]
-    )
+    ).model_copy(update={"not_selected": ["site-1"], "trimmed_share": {"site-0": 0.1, "site-1": 0.9}})
     closed_at = T0 + seconds(90)
     world.now = closed_at
     decision = world.step()
@@ -678,6 +678,8 @@ def test_round_closes_records_the_weighted_evaluation_and_starts_the_next() -> N
     assert (record.round, record.kind, record.started_at, record.closed_at) == (0, "train", T0, closed_at)
     assert record.participants == ["site-0", "site-1"]
     assert record.rejected == [RejectedUpdate(site="site-2", reason="norm: too large")]
+    # What a robust strategy made of the updates, as the manifest says.
+    assert (record.left_out, record.trimmed_share) == (["site-1"], {"site-0": 0.1, "site-1": 0.9})
     assert record.stragglers == []
     assert record.failed == []
     assert record.site_evaluation == evaluations  # a rejected site still scored the global model

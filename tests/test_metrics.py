@@ -141,14 +141,20 @@ def test_trainer_figures_and_rounds_then_forget() -> None:
         round=0,
         started_at=NOW,
         closed_at=NOW + timedelta(seconds=90),
-        participants=["a"],
+        participants=["a", "d"],
         evaluation=evaluation,
         bytes_uploaded=4096,
         site_bytes={"a": 3072, "c": 1024},
         failed=["b"],
         rejected=[RejectedUpdate(site="c", reason="norm")],
+        left_out=["d"],
+        trimmed_share={"a": 0.25, "d": 0.75},
     )
     metrics.round_recorded(REF, record)
+    # Robust strategies: a participant krum left out, and the share of values trimmed.
+    assert value(registry, "fedtrain_site_round_left_out", site="a") == 0
+    assert value(registry, "fedtrain_site_round_left_out", site="d") == 1
+    assert value(registry, "fedtrain_site_round_trimmed_share", site="d") == 0.75
 
     assert value(registry, "fedtrain_site_train_loss", site="a") == 0.75
     assert value(registry, "fedtrain_site_samples_per_second", site="a") == 320.0
