@@ -298,7 +298,9 @@ def test_aggregator_killed_mid_round_closes_with_the_same_result(cluster: Cluste
     started = time.monotonic()
     cluster.api.apply(cluster.training("outside", rounds=1, sites=4))  # fab-d runs in site-d
     # Every site is needed, so the round stays open until fab-c's update arrives.
-    cluster.api.apply(cluster.training("agg", rounds=1, sites=3, aggregation={"minSites": 3}))
+    server = {"learningRate": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 0.001}
+    aggregation = {"minSites": 3, "strategy": "fedadam", "server": server}
+    cluster.api.apply(cluster.training("agg", rounds=1, sites=3, aggregation=aggregation))
     invalid = wait_for("the Invalid condition", lambda: _condition(cluster, "outside", "Invalid"), timeout=60)
     print(f"unserved site namespace refused in {time.monotonic() - started:.1f} s: {invalid['message']}")
     assert "'site-d' (site fab-d)" in invalid["message"]
@@ -316,8 +318,8 @@ def test_aggregator_killed_mid_round_closes_with_the_same_result(cluster: Cluste
     assert status["phase"] == "Succeeded", status.get("message")
     assert sorted(status["history"][0]["participants"]) == ["fab-a", "fab-b", "fab-c"]
 
-    # The restarted aggregator folded every update again: the next model is exactly the weighted
-    # mean the manifest records, applied to the round's global model.
+    # The restarted aggregator folded every update again: the next model is exactly FedAdam's first
+    # step (Reddi et al. 2021) with the weighted mean the manifest records, from the round's model.
     store, layout = cluster.store("agg")
     manifest = json.loads(store.get_bytes(layout.manifest(0)))
     scratch = Path(cluster.kubelet.work_dir) / "check"
@@ -325,14 +327,19 @@ def test_aggregator_killed_mid_round_closes_with_the_same_result(cluster: Cluste
     store.get_file(layout.global_model(0), scratch / "g0.safetensors")
     store.get_file(layout.global_model(1), scratch / "g1.safetensors")
     start, produced = load_file(scratch / "g0.safetensors"), load_file(scratch / "g1.safetensors")
-    expected = {name: tensor.float().clone() for name, tensor in start.items()}
+    mean = {name: torch.zeros_like(tensor, dtype=torch.float64) for name, tensor in start.items()}
     for participant in manifest["participants"]:
         path = scratch / f"{participant['site']}.safetensors"
         store.get_file(layout.update(0, participant["site"]), path)
         for name, delta in load_file(path).items():
-            expected[name] += participant["weight"] * delta.float()
+            mean[name] += participant["weight"] * delta.double()
+    assert (manifest["strategy"], manifest["strategy_parameters"]) == ("fedadam", server)
+    assert store.exists(layout.server_state(0)), "the moments are kept for the next round"
     for name, tensor in produced.items():
-        torch.testing.assert_close(tensor.float(), expected[name], rtol=1e-5, atol=1e-6)
+        moment = (1 - server["beta1"]) * mean[name]
+        second = server["beta2"] * server["tau"] ** 2 + (1 - server["beta2"]) * mean[name] ** 2
+        step = server["learningRate"] * moment / (second.sqrt() + server["tau"])
+        torch.testing.assert_close(tensor.double(), start[name].double() + step, rtol=1e-5, atol=1e-6)
 
     assert cluster.trainer_jobs("outside") == []
     names = [d.metadata.name for d in cluster.api.apps.list_namespaced_deployment(TRAINING_NAMESPACE).items]
