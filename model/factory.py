@@ -16,12 +16,14 @@ from typing import Any, Protocol, cast
 import timm
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file
 from torch import nn
 
 from fedtrain.api import (
     ExchangeSpec,
+    LoraAggregation,
     LoraSpec,
     ModelSpec,
     PretrainedSource,
@@ -170,6 +172,19 @@ def linear_module_names(backbone: nn.Module, exclude: str) -> list[str]:
     ]
 
 
+def freeze_lora_a(adapted: nn.Module) -> None:
+    """FFA-LoRA (Sun et al. 2024): every LoRA A keeps its seeded initialisation, untrained.
+
+    A is then the same at every site and in every global model, so ΔW = B·A is linear in B and the
+    mean of the sites' B, times A, is the mean of their ΔW. peft starts B at zero and A random, so ΔW
+    starts at zero and B still receives gradients through the fixed A.
+    """
+    for module in adapted.modules():
+        if isinstance(module, LoraLayer):
+            for param in [*module.lora_A.parameters(), *module.lora_embedding_A.parameters()]:
+                param.requires_grad_(False)
+
+
 @dataclass
 class FederatedModel:
     module: nn.Module
@@ -242,13 +257,15 @@ def _fingerprint(backbone: nn.Module, frozen: dict[str, torch.Tensor], spec: Mod
 
 
 def build_model(spec: ModelRecipe, weights: Path | bytes | None = None) -> FederatedModel:
-    """The federated model of a spec: backbone, LoRA by the rank rule, head trained fully."""
+    """The federated model of a spec: backbone, LoRA by the rank rule, head trained fully; under
+    lora.aggregation frozenA every LoRA A is frozen at its seeded value (no effect under rank none)."""
     backbone = create_backbone(spec.model, spec.training.seed, weights)
     parameter_count = sum(param.numel() for param in backbone.parameters())
     rank = resolve_rank(spec.lora, parameter_count)
     head = classifier_name(backbone)
     if rank is None:
         # Full fine-tuning: every tensor is exchanged, so only the architecture is fingerprinted.
+        # lora.aggregation has nothing to act on here: there is no A to freeze.
         fingerprint = _fingerprint(backbone, {}, spec)
         plan = resolve_exchange(backbone, spec.exchange, spec.mode is TrainingMode.LOCAL_ONLY)
         return FederatedModel(backbone, None, None, parameter_count, fingerprint, plan)
@@ -280,5 +297,8 @@ def build_model(spec: ModelRecipe, weights: Path | bytes | None = None) -> Feder
         adapted: nn.Module = get_peft_model(backbone, config)
     except ValueError as error:
         raise ModelError(f"lora.targetModules do not match {spec.model.name}: {error}") from None
+    if spec.lora.aggregation is LoraAggregation.FROZEN_A:
+        freeze_lora_a(adapted)
+    # The exchange is resolved after freezing: a frozen A is neither shared nor personal.
     plan = resolve_exchange(adapted, spec.exchange, spec.mode is TrainingMode.LOCAL_ONLY)
     return FederatedModel(adapted, rank, alpha, parameter_count, fingerprint, plan)

@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +297,89 @@ def _batches_from_the_start(
     return plan_batches(count, batch_size, steps, seed, DataCursor()).batches
 
 
+@dataclass(frozen=True)
+class ProximalTerm:
+    """FedProx's proximal term (Li et al. 2020): mu/2 · Σ ||w - w_global||² over the shared tensors.
+
+    w_global is the global model the site received this round: the anchors are detached copies of
+    its shared tensors, taken right after it was loaded and kept on the device beside the
+    parameters, so the term moves nothing between devices. Personal tensors (exchange policies
+    exclude and fixed, every tensor under mode localOnly) have no global value and are left out.
+    """
+
+    mu: float
+    parameters: tuple[nn.Parameter, ...]
+    anchors: tuple[torch.Tensor, ...]
+
+    def __call__(self) -> torch.Tensor:
+        """The term at the parameters' current values: an fp32 scalar that backpropagates into them."""
+        squares = [
+            (param.float() - anchor).square().sum()
+            for param, anchor in zip(self.parameters, self.anchors, strict=True)
+        ]
+        return 0.5 * self.mu * torch.stack(squares).sum()
+
+
+def proximal_term(
+    model: FederatedModel, mu: float, received: Mapping[str, torch.Tensor]
+) -> ProximalTerm | None:
+    """The term around `received` (the shared tensors as loaded, detached, on the model's device);
+    None when mu is 0 or nothing is shared, so plain local training does no extra work at all."""
+    if mu == 0 or not model.exchanged_names():
+        return None
+    params = dict(model.module.named_parameters())
+    names = model.exchanged_names()
+    return ProximalTerm(
+        mu, tuple(params[name] for name in names), tuple(received[name].float() for name in names)
+    )
+
+
+def _training_batch(
+    data: SiteData, indices: torch.Tensor, augment: bool, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images = data.train_images[indices]
+    if augment:
+        images = augment_batch(images, generator)
+    return images.to(device, non_blocking=True), data.train_labels[indices].to(device, non_blocking=True)
+
+
+class _RunningTotals:
+    """Sums over a round's steps. They stay on the device: reading a value back each step would
+    make the CPU wait for the GPU; they are read only when progress is logged and at the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.proximal_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.seen = 0
+        self.steps = 0
+
+    def add(
+        self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, penalty: torch.Tensor | None
+    ) -> None:
+        self.loss_sum += loss.detach() * len(targets)
+        self.correct += (logits.argmax(dim=1) == targets).sum()
+        if penalty is not None:
+            self.proximal_sum += penalty.detach()
+        self.seen += len(targets)
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / max(self.seen, 1)
+
+    def metrics(self, elapsed: float, lr: float, proximal: bool) -> dict[str, float]:
+        metrics = {
+            "train_loss": self.mean_loss(),
+            "train_accuracy": int(self.correct) / max(self.seen, 1),
+            "train_samples_seen": float(self.seen),
+            "samples_per_second": self.seen / max(elapsed, 1e-9),
+            "lr": lr,
+        }
+        if proximal:
+            metrics["proximal_term"] = float(self.proximal_sum) / max(self.steps, 1)
+        return metrics
+
+
 def train_steps(
     model: FederatedModel,
     data: SiteData,
@@ -308,8 +391,13 @@ def train_steps(
     amp_dtype: torch.dtype | None,
     generator: torch.Generator,
     batches: Sequence[torch.Tensor] | None = None,
+    proximal: ProximalTerm | None = None,
 ) -> dict[str, float]:
-    """`steps` optimizer steps on `batches`; `generator` draws augmentations (and, alone, the order)."""
+    """`steps` optimizer steps on `batches`; `generator` draws augmentations (and, alone, the order).
+
+    With `proximal` each step minimises the cross-entropy plus the term; `train_loss` stays the
+    cross-entropy alone, and `proximal_term` is the term's mean over the steps (before each step).
+    """
     if batches is None:
         batches = _batches_from_the_start(len(data.train_images), spec.training.batch_size, steps, generator)
     if len(batches) != steps:
@@ -318,42 +406,28 @@ def train_steps(
     module.train()
     trainable = [param for param in module.parameters() if param.requires_grad]
     clip = spec.training.grad_clip_norm
-    # Running sums stay on the device: reading a value back each step would make the CPU wait for
-    # the GPU; they are read only when progress is logged.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    totals = _RunningTotals(device)
     report_every = max(1, steps // 5)
     started = time.perf_counter()
     for step, indices in enumerate(batches):
-        images = data.train_images[indices]
-        if spec.training.augment:
-            images = augment_batch(images, generator)
-        images = images.to(device, non_blocking=True)
-        targets = data.train_labels[indices].to(device, non_blocking=True)
+        images, targets = _training_batch(data, indices, bool(spec.training.augment), generator, device)
         with _autocast(device, amp_dtype):
             logits = module(images)
+        # The loss and the proximal term in fp32, outside autocast.
         loss = nn.functional.cross_entropy(logits.float(), targets)
+        penalty = proximal() if proximal is not None else None
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        (loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
         if clip is not None:
             nn.utils.clip_grad_norm_(trainable, clip)
         optimizer.step()
         scheduler.step()
-        loss_sum += loss.detach() * len(indices)
-        correct += (logits.argmax(dim=1) == targets).sum()
-        seen += len(indices)
+        totals.add(loss, logits, targets, penalty)
         if (step + 1) % report_every == 0 or step + 1 == steps:
-            rate = seen / max(time.perf_counter() - started, 1e-9)
-            log.info("step %d/%d loss %.4f (%.1f img/s)", step + 1, steps, float(loss_sum) / seen, rate)
-    elapsed = time.perf_counter() - started
-    return {
-        "train_loss": float(loss_sum) / max(seen, 1),
-        "train_accuracy": int(correct) / max(seen, 1),
-        "train_samples_seen": float(seen),
-        "samples_per_second": seen / max(elapsed, 1e-9),
-        "lr": float(scheduler.get_last_lr()[0]),
-    }
+            rate = totals.seen / max(time.perf_counter() - started, 1e-9)
+            log.info("step %d/%d loss %.4f (%.1f img/s)", step + 1, steps, totals.mean_loss(), rate)
+    lr = float(scheduler.get_last_lr()[0])
+    return totals.metrics(time.perf_counter() - started, lr, proximal is not None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,9 +552,19 @@ def train_locally(
     plan = plan_batches(len(data.train_images), spec.training.batch_size, steps, seed, cursor)
     augmentation = torch.Generator().manual_seed(_derived_seed(seed, _AUGMENTATION, job.round))
 
-    before = model.exchanged_state()
+    before = model.exchanged_state()  # the global model as received, on the device
     trained = train_steps(
-        model, data, spec, optimizer, scheduler, steps, device, amp_dtype, augmentation, batches=plan.batches
+        model,
+        data,
+        spec,
+        optimizer,
+        scheduler,
+        steps,
+        device,
+        amp_dtype,
+        augmentation,
+        batches=plan.batches,
+        proximal=proximal_term(model, spec.training.proximal_mu, before),
     )
     metrics.update(trained)
     after = model.exchanged_state()
@@ -493,12 +577,7 @@ def train_locally(
         TORCH_DTYPES[spec.training.transfer_dtype],
     )
     metrics.update(selection.metrics)
-    state_tensors, state_config = pack_state(optimizer, scheduler)
-    # Personal tensors never enter the update: they persist beside the optimizer state, and so does
-    # what policy sparse has not sent yet.
-    state_tensors.update({PERSONAL_PREFIX + name: tensor for name, tensor in model.personal_state().items()})
-    state_tensors.update({RESIDUAL_PREFIX + name: tensor for name, tensor in selection.residual.items()})
-    state_config["data_cursor"] = plan.end.to_config()
+    state_tensors, state_config = _private_state(optimizer, scheduler, model, selection.residual, plan.end)
     return LocalTraining(
         delta=selection.update,
         state_tensors=state_tensors,
@@ -506,6 +585,23 @@ def train_locally(
         samples=len(data.train_images),
         resolved_config=_resolved_config(model, spec, steps, device, amp_dtype),
     )
+
+
+def _private_state(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    model: FederatedModel,
+    residual: dict[str, torch.Tensor],
+    cursor: DataCursor,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The site's private state after its round: tensors, and the config beside them."""
+    state_tensors, state_config = pack_state(optimizer, scheduler)
+    # Personal tensors never enter the update: they persist beside the optimizer state, and so does
+    # what policy sparse has not sent yet.
+    state_tensors.update({PERSONAL_PREFIX + name: tensor for name, tensor in model.personal_state().items()})
+    state_tensors.update({RESIDUAL_PREFIX + name: tensor for name, tensor in residual.items()})
+    state_config["data_cursor"] = cursor.to_config()
+    return state_tensors, state_config
 
 
 def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome, started: float) -> Metadata:
@@ -667,6 +763,8 @@ def _resolved_config(
         "trainable_parameters": sum(p.numel() for p in model.module.parameters() if p.requires_grad),
         "lora_rank": model.rank,
         "lora_alpha": model.alpha,
+        "lora_aggregation": spec.lora.aggregation.value if model.rank is not None else None,
+        "proximal_mu": spec.training.proximal_mu,
         "exchange": spec.exchange.policy.value,
         "exchanged_tensors": len(model.exchanged_names()),
         "personal_tensors": len(model.personal_names()),
