@@ -154,9 +154,12 @@ def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler
 
 
 def test_the_driver_killed_mid_round_carries_on_without_repeating_work(driver: Driver) -> None:
+    """Also a robust strategy in both drivers: trimmedMean combines the round from the store."""
     sites = ("fab-a", "fab-b")
+    robust = {"strategy": "trimmedMean", "robust": {"trimFraction": 0.25}}
+    document = training(driver, "contract-restart", sites=2, aggregation=robust)
     # Round 0's trainers wait at the gate, so the driver dies with the round surely in progress.
-    driver.start(training(driver, "contract-restart", sites=2), faults=[Fault("hold", round=0)])
+    driver.start(document, faults=[Fault("hold", round=0)])
     wait_for("round 0's trainers", lambda: driver.trainers.started(0) == set(sites), timeout=240)
     driver.restart()
     driver.trainers.open_gate()
@@ -167,6 +170,8 @@ def test_the_driver_killed_mid_round_carries_on_without_repeating_work(driver: D
         [Round(0, "train", sites), Round(1, "evaluate", sites)],
         first_attempts(sites, 2),
     )
+    # Two sites, a quarter trimmed per side: floor(0.5) = 0 values trimmed of either.
+    assert status["history"][0]["trimmedShare"] == {"fab-a": 0.0, "fab-b": 0.0}
 
 
 def test_suspend_stops_the_trainers_and_resume_runs_them_again(driver: Driver) -> None:
