@@ -736,9 +736,10 @@ class TrainingSpec(SpecModel):
         ge=0,
         le=1e4,
         description=(
-            "FedProx (Li et al. 2020): mu/2 times the squared distance of the trainable tensors from "
-            "the global model the site received is added to each step's loss, pulling local training "
-            "back towards it on non-IID data. 0 (the default) is plain local training."
+            "FedProx (Li et al. 2020): mu/2 times the squared distance of the shared (exchanged) "
+            "tensors from the global model the site received is added to each step's loss, pulling "
+            "local training back towards it on non-IID data (personal tensors have no global value and "
+            "get no pull). 0 (the default) is plain local training."
         ),
     )
     transfer_dtype: TransferDtype = Field(
