@@ -219,7 +219,12 @@ def test_resume_takes_over_the_trainers_a_killed_runner_left_running(tmp_path: P
 TINY_VIT = {"numClasses": 9, "imageSize": 28, "architecture": {"depth": 2, "embedDim": 64, "numHeads": 2}}
 
 
-def exchange_resource(exchange: dict[str, Any]) -> FederatedTraining:
+ADAM = {"learningRate": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 0.001}
+
+
+def exchange_resource(
+    exchange: dict[str, Any], aggregation: dict[str, Any] | None = None
+) -> FederatedTraining:
     """Two sites, two rounds of a 2-block ViT fully fine-tuned (its LayerNorms trainable)."""
     return FederatedTraining.model_validate(
         {
@@ -231,7 +236,7 @@ def exchange_resource(exchange: dict[str, Any]) -> FederatedTraining:
                 "lora": {"rank": "none"},
                 "exchange": exchange,
                 "training": {"rounds": 2, "localSteps": 2, "batchSize": 8, "optimizer": {"lr": 0.01}},
-                "aggregation": {"minSites": 2, "siteRetries": 0},
+                "aggregation": {"minSites": 2, "siteRetries": 0, **(aggregation or {})},
                 "sites": [
                     {"name": name, "data": {"synthetic": {"samples": 32, "dirichletAlpha": alpha}}}
                     for name, alpha in (("fab-a", 0.3), ("fab-b", 5.0))
@@ -244,7 +249,11 @@ def exchange_resource(exchange: dict[str, Any]) -> FederatedTraining:
 def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors_travel(
     tmp_path: Path,
 ) -> None:
-    resource_ = exchange_resource({"policy": "exclude", "modules": ["LayerNorm"], "siteModels": True})
+    """FedBN with a server optimizer (fedadam): the shared tensors take Adam steps of the mean delta."""
+    resource_ = exchange_resource(
+        {"policy": "exclude", "modules": ["LayerNorm"], "siteModels": True},
+        {"strategy": "fedadam", "server": ADAM},
+    )
     runner = LocalRunner(resource_, RunOptions(run_dir=tmp_path / "run", parallel=2))
     status = runner.run()
     assert status.phase is Phase.SUCCEEDED, status.conditions
@@ -277,13 +286,24 @@ def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors
             assert (second - first).norm() < (second - initial[name]).norm(), (site, name)
     assert any(not torch.equal(states["fab-a", 1][n], states["fab-b", 1][n]) for n in personal)
 
-    # Both sites received the same shared tensors: global 1 is global 0 plus the mean of the deltas.
-    manifest = json.loads(store.get_bytes(layout.manifest(0)))
-    weights = {entry["site"]: entry["weight"] for entry in manifest["participants"]}
-    deltas = {site: decode(store.get_bytes(layout.update(0, site))).tensors for site in weights}
-    for name in shared:
-        mean = sum(weights[site] * deltas[site][name].double() for site in weights)
-        torch.testing.assert_close(globals_[1][name].double(), globals_[0][name].double() + mean)
+    # Both sites received the same shared tensors: each global model is the last one plus FedAdam's
+    # step of the weighted mean delta, its moments carried from round 0 to round 1 in the store.
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for round_index in (0, 1):
+        manifest = json.loads(store.get_bytes(layout.manifest(round_index)))
+        weights = {entry["site"]: entry["weight"] for entry in manifest["participants"]}
+        deltas = {site: decode(store.get_bytes(layout.update(round_index, site))).tensors for site in weights}
+        for name in shared:
+            mean = sum(weights[site] * deltas[site][name].double() for site in weights)
+            m, v = moments.get(name, (torch.zeros_like(mean), torch.full_like(mean, ADAM["tau"] ** 2)))
+            m = ADAM["beta1"] * m + (1 - ADAM["beta1"]) * mean
+            v = ADAM["beta2"] * v + (1 - ADAM["beta2"]) * mean**2
+            moments[name] = (m, v)
+            step = ADAM["learningRate"] * m / (v.sqrt() + ADAM["tau"])
+            expected = globals_[round_index][name].double() + step
+            torch.testing.assert_close(
+                globals_[round_index + 1][name].double(), expected, rtol=1e-5, atol=1e-6
+            )
 
     logs = {path.name: path.read_text() for path in (tmp_path / "run" / "logs").glob("*.log")}
     restored = [name for name, text in logs.items() if f"restored {len(personal)} personal tensors" in text]
