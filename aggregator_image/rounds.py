@@ -46,7 +46,7 @@ from fedtrain.updates import check_base_model, check_update, check_update_header
 
 from .robust_strategies import RobustOutcome, RobustStrategy
 from .stored_round import StoredRound
-from .strategies import Accumulator, make_strategy, site_weight
+from .strategies import Accumulator, WeightedMean, make_strategy, site_weight
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class _OpenRound:
     tainted: bool = False
     # A robust strategy's result: who its aggregate left out (set when the round closes).
     outcome: RobustOutcome | None = None
+    # SCAFFOLD: the sum of the accepted updates' control changes (unweighted).
+    control: WeightedMean | None = None
 
 
 class RoundAggregator:
@@ -254,6 +256,12 @@ class RoundAggregator:
             )
             self._put_model(model.exchanged_state(), meta, 0)
             log.info("initial global model written to %s", self.store.uri(key))
+        control = self.layout.server_control(0)
+        if self.spec.aggregation.scaffold and not self.store.exists(control):
+            with self._global_model(0, verify=False) as (initial, _):
+                zeros = {name: torch.zeros(shape) for name, shape in initial.shapes.items()}
+            state = Metadata(kind=PayloadKind.STATE, training=self.layout.name, round=0)
+            self.store.put_bytes(control, encode(zeros, state))
         return self.store.uri(key)
 
     # ---------------------------------------------------------------------------------------------
@@ -265,7 +273,10 @@ class RoundAggregator:
         return self._open[round_index]
 
     def _new_round(self, round_index: int) -> _OpenRound:
-        open_round = _OpenRound(self.strategy.accumulator(self.signature(round_index).shapes))
+        shapes = self.signature(round_index).shapes
+        open_round = _OpenRound(self.strategy.accumulator(shapes))
+        if self.spec.aggregation.scaffold:
+            open_round.control = WeightedMean(shapes)
         open_round.pins = self._read_pins(round_index)
         return open_round
 
@@ -385,7 +396,13 @@ class RoundAggregator:
             message = f"{key} was sent in {sent.value}; this training's transferDtype is {expected.value}"
             return self._reject(round_index, site, "dtype", message, **common)
         try:
-            check_update_header(payload, self.signature(round_index), name=key, exchange=self.spec.exchange)
+            check_update_header(
+                payload,
+                self.signature(round_index),
+                name=key,
+                exchange=self.spec.exchange,
+                control=self.spec.aggregation.scaffold,
+            )
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error), **common)
         return None
@@ -425,9 +442,21 @@ class RoundAggregator:
             open_round.dirty = True
             accumulator.add_tensor(name, tensor, weight)
 
+        control = open_round.control
+
+        def fold_control(name: str, tensor: torch.Tensor) -> None:
+            open_round.dirty = True
+            if control is not None:
+                control.add_tensor(name, tensor, 1.0)
+
         try:
             norm = check_update(
-                payload, self.signature(round_index), name=key, on_tensor=fold, exchange=self.spec.exchange
+                payload,
+                self.signature(round_index),
+                name=key,
+                on_tensor=fold,
+                exchange=self.spec.exchange,
+                on_control=fold_control if control is not None else None,
             )
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error), **common)
@@ -436,6 +465,8 @@ class RoundAggregator:
             message = f"update norm {norm:.4g} exceeds aggregation.maxUpdateNorm {bound:.4g}"
             return self._reject(round_index, site, "norm", message, norm=norm, **common)
         accumulator.count(weight)
+        if control is not None:
+            control.count(1.0)
         open_round.dirty = False
         open_round.weights[site] = weight
         return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
@@ -609,11 +640,25 @@ class RoundAggregator:
             if self.strategy.keeps_state:  # before the manifest: a closed round has its state
                 state_meta = Metadata(kind=PayloadKind.STATE, training=self.layout.name, round=round_index)
                 self.store.put_bytes(self.layout.server_state(round_index), encode(state, state_meta))
+            if open_round.control is not None:
+                self._write_control(round_index, open_round.control)
             shapes = {name: tuple(tensor.shape) for name, tensor in next_tensors.items()}
             del next_tensors, state
         # The next round starts from this model: its signature is known without reading it back.
         self._signatures = {round_index + 1: (Signature(shapes, written.base_fingerprint), written)}
         return file_sha256
+
+    def _write_control(self, round_index: int, control: WeightedMean) -> None:
+        """SCAFFOLD: c of the next round = c + (|S| / N) x the mean control change of the |S| accepted
+        updates, N the sites of the training; written before the manifest."""
+        with self._opened(self.layout.server_control(round_index), verify=True) as (current, _):
+            server = {name: current.tensors[name].to(torch.float32) for name in current.tensors}
+        if control.updates:
+            share = control.updates / len(self.spec.sites)
+            for name, mean in control.result().items():
+                server[name] = server[name] + share * mean
+        meta = Metadata(kind=PayloadKind.STATE, training=self.layout.name, round=round_index + 1)
+        self.store.put_bytes(self.layout.server_control(round_index + 1), encode(server, meta))
 
     def _aggregate(self, round_index: int, open_round: _OpenRound) -> dict[str, torch.Tensor]:
         """The round's aggregate delta: the folded sum, or the stored updates combined again."""

@@ -805,6 +805,11 @@ ROBUST_STRATEGIES: Final = frozenset(
 )
 
 
+class ControlVariates(ApiEnum):
+    NONE = "none"
+    SCAFFOLD = "scaffold"
+
+
 class ServerOptimizerSpec(SpecModel):
     """The server optimizer's settings (Reddi et al., "Adaptive Federated Optimization", 2021)."""
 
@@ -897,6 +902,14 @@ class AggregationSpec(SpecModel):
                 "fieldPath": ".robust",
             },
             {
+                "rule": "!has(self.controlVariates) || self.controlVariates != 'scaffold'"
+                " || !has(self.strategy)"
+                " || !(self.strategy in ['median', 'trimmedMean', 'krum', 'multiKrum'])",
+                "message": "controlVariates scaffold averages the sites' control changes, which robust "
+                "strategies would not: choose fedavg or a server optimizer, or drop controlVariates",
+                "fieldPath": ".controlVariates",
+            },
+            {
                 "rule": "!has(self.robust) || !has(self.robust.trimFraction)"
                 " || (has(self.strategy) && self.strategy == 'trimmedMean')",
                 "message": "robust.trimFraction belongs to strategy trimmedMean: drop it",
@@ -939,6 +952,19 @@ class AggregationSpec(SpecModel):
     )
     server: ServerOptimizerSpec | None = Field(
         None, description="Server optimizer settings (fedavgm, fedadam, fedyogi, fedadagrad only)."
+    )
+    control_variates: ControlVariates = Field(
+        ControlVariates.NONE,
+        description=(
+            "scaffold: SCAFFOLD (Karimireddy et al. 2020) corrects client drift on non-IID data. The "
+            "aggregator keeps a server control variate c (rounds/NNNNN/control.safetensors), each site "
+            "its own c_i in its private state; every local step's gradient of a shared tensor gets "
+            "c - c_i added; after the round c_i becomes c_i - c + (x - y) / (sum of the learning rates "
+            "of its steps) (the paper's option II), the site sends the change of c_i beside its update, "
+            "and c moves by the mean change times the share of sites that sent one. Exact as in the "
+            "paper for SGD without momentum. Not with robust strategies, exchange policies dynamic or "
+            "sparse, transferDtype int8, or mode localOnly."
+        ),
     )
     robust: RobustSpec | None = Field(
         None, description="Robust aggregation settings (trimmedMean, krum, multiKrum only)."
@@ -988,6 +1014,11 @@ class AggregationSpec(SpecModel):
             )
         if self.robust is not None:
             self.robust.check_fits(strategy)
+        if self.control_variates is ControlVariates.SCAFFOLD and strategy in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"controlVariates scaffold averages the sites' control changes, which strategy "
+                f"{strategy.value} would not: choose fedavg or a server optimizer, or drop controlVariates"
+            )
         if strategy in KRUMS:
             f = self.robust.byzantine if self.robust is not None else None
             if f is None or self.min_sites <= 2 * f + 2:
@@ -997,6 +1028,10 @@ class AggregationSpec(SpecModel):
                     f"f is {f}): set both"
                 )
         return self
+
+    @property
+    def scaffold(self) -> bool:
+        return self.control_variates is ControlVariates.SCAFFOLD
 
     @property
     def server_optimizer(self) -> ServerOptimizerSpec:
@@ -1473,6 +1508,19 @@ class FederatedTrainingSpec(SpecModel):
                 "fieldPath": ".exchange",
             },
             {
+                "rule": "!has(self.aggregation) || !has(self.aggregation.controlVariates)"
+                " || self.aggregation.controlVariates != 'scaffold'"
+                " || ((!has(self.mode) || self.mode != 'localOnly')"
+                " && (!has(self.exchange) || !has(self.exchange.policy)"
+                " || self.exchange.policy in ['all', 'fixed', 'exclude'])"
+                " && (!has(self.training) || !has(self.training.transferDtype)"
+                " || self.training.transferDtype != 'int8'))",
+                "message": "aggregation.controlVariates: scaffold needs every shared tensor's change each "
+                "round in fp32, bf16 or fp16: not with mode localOnly, exchange policy dynamic or sparse, "
+                "or training.transferDtype int8",
+                "fieldPath": ".aggregation.controlVariates",
+            },
+            {
                 "rule": "!has(self.exchange) || !has(self.exchange.policy)"
                 " || self.exchange.policy != 'sparse' || !has(self.training)"
                 " || !has(self.training.transferDtype)"
@@ -1554,6 +1602,7 @@ class FederatedTrainingSpec(SpecModel):
                 f"choose what is shared (policy {self.exchange.policy.value}): drop the exchange block "
                 "or use mode federated"
             )
+        self._check_scaffold()
         sparse = self.exchange.policy is ExchangePolicy.SPARSE
         if sparse and self.training.transfer_dtype is TransferDtype.INT8:
             raise ValueError(
@@ -1568,6 +1617,26 @@ class FederatedTrainingSpec(SpecModel):
                 f"{self.model.class_count}: set model.labels to the WM-811K classes or numClasses: 9"
             )
         return self
+
+    def _check_scaffold(self) -> None:
+        if self.aggregation.control_variates is not ControlVariates.SCAFFOLD:
+            return
+        if self.mode is TrainingMode.LOCAL_ONLY:
+            raise ValueError(
+                "aggregation.controlVariates: scaffold corrects federated training: drop it with mode "
+                "localOnly"
+            )
+        if self.exchange.policy in (ExchangePolicy.DYNAMIC, ExchangePolicy.SPARSE):
+            raise ValueError(
+                "aggregation.controlVariates: scaffold needs every shared tensor's change each round, and "
+                f"exchange policy {self.exchange.policy.value} sends a part: choose policy all, fixed or "
+                "exclude"
+            )
+        if self.training.transfer_dtype is TransferDtype.INT8:
+            raise ValueError(
+                "aggregation.controlVariates: scaffold sends control changes beside the update in fp32, "
+                "bf16 or fp16, not int8: choose another training.transferDtype"
+            )
 
     def site(self, name: str) -> SiteSpec:
         for site in self.sites:

@@ -97,8 +97,10 @@ INT8_LEVELS = 127
 #: int64 for a tensor of 2**31 elements or more), `name + SPARSE_VALUES_SUFFIX` their values.
 SPARSE_INDEX_SUFFIX = "..sparse_index"
 SPARSE_VALUES_SUFFIX = "..sparse_values"
+#: SCAFFOLD: the change of a site's control variate for tensor `name`, sent beside its delta.
+CONTROL_SUFFIX = "..control"
 #: What the stored parts of one tensor append to its name: no torch parameter name holds "..".
-PART_SUFFIXES = (INT8_SCALE_SUFFIX, SPARSE_INDEX_SUFFIX, SPARSE_VALUES_SUFFIX)
+PART_SUFFIXES = (INT8_SCALE_SUFFIX, SPARSE_INDEX_SUFFIX, SPARSE_VALUES_SUFFIX, CONTROL_SUFFIX)
 #: The dtype global models are sent to sites in, per transfer dtype: a model's weights are not
 #: quantised to int8 (an error of half a scale on every weight, every round, swamps the updates).
 MODEL_TRANSFER_DTYPES: dict[TransferDtype, TransferDtype] = {

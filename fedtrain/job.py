@@ -74,6 +74,10 @@ class TrainerJob(BaseModel):
     update_url: str = Field(description="PUT: this site's update (or evaluation report).")
     state_get_url: str | None = Field(None, description="GET: this site's private optimizer state.")
     state_put_url: str | None = Field(None, description="PUT: this site's private optimizer state.")
+    control_url: str | None = Field(
+        None,
+        description="GET, training under aggregation.controlVariates scaffold: the server control variate.",
+    )
     site_model_url: str | None = Field(
         None,
         description="PUT, evaluation only: this site's own merged model, where the spec publishes "

@@ -42,6 +42,11 @@ class TrainingLayout:
         the round's manifest; the close of the next round starts from it."""
         return f"{self.round_dir(round_index)}/server-state.safetensors"
 
+    def server_control(self, round_index: int) -> str:
+        """SCAFFOLD's server control variate c that round `round_index`'s sites receive (round 0:
+        zeros, written with the initial model; then by each close, before its manifest)."""
+        return f"{self.round_dir(round_index)}/control.safetensors"
+
     def update(self, round_index: int, site: str) -> str:
         """A site's update of a round: the delta of the exchanged tensors and its metadata."""
         return f"{self.round_dir(round_index)}/updates/{site}.safetensors"

@@ -20,6 +20,7 @@ import torch
 
 from fedtrain.api import ExchangePolicy, ExchangeSpec, TransferDtype
 from fedtrain.codec import (
+    CONTROL_SUFFIX,
     HASH_WORKERS,
     INT8_SCALE_SUFFIX,
     PART_SUFFIXES,
@@ -85,10 +86,14 @@ def _check_count(sent: list[str], signature: Signature, exchange: ExchangeSpec, 
         )
 
 
-def _expected_entries(sent: list[str], signature: Signature, meta: Metadata, sparse: bool) -> _Expected:
+def _expected_entries(
+    sent: list[str], signature: Signature, meta: Metadata, sparse: bool, control: bool
+) -> _Expected:
     dtype = TORCH_DTYPES[meta.transfer_dtype]
     expected: _Expected = {}
     for tensor in sent:
+        if control:  # SCAFFOLD: the change of the site's control variate, as the delta is sent
+            expected[tensor + CONTROL_SUFFIX] = (signature.shapes[tensor], (dtype,))
         if sparse:
             expected[tensor + SPARSE_INDEX_SUFFIX] = (None, _INDEX_DTYPES)
             expected[tensor + SPARSE_VALUES_SUFFIX] = (None, (dtype,))
@@ -140,12 +145,17 @@ def _check_sparse_sizes(
 
 
 def check_update_header(
-    payload: Payload, signature: Signature, name: str = "update", exchange: ExchangeSpec | None = None
+    payload: Payload,
+    signature: Signature,
+    name: str = "update",
+    exchange: ExchangeSpec | None = None,
+    control: bool = False,
 ) -> None:
     """What the header alone shows, checked before a tensor byte is read: the kind, the base model,
     tensor names, shapes and dtypes against the global model's and what `exchange` allows (so a
     rejection costs O(header)). An int8 update holds each tensor in int8 beside its float32 scales
-    (`int8_scale_shape`); a sparse one each tensor's indices and values."""
+    (`int8_scale_shape`); a sparse one each tensor's indices and values; with `control` (SCAFFOLD)
+    each tensor also has the change of the site's control variate, `<name>..control`."""
     meta = payload.meta
     if meta.kind is not PayloadKind.UPDATE:
         raise CodecError("format", f"{name} is a {meta.kind.value}, not an update")
@@ -154,7 +164,7 @@ def check_update_header(
     sparse = exchange.policy is ExchangePolicy.SPARSE
     sent = sent_tensors(payload)
     _check_sent(sent, signature, exchange, name)
-    expected = _expected_entries(sent, signature, meta, sparse)
+    expected = _expected_entries(sent, signature, meta, sparse, control)
     _check_stored_names(set(payload.tensors), expected, sparse, name)
     _check_count(sent, signature, exchange, name)
     shapes, dtypes = payload.shapes, payload.dtypes
@@ -221,10 +231,13 @@ def check_update(
     name: str = "update",
     on_tensor: Callable[[str, UpdateTensor], None] | None = None,
     exchange: ExchangeSpec | None = None,
+    on_control: Callable[[str, torch.Tensor], None] | None = None,
 ) -> float:
     """Check an update against the global model it claims to extend; return its L2 norm.
 
-    Rejects what `check_update_header` rejects, NaN or Inf, sparse indices out of order or range,
+    With `on_control` (SCAFFOLD) the update must carry each tensor's control change, handed to it
+    once checked (finite; not counted in the norm). Rejects what `check_update_header` rejects, NaN
+    or Inf, sparse indices out of order or range,
     and a checksum that does not match (so decode it with verify=False). An int8 update's tensors
     are dequantised to float32 (its scales must be finite and non-negative): the norm and the finite
     check are of the values folded; the checksum is of the bytes stored. Each tensor sent is read
@@ -232,7 +245,8 @@ def check_update(
     name) as soon as it passes its own checks: a caller that folds it at once must undo the fold if
     the whole update is then rejected.
     """
-    check_update_header(payload, signature, name, exchange)
+    control = on_control is not None
+    check_update_header(payload, signature, name, exchange, control)
     meta = payload.meta
 
     def visit(tensor_name: str) -> tuple[list[str], float]:
@@ -244,8 +258,18 @@ def check_update(
             on_tensor(tensor_name, tensor)
         return lines, squared
 
+    def visit_control(tensor_name: str) -> tuple[list[str], float]:
+        tensor = payload.tensors[tensor_name + CONTROL_SUFFIX]
+        if not math.isfinite(squared_norm(tensor)):
+            raise CodecError("nonfinite", f"{name}: the control change of {tensor_name} holds NaN or Inf")
+        if on_control is not None:
+            on_control(tensor_name, tensor)
+        return [digest_line(tensor_name + CONTROL_SUFFIX, tensor)], 0.0  # not part of the update's norm
+
     with ThreadPoolExecutor(HASH_WORKERS) as pool:
         results = list(pool.map(visit, sent_tensors(payload)))
+        if control:
+            results += list(pool.map(visit_control, sent_tensors(payload)))
     # Lines in the order of the stored names, as the writer hashed them.
     digest = combine_digests(
         sorted((line for lines, _ in results for line in lines), key=lambda line: line.split("\0", 1)[0])

@@ -135,6 +135,11 @@ def build_trainer_job(
         if not training and spec.publishes_site_models
         else None
     )
+    control_url = (
+        signer.presign_get(layout.server_control(action.round), expires_seconds)
+        if training and spec.aggregation.scaffold
+        else None
+    )
     return TrainerJob(
         training=layout.name,
         round=action.round,
@@ -147,6 +152,7 @@ def build_trainer_job(
         state_get_url=state_get_url,
         state_put_url=state_put_url,
         site_model_url=site_model_url,
+        control_url=control_url,
         pretrained_url=pretrained_url,
         transfer_deadline=transfer_deadline,
     )

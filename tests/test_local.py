@@ -249,10 +249,11 @@ def exchange_resource(
 def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors_travel(
     tmp_path: Path,
 ) -> None:
-    """FedBN with a server optimizer (fedadam): the shared tensors take Adam steps of the mean delta."""
+    """FedBN with a server optimizer (fedadam) and SCAFFOLD: the shared tensors take Adam steps of the
+    mean delta, and carry control variates (the server's in the store, each site's in its state)."""
     resource_ = exchange_resource(
         {"policy": "exclude", "modules": ["LayerNorm"], "siteModels": True},
-        {"strategy": "fedadam", "server": ADAM},
+        {"strategy": "fedadam", "server": ADAM, "controlVariates": "scaffold"},
     )
     runner = LocalRunner(resource_, RunOptions(run_dir=tmp_path / "run", parallel=2))
     status = runner.run()
@@ -269,7 +270,9 @@ def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors
     for site in ("fab-a", "fab-b"):
         for round_index in (0, 1):
             update = decode(store.get_bytes(layout.update(round_index, site)))
-            assert sorted(update.tensors) == shared, "no personal tensor ever leaves a site"
+            sent = sorted(name for name in update.tensors if not name.endswith("..control"))
+            assert sent == shared, "no personal tensor ever leaves a site"
+            assert sorted(update.tensors) == sorted([*shared, *(f"{n}..control" for n in shared)])
             state = decode(store.get_bytes(layout.site_state(site, round_index, 0))).tensors
             states[site, round_index] = {
                 name.removeprefix("personal."): tensor
@@ -277,6 +280,8 @@ def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors
                 if name.startswith("personal.")
             }
             assert sorted(states[site, round_index]) == personal
+            controls = sorted(n.removeprefix("control.") for n in state if n.startswith("control."))
+            assert controls == shared, "SCAFFOLD's c_i of the shared tensors stays at the site"
     initial = model.personal_state()
     for site in ("fab-a", "fab-b"):
         for name in personal:
@@ -293,6 +298,7 @@ def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors
         manifest = json.loads(store.get_bytes(layout.manifest(round_index)))
         weights = {entry["site"]: entry["weight"] for entry in manifest["participants"]}
         deltas = {site: decode(store.get_bytes(layout.update(round_index, site))).tensors for site in weights}
+        assert sorted(decode(store.get_bytes(layout.server_control(round_index + 1))).tensors) == shared
         for name in shared:
             mean = sum(weights[site] * deltas[site][name].double() for site in weights)
             m, v = moments.get(name, (torch.zeros_like(mean), torch.full_like(mean, ADAM["tau"] ** 2)))

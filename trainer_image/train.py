@@ -23,6 +23,7 @@ from torch import nn
 
 from fedtrain.api import EvalMetrics, OptimizerName, Precision, PretrainedSource, ScheduleName
 from fedtrain.codec import (
+    CONTROL_SUFFIX,
     TORCH_DTYPES,
     CodecError,
     Metadata,
@@ -39,6 +40,7 @@ from fedtrain.model.selection import select_update
 from fedtrain.store import ObjectNotFound, read_url, write_url
 
 from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
+from .scaffold import CONTROL_PREFIX, ControlVariates, control_variates
 
 log = logging.getLogger("fedtrain.trainer")
 
@@ -392,10 +394,12 @@ def train_steps(
     generator: torch.Generator,
     batches: Sequence[torch.Tensor] | None = None,
     proximal: ProximalTerm | None = None,
+    control: ControlVariates | None = None,
 ) -> dict[str, float]:
     """`steps` optimizer steps on `batches`; `generator` draws augmentations (and, alone, the order).
 
-    With `proximal` each step minimises the cross-entropy plus the term; `train_loss` stays the
+    With `control` (SCAFFOLD) each gradient of a shared tensor is corrected by c - c_i. With
+    `proximal` each step minimises the cross-entropy plus the term; `train_loss` stays the
     cross-entropy alone, and `proximal_term` is the term's mean over the steps (before each step).
     """
     if batches is None:
@@ -418,6 +422,8 @@ def train_steps(
         penalty = proximal() if proximal is not None else None
         optimizer.zero_grad(set_to_none=True)
         (loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
+        if control is not None:  # SCAFFOLD: g - c_i + c, before clipping, at this step's rate
+            control.correct(float(optimizer.param_groups[0]["lr"]))
         if clip is not None:
             nn.utils.clip_grad_norm_(trainable, clip)
         optimizer.step()
@@ -553,6 +559,7 @@ def train_locally(
     augmentation = torch.Generator().manual_seed(_derived_seed(seed, _AUGMENTATION, job.round))
 
     before = model.exchanged_state()  # the global model as received, on the device
+    control = _control_variates(job, model, inputs.private_state)
     trained = train_steps(
         model,
         data,
@@ -565,21 +572,13 @@ def train_locally(
         augmentation,
         batches=plan.batches,
         proximal=proximal_term(model, spec.training.proximal_mu, before),
+        control=control,
     )
     metrics.update(trained)
-    after = model.exchanged_state()
-    received = {name: tensor.cpu() for name, tensor in before.items()}
-    selection = select_update(
-        spec.exchange,
-        {name: after[name].cpu() - received[name] for name in received},
-        received,
-        _carried_residual(inputs.private_state),
-        TORCH_DTYPES[spec.training.transfer_dtype],
-    )
-    metrics.update(selection.metrics)
-    state_tensors, state_config = _private_state(optimizer, scheduler, model, selection.residual, plan.end)
+    update, residual = _selected_update(job, inputs, before, model.exchanged_state(), control, metrics)
+    state_tensors, state_config = _private_state(optimizer, scheduler, model, residual, plan.end)
     return LocalTraining(
-        delta=selection.update,
+        delta=update,
         state_tensors=state_tensors,
         state_config=state_config,
         samples=len(data.train_images),
@@ -587,19 +586,67 @@ def train_locally(
     )
 
 
+def _selected_update(
+    job: TrainerJob,
+    inputs: RoundInputs,
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    control: ControlVariates | None,
+    metrics: dict[str, Any],
+) -> tuple[dict[str, UpdateTensor], dict[str, torch.Tensor]]:
+    """What leaves the site (the exchange policy's choice of its change, and with SCAFFOLD the change
+    of its control variate), and what it keeps in its private state besides its optimizer."""
+    received = {name: tensor.cpu() for name, tensor in before.items()}
+    trained = {name: tensor.cpu() for name, tensor in after.items()}
+    selection = select_update(
+        job.spec.exchange,
+        {name: trained[name] - received[name] for name in received},
+        received,
+        _carried_residual(inputs.private_state),
+        TORCH_DTYPES[job.spec.training.transfer_dtype],
+    )
+    metrics.update(selection.metrics)
+    update, kept = dict(selection.update), {RESIDUAL_PREFIX + n: t for n, t in selection.residual.items()}
+    if control is not None:
+        changes, updated = control.finish(received, trained)
+        update |= {name + CONTROL_SUFFIX: change for name, change in changes.items()}
+        kept |= {CONTROL_PREFIX + name: tensor for name, tensor in updated.items()}
+    return update, kept
+
+
+def _control_variates(
+    job: TrainerJob, model: FederatedModel, state: Payload | None
+) -> ControlVariates | None:
+    """SCAFFOLD's variates for this round: the server's c from the job's URL, the site's own c_i from
+    its private state; None without controlVariates scaffold."""
+    if not job.control_url:
+        return None
+    server = decode(read_url(job.control_url, deadline=job.transfer_deadline), name="server control variate")
+    own = {
+        name.removeprefix(CONTROL_PREFIX): tensor
+        for name, tensor in (state.tensors.items() if state is not None else ())
+        if name.startswith(CONTROL_PREFIX)
+    }
+    params = dict(model.module.named_parameters())
+    try:
+        return control_variates(params, model.exchanged_names(), server.tensors, own)
+    except ValueError as error:
+        raise IncompatibleModelError(str(error)) from None
+
+
 def _private_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     model: FederatedModel,
-    residual: dict[str, torch.Tensor],
+    kept: dict[str, torch.Tensor],
     cursor: DataCursor,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The site's private state after its round: tensors, and the config beside them."""
+    """The site's private state after its round: tensors (with `kept`: what exchange policy sparse
+    did not send yet, SCAFFOLD's c_i), and the config beside them."""
     state_tensors, state_config = pack_state(optimizer, scheduler)
-    # Personal tensors never enter the update: they persist beside the optimizer state, and so does
-    # what policy sparse has not sent yet.
+    # Personal tensors never enter the update: they persist beside the optimizer state.
     state_tensors.update({PERSONAL_PREFIX + name: tensor for name, tensor in model.personal_state().items()})
-    state_tensors.update({RESIDUAL_PREFIX + name: tensor for name, tensor in residual.items()})
+    state_tensors.update(kept)
     state_config["data_cursor"] = cursor.to_config()
     return state_tensors, state_config
 
