@@ -549,10 +549,11 @@ _ENVIRONMENT = celpy.Environment()
 _PROGRAMS: dict[str, Any] = {}
 
 
-def evaluate(expression: str, activation: dict[str, Any]) -> Any:
+def evaluate(expression: str, activation: dict[str, Any], converted: bool = False) -> Any:
+    """The rule's value; `converted`: the activation already holds CEL values (json_to_cel)."""
     if expression not in _PROGRAMS:
         _PROGRAMS[expression] = _ENVIRONMENT.program(_ENVIRONMENT.compile(expression))
-    values = {name: json_to_cel(value) for name, value in activation.items()}
+    values = activation if converted else {name: json_to_cel(value) for name, value in activation.items()}
     try:
         return _PROGRAMS[expression].evaluate(values)
     except CELEvalError as error:
@@ -563,12 +564,17 @@ def evaluate(expression: str, activation: dict[str, Any]) -> Any:
 def violations(node: dict[str, Any], new: Any, old: Any = None, path: str = "") -> list[str]:
     """The messages of the rules `new` breaks; transition rules run only where an old value pairs up."""
     found = []
-    for rule in node.get("x-kubernetes-validations", []):
+    node_rules = node.get("x-kubernetes-validations", [])
+    # Converted once per node, not once per rule: the root's rules see the whole document.
+    cel_new = json_to_cel(new) if node_rules else None
+    cel_old = json_to_cel(old) if node_rules and old is not None else None
+    for rule in node_rules:
         transition = "oldSelf" in rule["rule"]
         if transition and old is None:
             continue
         activation = {"self": new, "oldSelf": old} if transition else {"self": new}
-        verdict = evaluate(rule["rule"], activation)
+        converted = {"self": cel_new, "oldSelf": cel_old} if transition else {"self": cel_new}
+        verdict = evaluate(rule["rule"], converted, converted=True)
         if not (isinstance(verdict, BoolType) and bool(verdict)):
             message = rule["message"]
             if "messageExpression" in rule:
