@@ -142,9 +142,14 @@ def refactorise(
     *,
     total_weight: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    into_b: bool = False,
 ) -> Refactorised:
     """Factorise W = weight_sum / total_weight to rank `rank` so that scale * b @ a is its best
-    rank-r approximation; dividing the singular values by total_weight avoids copying the matrix."""
+    rank-r approximation; dividing the singular values by total_weight avoids copying the matrix.
+
+    `into_b`: the singular values go into B alone (B' = U_r S_r / s, A' = V_r^T, orthonormal rows),
+    so a component whose singular value is zero keeps a live A row and B can grow it again in the
+    next round (with the even split both its factors would be zero, and no gradient moves it)."""
     if weight_sum.dim() != 2:
         raise ValueError(f"the aggregate must be a matrix, got shape {tuple(weight_sum.shape)}")
     smaller = min(weight_sum.shape)
@@ -158,10 +163,14 @@ def refactorise(
     u, sigma, vh = torch.linalg.svd(weight_sum, full_matrices=False)
     spectrum = (sigma / total_weight).to(torch.float64)  # sigma(W / c) = sigma(W) / c, same U and V
     u_kept, vh_kept = _canonical_signs(u[:, :rank], vh[:rank])
-    root = torch.sqrt(spectrum[:rank] / scale).to(u.dtype)
+    if into_b:
+        b, a = u_kept * (spectrum[:rank] / scale).to(u.dtype), vh_kept
+    else:
+        root = torch.sqrt(spectrum[:rank] / scale).to(u.dtype)
+        b, a = u_kept * root, root[:, None] * vh_kept
     return Refactorised(
-        b=(u_kept * root).to(dtype),
-        a=(root[:, None] * vh_kept).to(dtype),
+        b=b.to(dtype),
+        a=a.to(dtype),
         energy=energy_at_ranks(spectrum, [rank])[rank],
         singular_values=spectrum[:rank].clone(),
         spectrum=spectrum,
@@ -202,11 +211,15 @@ class ProductSum:
         self._total_weight += weight
         self.sites += 1
 
-    def factorise(self, rank: int, scale: float, *, dtype: torch.dtype = torch.float32) -> Refactorised:
+    def factorise(
+        self, rank: int, scale: float, *, dtype: torch.dtype = torch.float32, into_b: bool = False
+    ) -> Refactorised:
         """The weighted average sum / total_weight, factorised to `rank` at global scale `scale`."""
         if self.sites == 0:
             raise ValueError("no site was added: there is nothing to average")
-        return refactorise(self._sum, rank, scale, total_weight=self._total_weight, dtype=dtype)
+        return refactorise(
+            self._sum, rank, scale, total_weight=self._total_weight, dtype=dtype, into_b=into_b
+        )
 
 
 def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from fedtrain.api import EvalMetrics, FederatedTrainingSpec, RejectedUpdate, SiteSpec, TransferDtype
+from fedtrain.api import (
+    EvalMetrics,
+    FederatedTrainingSpec,
+    LoraAggregation,
+    RejectedUpdate,
+    SiteSpec,
+    TransferDtype,
+)
 from fedtrain.codec import (
     MODEL_TRANSFER_DTYPES,
     CodecError,
@@ -44,6 +51,7 @@ from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
 from fedtrain.store import ObjectNotFound, ObjectStore
 from fedtrain.updates import check_base_model, check_update, check_update_header
 
+from .lora_strategy import LoraProduct, LoraProductMean
 from .robust_strategies import RobustOutcome, RobustStrategy
 from .stored_round import StoredRound
 from .strategies import Accumulator, WeightedMean, make_strategy, site_weight
@@ -102,6 +110,8 @@ class _OpenRound:
     outcome: RobustOutcome | None = None
     # SCAFFOLD: the sum of the accepted updates' control changes (unweighted).
     control: WeightedMean | None = None
+    # lora.aggregation product: the energy each adapted layer's truncation kept (set at close).
+    lora_energy: dict[str, float] = field(default_factory=dict)
 
 
 class RoundAggregator:
@@ -124,7 +134,11 @@ class RoundAggregator:
         self.max_site_samples = max_site_samples
         self.layout = layout
         self.spec = spec
-        self.strategy = make_strategy(spec.aggregation.strategy, spec.aggregation)
+        self.strategy = (
+            LoraProduct()
+            if spec.lora.aggregation is LoraAggregation.PRODUCT
+            else make_strategy(spec.aggregation.strategy, spec.aggregation)
+        )
         self._pretrained_weights = pretrained_weights
         self._open: dict[int, _OpenRound] = {}
         self._manifests: dict[int, RoundManifest] = {}  # closed rounds as read or written
@@ -564,6 +578,7 @@ class RoundAggregator:
             strategy_parameters=self.strategy.parameters(),
             not_selected=open_round.outcome.not_selected if open_round.outcome else [],
             trimmed_share=open_round.outcome.trimmed_share if open_round.outcome else {},
+            lora_energy=open_round.lora_energy,
             server_state_key=self.layout.server_state(round_index) if self.strategy.keeps_state else None,
             weighting=self.spec.aggregation.weighting.value,
             participants=_manifest_participants(open_round, folded),
@@ -625,6 +640,10 @@ class RoundAggregator:
                 next_tensors, state = self.strategy.step(
                     current.tensors, aggregate, self._server_state(round_index - 1)
                 )
+                if isinstance(open_round.accumulator, LoraProductMean):
+                    open_round.lora_energy = open_round.accumulator.refactorise(
+                        current.tensors, next_tensors, self._lora_scale(round_index)
+                    )
             else:  # every participant was left out: the round changes nothing
                 next_tensors = dict(current.tensors)
                 state = dict(self._server_state(round_index - 1))
@@ -647,6 +666,15 @@ class RoundAggregator:
         # The next round starts from this model: its signature is known without reading it back.
         self._signatures = {round_index + 1: (Signature(shapes, written.base_fingerprint), written)}
         return file_sha256
+
+    def _lora_scale(self, round_index: int) -> float:
+        """peft's scaling alpha / r of the adapters, from the global model's metadata (1.0 without)."""
+        self.signature(round_index)
+        config = self._signatures[round_index][1].config
+        rank, alpha = config.get("rank"), config.get("alpha")
+        return (
+            float(alpha) / float(rank) if isinstance(rank, int) and isinstance(alpha, int) and rank else 1.0
+        )
 
     def _write_control(self, round_index: int, control: WeightedMean) -> None:
         """SCAFFOLD: c of the next round = c + (|S| / N) x the mean control change of the |S| accepted

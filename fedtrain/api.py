@@ -366,6 +366,7 @@ ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern="^[-A-Za
 class LoraAggregation(ApiEnum):
     NAIVE = "naive"
     FROZEN_A = "frozenA"
+    PRODUCT = "product"
 
 
 class LoraSpec(SpecModel):
@@ -408,7 +409,13 @@ class LoraSpec(SpecModel):
             "(the mean of B times the mean of A is not the mean of the sites' B times A). frozenA "
             "(FFA-LoRA, Sun et al. 2024): A stays at its seeded initialisation, the same at every site, "
             "and only B (and the head) is trained and exchanged, so averaging B averages the sites' "
-            "weight changes exactly. Takes no effect under rank none."
+            "weight changes exactly. product (FlexLoRA, Bai et al. 2024): the aggregator averages the "
+            "sites' weight changes s·B_i·A_i per adapted layer (weighted as aggregation.weighting says) "
+            "and factorises the mean back to the rank by truncated SVD, so the next global A and B "
+            "give the best rank-r approximation of the mean change; the round manifest records the "
+            "energy each layer's truncation kept. product needs aggregation.strategy fedavg and an "
+            "exchange that shares both factors of every adapted layer. None takes effect under rank "
+            "none."
         ),
     )
 
@@ -1508,6 +1515,17 @@ class FederatedTrainingSpec(SpecModel):
                 "fieldPath": ".exchange",
             },
             {
+                "rule": "!has(self.lora) || !has(self.lora.aggregation) || self.lora.aggregation != 'product'"
+                " || ((!has(self.aggregation) || !has(self.aggregation.strategy)"
+                " || self.aggregation.strategy == 'fedavg')"
+                " && (!has(self.exchange) || !has(self.exchange.policy)"
+                " || self.exchange.policy in ['all', 'fixed', 'exclude'])"
+                " && (!has(self.mode) || self.mode != 'localOnly'))",
+                "message": "lora.aggregation: product needs aggregation.strategy fedavg, an exchange "
+                "policy that sends whole factors (all, fixed or exclude) and mode federated",
+                "fieldPath": ".lora.aggregation",
+            },
+            {
                 "rule": "!has(self.aggregation) || !has(self.aggregation.controlVariates)"
                 " || self.aggregation.controlVariates != 'scaffold'"
                 " || ((!has(self.mode) || self.mode != 'localOnly')"
@@ -1603,6 +1621,7 @@ class FederatedTrainingSpec(SpecModel):
                 "or use mode federated"
             )
         self._check_scaffold()
+        self._check_lora_product()
         sparse = self.exchange.policy is ExchangePolicy.SPARSE
         if sparse and self.training.transfer_dtype is TransferDtype.INT8:
             raise ValueError(
@@ -1617,6 +1636,23 @@ class FederatedTrainingSpec(SpecModel):
                 f"{self.model.class_count}: set model.labels to the WM-811K classes or numClasses: 9"
             )
         return self
+
+    def _check_lora_product(self) -> None:
+        if self.lora.aggregation is not LoraAggregation.PRODUCT:
+            return
+        if self.aggregation.strategy is not StrategyName.FEDAVG:
+            raise ValueError(
+                "lora.aggregation: product replaces the LoRA factors by the factorised mean change, which "
+                f"strategy {self.aggregation.strategy.value} would step or combine otherwise: use "
+                "aggregation.strategy fedavg"
+            )
+        if self.exchange.policy in (ExchangePolicy.DYNAMIC, ExchangePolicy.SPARSE):
+            raise ValueError(
+                "lora.aggregation: product needs both factors of every adapted layer each round, and "
+                f"exchange policy {self.exchange.policy.value} sends a part: choose all, fixed or exclude"
+            )
+        if self.mode is TrainingMode.LOCAL_ONLY:
+            raise ValueError("lora.aggregation: product combines sites' factors: drop it with mode localOnly")
 
     def _check_scaffold(self) -> None:
         if self.aggregation.control_variates is not ControlVariates.SCAFFOLD:

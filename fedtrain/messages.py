@@ -62,6 +62,9 @@ class RoundManifest(Message):
     #: trimmedMean the share of coordinates at which each participant's value was trimmed.
     not_selected: list[str] = Field(default_factory=list)
     trimmed_share: dict[str, float] = Field(default_factory=dict)
+    #: lora.aggregation product: the share of each adapted layer's mean weight change (its squared
+    #: Frobenius norm) that the rank-r factors of the next global model keep.
+    lora_energy: dict[str, float] = Field(default_factory=dict)
     weighting: str
     participants: list[Participant]
     rejected: list[RejectedUpdate] = Field(default_factory=list)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from jobs import in_process_job
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -38,7 +39,6 @@ from fedtrain.codec import (
     scale_name,
     tensors_digest,
 )
-from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.store import LocalStore
 from fedtrain.trainer.train import run_job
@@ -384,7 +384,7 @@ def test_two_sites_train_two_rounds_with_int8_transfer(tmp_path: Path) -> None:
     aggregator.initialize()
     for round_index in range(2):
         for site in ("fab-a", "fab-b"):
-            run_job(_job(store, layout, spec, round_index, site))
+            run_job(in_process_job(store, layout, spec, round_index, site))
             stored = load_safetensors(store.get_bytes(layout.update(round_index, site)))
             values = [name for name in stored if not name.endswith(INT8_SCALE_SUFFIX)]
             assert values
@@ -406,24 +406,6 @@ def test_two_sites_train_two_rounds_with_int8_transfer(tmp_path: Path) -> None:
     merged = decode(store.get_bytes(layout.merged_model()))
     assert merged.meta.kind is PayloadKind.MERGED
     assert all(t.dtype == torch.float32 for t in merged.tensors.values() if t.is_floating_point())
-
-
-def _job(
-    store: LocalStore, layout: TrainingLayout, spec: FederatedTrainingSpec, round_index: int, site: str
-) -> TrainerJob:
-    def state(index: int) -> str:
-        return f"test-state/{site}/{index}.safetensors"
-
-    return TrainerJob(
-        training=layout.name,
-        round=round_index,
-        site=site,
-        spec=TrainerSpec.for_site(spec, site),
-        global_model_url=store.presign_get(layout.global_model(round_index), 60),
-        update_url=store.presign_put(layout.update(round_index, site), 60),
-        state_get_url=store.presign_get(state(round_index - 1), 60),
-        state_put_url=store.presign_put(state(round_index), 60),
-    )
 
 
 def test_an_update_in_another_transfer_dtype_than_the_trainings_is_rejected(tmp_path: Path) -> None:

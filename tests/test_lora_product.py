@@ -259,3 +259,23 @@ def test_preconditions_are_value_errors() -> None:
         energy_at_ranks(torch.tensor([2.0, 1.0]), [0])
     with pytest.raises(ValueError, match="to_scale"):
         rescale(good_b, good_a, 1.0, 0.0)
+
+
+def test_into_b_keeps_the_product_and_a_live_a_row_for_a_dead_component() -> None:
+    """With the singular values in B alone, A' has orthonormal rows, so a component the sites did
+    not span (singular value 0) keeps an A row that B's gradient can use."""
+    generator = torch.Generator().manual_seed(3)
+    b, a = (
+        torch.randn(10, 1, generator=generator, dtype=torch.float64),
+        torch.randn(1, 12, generator=generator, dtype=torch.float64),
+    )
+    product = ProductSum(10, 12)
+    product.add(b, a, weight=1.0, scale=2.0)  # one site of rank 1: the mean change has rank 1
+    even, into_b = (
+        product.factorise(3, 2.0, dtype=torch.float64),
+        product.factorise(3, 2.0, dtype=torch.float64, into_b=True),
+    )
+    np.testing.assert_allclose((into_b.b @ into_b.a).numpy(), (even.b @ even.a).numpy(), atol=1e-12)
+    np.testing.assert_allclose((into_b.a @ into_b.a.T).numpy(), np.eye(3), atol=1e-12)
+    assert float(even.a[2].norm()) < 1e-6, "the even split leaves the dead component (nearly) no A row"
+    assert float(into_b.a[2].norm()) == pytest.approx(1.0)

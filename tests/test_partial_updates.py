@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from jobs import in_process_job, state_key
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -35,7 +36,6 @@ from fedtrain.codec import (
     encode,
     tensors_digest,
 )
-from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.model.selection import choose_drifted, select_update, top_k
 from fedtrain.store import LocalStore
@@ -398,24 +398,6 @@ def test_an_update_sending_more_than_its_policy_allows_is_that_sites_rejection(t
 # two real rounds of two sites
 
 
-def _job(
-    store: LocalStore, layout: TrainingLayout, spec: FederatedTrainingSpec, round_index: int, site: str
-) -> TrainerJob:
-    def state(index: int) -> str:
-        return f"test-state/{site}/{index}.safetensors"
-
-    return TrainerJob(
-        training=layout.name,
-        round=round_index,
-        site=site,
-        spec=TrainerSpec.for_site(spec, site),
-        global_model_url=store.presign_get(layout.global_model(round_index), 60),
-        update_url=store.presign_put(layout.update(round_index, site), 60),
-        state_get_url=store.presign_get(state(round_index - 1), 60),
-        state_put_url=store.presign_put(state(round_index), 60),
-    )
-
-
 def _two_rounds(
     tmp_path: Path, exchange: dict[str, Any], transfer_dtype: str
 ) -> tuple[LocalStore, TrainingLayout, FederatedTrainingSpec]:
@@ -444,7 +426,7 @@ def _two_rounds(
     aggregator.initialize()
     for round_index in range(2):
         for site in ("fab-a", "fab-b"):
-            run_job(_job(store, layout, spec, round_index, site))
+            run_job(in_process_job(store, layout, spec, round_index, site))
             verdict = aggregator.submit(round_index, site)
             assert verdict.accepted, verdict.message
         aggregator.close(round_index, ["fab-a", "fab-b"])
@@ -484,7 +466,7 @@ def test_two_sites_train_two_rounds_sparse_with_the_residual_in_the_private_stat
                 assert index.numel() == spec.exchange.elements_sent(tensor.numel())
                 assert stored[name + SPARSE_VALUES_SUFFIX].dtype == torch.bfloat16
                 sent_indices[name] |= set(index.tolist())
-            state = decode(store.get_bytes(f"test-state/{site}/{round_index}.safetensors"))
+            state = decode(store.get_bytes(state_key(site, round_index)))
             residual = {n: t for n, t in state.tensors.items() if n.startswith(RESIDUAL_PREFIX)}
             assert set(residual) == {RESIDUAL_PREFIX + name for name in model.tensors}
             assert any(float(t.abs().sum()) > 0 for t in residual.values())

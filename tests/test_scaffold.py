@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from jobs import in_process_job, state_key
 from torch import nn
 
 from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.api import FederatedTrainingSpec
 from fedtrain.codec import CONTROL_SUFFIX, Metadata, PayloadKind, decode, encode
-from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.store import LocalStore
 from fedtrain.trainer.scaffold import CONTROL_PREFIX, control_variates
@@ -176,7 +176,10 @@ def test_an_update_without_its_control_changes_is_rejected(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
-        ({"aggregation": {"controlVariates": "scaffold", "strategy": "median"}}, "which strategy median would not"),
+        (
+            {"aggregation": {"controlVariates": "scaffold", "strategy": "median"}},
+            "which strategy median would not",
+        ),
         ({"exchange": {"policy": "sparse", "topK": 0.1}}, "exchange policy sparse sends a part"),
         ({"training": {"transferDtype": "int8"}}, "not int8"),
         ({"mode": "localOnly"}, "mode localOnly"),
@@ -232,9 +235,9 @@ def test_two_sites_train_two_rounds_with_scaffold(tmp_path: Path) -> None:
     for round_index in range(2):
         server = decode(store.get_bytes(layout.server_control(round_index))).tensors
         for site in ("fab-a", "fab-b"):
-            run_job(_job(store, layout, spec, round_index, site))
+            run_job(in_process_job(store, layout, spec, round_index, site, control=True))
             update = decode(store.get_bytes(layout.update(round_index, site))).tensors
-            state = decode(store.get_bytes(f"test-state/{site}/{round_index}.safetensors")).tensors
+            state = decode(store.get_bytes(state_key(site, round_index))).tensors
             names = [n for n in update if not n.endswith(CONTROL_SUFFIX)]
             for name in names:
                 before = own.get(site, {}).get(name, torch.zeros_like(update[name]))
@@ -255,22 +258,3 @@ def test_two_sites_train_two_rounds_with_scaffold(tmp_path: Path) -> None:
         for name, tensor in after.items():  # both of the two sites sent: c moves by their mean change
             mean_change = sum(update[name + CONTROL_SUFFIX] for update in updates) / 2
             torch.testing.assert_close(tensor, server[name] + mean_change, rtol=1e-5, atol=1e-6)
-
-
-def _job(
-    store: LocalStore, layout: TrainingLayout, spec: FederatedTrainingSpec, round_index: int, site: str
-) -> TrainerJob:
-    def state(index: int) -> str:
-        return f"test-state/{site}/{index}.safetensors"
-
-    return TrainerJob(
-        training=layout.name,
-        round=round_index,
-        site=site,
-        spec=TrainerSpec.for_site(spec, site),
-        global_model_url=store.presign_get(layout.global_model(round_index), 60),
-        update_url=store.presign_put(layout.update(round_index, site), 60),
-        state_get_url=store.presign_get(state(round_index - 1), 60),
-        state_put_url=store.presign_put(state(round_index), 60),
-        control_url=store.presign_get(layout.server_control(round_index), 60),
-    )
