@@ -697,6 +697,20 @@ def test_an_evaluation_gets_a_url_for_the_site_s_own_model_only_where_the_spec_p
     assert alone.spec.mode.value == "localOnly"
 
 
+def test_a_training_job_gets_the_server_control_variate_only_under_scaffold(body: dict[str, Any]) -> None:
+    layout = TrainingLayout(TRAINING_NAMESPACE, "wafer")
+    signer = FakeSigner()
+    training = StartSiteJob("fab-b", 3, 0, "train", state_from=AttemptRef(round=2, attempt=0))
+    evaluation = StartSiteJob("fab-b", 4, 0, "evaluate", state_from=AttemptRef(round=3, attempt=0))
+    assert build_trainer_job(spec_of(body), layout, training, signer, 700, None).control_url is None
+    body["spec"]["aggregation"] = {**body["spec"].get("aggregation", {}), "controlVariates": "scaffold"}
+    scaffold = spec_of(body)
+    job = build_trainer_job(scaffold, layout, training, signer, 700, None)
+    assert job.control_url == signer.presign_get(layout.server_control(3), 700)
+    assert job.control_url.endswith("wafer/rounds/00003/control.safetensors?expires=700")
+    assert build_trainer_job(scaffold, layout, evaluation, signer, 700, None).control_url is None
+
+
 def test_url_expiry_is_the_round_timeout_plus_grace_capped_at_seven_days() -> None:
     short = spec_of(training_body(aggregation={"roundTimeoutSeconds": 300}))
     assert url_expiry_seconds(short, 60) == 360
