@@ -480,7 +480,7 @@ class ExchangeSpec(SpecModel):
                 " : !has(self.topFraction) && !has(self.threshold)",
                 "message": "policy dynamic takes exactly one of topFraction and threshold, and no other "
                 "policy takes either: topFraction is the share of tensors sent each round (e.g. 0.25), "
-                "threshold the relative drift a tensor must reach (e.g. 0.01)",
+                "threshold the share of the largest drift a tensor must reach (e.g. 0.1)",
             },
             {
                 "rule": "has(self.policy) && self.policy == 'sparse' ? has(self.topK) : !has(self.topK)",
@@ -506,11 +506,12 @@ class ExchangeSpec(SpecModel):
             "it; exclude: the trainable tensors matching layers, and those of modules of the types "
             "in modules, never leave the site and persist in its private state (personal layers: "
             "FedPer keeps the head, FedBN the normalisation layers); dynamic: each round a site sends "
-            "only the trainable tensors that drifted most from the global model it received (by "
-            "topFraction or threshold) and the aggregator averages each tensor over the sites that "
-            "sent it; sparse: each round a site sends the topK largest elements of each tensor's "
-            "change as indices and values, and carries what it did not send into the next round "
-            "(error feedback, kept in its private state). Frozen base weights never move."
+            "only the trainable tensors that drifted most from the global model it received (root "
+            "mean square change, by topFraction or threshold) and the aggregator averages each tensor "
+            "over the sites that sent it; sparse: each round a site sends the topK largest elements "
+            "of each tensor's change as indices and values, and carries what it did not send into "
+            "the next round (error feedback, kept in its private state). Frozen base weights never "
+            "move."
         ),
     )
     layers: list[LayerPattern] | None = Field(
@@ -540,19 +541,19 @@ class ExchangeSpec(SpecModel):
         gt=0,
         le=1,
         description=(
-            "dynamic only: the share of the trainable tensors each site sends each round, those whose "
-            "change since the global model it received has the largest L2 norm relative to that "
-            "tensor's received norm (at least one tensor; 0.25 sends the quarter that moved most)."
+            "dynamic only: the share of the trainable tensors each site sends each round, those that "
+            "drifted most from the global model it received, drift being the root mean square of a "
+            "tensor's change (at least one tensor; 0.25 sends the quarter that moved most)."
         ),
     )
     threshold: float | None = Field(
         None,
         gt=0,
-        le=1e6,
+        le=1,
         description=(
-            "dynamic only: send each trainable tensor whose relative drift, ||local - received|| / "
-            "||received||, is at least this (a tensor received as zeros, such as LoRA B at first, "
-            "counts as infinitely drifted once it moves). A round may send no tensor."
+            "dynamic only: send each trainable tensor whose drift (the root mean square of its change "
+            "since the global model received) is at least this share of the round's largest drift: "
+            "1 sends the most drifted tensor alone, 0.1 every tensor within a factor of 10 of it."
         ),
     )
     top_k: float | None = Field(
@@ -609,7 +610,8 @@ class ExchangeSpec(SpecModel):
             raise ValueError(
                 "policy dynamic takes exactly one of topFraction and threshold, and no other policy takes "
                 f"either (policy {self.policy.value} has {chosen}): topFraction is the share of tensors "
-                "sent each round (e.g. 0.25), threshold the relative drift a tensor must reach (e.g. 0.01)"
+                "sent each round (e.g. 0.25), threshold the share of the largest drift a tensor must reach "
+                "(e.g. 0.1)"
             )
         if sparse != (self.top_k is not None):
             raise ValueError(

@@ -1,11 +1,13 @@
 """What of a site's change leaves it this round: pure tensor logic for exchange policies dynamic and sparse.
 
-- dynamic (after FL4Health's `DynamicLayerExchanger`): a tensor's drift is the L2 norm of its change
-  since the global model the site received, relative to that received tensor's norm (a tensor received
-  as zeros, like LoRA B at first, is infinitely drifted once it moves). With topFraction the
-  `exchange.tensors_sent` most drifted tensors are sent (ties broken by name); with threshold every
-  tensor whose drift is at least it. The rest of the change is dropped: the site starts its next round
-  from the next global model, which keeps the previous value of a tensor no site sent.
+- dynamic (after FL4Health's `DynamicLayerExchanger`): a tensor's drift is the root mean square of
+  its change since the global model the site received, ||change|| / sqrt(elements), a per-element
+  figure that neither favours large tensors (as a plain norm does) nor tensors that start near zero
+  (as a norm relative to the received tensor does: biases, LoRA B and LayerScale would be sent
+  every round and the weight matrices never). With topFraction the `exchange.tensors_sent` most
+  drifted tensors are sent (ties broken by name); with threshold every tensor whose drift is at
+  least that share of the round's largest drift. The rest of the change is dropped: the site starts
+  its next round from the next global model, which keeps the previous value of a tensor no site sent.
 - sparse (top-k sparsification with error feedback): each tensor's change plus what earlier rounds
   did not send (the residual, kept in the site's private state) is sent as its `exchange.elements_sent`
   largest elements in magnitude; the rest, and the rounding of the values sent to the transfer dtype,
@@ -32,25 +34,21 @@ class Selection:
     metrics: dict[str, float]
 
 
-def relative_drift(change: torch.Tensor, received: torch.Tensor) -> float:
-    """||change|| / ||received||; infinite where a tensor received as zeros moved, 0 where none moved."""
-    moved, base = math.sqrt(squared_norm(change)), math.sqrt(squared_norm(received))
-    if base > 0:
-        return moved / base
-    return math.inf if moved > 0 else 0.0
+def drift(change: torch.Tensor) -> float:
+    """The root mean square of a tensor's change, ||change|| / sqrt(elements); 0 for no element."""
+    return math.sqrt(squared_norm(change) / change.numel()) if change.numel() else 0.0
 
 
-def choose_drifted(
-    delta: dict[str, torch.Tensor], received: dict[str, torch.Tensor], exchange: ExchangeSpec
-) -> list[str]:
-    """The names of the tensors policy dynamic sends, sorted."""
-    drift = {name: relative_drift(change, received[name]) for name, change in delta.items()}
+def choose_drifted(delta: dict[str, torch.Tensor], exchange: ExchangeSpec) -> list[str]:
+    """The names of the tensors policy dynamic sends, sorted: the topFraction most drifted, or those
+    drifted at least threshold x the round's largest drift (never one that did not move)."""
+    drifts = {name: drift(change) for name, change in delta.items()}
     count = exchange.tensors_sent(len(delta))
     if count is not None:
-        ranked = sorted(delta, key=lambda name: (-drift[name], name))
+        ranked = sorted(delta, key=lambda name: (-drifts[name], name))
         return sorted(ranked[:count])
-    threshold = exchange.threshold if exchange.threshold is not None else 0.0
-    return sorted(name for name in delta if drift[name] >= threshold and drift[name] > 0)
+    bar = (exchange.threshold or 0.0) * max(drifts.values(), default=0.0)
+    return sorted(name for name in delta if drifts[name] >= bar and drifts[name] > 0)
 
 
 def top_k(
@@ -77,7 +75,7 @@ def select_update(
 ) -> Selection:
     """What the site sends of its change `delta` from the `received` global tensors, by `exchange`."""
     if exchange.policy is ExchangePolicy.DYNAMIC:
-        chosen = choose_drifted(delta, received, exchange)
+        chosen = choose_drifted(delta, exchange)
         return Selection({name: delta[name] for name in chosen}, {}, {"tensors_sent": float(len(chosen))})
     if exchange.policy is not ExchangePolicy.SPARSE:
         return Selection(dict(delta), {}, {"tensors_sent": float(len(delta))})
