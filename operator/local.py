@@ -18,11 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import yaml
 
@@ -332,8 +334,16 @@ def _key(action: StartSiteJob) -> JobKey:
     return action.site, action.attempt
 
 
+T = TypeVar("T")
+
+
 class LocalAggregator:
-    """The aggregator library in this process; its calls run in a worker thread."""
+    """The aggregator library in this process; its calls run in a worker thread, one at a time.
+
+    `RoundAggregator` is not thread-safe (a running sum, the record of accepted updates), and the
+    driver core submits the updates of sites that finish together at once: the calls take turns
+    here, as they do behind the aggregator service's lock.
+    """
 
     def __init__(
         self, aggregator: RoundAggregator, store: ObjectStore, layout: TrainingLayout, run_dir: Path
@@ -342,21 +352,28 @@ class LocalAggregator:
         self.store = store
         self.layout = layout
         self.run_dir = run_dir
+        self._lock = threading.Lock()
+
+    async def _call(self, work: Callable[..., T], *args: Any) -> T:
+        def locked() -> T:
+            with self._lock:
+                return work(*args)
+
+        return await asyncio.to_thread(locked)
 
     async def initialize(self) -> str:
-        uri: str = await asyncio.to_thread(self.aggregator.initialize)
-        return uri
+        return await self._call(self.aggregator.initialize)
 
     async def submit(self, round_index: int, site: str) -> UpdateVerdict:
-        return await asyncio.to_thread(self.aggregator.submit, round_index, site)
+        return await self._call(self.aggregator.submit, round_index, site)
 
     async def close(
         self, round_index: int, participants: list[str], rejected: list[RejectedUpdate]
     ) -> RoundManifest:
-        return await asyncio.to_thread(self.aggregator.close, round_index, participants, rejected)
+        return await self._call(self.aggregator.close, round_index, participants, rejected)
 
     async def merge(self, round_index: int) -> str:
-        uri: str = await asyncio.to_thread(self.aggregator.merge, round_index)
+        uri: str = await self._call(self.aggregator.merge, round_index)
         await self._copy_out(self.layout.merged_model(), self.run_dir / MERGED_FILE)
         if self.aggregator.spec.publishes_site_models:
             # The final evaluation is over: each site that reported wrote its own merged model.

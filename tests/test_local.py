@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,14 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.api import FederatedTraining, Phase
-from fedtrain.codec import decode
+from fedtrain.codec import Metadata, PayloadKind, decode, encode
 from fedtrain.layout import TrainingLayout
 from fedtrain.model import build_model, load_plain_model
 from fedtrain.operator.core import build_trainer_job
 from fedtrain.operator.engine import JobObservation, JobState, StartSiteJob
 from fedtrain.operator.local import (
     STATUS_FILE,
+    LocalAggregator,
     LocalJobs,
     LocalRunner,
     RunError,
@@ -391,3 +394,47 @@ def test_a_pattern_that_matches_nothing_fails_the_run_before_any_trainer_starts(
     assert ready.reason == "InvalidSpec", ready
     assert "spec.exchange.layers[1]: 'classifier.*' matches no trainable tensor" in ready.message
     assert list((tmp_path / "run" / "jobs").iterdir()) == []
+
+
+def test_updates_submitted_together_are_folded_one_at_a_time(tmp_path: Path) -> None:
+    """The driver core submits the updates of sites that finish together at once: every one must be
+    folded and pinned (a race lost one of two concurrent pins, and a robust close then refused it)."""
+    sites = [f"fab-{letter}" for letter in "abcdefgh"]
+    spec = FederatedTraining.model_validate(
+        {
+            "apiVersion": "fedtrain.io/v1alpha1",
+            "kind": "FederatedTraining",
+            "metadata": {"name": "together"},
+            "spec": {
+                "model": {"numClasses": 9},
+                "aggregation": {"strategy": "median"},
+                "sites": [{"name": site, "data": {"synthetic": {}}} for site in sites],
+            },
+        }
+    ).spec
+    store, layout = LocalStore(tmp_path / "store"), TrainingLayout("local", "together")
+    meta = Metadata(kind=PayloadKind.MODEL, training=layout.name, round=0, base_fingerprint="0f" * 32)
+    shape = (256, 256)
+    store.put_bytes(layout.global_model(0), encode({"w": torch.zeros(shape)}, meta))
+    for index, site in enumerate(sites):
+        update = meta.model_copy(
+            update={
+                "kind": PayloadKind.UPDATE,
+                "site": site,
+                "samples": 10,
+                "timings": {"train_seconds": 1.0},
+            }
+        )
+        store.put_bytes(layout.update(0, site), encode({"w": torch.full(shape, float(index))}, update))
+    local = LocalAggregator(RoundAggregator(store, layout, spec), store, layout, tmp_path)
+
+    async def submit_all() -> list[Any]:
+        return await asyncio.gather(*(local.submit(0, site) for site in sites))
+
+    verdicts = asyncio.run(submit_all())
+    assert all(verdict.accepted for verdict in verdicts), [v.message for v in verdicts]
+    assert sorted(json.loads(store.get_bytes(layout.accepted_updates(0)))) == sites
+    manifest = asyncio.run(local.close(0, sites, []))
+    assert manifest.rejected == []
+    result = decode(store.get_bytes(layout.global_model(1))).tensors["w"]
+    assert torch.equal(result, torch.full(shape, 3.5))  # the median of 0..7
