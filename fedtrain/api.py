@@ -853,7 +853,8 @@ class RobustSpec(SpecModel):
         lt=0.5,
         description=(
             "trimmedMean: the share of sites dropped at each end of every coordinate before averaging "
-            "(floor(share x sites) per side; default 0.1)."
+            "(floor(share x sites) per side; default 0.2, which trims one of 5 to 9 sites at each end; "
+            "with fewer than 1 / share sites nothing is trimmed)."
         ),
     )
     byzantine: int | None = Field(
