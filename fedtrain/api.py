@@ -1505,6 +1505,15 @@ class FederatedTrainingSpec(SpecModel):
                 "fieldPath": ".exchange",
             },
             {
+                "rule": "(has(self.aggregation) && has(self.aggregation.controlVariates)"
+                " ? self.aggregation.controlVariates : 'none')"
+                " == (has(oldSelf.aggregation) && has(oldSelf.aggregation.controlVariates)"
+                " ? oldSelf.aggregation.controlVariates : 'none')",
+                "message": "aggregation.controlVariates cannot change after creation (the sites' and "
+                "the server's control variates start with the training): create a new FederatedTraining",
+                "fieldPath": ".aggregation.controlVariates",
+            },
+            {
                 "rule": "(has(self.mode) ? self.mode : 'federated')"
                 " == (has(oldSelf.mode) ? oldSelf.mode : 'federated')",
                 "message": "mode cannot change after creation: create a new FederatedTraining",

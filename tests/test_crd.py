@@ -901,6 +901,12 @@ UPDATE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str | None]] = [
     ("site-resources", site(0, resources={"limits": {"nvidia.com/gpu": 1}}), None),
     ("site-namespace-spelled-out", site(0, namespace="default"), None),
     ("timeout", spec_change(lambda s: s["aggregation"].update(roundTimeoutSeconds=60)), None),
+    (
+        "scaffold-switched-on",
+        spec_change(lambda s: s["aggregation"].update(controlVariates="scaffold")),
+        "controlVariates cannot change",
+    ),
+    ("strategy-changed", spec_change(lambda s: s["aggregation"].update(strategy="median")), None),
 ]
 
 
