@@ -1,4 +1,4 @@
-"""Streaming FedAvg (the real RoundAggregator) against an in-memory torch reduction: GB/s and peak RSS.
+"""Streaming aggregation (the real RoundAggregator) against an in-memory torch reduction: GB/s, peak RSS.
 
 What it measures, for each number of sites N in --sites (default 2, 8 and 32):
 
@@ -11,6 +11,16 @@ What it measures, for each number of sites N in --sites (default 2, 8 and 32):
   "pread" backend where safetensors has it; its default "mmap" backend reads nothing until a
   tensor is touched), reduced into an fp32 sum with `add_(alpha=weight)` and divided by the total
   weight. Reported twice: including the loading, and for the reduction alone.
+
+--strategy picks the streaming aggregator's `spec.aggregation.strategy`: fedavg (default; the
+running fp32 sum above), median or trimmedMean (each update is only checked on submit; close reads
+every participant's update again one tensor at a time into an N x tensor fp32 stack and reduces it),
+or krum (f = 1 and minSites = N, so it needs N > 4 = 2f + 2: smaller N are skipped with a note).
+The in-memory baseline is always the plain weighted mean, whatever --strategy says (its max |diff|
+check against the aggregator's model is only made for fedavg). The robust strategies' memory target
+is the issue's: peak above baseline <= N x the largest tensor (fp32, as stacked) + 2 fp32 models +
+the allowance; the table prints it for every strategy (fedavg's own, tighter target is 2 models +
+the allowance, printed in the header).
 
 Throughput is bytes of the N update files / wall time, in GB/s (1e9 bytes). Peak RSS is measured
 in a fresh child process per approach and N (this script re-run with a hidden --child flag), so the
@@ -79,14 +89,20 @@ THROUGHPUT_TARGET = 0.7
 #: Target: aggregator peak RSS at most this many full fp32 models plus RSS_ALLOWANCE bytes.
 RSS_MODELS_TARGET = 2
 RSS_ALLOWANCE = 200 * 1024 * 1024
+#: Streaming strategies --strategy offers; krum runs with f = KRUM_BYZANTINE and minSites = N.
+STRATEGIES = ["fedavg", "median", "trimmedMean", "krum"]
+KRUM_BYZANTINE = 1
 BYTES_PER_ELEMENT = {TransferDtype.FP32: 4, TransferDtype.BF16: 2, TransferDtype.FP16: 2}
 
 # Stages of the streaming aggregator's wall time, in the order they happen.
 DECODE_GLOBAL = "submit: decode + verify the global model (sha256), once a round"
 DECODE_UPDATE = "submit: decode update headers"
+DECODE_CLOSE = "close: decode the participants' update headers again (robust)"
 CHECK = "submit: one pass per update (read, sha256, norm, add_ into the fp32 sum)"
 SUBMIT_OTHER = "submit: other (zeroed fp32 sum, manifest lookups)"
 DIVIDE = "close: divide the sum in place (result)"
+STACK = "close: re-read the updates into N x tensor fp32 stacks (read, sha256) (robust)"
+REDUCE = "close: reduce the stacks (median / trimmed mean + trim counts / krum) (robust)"
 APPLY = "close: add the global model in place (apply)"
 ENCODE = "close: stream the next global to a temp file (digest, file sha256)"
 WRITE = "close: upload model + manifest to the store (copy, fsync)"
@@ -96,6 +112,9 @@ STAGES = [
     DECODE_UPDATE,
     CHECK,
     SUBMIT_OTHER,
+    DECODE_CLOSE,
+    STACK,
+    REDUCE,
     DIVIDE,
     APPLY,
     ENCODE,
@@ -204,25 +223,55 @@ def _decode_stage(*args: Any, **kwargs: Any) -> str:
     return DECODE_GLOBAL if name.endswith("global.safetensors") else DECODE_UPDATE
 
 
-def child_streaming(root: Path, count: int, profile: bool) -> dict[str, Any]:
-    from fedtrain.aggregator import rounds, strategies
+def aggregation_settings(strategy: str, count: int) -> dict[str, Any]:
+    """The spec's `aggregation` for `strategy` with N = `count` sites (krum: f = 1, minSites = N)."""
+    if strategy == "krum":
+        return {"strategy": "krum", "robust": {"byzantine": KRUM_BYZANTINE}, "minSites": count}
+    return {"strategy": strategy}
+
+
+def krum_fits(count: int) -> bool:
+    """krum needs minSites > 2f + 2; minSites is N here."""
+    return count > 2 * KRUM_BYZANTINE + 2
+
+
+def child_streaming(
+    root: Path, count: int, profile: bool, strategy: str = "fedavg", dtype: str = TransferDtype.BF16.value
+) -> dict[str, Any]:
+    from fedtrain.aggregator import robust, robust_strategies, rounds, stored_round, strategies
 
     sites = [site_name(index) for index in range(count)]
     spec = FederatedTrainingSpec.model_validate(
         {
             "model": {"name": "benchmark", "numClasses": 9},
             "sites": [{"name": name, "data": {"synthetic": {}}} for name in sites],
+            "aggregation": aggregation_settings(strategy, count),
+            # The aggregator rejects an update sent in another dtype than the training's.
+            "training": {"transferDtype": dtype},
         }
     )
     store = LocalStore(root)
     aggregator = rounds.RoundAggregator(store, layout(), spec)
+    if aggregator.strategy.name.value != strategy:
+        raise RuntimeError(f"the aggregator runs {aggregator.strategy.name.value}, not {strategy}")
+    sampler = RssSampler()
+
+    def decode_stage(*args: Any, **kwargs: Any) -> str:
+        stage = _decode_stage(*args, **kwargs)
+        return DECODE_CLOSE if stage == DECODE_UPDATE and sampler.phase == "close" else stage
 
     stages: dict[str, float] = {}
     wrapped: list[tuple[Any, str, str | Callable[..., str]]] = [
-        (rounds, "decode", _decode_stage),
+        (rounds, "decode", decode_stage),
         (rounds, "check_update", CHECK),
         (strategies.WeightedMean, "result", DIVIDE),
         (strategies.FedAvg, "apply", APPLY),
+        (robust_strategies.RobustStrategy, "apply", APPLY),
+        (stored_round.StoredRound, "stack", STACK),
+        (robust_strategies.CoordinateWise, "reduced", REDUCE),
+        (robust_strategies, "_count_trimmed", REDUCE),
+        (robust.PairwiseDistances, "add", REDUCE),
+        (robust_strategies, "unweighted_mean", REDUCE),
         (rounds, "encode_file", ENCODE),
         (store, "put_file", WRITE),
         (store, "put_bytes", WRITE),
@@ -231,7 +280,6 @@ def child_streaming(root: Path, count: int, profile: bool) -> dict[str, Any]:
         setattr(owner, attribute, _timed(stages, stage, getattr(owner, attribute)))
 
     gc.collect()
-    sampler = RssSampler()
     sampler.start()
     reset_peak_rss()
     baseline = rss_bytes()
@@ -332,7 +380,15 @@ def child_in_memory(root: Path, count: int) -> dict[str, Any]:
     }
 
 
-def run_child(mode: str, root: Path, count: int, threads: int, profile: bool) -> dict[str, Any]:
+def run_child(
+    mode: str,
+    root: Path,
+    count: int,
+    threads: int,
+    profile: bool,
+    strategy: str = "fedavg",
+    dtype: str = TransferDtype.BF16.value,
+) -> dict[str, Any]:
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -344,6 +400,10 @@ def run_child(mode: str, root: Path, count: int, threads: int, profile: bool) ->
         str(count),
         "--threads",
         str(threads),
+        "--strategy",
+        strategy,
+        "--dtype",
+        dtype,
     ]
     if profile:
         command.append("--profile")
@@ -485,6 +545,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=TransferDtype.BF16.value,
         help="transfer dtype of the updates (fp32 updates are twice the disk and RAM)",
     )
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="fedavg",
+        help="aggregation.strategy of the streaming aggregator (krum: f = 1, minSites = N, N > 4); "
+        "the in-memory baseline is the weighted mean whatever this says",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per approach and N (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--tmp-dir", type=Path, default=None, help="where the temporary store goes")
@@ -514,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.child:
         result = (
-            child_streaming(args.root, args.count, args.profile)
+            child_streaming(args.root, args.count, args.profile, args.strategy, args.dtype)
             if args.child == "streaming"
             else child_in_memory(args.root, args.count)
         )
@@ -527,6 +594,13 @@ def main(argv: list[str] | None = None) -> None:
     model_bytes = parameters * 4
     update_estimate = parameters * BYTES_PER_ELEMENT[dtype]
     rss_target = RSS_MODELS_TARGET * model_bytes + RSS_ALLOWANCE
+    # The robust strategies stack one tensor of every update in fp32: N x the largest, in fp32.
+    largest_name, largest_shape = max(shapes.items(), key=lambda item: torch.Size(item[1]).numel())
+    largest_bytes = torch.Size(largest_shape).numel() * 4
+
+    def robust_target(count: int) -> int:
+        return count * largest_bytes + RSS_MODELS_TARGET * model_bytes + RSS_ALLOWANCE
+
     memory = psutil.virtual_memory()
     print(f"# benchmarks/aggregate.py  {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
     print(
@@ -537,7 +611,13 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model: {args.model} img_size={args.image_size}: {len(shapes)} tensors, {parameters / 1e6:.1f}M "
         f"parameters, {fmt_mb(model_bytes)} MB fp32; updates in {dtype.value}, about "
-        f"{fmt_mb(update_estimate)} MB each"
+        f"{fmt_mb(update_estimate)} MB each; largest tensor {largest_name} {list(largest_shape)}: "
+        f"{largest_bytes:,} bytes in fp32"
+    )
+    print(
+        f"streaming strategy: {args.strategy}"
+        + (f" (robust.byzantine f = {KRUM_BYZANTINE}, minSites = N)" if args.strategy == "krum" else "")
+        + "; in-memory baseline: the plain weighted mean (FedAvg's rule) for every strategy"
     )
 
     tmp_parent = args.tmp_dir or Path(tempfile.gettempdir())
@@ -545,6 +625,12 @@ def main(argv: list[str] | None = None) -> None:
     free_disk = shutil.disk_usage(tmp_parent).free
     counts: list[int] = []
     for count in sorted(set(args.sites)):
+        if args.strategy == "krum" and not krum_fits(count):
+            print(
+                f"skipped N={count}: krum with f = {KRUM_BYZANTINE} needs minSites = N > "
+                f"{2 * KRUM_BYZANTINE + 2}"
+            )
+            continue
         needed = 2 * model_bytes + count * update_estimate + 256 * 2**20
         if needed > free_disk * 0.9:
             print(
@@ -572,6 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(tempfile.mkdtemp(prefix="fedtrain-bench-aggregate-", dir=tmp_parent))
     try:
         store = LocalStore(root)
+        writing_started = time.perf_counter()
         seconds = write_round(store, shapes, max(counts), dtype)
         print(
             f"wrote the round-0 global model and {max(counts)} updates to {root} in {seconds:.1f} s "
@@ -582,7 +669,11 @@ def main(argv: list[str] | None = None) -> None:
         for count in counts:
             runs = []
             for _ in range(args.repeats):
-                runs.append(run_child("streaming", root, count, args.threads, args.profile))
+                runs.append(
+                    run_child(
+                        "streaming", root, count, args.threads, args.profile, args.strategy, dtype.value
+                    )
+                )
                 # The in-memory child compares its mean with the model close wrote, then it goes.
                 if in_memory_fits[count]:
                     in_memory.setdefault(count, {}).setdefault("runs", []).append(
@@ -595,6 +686,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"N={count}: done", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    print(f"wall time of the whole run (writing included): {time.perf_counter() - writing_started:.0f} s")
 
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print()
@@ -615,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
             total_rate = memory_run["update_bytes"] / memory_run["seconds"] / GB
             reduce_rate = memory_run["update_bytes"] / memory_run["reduce_seconds"] / GB
             ratio = stream_rate / total_rate
-            difference = memory_run["max_difference"]
+            difference = memory_run["max_difference"] if args.strategy == "fedavg" else None
             row += [
                 f"{memory_run['seconds']:.2f}",
                 f"{total_rate:.3f}",
@@ -631,12 +723,12 @@ def main(argv: list[str] | None = None) -> None:
         [
             "N",
             "update GB",
-            "stream s",
-            "stream GB/s",
-            "stream GB/s (submits only)",
-            "in-mem s",
-            "in-mem GB/s (load+reduce)",
-            "in-mem GB/s (reduce)",
+            f"{args.strategy} s",
+            f"{args.strategy} GB/s",
+            "GB/s (submits only)",
+            "wmean in-mem s",
+            "wmean in-mem GB/s (load+reduce)",
+            "wmean in-mem GB/s (reduce)",
             f"stream/in-mem (target >= {THROUGHPUT_TARGET})",
             "stream/reduce-only",
             "max |diff|",
@@ -645,9 +737,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     print(
-        f"## peak RSS (MB; VmHWM of a fresh child; target for the aggregator: peak above its "
-        f"baseline <= {RSS_MODELS_TARGET} x {fmt_mb(model_bytes)} + {fmt_mb(RSS_ALLOWANCE)} = "
-        f"{fmt_mb(rss_target)} MB)"
+        f"## peak RSS (MB; VmHWM of a fresh child; streaming {args.strategy}; target: peak above "
+        f"baseline <= N x {fmt_mb(largest_bytes)} (largest tensor, fp32) + {RSS_MODELS_TARGET} x "
+        f"{fmt_mb(model_bytes)} (fp32 model) + {fmt_mb(RSS_ALLOWANCE)}; fedavg's own target without "
+        f"the N x largest term: {fmt_mb(rss_target)} MB)"
     )
     rows = []
     for count in counts:
@@ -658,7 +751,9 @@ def main(argv: list[str] | None = None) -> None:
             str(count),
             fmt_mb(stream["baseline_rss"]),
             fmt_mb(stream["peak_rss"]),
-            f"{fmt_mb(above)} ({verdict(above <= rss_target)})",
+            fmt_mb(above),
+            fmt_mb(robust_target(count)),
+            f"{verdict(above <= robust_target(count))} ({fmt_mb(above - robust_target(count))})",
             fmt_mb(phases.get("submit", 0) - stream["baseline_rss"]),
             fmt_mb(phases.get("close", 0) - stream["baseline_rss"]),
         ]
@@ -678,11 +773,13 @@ def main(argv: list[str] | None = None) -> None:
             "stream baseline",
             "stream peak",
             "stream peak - baseline",
+            "target",
+            "verdict (peak - target)",
             "sampled: submits",
             "sampled: close",
-            "in-mem baseline",
-            "in-mem peak",
-            "in-mem peak - baseline",
+            "wmean in-mem baseline",
+            "wmean in-mem peak",
+            "wmean in-mem peak - baseline",
         ],
         rows,
     )
