@@ -149,19 +149,29 @@ class TrimmedMean(CoordinateWise):
         return RobustOutcome(delta, trimmed_share=share)
 
 
+#: Columns ranked at once when counting trimmed values: bounds the sort's work memory (N x this x 8 bytes).
+_COUNT_CHUNK = 1 << 18
+
+
 def _count_trimmed(
     senders: list[str], stack: torch.Tensor, cut: int, trimmed: dict[str, int], seen: dict[str, int]
 ) -> None:
-    """Add, per site, how many of its values fell among the `cut` smallest or largest of a coordinate."""
+    """Add, per site, how many of its values fell among the `cut` smallest or largest of a coordinate.
+
+    One stable sort of each chunk of columns: the rows its first and last `cut` positions name are
+    the trimmed ones, counted per row; the chunks bound the memory to N x _COUNT_CHUNK indices."""
     flat = stack.reshape(len(senders), -1)
     for site in senders:
         seen[site] += flat.shape[1]
     if cut == 0:
         return
-    ranks = flat.argsort(dim=0, stable=True).argsort(dim=0, stable=True)
-    outside = (ranks < cut) | (ranks >= len(senders) - cut)
+    counts = torch.zeros(len(senders), dtype=torch.long)
+    for begin in range(0, flat.shape[1], _COUNT_CHUNK):
+        order = flat[:, begin : begin + _COUNT_CHUNK].argsort(dim=0, stable=True)
+        outside = torch.cat([order[:cut], order[len(senders) - cut :]]).reshape(-1)
+        counts += torch.bincount(outside, minlength=len(senders))
     for index, site in enumerate(senders):
-        trimmed[site] += int(outside[index].sum())
+        trimmed[site] += int(counts[index])
 
 
 class Krum(RobustStrategy):
