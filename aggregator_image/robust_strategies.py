@@ -77,8 +77,6 @@ class CheckedOnly(Accumulator):
 class RobustStrategy(Strategy):
     """Base of the strategies that combine a round's stored updates when it closes."""
 
-    reads_stored_updates = True
-
     def __init__(self, settings: RobustSpec) -> None:
         self.settings = settings
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fedtrain.codec import Payload, Signature, SparseDelta, combine_digests
-from fedtrain.updates import read_update_tensor, sent_tensors
+from fedtrain.codec import Payload, Signature, SparseDelta
+from fedtrain.updates import read_update_tensor, sent_tensors, update_digest
 
 
 class StoredRound:
@@ -44,10 +44,7 @@ class StoredRound:
         for site, payload in self._payloads.items():
             if set(self._lines[site]) != self._sent[site]:
                 continue  # not every tensor was read: nothing to compare
-            lines = sorted(
-                (line for lines in self._lines[site].values() for line in lines),
-                key=lambda line: line.split("\0", 1)[0],
-            )
-            if combine_digests(lines) != payload.meta.tensors_sha256:
+            lines = (line for lines in self._lines[site].values() for line in lines)
+            if update_digest(lines) != payload.meta.tensors_sha256:
                 changed.append(site)
         return sorted(changed)

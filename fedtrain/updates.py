@@ -13,7 +13,7 @@ whole; `dynamic` sends any of them (at most `exchange.tensors_sent` with topFrac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -45,6 +45,12 @@ from fedtrain.codec import (
 #: What each stored tensor of an update must be: its shape (None: checked with its policy) and dtypes.
 _Expected = dict[str, tuple[tuple[int, ...] | None, tuple[torch.dtype, ...]]]
 _INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def update_digest(lines: Iterable[str]) -> str:
+    """An update's checksum from the digest lines of its stored tensors, in any order: they are
+    combined in the order of the stored names, as the writer hashed them."""
+    return combine_digests(sorted(lines, key=lambda line: line.split("\0", 1)[0]))
 
 
 def check_base_model(meta: Metadata, signature: Signature, name: str = "update") -> None:
@@ -106,7 +112,7 @@ def _expected_entries(
 
 def _check_stored_names(stored: set[str], expected: _Expected, sparse: bool, name: str) -> None:
     if unknown := sorted(stored - set(expected)):
-        if sparse and any(n in stored for n in unknown if not n.endswith(PART_SUFFIXES)):
+        if sparse and any(not n.endswith(PART_SUFFIXES) for n in unknown):
             raise CodecError(
                 "policy",
                 f"{name} sends {unknown[0][:80]} whole; exchange policy sparse sends each tensor as "
@@ -270,10 +276,7 @@ def check_update(
         results = list(pool.map(visit, sent_tensors(payload)))
         if control:
             results += list(pool.map(visit_control, sent_tensors(payload)))
-    # Lines in the order of the stored names, as the writer hashed them.
-    digest = combine_digests(
-        sorted((line for lines, _ in results for line in lines), key=lambda line: line.split("\0", 1)[0])
-    )
+    digest = update_digest(line for lines, _ in results for line in lines)
     if digest != meta.tensors_sha256:
         raise CodecError(
             "checksum",

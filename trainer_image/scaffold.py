@@ -16,7 +16,7 @@ correction.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,7 +35,6 @@ class ControlVariates:
     site: dict[str, torch.Tensor]  # c_i, fp32 on the CPU
     corrections: tuple[torch.Tensor, ...]  # c - c_i, on the parameters' device and dtype
     lr_sum: float = 0.0
-    steps: int = field(default=0)
 
     def correct(self, lr: float) -> None:
         """Add c - c_i to the gradients of this step, whose learning rate is `lr`."""
@@ -43,7 +42,6 @@ class ControlVariates:
             if param.grad is not None:
                 param.grad.add_(correction)
         self.lr_sum += lr
-        self.steps += 1
 
     def finish(
         self, received: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor]
