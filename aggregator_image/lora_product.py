@@ -23,10 +23,10 @@ back to the global rank. For one adapted layer (peft's `lora_A` is r x in, `lora
   alone (A' = V_r^T / sqrt(s)) would too, at the cost of the balance.
 * Energy kept at rank r: sum_{k<=r} sigma_k^2 / sum_k sigma_k^2 (the denominator is ||W||_F^2);
   1.0 when W has rank <= r, and defined as 1.0 for W = 0.
-* Heterogeneous ranks (HetLoRA; FlexLoRA): a site of rank r_i < r gets `truncate(B', A', r_i)`, the
-  first r_i components, which is the rank-r_i truncation of W because the SVD orders them by
-  singular value; `energy_at_ranks` says how much of W each site's rank keeps. A site whose scale
-  s_i differs from the global s gets `rescale(b, a, s, s_i)`, so that s_i b a = s B' A'.
+* Heterogeneous ranks (HetLoRA; FlexLoRA): a site of rank r_i < r gets the first r_i components
+  (`fedtrain.lora_ranks.fit_to_rank`), which is the rank-r_i truncation of W because the SVD orders
+  them by singular value, rescaled so that its own scale s_i gives s_i b a = s B'_r_i A'_r_i;
+  `energy_at_ranks` says how much of W each site's rank keeps.
 
 Precision: the accumulator is float64. The sum of N products can cancel (sites pulling a layer in
 opposite directions), and float32 rounding of the terms would become noise of ~1e-7 ||terms|| in W
@@ -68,10 +68,11 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from fedtrain.lora_ranks import check_factors, check_scale
 
 #: The accumulator's dtype (see "Precision" above).
 ACCUMULATOR_DTYPE = torch.float64
@@ -86,23 +87,6 @@ class Refactorised:
     energy: float  # the share of ||W||_F^2 that scale * b @ a keeps
     singular_values: torch.Tensor  # the kept sigma_1 >= ... >= sigma_rank of W (float64)
     spectrum: torch.Tensor  # all min(out, in) singular values of W (float64), for energy_at_ranks
-
-
-def _check_scale(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-
-
-def _check_factors(b: torch.Tensor, a: torch.Tensor) -> int:
-    """The rank of a LoRA pair: b is out x r, a is r x in, r >= 1."""
-    if b.dim() != 2 or a.dim() != 2:
-        raise ValueError(f"LoRA factors must be matrices, got b {tuple(b.shape)} and a {tuple(a.shape)}")
-    if b.shape[1] != a.shape[0] or b.shape[1] < 1:
-        raise ValueError(
-            f"b (out x r) and a (r x in) must share a rank r >= 1, got b {tuple(b.shape)} and "
-            f"a {tuple(a.shape)}"
-        )
-    return b.shape[1]
 
 
 def _canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,8 +142,8 @@ def refactorise(
             f"rank must be between 1 and min(out, in) = {smaller} for a {tuple(weight_sum.shape)} layer, "
             f"got {rank}"
         )
-    _check_scale("scale", scale)
-    _check_scale("total_weight", total_weight)
+    check_scale("scale", scale)
+    check_scale("total_weight", total_weight)
     u, sigma, vh = torch.linalg.svd(weight_sum, full_matrices=False)
     spectrum = (sigma / total_weight).to(torch.float64)  # sigma(W / c) = sigma(W) / c, same U and V
     u_kept, vh_kept = _canonical_signs(u[:, :rank], vh[:rank])
@@ -196,14 +180,14 @@ class ProductSum:
 
     def add(self, b: torch.Tensor, a: torch.Tensor, weight: float, scale: float) -> None:
         """Add weight * scale * b @ a (b: out x r_i, a: r_i x in; any rank r_i >= 1)."""
-        _check_factors(b, a)
+        check_factors(b, a)
         if b.shape[0] != self.out_features or a.shape[1] != self.in_features:
             raise ValueError(
                 f"factors b {tuple(b.shape)}, a {tuple(a.shape)} do not make a "
                 f"{self.out_features} x {self.in_features} layer"
             )
-        _check_scale("weight", weight)
-        _check_scale("scale", scale)
+        check_scale("weight", weight)
+        check_scale("scale", scale)
         if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
             raise ValueError("LoRA factors must be finite")
         # In place: no out x in temporary beside the accumulator.
@@ -220,24 +204,3 @@ class ProductSum:
         return refactorise(
             self._sum, rank, scale, total_weight=self._total_weight, dtype=dtype, into_b=into_b
         )
-
-
-def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `rank` components (b[:, :rank], a[:rank, :]), contiguous copies: for factors from
-    `factorise`, the best rank-`rank` approximation of the aggregate, for a site of lower rank."""
-    current = _check_factors(b, a)
-    if not 1 <= rank <= current:
-        raise ValueError(f"rank must be between 1 and the factors' rank {current}, got {rank}")
-    contiguous = torch.contiguous_format
-    return b[:, :rank].clone(memory_format=contiguous), a[:rank, :].clone(memory_format=contiguous)
-
-
-def rescale(
-    b: torch.Tensor, a: torch.Tensor, from_scale: float, to_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors b', a' with to_scale * b' @ a' == from_scale * b @ a: each times sqrt(from / to)."""
-    _check_factors(b, a)
-    _check_scale("from_scale", from_scale)
-    _check_scale("to_scale", to_scale)
-    factor = math.sqrt(from_scale / to_scale)
-    return b * factor, a * factor

@@ -47,6 +47,7 @@ from fedtrain.codec import (
 )
 from fedtrain.errors import PermanentError
 from fedtrain.layout import TrainingLayout
+from fedtrain.lora_ranks import config_scale, shapes_at_rank
 from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
 from fedtrain.store import ObjectNotFound, ObjectStore
 from fedtrain.updates import check_base_model, check_update, check_update_header
@@ -110,8 +111,10 @@ class _OpenRound:
     outcome: RobustOutcome | None = None
     # SCAFFOLD: the sum of the accepted updates' control changes (unweighted).
     control: WeightedMean | None = None
-    # lora.aggregation product: the energy each adapted layer's truncation kept (set at close).
+    # lora.aggregation product: the energy each adapted layer's truncation kept, and for each site
+    # rank below the global one what the truncation to that rank keeps (set at close).
     lora_energy: dict[str, float] = field(default_factory=dict)
+    lora_energy_by_rank: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class RoundAggregator:
@@ -135,7 +138,7 @@ class RoundAggregator:
         self.layout = layout
         self.spec = spec
         self.strategy = (
-            LoraProduct()
+            LoraProduct(spec.lora.alpha, [site.lora_rank for site in spec.sites if site.lora_rank])
             if spec.lora.aggregation is LoraAggregation.PRODUCT
             else make_strategy(spec.aggregation.strategy, spec.aggregation)
         )
@@ -224,6 +227,16 @@ class RoundAggregator:
             with self._global_model(round_index, verify=True) as (payload, _):
                 self._signatures = {round_index: (Signature.of(payload), payload.meta)}
         return self._signatures[round_index][0]
+
+    def site_signature(self, round_index: int, site: str) -> Signature:
+        """What `site`'s update must match: the global model's signature, with each adapted layer's
+        factors at the site's own rank where sites[].loraRank sets one below the global rank."""
+        signature = self.signature(round_index)
+        rank = self.spec.site(site).lora_rank
+        global_rank = self._signatures[round_index][1].config.get("rank")
+        if rank is None or not isinstance(global_rank, int) or rank >= global_rank:
+            return signature
+        return Signature(shapes_at_rank(signature.shapes, rank), signature.base_fingerprint)
 
     def manifest(self, round_index: int) -> RoundManifest | None:
         """The round's manifest if it is closed; None while it is open."""
@@ -412,7 +425,7 @@ class RoundAggregator:
         try:
             check_update_header(
                 payload,
-                self.signature(round_index),
+                self.site_signature(round_index, site),
                 name=key,
                 exchange=self.spec.exchange,
                 control=self.spec.aggregation.scaffold,
@@ -466,7 +479,7 @@ class RoundAggregator:
         try:
             norm = check_update(
                 payload,
-                self.signature(round_index),
+                self.site_signature(round_index, site),
                 name=key,
                 on_tensor=fold,
                 exchange=self.spec.exchange,
@@ -579,6 +592,7 @@ class RoundAggregator:
             not_selected=open_round.outcome.not_selected if open_round.outcome else [],
             trimmed_share=open_round.outcome.trimmed_share if open_round.outcome else {},
             lora_energy=open_round.lora_energy,
+            lora_energy_by_rank=open_round.lora_energy_by_rank,
             server_state_key=self.layout.server_state(round_index) if self.strategy.keeps_state else None,
             weighting=self.spec.aggregation.weighting.value,
             participants=_manifest_participants(open_round, folded),
@@ -641,8 +655,10 @@ class RoundAggregator:
                     current.tensors, aggregate, self._server_state(round_index - 1)
                 )
                 if isinstance(open_round.accumulator, LoraProductMean):
-                    open_round.lora_energy = open_round.accumulator.refactorise(
-                        current.tensors, next_tensors, self._lora_scale(round_index)
+                    open_round.lora_energy, open_round.lora_energy_by_rank = (
+                        open_round.accumulator.refactorise(
+                            current.tensors, next_tensors, self._lora_scale(round_index)
+                        )
                     )
             else:  # every participant was left out: the round changes nothing
                 next_tensors = dict(current.tensors)
@@ -670,11 +686,8 @@ class RoundAggregator:
     def _lora_scale(self, round_index: int) -> float:
         """peft's scaling alpha / r of the adapters, from the global model's metadata (1.0 without)."""
         self.signature(round_index)
-        config = self._signatures[round_index][1].config
-        rank, alpha = config.get("rank"), config.get("alpha")
-        return (
-            float(alpha) / float(rank) if isinstance(rank, int) and isinstance(alpha, int) and rank else 1.0
-        )
+        scale = config_scale(self._signatures[round_index][1].config)
+        return scale if scale is not None else 1.0
 
     def _write_control(self, round_index: int, control: WeightedMean) -> None:
         """SCAFFOLD: c of the next round = c + (|S| / N) x the mean control change of the |S| accepted

@@ -1387,6 +1387,20 @@ class SiteSpec(SpecModel):
     )
     resources: Resources = Field(default_factory=Resources, description="Trainer container resources.")
     weight: float | None = Field(None, gt=0, le=1e9, description="Aggregation weight (weighting: explicit).")
+    lora_rank: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description=(
+            "This site's own LoRA rank, at most lora.rank, for a site with less GPU memory or data "
+            "(HetLoRA, Cho et al. 2024). Needs lora.aggregation product and an integer lora.rank: "
+            "the site receives the global weight change truncated to its rank (the first components "
+            "of the global factors, which the SVD orders by importance), trains adapters of that rank "
+            "with scale alpha / loraRank, and the aggregator averages its weight change with the "
+            "others'. The round manifest records the energy each site rank keeps "
+            "(loraEnergyByRank). Unset: lora.rank."
+        ),
+    )
     threads: int | None = Field(
         None,
         ge=1,
@@ -1538,6 +1552,17 @@ class FederatedTrainingSpec(SpecModel):
                 "fieldPath": ".lora.aggregation",
             },
             {
+                "rule": "!self.sites.exists(s, has(s.loraRank))"
+                " || (has(self.lora) && has(self.lora.aggregation) && self.lora.aggregation == 'product'"
+                " && has(self.lora.rank) && type(self.lora.rank) == int"
+                " && self.sites.all(s, !has(s.loraRank) || s.loraRank <= self.lora.rank)"
+                " && (!has(self.aggregation) || !has(self.aggregation.controlVariates)"
+                " || self.aggregation.controlVariates != 'scaffold'))",
+                "message": "sites[].loraRank needs lora.aggregation product, an integer lora.rank at least "
+                "every site's loraRank, and no aggregation.controlVariates",
+                "fieldPath": ".sites",
+            },
+            {
                 "rule": "!has(self.aggregation) || !has(self.aggregation.controlVariates)"
                 " || self.aggregation.controlVariates != 'scaffold'"
                 " || ((!has(self.mode) || self.mode != 'localOnly')"
@@ -1634,6 +1659,7 @@ class FederatedTrainingSpec(SpecModel):
             )
         self._check_scaffold()
         self._check_lora_product()
+        self._check_site_ranks()
         sparse = self.exchange.policy is ExchangePolicy.SPARSE
         if sparse and self.training.transfer_dtype is TransferDtype.INT8:
             raise ValueError(
@@ -1665,6 +1691,34 @@ class FederatedTrainingSpec(SpecModel):
             )
         if self.mode is TrainingMode.LOCAL_ONLY:
             raise ValueError("lora.aggregation: product combines sites' factors: drop it with mode localOnly")
+
+    def _check_site_ranks(self) -> None:
+        ranked = [site for site in self.sites if site.lora_rank is not None]
+        if not ranked:
+            return
+        where = f"sites[{self.sites.index(ranked[0])}].loraRank"
+        if self.lora.aggregation is not LoraAggregation.PRODUCT:
+            raise ValueError(
+                f"{where}: a site's own LoRA rank needs lora.aggregation product (the average of the "
+                "sites' weight changes, which factors of different ranks can still form): set it, or "
+                "drop loraRank"
+            )
+        if not isinstance(self.lora.rank, int):
+            raise ValueError(
+                f"{where}: a site's own LoRA rank needs an integer lora.rank to be at most, not "
+                f"{self.lora.rank}"
+            )
+        if above := [site for site in ranked if (site.lora_rank or 0) > self.lora.rank]:
+            raise ValueError(
+                f"sites[{self.sites.index(above[0])}].loraRank {above[0].lora_rank} is above lora.rank "
+                f"{self.lora.rank}: a site receives the global factors truncated to its rank, so lower "
+                "it or raise lora.rank"
+            )
+        if self.aggregation.control_variates is ControlVariates.SCAFFOLD:
+            raise ValueError(
+                f"{where}: SCAFFOLD's control variates have the global model's shapes, which a site of "
+                "another rank does not train: drop aggregation.controlVariates or loraRank"
+            )
 
     def _check_scaffold(self) -> None:
         if self.aggregation.control_variates is not ControlVariates.SCAFFOLD:

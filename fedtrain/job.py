@@ -40,14 +40,16 @@ class TrainerSpec(BaseModel):
 
     @classmethod
     def for_site(cls, spec: FederatedTrainingSpec, site: str) -> TrainerSpec:
+        """The site's part of `spec`; a site with its own loraRank builds its adapters at that rank."""
+        own = spec.site(site)
         return cls(
             model=spec.model,
             mode=spec.mode,
-            lora=spec.lora,
+            lora=spec.lora if own.lora_rank is None else spec.lora.model_copy(update={"rank": own.lora_rank}),
             exchange=spec.exchange,
             training=spec.training,
             evaluation=spec.evaluation,
-            site=spec.site(site),
+            site=own,
         )
 
     @property

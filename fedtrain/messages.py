@@ -65,6 +65,9 @@ class RoundManifest(Message):
     #: lora.aggregation product: the share of each adapted layer's mean weight change (its squared
     #: Frobenius norm) that the rank-r factors of the next global model keep.
     lora_energy: dict[str, float] = Field(default_factory=dict)
+    #: Sites of a lower rank (sites[].loraRank): for each such rank, the share of each layer's mean
+    #: weight change that the truncation those sites receive keeps (str(rank) -> layer -> share).
+    lora_energy_by_rank: dict[str, dict[str, float]] = Field(default_factory=dict)
     weighting: str
     participants: list[Participant]
     rejected: list[RejectedUpdate] = Field(default_factory=list)

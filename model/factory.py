@@ -233,6 +233,13 @@ class FederatedModel:
                 f"global model tensors do not match this model: {len(set(tensors) ^ expected)} names "
                 "differ; the site and the aggregator must use the same model and lora settings"
             )
+        if misfits := sorted(name for name in tensors if tensors[name].shape != params[name].shape):
+            first = misfits[0]
+            raise ModelError(
+                f"global model tensor {first} has shape {tuple(tensors[first].shape)}, this model's "
+                f"{tuple(params[first].shape)} ({len(misfits)} tensors differ): the site and the "
+                "aggregator must use the same model and lora settings"
+            )
         with torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor.to(params[name].dtype))

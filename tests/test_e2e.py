@@ -83,8 +83,11 @@ def history(run_dir: Path) -> list[dict[str, Any]]:
 def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_directory(
     tmp_path: Path, plain_vit: Any
 ) -> None:
+    """With LoRA product aggregation and sites of two ranks: fab-a at the global rank 8, fab-b at 4."""
     run_dir = tmp_path / "run"
-    result = fedtrain("run", str(write(tmp_path, training("wafers", sites=2))), "--run-dir", str(run_dir))
+    document = training("wafers", sites=2, lora={"aggregation": "product"})
+    document["spec"]["sites"][1]["loraRank"] = 4
+    result = fedtrain("run", str(write(tmp_path, document)), "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
 
     status = json.loads((run_dir / "status.json").read_text())
@@ -105,6 +108,18 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     assert status["bestRound"] in (0, 1, 2)
     manifests = sorted((run_dir / "store").rglob("manifest.json"))
     assert len(manifests) == 2
+    for manifest in map(json.loads, (path.read_text() for path in manifests)):
+        assert manifest["lora_energy"]
+        assert set(manifest["lora_energy_by_rank"]) == {"4"}
+        assert set(manifest["lora_energy_by_rank"]["4"]) == set(manifest["lora_energy"])
+    updates = [
+        path for path in (run_dir / "store").rglob("updates/fab-*.safetensors") if "/00002/" not in str(path)
+    ]
+    assert len(updates) == 4, updates
+    for update in updates:
+        site_rank = 4 if update.name.startswith("fab-b") else 8
+        ranks = {shape[0] for name, shape in decode(update.read_bytes()).shapes.items() if ".lora_A." in name}
+        assert ranks == {site_rank}, f"{update} sends rank {ranks} factors, not the site's {site_rank}"
     assert "round 1 of 2" in result.stdout or "final" in result.stdout
     assert "validation accuracy of each round's global model" in result.stdout
     assert "notes" not in result.stdout, "no straggler, failure or rejection to note"

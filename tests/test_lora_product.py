@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedtrain.aggregator.lora_product import (
-    ProductSum,
-    energy_at_ranks,
-    refactorise,
-    rescale,
-    truncate,
-)
+from fedtrain.aggregator.lora_product import ProductSum, energy_at_ranks, refactorise
+from fedtrain.lora_ranks import fit_to_rank, rescale, shapes_at_rank, truncate
 
 OUT, IN = 24, 16
 GLOBAL_SCALE = 2.0  # alpha 16 / rank 8
@@ -279,3 +274,26 @@ def test_into_b_keeps_the_product_and_a_live_a_row_for_a_dead_component() -> Non
     np.testing.assert_allclose((into_b.a @ into_b.a.T).numpy(), np.eye(3), atol=1e-12)
     assert float(even.a[2].norm()) < 1e-6, "the even split leaves the dead component (nearly) no A row"
     assert float(into_b.a[2].norm()) == pytest.approx(1.0)
+
+
+def test_fit_to_rank_truncates_and_rescales_only_the_factors() -> None:
+    generator = torch.Generator().manual_seed(3)
+    a_name, b_name = "blocks.0.qkv.lora_A.default.weight", "blocks.0.qkv.lora_B.default.weight"
+    tensors = {
+        a_name: torch.randn(4, IN, generator=generator, dtype=torch.float64).to(torch.bfloat16),
+        b_name: torch.randn(OUT, 4, generator=generator),
+        "head.weight": torch.randn(9, IN, generator=generator),
+    }
+    fitted = fit_to_rank(tensors, 2, from_scale=2.0, to_scale=8.0)
+    np.testing.assert_allclose(fitted[a_name].numpy(), 0.5 * tensors[a_name].float().numpy()[:2])
+    np.testing.assert_allclose(fitted[b_name].numpy(), 0.5 * tensors[b_name].numpy()[:, :2])
+    assert fitted[a_name].dtype == torch.float32, "fitted in float32, as the aggregator fits them"
+    assert fitted["head.weight"] is tensors["head.weight"]
+    assert fit_to_rank(tensors, 4, 2.0, 2.0)[a_name] is tensors[a_name], "the global rank is untouched"
+    assert shapes_at_rank({n: tuple(t.shape) for n, t in tensors.items()}, 2) == {
+        a_name: (2, IN),
+        b_name: (OUT, 2),
+        "head.weight": (9, IN),
+    }
+    with pytest.raises(ValueError, match="rank 4 factors, below the site's rank 6"):
+        fit_to_rank(tensors, 6, 2.0, 2.0)

@@ -210,7 +210,7 @@ def test_the_corpus_is_large_and_covers_every_class() -> None:
     classes = Counter(case.kind for case in CASES)
     expected = {
         "paths", "urls", "buckets", "names", "quantities", "affinity", "lax", "duplicates",
-        "aliases", "snake_case", "shape", "oversized", "metadata_name", "bounds", "exchange",
+        "aliases", "snake_case", "shape", "oversized", "metadata_name", "bounds", "exchange", "strategies",
     }  # fmt: skip
     assert set(classes) == expected, classes
 

@@ -35,6 +35,7 @@ from fedtrain.codec import (
     l2_norm,
 )
 from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.lora_ranks import config_scale, fit_to_rank, lora_scale
 from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
 from fedtrain.model.selection import select_update
 from fedtrain.store import ObjectNotFound, read_url, write_url
@@ -729,9 +730,14 @@ def _load_global_model(job: TrainerJob, model: FederatedModel) -> None:
             "the global model was built from different base weights than this site's "
             "(check model.name, model.pretrained and the torch/timm versions of the trainer image)"
         )
+    tensors = dict(payload.tensors)
+    global_scale = config_scale(payload.meta.config)
     try:
-        model.load_exchanged(dict(payload.tensors))
-    except ModelError as error:
+        if model.rank is not None and global_scale is not None:
+            # sites[].loraRank: the global factors truncated to this site's rank (HetLoRA).
+            tensors = fit_to_rank(tensors, model.rank, global_scale, lora_scale(model.rank, model.alpha))
+        model.load_exchanged(tensors)
+    except (ModelError, ValueError) as error:
         raise IncompatibleModelError(str(error)) from None
 
 
