@@ -45,14 +45,22 @@ from fedtrain.codec import (
     parse_json,
     squared_norm,
 )
+from fedtrain.dp import central_noise_std, clip_factor
 from fedtrain.errors import PermanentError
 from fedtrain.layout import TrainingLayout
 from fedtrain.lora_ranks import config_scale, shapes_at_rank
 from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
 from fedtrain.store import ObjectNotFound, ObjectStore
-from fedtrain.updates import check_base_model, check_update, check_update_header
+from fedtrain.updates import (
+    check_base_model,
+    check_update,
+    check_update_header,
+    read_update_tensor,
+    sent_tensors,
+)
 
 from .lora_strategy import LoraProduct, LoraProductMean
+from .noisy_mean import NoisyMean, scaled
 from .robust_strategies import RobustOutcome, RobustStrategy
 from .stored_round import StoredRound
 from .strategies import Accumulator, WeightedMean, make_strategy, site_weight
@@ -85,6 +93,12 @@ class UnknownRoundError(LookupError):
 class MissingModelError(AggregationError):
     """A round's global model is not in the store: it was written before the round began, so it was
     deleted (or the store reset) since. No retry brings it back."""
+
+
+class _TooLarge(Exception):  # noqa: N818 (a verdict: the update's norm is above the bound)
+    def __init__(self, norm: float, message: str) -> None:
+        super().__init__(message)
+        self.norm = norm
 
 
 class _Judged(Exception):  # noqa: N818 (not an error: a verdict given early)
@@ -301,11 +315,19 @@ class RoundAggregator:
 
     def _new_round(self, round_index: int) -> _OpenRound:
         shapes = self.signature(round_index).shapes
-        open_round = _OpenRound(self.strategy.accumulator(shapes))
+        open_round = _OpenRound(self._accumulator(shapes))
         if self.spec.aggregation.scaffold:
             open_round.control = WeightedMean(shapes)
         open_round.pins = self._read_pins(round_index)
         return open_round
+
+    def _accumulator(self, shapes: Mapping[str, tuple[int, ...]]) -> Accumulator:
+        """The strategy's running sum; under privacy.dp, DP-FedAvg's noised fixed-denominator mean."""
+        dp, clip = self.spec.privacy.dp, self.spec.privacy.clip_norm
+        if dp is None or clip is None:
+            return self.strategy.accumulator(shapes)
+        expected = self.spec.aggregation.sites_per_round(len(self.spec.sites))
+        return NoisyMean(shapes, central_noise_std(dp.noise_multiplier, clip), expected)
 
     def _read_pins(self, round_index: int) -> dict[str, str]:
         try:
@@ -463,40 +485,54 @@ class RoundAggregator:
         except ValueError as error:
             return self._reject(round_index, site, "samples", str(error), **common)
 
-        accumulator = open_round.accumulator
+        signature = self.site_signature(round_index, site)
+        try:
+            norm = self._check_and_fold(payload, key, signature, weight, open_round)
+        except CodecError as error:
+            return self._reject(round_index, site, error.reason, str(error), **common)
+        except _TooLarge as error:
+            return self._reject(round_index, site, "norm", str(error), norm=error.norm, **common)
+        open_round.accumulator.count(weight)
+        if open_round.control is not None:
+            open_round.control.count(1.0)
+        open_round.dirty = False
+        open_round.weights[site] = weight
+        return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
+
+    def _check_and_fold(
+        self, payload: Payload, key: str, signature: Signature, weight: float, open_round: _OpenRound
+    ) -> float:
+        """Check an update and fold it in with `weight`; its L2 norm. Each tensor is folded as soon as
+        it passes its own checks, in the same read; under privacy.clipNorm the whole update is checked
+        first (its norm is needed) and its tensors are then read again, scaled down to the clip."""
+        accumulator, control = open_round.accumulator, open_round.control
+        clip = self.spec.privacy.clip_norm
 
         def fold(name: str, tensor: UpdateTensor) -> None:
             open_round.dirty = True
             accumulator.add_tensor(name, tensor, weight)
-
-        control = open_round.control
 
         def fold_control(name: str, tensor: torch.Tensor) -> None:
             open_round.dirty = True
             if control is not None:
                 control.add_tensor(name, tensor, 1.0)
 
-        try:
-            norm = check_update(
-                payload,
-                self.site_signature(round_index, site),
-                name=key,
-                on_tensor=fold,
-                exchange=self.spec.exchange,
-                on_control=fold_control if control is not None else None,
-            )
-        except CodecError as error:
-            return self._reject(round_index, site, error.reason, str(error), **common)
+        norm = check_update(
+            payload,
+            signature,
+            name=key,
+            on_tensor=fold if clip is None else None,
+            exchange=self.spec.exchange,
+            on_control=fold_control if control is not None else None,
+        )
         bound = self.spec.aggregation.max_update_norm
         if bound is not None and norm > bound:
-            message = f"update norm {norm:.4g} exceeds aggregation.maxUpdateNorm {bound:.4g}"
-            return self._reject(round_index, site, "norm", message, norm=norm, **common)
-        accumulator.count(weight)
-        if control is not None:
-            control.count(1.0)
-        open_round.dirty = False
-        open_round.weights[site] = weight
-        return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
+            raise _TooLarge(norm, f"update norm {norm:.4g} exceeds aggregation.maxUpdateNorm {bound:.4g}")
+        if clip is not None:
+            factor = clip_factor(norm, clip)  # rounding to the transfer dtype may have crossed the clip
+            for name in sent_tensors(payload):
+                fold(name, scaled(read_update_tensor(payload, signature, name, key)[0], factor))
+        return norm
 
     def _report_verdict(
         self, round_index: int, site: str, key: str, meta: Metadata, common: dict[str, Any]

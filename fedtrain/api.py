@@ -1082,6 +1082,90 @@ class EvaluationSpec(SpecModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# spec.privacy
+
+
+class DpSpec(SpecModel):
+    """Client-level differential privacy: DP-FedAvg (McMahan et al. 2018)."""
+
+    noise_multiplier: float = Field(
+        ...,
+        gt=0,
+        le=100,
+        description=(
+            "sigma: the aggregator adds Gaussian noise of standard deviation sigma x privacy.clipNorm to "
+            "the sum of the clipped updates of a round, which it then divides by the number of sites a "
+            "round selects (a fixed denominator, so one site changes the mean by at most clipNorm / "
+            "that number). Larger: more privacy (smaller epsilon per round), noisier models."
+        ),
+    )
+    delta: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="delta of the (epsilon, delta) guarantee; well below 1 / the number of sites.",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description=(
+            "The privacy budget: the training stops (the final evaluation runs, the condition "
+            "PrivacyBudget says why) before a round would take epsilon at delta above it. Unset: "
+            "epsilon is reported after each round and never stops the training."
+        ),
+    )
+
+
+class PrivacySpec(SpecModel):
+    """What protects a site's update beyond keeping its images at home."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "!has(self.dp) || has(self.clipNorm)",
+                "message": "dp: the noise is calibrated to the bound on each update: set privacy.clipNorm",
+                "fieldPath": ".clipNorm",
+            },
+        )
+    )
+
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description=(
+            "Bound on the L2 norm of each update (all shared tensors together): the site scales its "
+            "change down to it before it leaves, and the aggregator scales any update still above it "
+            "(after rounding to the transfer dtype) down again before folding it in. Bounds what one "
+            "site can do to the global model; required by dp."
+        ),
+    )
+    dp: DpSpec | None = Field(
+        None,
+        description=(
+            "Client-level differential privacy (DP-FedAvg): noise added by the aggregator, calibrated "
+            "to clipNorm; an RDP accountant (Google's dp-accounting) composes the rounds, with "
+            "sampling rate = the share of sites a round selects, and the status shows epsilon at delta "
+            "after each round. Protects against what the models reveal about any one site's data "
+            "(everyone who receives a global model, including the sites); not against the aggregator, "
+            "which sees each site's update. Needs aggregation.weighting uniform, strategy fedavg or a "
+            "server optimizer, exchange policy all, fixed or exclude, no controlVariates and no "
+            "lora.aggregation product."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _dp_needs_a_clip(self) -> PrivacySpec:
+        if self.dp is not None and self.clip_norm is None:
+            raise ValueError(
+                "dp: the noise is calibrated to the bound on each update: set privacy.clipNorm (e.g. a "
+                "little above the median update norm of a run without it)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
 # spec.storage
 
 
@@ -1563,6 +1647,28 @@ class FederatedTrainingSpec(SpecModel):
                 "fieldPath": ".sites",
             },
             {
+                "rule": "!has(self.privacy) || !has(self.privacy.clipNorm) || !has(self.aggregation)"
+                " || !has(self.aggregation.strategy)"
+                " || self.aggregation.strategy in ['fedavg', 'fedavgm', 'fedadam', 'fedyogi', 'fedadagrad']",
+                "message": "privacy.clipNorm works with aggregation.strategy fedavg or a server optimizer "
+                "(a robust strategy bounds outliers its own way)",
+                "fieldPath": ".privacy.clipNorm",
+            },
+            {
+                "rule": "!has(self.privacy) || !has(self.privacy.dp)"
+                " || (has(self.aggregation) && has(self.aggregation.weighting)"
+                " && self.aggregation.weighting == 'uniform'"
+                " && (!has(self.aggregation.controlVariates)"
+                " || self.aggregation.controlVariates != 'scaffold')"
+                " && (!has(self.exchange) || !has(self.exchange.policy)"
+                " || self.exchange.policy in ['all', 'fixed', 'exclude'])"
+                " && (!has(self.lora) || !has(self.lora.aggregation) || self.lora.aggregation != 'product')"
+                " && (!has(self.mode) || self.mode != 'localOnly'))",
+                "message": "privacy.dp needs aggregation.weighting uniform, exchange policy all, fixed or "
+                "exclude, no aggregation.controlVariates, no lora.aggregation product and mode federated",
+                "fieldPath": ".privacy.dp",
+            },
+            {
                 "rule": "!has(self.aggregation) || !has(self.aggregation.controlVariates)"
                 " || self.aggregation.controlVariates != 'scaffold'"
                 " || ((!has(self.mode) || self.mode != 'localOnly')"
@@ -1628,6 +1734,10 @@ class FederatedTrainingSpec(SpecModel):
     evaluation: EvaluationSpec = Field(
         default_factory=EvaluationSpec, description="Validation metric and early stopping."
     )
+    privacy: PrivacySpec = Field(
+        default_factory=PrivacySpec,
+        description="Clipping and differential privacy of the sites' updates (none by default).",
+    )
     storage: StorageSpec | None = Field(
         None, description="S3-compatible object storage for models and updates (required on a cluster)."
     )
@@ -1660,6 +1770,7 @@ class FederatedTrainingSpec(SpecModel):
         self._check_scaffold()
         self._check_lora_product()
         self._check_site_ranks()
+        self._check_privacy()
         sparse = self.exchange.policy is ExchangePolicy.SPARSE
         if sparse and self.training.transfer_dtype is TransferDtype.INT8:
             raise ValueError(
@@ -1691,6 +1802,32 @@ class FederatedTrainingSpec(SpecModel):
             )
         if self.mode is TrainingMode.LOCAL_ONLY:
             raise ValueError("lora.aggregation: product combines sites' factors: drop it with mode localOnly")
+
+    def _check_privacy(self) -> None:
+        privacy = self.privacy
+        if privacy.clip_norm is not None and self.aggregation.strategy in ROBUST_STRATEGIES:
+            raise ValueError(
+                f"privacy.clipNorm works with aggregation.strategy fedavg or a server optimizer, not "
+                f"{self.aggregation.strategy.value} (a robust strategy bounds outliers its own way)"
+            )
+        if privacy.dp is None:
+            return
+        problems = {
+            "aggregation.weighting uniform (a site's weight must not depend on what it claims)": (
+                self.aggregation.weighting is not Weighting.UNIFORM
+            ),
+            "no aggregation.controlVariates (SCAFFOLD's control changes are not clipped or noised)": (
+                self.aggregation.scaffold
+            ),
+            "exchange policy all, fixed or exclude (which tensors or elements a site sends would "
+            "itself be unprotected)": self.exchange.policy in (ExchangePolicy.DYNAMIC, ExchangePolicy.SPARSE),
+            "no lora.aggregation product (it averages the sites' factors, not their noised changes)": (
+                self.lora.aggregation is LoraAggregation.PRODUCT
+            ),
+            "mode federated": self.mode is TrainingMode.LOCAL_ONLY,
+        }
+        if broken := [need for need, failed in problems.items() if failed]:
+            raise ValueError(f"privacy.dp needs {'; '.join(broken)}")
 
     def _check_site_ranks(self) -> None:
         ranked = [site for site in self.sites if site.lora_rank is not None]
@@ -1804,6 +1941,7 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     INVALID = "Invalid"
     WAITING = "Waiting"
+    PRIVACY_BUDGET = "PrivacyBudget"
 
 
 class Condition(ApiModel):
@@ -1872,6 +2010,10 @@ class RoundRecord(ApiModel):
         default_factory=dict,
         description="trimmedMean: the share of each participant's values that were trimmed away.",
     )
+    epsilon: float | None = Field(
+        None,
+        description="privacy.dp: epsilon at delta spent by the training rounds up to this one.",
+    )
 
     @property
     def duration_seconds(self) -> float:
@@ -1905,6 +2047,13 @@ class FederatedTrainingStatus(ApiModel):
     best_metric: float | None = Field(None, description="Its value of evaluation.metric.")
     rounds_without_improvement: int = Field(0, ge=0, description="Rounds since the best one.")
     final_model_uri: str | None = Field(None, description="Merged final model (LoRA folded in).")
+    privacy_epsilon: float | None = Field(
+        None,
+        description=(
+            "privacy.dp: epsilon at privacy.dp.delta spent by the training rounds so far, by the RDP "
+            "accountant (Google's dp-accounting) over the sampled Gaussian mechanism of each round."
+        ),
+    )
     site_model_uris: dict[str, str] = Field(
         default_factory=dict,
         max_length=256,

@@ -17,6 +17,7 @@ from fedtrain.api import (
     FederatedTrainingSpec,
     LoraSpec,
     ModelSpec,
+    PrivacySpec,
     SiteSpec,
     TrainingMode,
     TrainingSpec,
@@ -36,6 +37,7 @@ class TrainerSpec(BaseModel):
     exchange: ExchangeSpec = Field(default_factory=ExchangeSpec)
     training: TrainingSpec
     evaluation: EvaluationSpec
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     site: SiteSpec
 
     @classmethod
@@ -49,6 +51,7 @@ class TrainerSpec(BaseModel):
             exchange=spec.exchange,
             training=spec.training,
             evaluation=spec.evaluation,
+            privacy=spec.privacy,
             site=own,
         )
 

@@ -37,6 +37,8 @@ from fedtrain.api import (
 from fedtrain.errors import INVALID_SPEC
 from fedtrain.messages import RoundManifest, UpdateVerdict
 
+from .privacy_budget import budget_message, budget_problem, epsilon_spent, within_budget
+
 JobMode = Literal["train", "evaluate"]
 
 # --------------------------------------------------------------------------------------------------
@@ -295,6 +297,9 @@ def _initializing(
 ) -> bool:
     if status.stage is not Stage.INITIALIZING:
         return False
+    if (problem := budget_problem(spec)) is not None:
+        _fail(status, decision, INVALID_SPEC, problem, now)
+        return True
     if observations.initial_model_uri is None:
         decision.act(InitializeModel())
         return True
@@ -727,6 +732,7 @@ def _record_training_round(
     record = _record(status, now, kind="train", model_uri=manifest.model_uri)
     record.left_out = list(manifest.not_selected)
     record.trimmed_share = dict(manifest.trimmed_share)
+    record.epsilon = status.privacy_epsilon = epsilon_spent(spec, status.round + 1)
     _remember(status, record, decision)
     if record.evaluation is not None:
         _track_best(spec, status, status.round, evaluated_model, record.evaluation)
@@ -747,6 +753,11 @@ def _record_training_round(
         )
         _start_round(spec, status, decision, next_round, now, mode="evaluate")
     elif next_round >= spec.training.rounds:
+        _start_round(spec, status, decision, next_round, now, mode="evaluate")
+    elif not within_budget(spec, next_round + 1):
+        message = budget_message(spec, next_round)
+        decision.normal("PrivacyBudgetReached", message)
+        set_condition(status, ConditionType.PRIVACY_BUDGET, True, "BudgetReached", message, now)
         _start_round(spec, status, decision, next_round, now, mode="evaluate")
     else:
         _start_round(spec, status, decision, next_round, now)

@@ -34,6 +34,7 @@ from fedtrain.codec import (
     encode,
     l2_norm,
 )
+from fedtrain.dp import clip_factor
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.lora_ranks import config_scale, fit_to_rank, lora_scale
 from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
@@ -599,9 +600,15 @@ def _selected_update(
     of its control variate), and what it keeps in its private state besides its optimizer."""
     received = {name: tensor.cpu() for name, tensor in before.items()}
     trained = {name: tensor.cpu() for name, tensor in after.items()}
+    change = {name: trained[name] - received[name] for name in received}
+    privacy = job.spec.privacy
+    if privacy.clip_norm is not None:
+        clipping = clip_in_place(change, privacy.clip_norm)
+        if privacy.dp is None:  # under dp, the norm before clipping is what the noise hides
+            metrics.update(clipping)
     selection = select_update(
         job.spec.exchange,
-        {name: trained[name] - received[name] for name in received},
+        change,
         received,
         _carried_residual(inputs.private_state),
         TORCH_DTYPES[job.spec.training.transfer_dtype],
@@ -613,6 +620,17 @@ def _selected_update(
         update |= {name + CONTROL_SUFFIX: change for name, change in changes.items()}
         kept |= {CONTROL_PREFIX + name: tensor for name, tensor in updated.items()}
     return update, kept
+
+
+def clip_in_place(change: Mapping[str, torch.Tensor], clip_norm: float) -> dict[str, float]:
+    """privacy.clipNorm: scale the whole change (every shared tensor together) down to an L2 norm of
+    at most `clip_norm`; the norm before and the factor applied, for the update's metrics."""
+    norm = l2_norm(change)
+    factor = clip_factor(norm, clip_norm)
+    if factor < 1.0:
+        for tensor in change.values():
+            tensor.mul_(factor)
+    return {"unclipped_norm": norm, "clip_factor": factor}
 
 
 def _control_variates(

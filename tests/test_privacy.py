@@ -1,0 +1,242 @@
+"""privacy.clipNorm and privacy.dp through the real parts: the trainer clips its update, the aggregator
+clips again what rounding pushed over and adds calibrated noise, and the engine accounts epsilon after
+each round (against a direct dp-accounting computation) and stops before the budget."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+from dp_accounting.rdp import RdpAccountant
+from jobs import in_process_job
+from test_engine import World, make_spec
+
+from fedtrain.aggregator.rounds import RoundAggregator
+from fedtrain.api import ConditionType, FederatedTrainingSpec, Phase
+from fedtrain.codec import Metadata, PayloadKind, decode, encode, l2_norm
+from fedtrain.layout import TrainingLayout
+from fedtrain.store import LocalStore
+from fedtrain.trainer.train import run_job
+
+LAYOUT = TrainingLayout(namespace="lab", name="wafers")
+BASE = "0f" * 32
+SHAPES = {"w": (400, 500), "b": (500,)}
+
+
+def _spec(privacy: dict[str, Any], sites: int = 2, **extra: Any) -> FederatedTrainingSpec:
+    document: dict[str, Any] = {
+        "model": {"numClasses": 9},
+        "aggregation": {"weighting": "uniform", "minSites": 1},
+        "privacy": privacy,
+        "sites": [{"name": f"fab-{i}", "data": {"synthetic": {"samples": 400}}} for i in range(sites)],
+    }
+    for key, value in extra.items():
+        document[key] = {**document.get(key, {}), **value}
+    return FederatedTrainingSpec.model_validate(document, by_name=False)
+
+
+def _round_zero(
+    store: LocalStore, start: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
+) -> None:
+    meta = Metadata(kind=PayloadKind.MODEL, training=LAYOUT.name, round=0, base_fingerprint=BASE)
+    store.put_bytes(LAYOUT.global_model(0), encode(start, meta))
+    for site, delta in deltas.items():
+        update = Metadata(
+            kind=PayloadKind.UPDATE,
+            training=LAYOUT.name,
+            round=0,
+            site=site,
+            samples=100,
+            base_fingerprint=BASE,
+            timings={"train_seconds": 1.0},
+        )
+        store.put_bytes(LAYOUT.update(0, site), encode(delta, update))
+
+
+def _random(seed: int, norm: float) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {name: torch.randn(shape, generator=generator) for name, shape in SHAPES.items()}
+    factor = norm / l2_norm(tensors)
+    return {name: tensor * factor for name, tensor in tensors.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# the aggregator
+
+
+def test_the_aggregator_scales_an_update_above_the_clip_down_to_it(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    start = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    deltas = {"fab-0": _random(1, 10.0), "fab-1": _random(2, 0.5)}
+    _round_zero(store, start, deltas)
+    aggregator = RoundAggregator(store, LAYOUT, _spec({"clipNorm": 2.0}))
+    verdicts = [aggregator.submit(0, site) for site in deltas]
+    assert all(verdict.accepted for verdict in verdicts)
+    assert verdicts[0].norm == pytest.approx(10.0, rel=1e-5), "the verdict reports the norm sent"
+    aggregator.close(0, list(deltas))
+    result = decode(store.get_bytes(LAYOUT.global_model(1))).tensors
+    for name in SHAPES:
+        expected = (deltas["fab-0"][name].numpy() * 0.2 + deltas["fab-1"][name].numpy()) / 2
+        np.testing.assert_allclose(result[name].numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_dp_noise_has_the_calibrated_variance_and_the_mean_a_fixed_denominator(tmp_path: Path) -> None:
+    """sigma 0.8, clip 1.5, 3 sites of which 2 send: the next model is (sum of the two clipped updates
+    + N(0, (0.8 x 1.5)^2)) / 3, the number of sites a round selects."""
+    store = LocalStore(tmp_path)
+    start = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    deltas = {"fab-0": _random(1, 4.0), "fab-1": _random(2, 1.0)}
+    _round_zero(store, start, deltas)
+    spec = _spec({"clipNorm": 1.5, "dp": {"noiseMultiplier": 0.8}}, sites=3)
+    aggregator = RoundAggregator(store, LAYOUT, spec)
+    assert all(aggregator.submit(0, site).accepted for site in deltas)
+    aggregator.close(0, list(deltas))
+    result = decode(store.get_bytes(LAYOUT.global_model(1))).tensors
+    noise = np.concatenate(
+        [
+            (
+                result[name].double().numpy() * 3
+                - deltas["fab-0"][name].double().numpy() * (1.5 / 4.0)
+                - deltas["fab-1"][name].double().numpy()
+            ).ravel()
+            for name in SHAPES
+        ]
+    )
+    count, std = noise.size, 0.8 * 1.5
+    # The sample standard deviation of n normals is within 5 of its standard errors std / sqrt(2n).
+    assert abs(noise.std() - std) < 5 * std / math.sqrt(2 * count)
+    assert abs(noise.mean()) < 5 * std / math.sqrt(count)
+    again = RoundAggregator(LocalStore(tmp_path / "again"), LAYOUT, spec)
+    _round_zero(again.store, start, deltas)  # type: ignore[arg-type]
+    for site in deltas:
+        again.submit(0, site)
+    again.close(0, list(deltas))
+    other = decode(again.store.get_bytes(LAYOUT.global_model(1))).tensors
+    assert not torch.equal(other["w"], result["w"]), "the noise is drawn afresh, not from a known seed"
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def test_the_trainer_clips_every_update_it_sends(tmp_path: Path) -> None:
+    spec = FederatedTrainingSpec.model_validate(
+        {
+            "model": {
+                "numClasses": 9,
+                "imageSize": 28,
+                "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
+            },
+            "lora": {"rank": 4},
+            "training": {"rounds": 1, "localSteps": 3, "batchSize": 8, "optimizer": {"lr": 0.05}},
+            "privacy": {"clipNorm": 0.01},
+            "sites": [{"name": "fab-a", "data": {"synthetic": {"samples": 40}}}],
+        },
+        by_name=False,
+    )
+    store, layout = LocalStore(tmp_path), TrainingLayout("local", "clip-test")
+    aggregator = RoundAggregator(store, layout, spec)
+    aggregator.initialize()
+    meta = run_job(in_process_job(store, layout, spec, 0, "fab-a"))
+    sent = decode(store.get_bytes(layout.update(0, "fab-a")))
+    assert l2_norm(sent.tensors) <= 0.01 * (1 + 1e-6)
+    assert meta.metrics["unclipped_norm"] > 0.01, "a learning rate of 0.05 moves it further than 0.01"
+    assert meta.metrics["clip_factor"] == pytest.approx(0.01 / meta.metrics["unclipped_norm"])
+    assert aggregator.submit(0, "fab-a").accepted
+
+
+# --------------------------------------------------------------------------------------------------
+# the engine
+
+
+def _dp_spec(
+    rounds: int, target: float | None, sites: int = 4, site_fraction: float = 1.0
+) -> FederatedTrainingSpec:
+    base = make_spec(sites, rounds=rounds, site_fraction=site_fraction).to_api()
+    base["aggregation"]["weighting"] = "uniform"
+    dp: dict[str, Any] = {"noiseMultiplier": 1.1, "delta": 1e-5}
+    if target is not None:
+        dp["targetEpsilon"] = target
+    base["privacy"] = {"clipNorm": 1.0, "dp": dp}
+    return FederatedTrainingSpec.model_validate(base)
+
+
+def _accountant_epsilon(rounds: int, sampling_rate: float) -> float:
+    accountant = RdpAccountant()
+    event = PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(1.1))
+    accountant.compose(SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(1e-5))
+
+
+@pytest.mark.parametrize("site_fraction", [1.0, 0.5])
+def test_the_status_reports_the_accountants_epsilon_after_each_round(site_fraction: float) -> None:
+    world = World(_dp_spec(4, None, site_fraction=site_fraction), react=True)
+    status = world.run()
+    assert status.phase is Phase.SUCCEEDED
+    trained = [record for record in status.history if record.kind == "train"]
+    assert [record.round for record in trained] == [0, 1, 2, 3]
+    expected = [_accountant_epsilon(r + 1, site_fraction) for r in range(4)]
+    assert [record.epsilon for record in trained] == pytest.approx(expected, rel=1e-9)
+    assert status.privacy_epsilon == pytest.approx(expected[-1], rel=1e-9)
+    assert expected == sorted(expected)
+
+
+def test_the_training_stops_before_a_round_would_exceed_the_budget() -> None:
+    budget = (_accountant_epsilon(2, 1.0) + _accountant_epsilon(3, 1.0)) / 2  # 2 rounds fit, 3 do not
+    world = World(_dp_spec(10, budget), react=True)
+    status = world.run()
+    assert status.phase is Phase.SUCCEEDED
+    assert [(record.round, record.kind) for record in status.history] == [
+        (0, "train"),
+        (1, "train"),
+        (2, "evaluate"),
+    ]
+    assert status.privacy_epsilon is not None
+    assert status.privacy_epsilon <= budget
+    condition = next(c for c in status.conditions if c.type is ConditionType.PRIVACY_BUDGET)
+    assert (condition.status, condition.reason) == ("True", "BudgetReached")
+    assert "2 rounds spent epsilon" in condition.message
+    assert "(2 of the 10 rounds fit)" in condition.message
+
+
+def test_a_budget_no_round_fits_fails_the_training_as_an_invalid_spec() -> None:
+    world = World(_dp_spec(3, 0.01), react=True)
+    status = world.run()
+    assert status.phase is Phase.FAILED
+    failed = next(c for c in status.conditions if c.type is ConditionType.INVALID)
+    assert "raise noiseMultiplier or targetEpsilon" in failed.message
+    assert status.history == []
+
+
+@pytest.mark.parametrize(
+    ("privacy", "extra", "says"),
+    [
+        ({"dp": {"noiseMultiplier": 1.0}}, {}, "set privacy.clipNorm"),
+        (
+            {"clipNorm": 1.0, "dp": {"noiseMultiplier": 1.0}},
+            {"aggregation": {"weighting": "samples"}},
+            "uniform",
+        ),
+        ({"clipNorm": 1.0}, {"aggregation": {"strategy": "median"}}, "not median"),
+        (
+            {"clipNorm": 1.0, "dp": {"noiseMultiplier": 1.0}},
+            {"exchange": {"policy": "sparse", "topK": 0.1}},
+            "exchange policy all, fixed or exclude",
+        ),
+        (
+            {"clipNorm": 1.0, "dp": {"noiseMultiplier": 1.0}},
+            {"aggregation": {"controlVariates": "scaffold"}},
+            "no aggregation.controlVariates",
+        ),
+    ],
+)
+def test_privacy_refuses_what_it_cannot_protect(
+    privacy: dict[str, Any], extra: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ValueError, match=says):
+        _spec(privacy, **extra)
