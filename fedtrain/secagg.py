@@ -198,7 +198,11 @@ def make_roster(
     degree: int,
     graph_seed: bytes,
 ) -> Roster:
-    """The server's roster (U1) of the advertisements that arrived; refuses one of another round."""
+    """The server's roster (U1) of the advertisements that arrived; refuses one of another round.
+
+    ValueError when the threshold is below 2 or above the smallest neighbourhood plus one (the
+    holders of a site's shares), so that no secret could ever be rebuilt.
+    """
     ads = tuple(sorted(advertisements, key=lambda ad: ad.site))
     for ad in ads:
         if (ad.training, ad.round) != (training, round_number):
@@ -209,7 +213,11 @@ def make_roster(
         raise SecAggError(
             TOO_FEW_SURVIVORS, f"only {len(ads)} site(s) advertised keys: secure aggregation needs 2"
         )
-    return Roster(training, round_number, threshold, degree, graph_seed, ads)
+    try:
+        return Roster(training, round_number, threshold, degree, graph_seed, ads)
+    except SecAggError as error:
+        # The server's own parameters are at fault here, not a message: a precondition.
+        raise ValueError(error.message) from None
 
 
 def _own_advertisement(secrets: SiteSecrets, roster: Roster) -> None:

@@ -420,6 +420,15 @@ def test_a_survivor_never_reveals_both_secrets_of_a_peer() -> None:
         simulation.reveal("site-02", UnmaskRequest(TRAINING, ROUND, everyone - {"site-04"}, everyone))
 
 
+def test_make_roster_refuses_a_threshold_no_neighbourhood_can_meet() -> None:
+    ads = list(Simulation.start(6, seed=65).roster.advertisements)
+    with pytest.raises(ValueError, match="one share must not reveal"):
+        make_roster(TRAINING, ROUND, ads, 1, 5, GRAPH_SEED)
+    with pytest.raises(ValueError, match="smallest neighbourhood"):
+        make_roster(TRAINING, ROUND, ads, 4, 2, GRAPH_SEED)  # 2 neighbours + itself hold shares
+    assert make_roster(TRAINING, ROUND, ads, 3, 2, GRAPH_SEED).threshold == 3
+
+
 def test_a_roster_with_other_keys_for_the_site_is_refused() -> None:
     simulation = Simulation.start(4, seed=64)
     imposter = advertise(new_site_secrets(TRAINING, ROUND, "site-00", seeded_bytes(99)))
