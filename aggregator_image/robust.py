@@ -69,28 +69,45 @@ def _result_dtype(stack: torch.Tensor) -> torch.dtype:
     return torch.promote_types(stack.dtype, torch.float32)
 
 
+def _result_tensor(stack: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out` checked against the stack (shape (*shape), the result dtype), or a new tensor."""
+    if out is None:
+        return torch.empty(stack.shape[1:], dtype=_result_dtype(stack))
+    if out.shape != stack.shape[1:] or out.dtype != _result_dtype(stack) or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {_result_dtype(stack)} tensor of shape {tuple(stack.shape[1:])}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
+    return out
+
+
 def _by_columns(
     stack: torch.Tensor,
     reduce: Callable[[torch.Tensor], torch.Tensor],
     chunk_elements: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Apply `reduce` ((N, C) columns -> (C,) float64) to the flattened stack chunk by chunk."""
+    """Apply `reduce` ((N, C) columns -> (C,) float64) to the flattened stack chunk by chunk, into
+    `out` (shape (*shape)) when given."""
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
     sites = stack.shape[0]
     flat = stack.reshape(sites, -1)
-    result = torch.empty(flat.shape[1], dtype=_result_dtype(stack))
+    result = _result_tensor(stack, out)
+    values = result.view(-1)
     width = max(1, chunk_elements // sites)
     for start in range(0, flat.shape[1], width):
-        result[start : start + width] = reduce(flat[:, start : start + width])
-    return result.reshape(stack.shape[1:])
+        values[start : start + width] = reduce(flat[:, start : start + width])
+    return result
 
 
 def _sorted_columns(columns: torch.Tensor) -> torch.Tensor:
     return torch.sort(columns, dim=0).values
 
 
-def coordinate_median(stack: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+def coordinate_median(
+    stack: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Coordinate-wise median of a (N, *shape) stack; for even N the mean of the two middle values."""
     _check_stack(stack, "coordinate_median")
     sites = stack.shape[0]
@@ -103,7 +120,7 @@ def coordinate_median(stack: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUN
         # float64 holds the sum of two float32 values exactly: one rounding, and no overflow.
         return (ordered[middle - 1].to(torch.float64) + ordered[middle].to(torch.float64)) / 2
 
-    return _by_columns(stack, median, chunk_elements)
+    return _by_columns(stack, median, chunk_elements, out)
 
 
 def trim_count(sites: int, trim_fraction: float) -> int:
@@ -122,28 +139,38 @@ def trim_count(sites: int, trim_fraction: float) -> int:
 
 
 def trimmed_mean(
-    stack: torch.Tensor, trim_fraction: float, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    stack: torch.Tensor,
+    trim_fraction: float,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Coordinate-wise mean after dropping the k = floor(trim_fraction x N) largest and k smallest."""
     _check_stack(stack, "trimmed_mean")
     sites = stack.shape[0]
     trimmed = trim_count(sites, trim_fraction)
     if trimmed == 0:
-        return unweighted_mean(stack, chunk_elements=chunk_elements)
+        return unweighted_mean(stack, chunk_elements=chunk_elements, out=out)
     kept = sites - 2 * trimmed
 
     def mean_of_middle(columns: torch.Tensor) -> torch.Tensor:
         middle = _sorted_columns(columns)[trimmed : sites - trimmed]
         return middle.sum(dim=0, dtype=torch.float64) / kept
 
-    return _by_columns(stack, mean_of_middle, chunk_elements)
+    return _by_columns(stack, mean_of_middle, chunk_elements, out)
 
 
-def unweighted_mean(stack: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+def unweighted_mean(
+    stack: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Coordinate-wise mean of the stack's rows (Multi-Krum's average of the selected updates)."""
     _check_stack(stack, "unweighted_mean")
     sites = stack.shape[0]
-    return _by_columns(stack, lambda columns: columns.sum(dim=0, dtype=torch.float64) / sites, chunk_elements)
+
+    def mean(columns: torch.Tensor) -> torch.Tensor:
+        return columns.sum(dim=0, dtype=torch.float64) / sites
+
+    return _by_columns(stack, mean, chunk_elements, out)
 
 
 class PairwiseDistances:
@@ -161,8 +188,10 @@ class PairwiseDistances:
         if chunk_elements < 1:
             raise ValueError(f"chunk_elements must be at least 1, got {chunk_elements}")
         self.sites = sites
-        self._chunk_elements = chunk_elements
+        self._width = max(1, chunk_elements // sites)
         self._sum = torch.zeros(sites, sites, dtype=torch.float64)
+        # The float64 copy of one chunk, reused by every chunk of every tensor.
+        self._work = torch.empty(0, dtype=torch.float64)
 
     def add(self, stack: torch.Tensor) -> None:
         """Add ||u_i - u_j||^2 over one tensor, for every pair; stack is (N, *shape), row i site i's
@@ -171,10 +200,13 @@ class PairwiseDistances:
         if stack.shape[0] != self.sites:
             raise ValueError(f"the stack holds {stack.shape[0]} updates, the distances {self.sites}")
         flat = stack.reshape(self.sites, -1)
-        width = max(1, self._chunk_elements // self.sites)
-        for start in range(0, flat.shape[1], width):
-            columns = flat[:, start : start + width].to(torch.float64)
-            columns = columns - columns.mean(dim=0)
+        if self._work.numel() < self.sites * min(self._width, flat.shape[1]):
+            self._work = torch.empty(self.sites * min(self._width, flat.shape[1]), dtype=torch.float64)
+        for start in range(0, flat.shape[1], self._width):
+            chunk = flat[:, start : start + self._width]
+            columns = self._work[: chunk.numel()].view(chunk.shape)
+            columns.copy_(chunk)
+            columns.sub_(columns.mean(dim=0))
             gram = columns @ columns.T
             norms = gram.diagonal()
             distances = norms[:, None] + norms[None, :] - 2 * gram

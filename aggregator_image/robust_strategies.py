@@ -4,8 +4,10 @@ They cannot be folded as updates arrive: a median needs all values of a coordina
 open each update is only checked (`check_update`: names, shapes, dtypes, finite values, norm bound,
 checksum); when it closes, `combine` reads the participants' updates again, one tensor at a time
 (`StoredUpdates.stack`: an N x tensor stack, int8 dequantised, sparse made dense for that tensor
-only), so peak memory is N times the largest tensor plus the model being written, never N models.
-Krum reads every update twice: once for the pairwise distances, once to average the chosen ones.
+only, in one buffer of N x the largest tensor reused for every tensor), so peak memory is that buffer
+plus the model being written (one fp32 block for every tensor of the aggregate, allocated at the start)
+plus one chunk of work, never N models. Krum reads every update once for the pairwise distances,
+then the chosen ones again to average them.
 
 Robust strategies are unweighted: a site's sample count must not buy it influence over a median.
 Under exchange policy dynamic a tensor is combined over the sites that sent it (krum's distances
@@ -15,7 +17,8 @@ and, for trimmedMean, the share of each site's values that were trimmed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,8 +46,16 @@ class StoredUpdates(Protocol):
     @property
     def sites(self) -> list[str]: ...
 
-    def stack(self, name: str) -> tuple[list[str], torch.Tensor]:
-        """The sites that sent tensor `name` and their changes of it, stacked (N, *shape), fp32."""
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name` in the global model."""
+        ...
+
+    def stack(
+        self, name: str, among: Collection[str] | None = None, zeros: bool = False
+    ) -> tuple[list[str], torch.Tensor]:
+        """The sites (of `among`, default all) that sent tensor `name` and their changes of it,
+        stacked (N, *shape), fp32; with `zeros`, one row per site of `among`, zeros for a site that
+        did not send it. Valid until the next call (the stacks may share one buffer)."""
         ...
 
 
@@ -95,18 +106,33 @@ class RobustStrategy(Strategy):
         raise NotImplementedError
 
 
+def _aggregate_tensors(updates: StoredUpdates, names: list[str]) -> dict[str, torch.Tensor]:
+    """Uninitialised fp32 tensors for the aggregate of `names`: views of one block, allocated before
+    any stack so that the tensors kept are not interleaved with the freed work of each tensor."""
+    shapes = [updates.shape(name) for name in names]
+    block = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.float32)
+    views, start = {}, 0
+    for name, shape in zip(names, shapes, strict=True):
+        views[name] = block[start : start + math.prod(shape)].view(shape)
+        start += math.prod(shape)
+    return views
+
+
 class CoordinateWise(RobustStrategy):
     """A reduction of each coordinate over the sites that sent the tensor."""
 
-    def reduce(self, stack: torch.Tensor) -> torch.Tensor:
+    def reduce(self, stack: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def reduced(self, stack: torch.Tensor) -> torch.Tensor:
-        """The reduction, or zeros where no site sent the tensor (it keeps its global value)."""
-        return self.reduce(stack) if stack.shape[0] else torch.zeros(stack.shape[1:])
+    def reduced(self, stack: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The reduction into `out`, or zeros where no site sent the tensor (it keeps its global value)."""
+        return self.reduce(stack, out) if stack.shape[0] else out.zero_()
 
     def combine(self, updates: StoredUpdates, names: list[str]) -> RobustOutcome:
-        return RobustOutcome({name: self.reduced(updates.stack(name)[1]) for name in names})
+        delta = _aggregate_tensors(updates, names)
+        for name in names:
+            self.reduced(updates.stack(name)[1], delta[name])
+        return RobustOutcome(delta)
 
 
 class Median(CoordinateWise):
@@ -114,8 +140,8 @@ class Median(CoordinateWise):
 
     name = StrategyName.MEDIAN
 
-    def reduce(self, stack: torch.Tensor) -> torch.Tensor:
-        return coordinate_median(stack)
+    def reduce(self, stack: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return coordinate_median(stack, out=out)
 
 
 class TrimmedMean(CoordinateWise):
@@ -131,24 +157,25 @@ class TrimmedMean(CoordinateWise):
     def parameters(self) -> dict[str, float]:
         return {"trimFraction": self.trim_fraction}
 
-    def reduce(self, stack: torch.Tensor) -> torch.Tensor:
-        return trimmed_mean(stack, self.trim_fraction)
+    def reduce(self, stack: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return trimmed_mean(stack, self.trim_fraction, out=out)
 
     def combine(self, updates: StoredUpdates, names: list[str]) -> RobustOutcome:
         trimmed = dict.fromkeys(updates.sites, 0)
         seen = dict.fromkeys(updates.sites, 0)
-        delta: dict[str, torch.Tensor] = {}
+        delta = _aggregate_tensors(updates, names)
         for name in names:
             senders, stack = updates.stack(name)
-            delta[name] = self.reduced(stack)
+            self.reduced(stack, delta[name])
             if senders:
                 _count_trimmed(senders, stack, trim_count(len(senders), self.trim_fraction), trimmed, seen)
         share = {site: trimmed[site] / seen[site] for site in updates.sites if seen[site]}
         return RobustOutcome(delta, trimmed_share=share)
 
 
-#: Columns ranked at once when counting trimmed values: bounds the sort's work memory (N x this x 8 bytes).
-_COUNT_CHUNK = 1 << 18
+#: Values (all N rows together) ranked at once when counting trimmed values: bounds the sort's work
+#: memory to this x 12 bytes (the values and their int64 order), whatever N.
+_COUNT_CHUNK_ELEMENTS = 1 << 21
 
 
 def _count_trimmed(
@@ -157,17 +184,19 @@ def _count_trimmed(
     """Add, per site, how many of its values fell among the `cut` smallest or largest of a coordinate.
 
     One stable sort of each chunk of columns: the rows its first and last `cut` positions name are
-    the trimmed ones, counted per row; the chunks bound the memory to N x _COUNT_CHUNK indices."""
+    the trimmed ones, counted per row; the chunks bound the memory to _COUNT_CHUNK_ELEMENTS indices."""
     flat = stack.reshape(len(senders), -1)
     for site in senders:
         seen[site] += flat.shape[1]
     if cut == 0:
         return
     counts = torch.zeros(len(senders), dtype=torch.long)
-    for begin in range(0, flat.shape[1], _COUNT_CHUNK):
-        order = flat[:, begin : begin + _COUNT_CHUNK].argsort(dim=0, stable=True)
+    width = max(1, _COUNT_CHUNK_ELEMENTS // len(senders))
+    for begin in range(0, flat.shape[1], width):
+        order = flat[:, begin : begin + width].argsort(dim=0, stable=True)
         outside = torch.cat([order[:cut], order[len(senders) - cut :]]).reshape(-1)
         counts += torch.bincount(outside, minlength=len(senders))
+        del order, outside  # freed before the next chunk's sort
     for index, site in enumerate(senders):
         trimmed[site] += int(counts[index])
 
@@ -194,15 +223,18 @@ class Krum(RobustStrategy):
         sites = updates.sites
         distances = PairwiseDistances(len(sites))
         for name in names:
-            distances.add(_with_zeros(updates, name, sites))
+            distances.add(updates.stack(name, zeros=True)[1])
         chosen = [
             sites[i] for i in krum_select(distances.matrix, self.byzantine, self.select_count(len(sites)))
         ]
-        delta: dict[str, torch.Tensor] = {}
+        del distances  # its chunk of float64 work
+        delta = _aggregate_tensors(updates, names)
         for name in names:
-            senders, stack = updates.stack(name)
-            rows = [index for index, site in enumerate(senders) if site in chosen]
-            delta[name] = unweighted_mean(stack[rows]) if rows else torch.zeros(stack.shape[1:])
+            senders, stack = updates.stack(name, among=chosen)  # only the chosen sites are read again
+            if senders:
+                unweighted_mean(stack, out=delta[name])
+            else:
+                delta[name].zero_()
         return RobustOutcome(delta, not_selected=[site for site in sites if site not in chosen])
 
 
@@ -215,17 +247,6 @@ class MultiKrum(Krum):
     def parameters(self) -> dict[str, float]:
         chosen = {} if self.settings.select is None else {"select": float(self.settings.select)}
         return super().parameters() | chosen
-
-
-def _with_zeros(updates: StoredUpdates, name: str, sites: list[str]) -> torch.Tensor:
-    """Tensor `name`'s changes of every site, zeros for a site that did not send it."""
-    senders, stack = updates.stack(name)
-    if senders == sites:
-        return stack
-    full = torch.zeros((len(sites), *stack.shape[1:]), dtype=stack.dtype)
-    for row, site in enumerate(senders):
-        full[sites.index(site)] = stack[row]
-    return full
 
 
 ROBUST_STRATEGIES: dict[StrategyName, Callable[[RobustSpec], RobustStrategy]] = {

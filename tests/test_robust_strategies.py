@@ -3,6 +3,7 @@ replaced update does, and Krum against sign-flipped sites."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from fedtrain.aggregator.robust_strategies import Krum, Median
 from fedtrain.aggregator.rounds import RoundAggregator
-from fedtrain.api import FederatedTrainingSpec, TransferDtype
-from fedtrain.codec import Metadata, PayloadKind, decode, encode
+from fedtrain.aggregator.stored_round import StoredRound
+from fedtrain.api import FederatedTrainingSpec, RobustSpec, TransferDtype
+from fedtrain.codec import Metadata, PayloadKind, Signature, decode, encode
 from fedtrain.layout import TrainingLayout
 from fedtrain.store import LocalStore
 
@@ -177,4 +180,52 @@ def test_a_restarted_aggregator_closes_a_robust_round_from_the_store(tmp_path: P
         stacked = np.sort(np.stack([updates[s][name].double().numpy() for s in sites]), axis=0)
         np.testing.assert_allclose(
             result[name], start[name] + stacked[1:4].mean(axis=0), rtol=1e-6, atol=1e-7
+        )
+
+
+def _stored_round(updates: dict[str, dict[str, torch.Tensor]]) -> StoredRound:
+    payloads = {}
+    for site, update in updates.items():
+        meta = Metadata(
+            kind=PayloadKind.UPDATE,
+            training=LAYOUT.name,
+            round=0,
+            site=site,
+            samples=10,
+            base_fingerprint=BASE,
+        )
+        payloads[site] = decode(encode(update, meta))
+    return StoredRound(payloads, Signature(shapes=dict(SHAPES), base_fingerprint=BASE))
+
+
+def test_every_stack_of_a_round_is_a_view_of_one_buffer_of_sites_by_largest_tensor() -> None:
+    updates = {s: _random(i + 1) for i, s in enumerate(SITES[:4])}
+    del updates["fab-b"]["head.weight"]
+    stored = _stored_round(updates)
+    senders, weights = stored.stack("head.weight")
+    assert senders == ["fab-a", "fab-c", "fab-d"]
+    assert torch.equal(weights, torch.stack([updates[s]["head.weight"] for s in senders]))
+    pointer = weights.data_ptr()
+    senders, everyone = stored.stack("head.weight", zeros=True)  # krum's distances: zeros for fab-b
+    assert everyone.data_ptr() == pointer
+    assert everyone.shape == (4, 9, 16)
+    assert not everyone[1].any()
+    assert torch.equal(everyone[2], updates["fab-c"]["head.weight"])
+    senders, chosen = stored.stack("head.bias", among={"fab-d", "fab-b"})  # krum's chosen, read again
+    assert senders == ["fab-b", "fab-d"]
+    assert chosen.data_ptr() == pointer
+    assert torch.equal(chosen[1], updates["fab-d"]["head.bias"])
+    largest = max(math.prod(shape) for shape in SHAPES.values())
+    assert weights.untyped_storage().nbytes() == 4 * largest * 4  # sites x the largest tensor, fp32
+
+
+def test_a_robust_aggregate_is_views_of_one_fp32_block() -> None:
+    updates = {s: _random(i + 1) for i, s in enumerate(SITES[:5])}
+    for strategy in (Median(RobustSpec()), Krum(RobustSpec(byzantine=1))):
+        outcome = strategy.combine(_stored_round(updates), sorted(SHAPES))
+        storages = {tensor.untyped_storage().data_ptr() for tensor in outcome.delta.values()}
+        assert len(storages) == 1, "the aggregate's tensors are views of one block"
+        assert (
+            sum(t.numel() for t in outcome.delta.values()) * 4
+            == next(iter(outcome.delta.values())).untyped_storage().nbytes()
         )
