@@ -6,9 +6,11 @@ objects it may touch (presigned on S3, file:// on the local store). It holds no 
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedtrain.api import (
@@ -94,3 +96,13 @@ class TrainerJob(BaseModel):
         description="Transfers are retried, with backoff, until this time (the round's deadline); "
         "unset: a bound of 10 minutes.",
     )
+
+
+def parse_job_file(text: str) -> Any:
+    """The document of a trainer's job file: JSON (what the operator writes, fast to make) or YAML
+    (what the local runner writes). JSON is tried first: YAML 1.1, which PyYAML reads, takes a JSON
+    float without a dot such as 1e-05 for a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return yaml.safe_load(text)

@@ -203,6 +203,12 @@ class OperatorMetrics:
     def _declare_evaluation(self) -> tuple[Gauge, ...]:
         """How the global model does on the validation data: of all sites, and of each site."""
         r, training, site = self.registry, TRAINING_LABELS, SITE_LABELS
+        self.privacy_epsilon = Gauge(
+            "fedtrain_privacy_epsilon",
+            "privacy.dp: epsilon at privacy.dp.delta spent by the training rounds so far (RDP accountant).",
+            training,
+            registry=r,
+        )
         self.accuracy = Gauge(
             "fedtrain_validation_accuracy",
             "Top-1 accuracy of the last closed round's global model over all sites' validation data.",
@@ -227,7 +233,7 @@ class OperatorMetrics:
             site,
             registry=r,
         )
-        return (self.accuracy, self.loss, self.site_accuracy, self.site_loss)
+        return (self.accuracy, self.loss, self.site_accuracy, self.site_loss, self.privacy_epsilon)
 
     def _declare_site_training(self) -> tuple[Gauge, ...]:
         """Each site's local training, from its latest update."""
@@ -347,6 +353,8 @@ class OperatorMetrics:
         self.rounds_completed.labels(**labels).inc()
         self.round_duration.labels(**labels).observe(max(0.0, record.duration_seconds))
         self.round_bytes.labels(**labels).set(record.bytes_uploaded)
+        if record.epsilon is not None:
+            self.privacy_epsilon.labels(**labels).set(record.epsilon)
         if record.kind == "train":
             for site in _round_sites(record):
                 self.site_round_bytes.labels(**labels, site=site).set(record.site_bytes.get(site, 0))

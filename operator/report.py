@@ -38,6 +38,9 @@ def round_table(records: Sequence[RoundRecord], sites: Sequence[str], local_only
         table.add_column(site, justify="right")
     for column in ("all", "macro-F1", "loss", "upload", "time"):
         table.add_column(column, justify="right")
+    epsilon_column = any(record.epsilon is not None for record in records)
+    if epsilon_column:  # privacy.dp: epsilon at delta spent by the rounds so far
+        table.add_column("epsilon", justify="right")
     notes_column = any(record.stragglers or record.failed or record.rejected for record in records)
     if notes_column:
         table.add_column("notes")
@@ -63,9 +66,14 @@ def round_table(records: Sequence[RoundRecord], sites: Sequence[str], local_only
             f"{overall.loss:.3f}" if overall else "-",
             _bytes(record.bytes_uploaded) if record.kind == "train" else "-",
             f"{record.duration_seconds:.0f} s",
+            *([_epsilon(record.epsilon)] if epsilon_column else []),
             *(["; ".join(notes)] if notes_column else []),
         )
     return table
+
+
+def _epsilon(epsilon: float | None) -> str:
+    return f"{epsilon:.3g}" if epsilon is not None else "-"
 
 
 def upload_table(records: Sequence[RoundRecord], sites: Sequence[str]) -> Table:

@@ -22,6 +22,8 @@ from contract_drivers import Attempt, Clock, Driver, Fault, LocalDriver, Operato
 from contract_drivers import created_once as operator_created_once
 from operator_harness import wait_for
 
+from fedtrain.dp import epsilon_after
+
 pytestmark = pytest.mark.e2e
 
 ROUND_TIMEOUT = 3600  # reached only when a test moves the clock past it
@@ -117,7 +119,8 @@ def site_states(status: dict[str, Any]) -> dict[str, str]:
 def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler(driver: Driver) -> None:
     """One round holds every way a site can end, and the training still succeeds: fab-a is accepted,
     fab-b's update is corrupted and rejected, fab-c fails every attempt (and is retried once), fab-d
-    hangs until the clock passes the round's deadline. The evaluation round scores everyone left."""
+    hangs until the clock passes the round's deadline. The evaluation round scores everyone left.
+    Also privacy.dp in both drivers: the trainers clip, the aggregator noises, the status shows epsilon."""
     sites = ("fab-a", "fab-b", "fab-c", "fab-d")
     clock = Clock()
     faults = [
@@ -125,7 +128,13 @@ def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler
         Fault("fail", site="fab-c"),
         Fault("hang", site="fab-d", round=0),
     ]
-    document = training(driver, "contract-outcomes", sites=4, aggregation={"minSites": 1, "siteRetries": 1})
+    document = training(
+        driver,
+        "contract-outcomes",
+        sites=4,
+        aggregation={"minSites": 1, "siteRetries": 1, "weighting": "uniform"},
+        privacy={"clipNorm": 1.0, "dp": {"noiseMultiplier": 1.0}},
+    )
     driver.start(document, faults=faults, clock=clock)
 
     def all_but_fab_d_done() -> bool:
@@ -149,6 +158,9 @@ def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler
         first_attempts(sites, 2) | {("fab-c", 0, 1), ("fab-c", 1, 1)},
         warnings={"SiteRetry", "SiteFailed", "UpdateRejected", "Straggler"},
     )
+    epsilon = epsilon_after(1, noise_multiplier=1.0, sampling_rate=1.0, delta=1e-5)
+    assert status["privacyEpsilon"] == pytest.approx(epsilon)
+    assert status["history"][0]["epsilon"] == pytest.approx(epsilon)
     (rejected,) = status["history"][0]["rejected"]
     assert "checksum" in rejected["reason"], rejected
 

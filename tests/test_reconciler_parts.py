@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+import yaml
 from operator_harness import ACCESS_KEY, CREDENTIALS_SECRET, SECRET_KEY, TRAINING_NAMESPACE, tiny_training
 from prometheus_client import CollectorRegistry
 from recording_kube import Call, RecordingKube, merge
@@ -32,7 +33,7 @@ from fedtrain.api import (
     StorageSpec,
 )
 from fedtrain.errors import TemporaryError
-from fedtrain.job import TrainerJob
+from fedtrain.job import TrainerJob, parse_job_file
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import UpdateVerdict
 from fedtrain.operator import manifests
@@ -251,6 +252,20 @@ def test_job_table_round_view_holds_only_that_round(ref: TrainingRef) -> None:
     table.forget(ref.uid)
     assert table.round_view(ref.uid, 1) == {}
     assert table.round_view(other.uid, 1) == {("fab-a", 0): JobObservation(JobState.SUCCEEDED)}
+
+
+def test_a_job_file_reads_back_the_same_from_either_driver(body: dict[str, Any], ref: TrainingRef) -> None:
+    """The operator's JSON job file and the local runner's YAML one give the trainer the same job,
+    floats without a dot included (1e-05 is JSON, and a string to YAML 1.1)."""
+    body["spec"]["aggregation"]["weighting"] = "uniform"
+    body["spec"]["privacy"] = {"clipNorm": 0.5, "dp": {"noiseMultiplier": 1.1, "delta": 1e-5}}
+    trainer_job = _trainer_job(
+        spec_of(body), ref, StartSiteJob(site="fab-b", round=1, attempt=0, mode="train")
+    )
+    document = trainer_job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert '"delta": 1e-05' in manifests.to_job_file(document)
+    for text in (manifests.to_job_file(document), yaml.safe_dump(document, sort_keys=False)):
+        assert TrainerJob.model_validate(parse_job_file(text)) == trainer_job
 
 
 def _trainer_job(spec: FederatedTrainingSpec, ref: TrainingRef, action: StartSiteJob) -> TrainerJob:

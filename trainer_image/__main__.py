@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from fedtrain.api import describe_errors
-from fedtrain.job import TrainerJob
+from fedtrain.job import TrainerJob, parse_job_file
 
 EXIT_OTHER = 1
 EXIT_INVALID = 2
@@ -36,7 +36,7 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("fedtrain.trainer")
     try:
-        job = TrainerJob.model_validate(yaml.safe_load(config.read_text()))
+        job = TrainerJob.model_validate(parse_job_file(config.read_text()))
     except ValidationError as error:
         for line in describe_errors(error):
             log.error("%s: %s", config, line)
