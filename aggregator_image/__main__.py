@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from fedtrain.api import FederatedTraining
+from fedtrain.sealing import DataKey
 from fedtrain.store import ObjectNotFound, StoreError
 
 from .settings import (
@@ -67,15 +68,18 @@ def serve(
         settings = load_settings(training_file=training_file, host=host, port=port)
         token = settings.bearer_token()
         resource = settings.training()
+        data_key = settings.data_key(resource)
     except SettingsError as error:
         for problem in error.problems:
             log.error("%s", problem)
         raise typer.Exit(EXIT_INVALID) from None
 
-    serve_training(settings, token, resource)
+    serve_training(settings, token, resource, data_key)
 
 
-def serve_training(settings: AggregatorSettings, token: str, resource: FederatedTraining) -> None:
+def serve_training(
+    settings: AggregatorSettings, token: str, resource: FederatedTraining, data_key: DataKey | None = None
+) -> None:
     """Build the aggregator of the training and serve it until a signal stops uvicorn."""
     # torch, timm and FastAPI load only once the settings are known to be good.
     import uvicorn
@@ -96,6 +100,7 @@ def serve_training(settings: AggregatorSettings, token: str, resource: Federated
         resource.spec,
         pretrained_weights=weights,
         max_site_samples=settings.max_site_samples,
+        data_key=data_key,
     )
     log.info(
         "aggregator of %s/%s on %s:%d, store %s",

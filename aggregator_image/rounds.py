@@ -50,6 +50,8 @@ from fedtrain.errors import PermanentError
 from fedtrain.layout import TrainingLayout
 from fedtrain.lora_ranks import config_scale, shapes_at_rank
 from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
+from fedtrain.sealed_store import SealedStore
+from fedtrain.sealing import DataKey
 from fedtrain.store import ObjectNotFound, ObjectStore
 from fedtrain.updates import (
     check_base_model,
@@ -146,7 +148,17 @@ class RoundAggregator:
         spec: FederatedTrainingSpec,
         pretrained_weights: Path | bytes | None = None,
         max_site_samples: int = MAX_SITE_SAMPLES,
+        data_key: DataKey | None = None,
     ) -> None:
+        """`data_key`: the training's key, which privacy.encryptAtRest needs (its tensor objects are
+        then sealed and opened on the way through `store`)."""
+        if spec.privacy.encrypt_at_rest:
+            if data_key is None:
+                raise AggregationError(
+                    "privacy.encryptAtRest is on but the aggregator was given no data key "
+                    "(FEDTRAIN_AGGREGATOR_DATA_KEY_FILE): it cannot read or write the training's objects"
+                )
+            store = SealedStore(store, data_key, layout.name)
         self.store = store
         self.max_site_samples = max_site_samples
         self.layout = layout
@@ -181,7 +193,7 @@ class RoundAggregator:
                 raise ObjectNotFound(self.store.uri(key))
             yield decode(path, name=key, verify=verify), path.stat().st_size
             return
-        if judge is not None:
+        if judge is not None and not isinstance(self.store, SealedStore):  # a sealed object is read whole
             judge(self._remote_header(key))
         with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
             local = Path(scratch) / "object.safetensors"

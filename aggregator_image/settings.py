@@ -16,6 +16,7 @@ from fedtrain.api import FederatedTraining, describe_errors
 from fedtrain.layout import TrainingLayout
 from fedtrain.pretrained import load_pretrained
 from fedtrain.resource import InvalidResourceError, load_resource
+from fedtrain.sealing import DataKey, load_key_file
 from fedtrain.store import S3Store
 
 ENV_PREFIX = "FEDTRAIN_AGGREGATOR_"
@@ -55,6 +56,13 @@ class AggregatorSettings(BaseSettings):
     )
     token_file: Path | None = Field(
         None, description="File holding the bearer token (a mounted Secret key); set this or TOKEN."
+    )
+    data_key_file: Path | None = Field(
+        None,
+        description=(
+            "File holding the training's data key (32 bytes, raw or base64; a mounted Secret key, mode "
+            "0400 or 0440), which privacy.encryptAtRest needs to seal and open the objects in the bucket."
+        ),
     )
     host: str = Field("0.0.0.0", description="Address to listen on (all interfaces: the pod's port).")
     port: int = Field(8080, ge=1, le=65535, description="Port to listen on.")
@@ -113,6 +121,18 @@ class AggregatorSettings(BaseSettings):
         if not token:
             raise SettingsError([f"{variable}: the token is empty"])
         return token
+
+    def data_key(self, resource: FederatedTraining) -> DataKey | None:
+        """The data key, read from DATA_KEY_FILE where the training's privacy.encryptAtRest needs one."""
+        if not resource.spec.privacy.encrypt_at_rest:
+            return None
+        variable = f"{ENV_PREFIX}DATA_KEY_FILE"
+        if self.data_key_file is None:
+            raise SettingsError([f"{variable}: is not set; the training's privacy.encryptAtRest needs it"])
+        try:
+            return load_key_file(self.data_key_file)
+        except (OSError, ValueError) as error:
+            raise SettingsError([f"{variable}={self.data_key_file}: {error}"]) from None
 
     def training(self) -> FederatedTraining:
         """The training resource, which must name its storage: the aggregator works only through S3."""

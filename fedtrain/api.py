@@ -1155,6 +1155,20 @@ class PrivacySpec(SpecModel):
         ),
     )
 
+    encrypt_at_rest: bool = Field(
+        False,
+        description=(
+            "Seal every model, update and site state in the bucket with AES-256-GCM (the STREAM "
+            "construction, a key per object derived by HKDF from the training's data key; see "
+            "fedtrain/sealing.py) under a per-training data key that only the training's Jobs and its "
+            "aggregator receive: on a cluster the operator generates it into the Secret "
+            "<training>-data-key, in a local run it is the file data-key in the run directory. The "
+            "bucket then holds ciphertext, and a tampered, truncated or swapped object is refused. "
+            "Protects against a leaked bucket or its backups; not against anyone holding the key, "
+            "and object names and sizes stay visible. Fixed at creation."
+        ),
+    )
+
     @model_validator(mode="after")
     def _dp_needs_a_clip(self) -> PrivacySpec:
         if self.dp is not None and self.clip_norm is None:
@@ -1697,6 +1711,14 @@ class FederatedTrainingSpec(SpecModel):
                 "message": "storage cannot change after creation (the models and updates are there): "
                 "create a new FederatedTraining",
                 "fieldPath": ".storage",
+            },
+            {
+                "rule": "(has(self.privacy) && has(self.privacy.encryptAtRest) && self.privacy.encryptAtRest)"
+                " == (has(oldSelf.privacy) && has(oldSelf.privacy.encryptAtRest)"
+                " && oldSelf.privacy.encryptAtRest)",
+                "message": "privacy.encryptAtRest cannot change after creation (the objects in the bucket "
+                "are sealed or not): create a new FederatedTraining",
+                "fieldPath": ".privacy",
             },
             {
                 "rule": "self.sites.map(s, s.name) == oldSelf.sites.map(s, s.name)",

@@ -44,6 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedtrain.api import TransferDtype
+from fedtrain.errors import CodecError as CodecError  # re-exported: where callers import it from
 
 FORMAT = "fedtrain/v1"
 METADATA_KEY = "fedtrain"
@@ -109,14 +110,6 @@ MODEL_TRANSFER_DTYPES: dict[TransferDtype, TransferDtype] = {
     TransferDtype.FP16: TransferDtype.FP16,
     TransferDtype.INT8: TransferDtype.BF16,
 }
-
-
-class CodecError(ValueError):
-    """A payload that cannot be used. `reason` is a short stable code (a metrics label)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class PayloadKind(StrEnum):

@@ -37,3 +37,14 @@ class PermanentError(RuntimeError):
     def __init__(self, message: str, reason: str = "AggregatorError") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class CodecError(ValueError):
+    """A payload that cannot be used. `reason` is a short stable code (a metrics label).
+
+    Defined here, with no torch behind it, so that torch-free modules (fedtrain.sealing, used by the
+    operator for the data key) share it with fedtrain.codec, which re-exports it."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

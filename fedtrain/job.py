@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,6 +66,39 @@ class TrainerSpec(BaseModel):
         return publishes_site_models(self.mode, self.exchange)
 
 
+#: The URL fields of a trainer job whose objects privacy.encryptAtRest seals (not pretrained_url: the
+#: base weights are the user's own object).
+SEALED_URL_FIELDS: Final = (
+    "global_model_url",
+    "update_url",
+    "state_get_url",
+    "state_put_url",
+    "control_url",
+    "site_model_url",
+)
+
+
+class Sealing(BaseModel):
+    """privacy.encryptAtRest: the key a trainer seals and opens its objects with, and what each is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_key: str = Field(
+        ...,
+        min_length=44,
+        max_length=44,
+        description="The training's 32-byte data key, base64 (the job file is itself a Secret).",
+    )
+    object_keys: dict[str, str] = Field(
+        ...,
+        max_length=len(SEALED_URL_FIELDS),
+        description=(
+            "For each URL field of the job that it reads or writes an object through (global_model_url, "
+            "update_url, ...), the object's key in the training's store: the identity it is sealed as."
+        ),
+    )
+
+
 class TrainerJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,6 +124,9 @@ class TrainerJob(BaseModel):
         "site models (exchange.siteModels, or mode localOnly).",
     )
     pretrained_url: str | None = Field(None, description="GET: base weights when pretrained.source is uri.")
+    sealing: Sealing | None = Field(
+        None, description="privacy.encryptAtRest: the data key and the objects' identities."
+    )
     transfer_deadline: datetime | None = Field(
         None,
         description="Transfers are retried, with backoff, until this time (the round's deadline); "

@@ -104,7 +104,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedtrain.codec import CodecError
+from fedtrain.errors import CodecError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
@@ -163,6 +163,19 @@ class DataKey:
     def to_bytes(self) -> bytes:
         """The raw key: for the Secret or key file that holds it, nowhere else."""
         return self._secret
+
+    @classmethod
+    def from_base64(cls, text: str) -> DataKey:
+        """The key from its base64 text (as a Secret value or a trainer's job file holds it)."""
+        try:
+            secret = base64.b64decode(text.strip(), validate=True)
+        except ValueError:
+            raise ValueError("a data key in text is base64 of 32 bytes; this is not base64") from None
+        return cls(secret)
+
+    def to_base64(self) -> str:
+        """The key as base64 text: for the Secret or job file that holds it, nowhere else."""
+        return base64.b64encode(self._secret).decode()
 
     @property
     def id_bytes(self) -> bytes:

@@ -172,14 +172,14 @@ def _run_here(file: Path, resource: FederatedTraining, options: RunOptions) -> F
 
     started = time.monotonic()
     with RunProgress(console, resource.spec, options.run_dir) as progress:
-        runner = LocalRunner(
-            resource,
-            options,
-            on_event=progress.event,
-            on_round=progress.round_closed,
-            on_step=progress.update,
-        )
         try:
+            runner = LocalRunner(
+                resource,
+                options,
+                on_event=progress.event,
+                on_round=progress.round_closed,
+                on_step=progress.update,
+            )
             status = runner.run()
         except RunError as error:
             errors.print(f"[red]error:[/] {escape(str(error))}")

@@ -20,9 +20,10 @@ from typing import Protocol
 
 from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RejectedUpdate, RoundRecord
 from fedtrain.errors import DEFAULT_RETRY_SECONDS, PermanentError, TemporaryError
-from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.job import Sealing, TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
+from fedtrain.sealing import DataKey
 from fedtrain.store import MAX_PRESIGN_SECONDS
 
 from .engine import (
@@ -85,6 +86,9 @@ class JobPort(Protocol):
 class CredentialsPort(Protocol):
     async def signer(self) -> Signer: ...
     async def pretrained_url(self, expires_seconds: int) -> str | None: ...
+    async def data_key(self) -> DataKey | None:
+        """The training's data key under privacy.encryptAtRest (None without it)."""
+        ...
 
 
 class HistoryPort(Protocol):
@@ -108,6 +112,7 @@ def build_trainer_job(
     expires_seconds: int,
     pretrained_url: str | None,
     transfer_deadline: datetime | None = None,
+    data_key: DataKey | None = None,
 ) -> TrainerJob:
     """One attempt's job: its slice of the spec and URLs for exactly the objects it may touch.
 
@@ -140,7 +145,7 @@ def build_trainer_job(
         if training and spec.aggregation.scaffold
         else None
     )
-    return TrainerJob(
+    job = TrainerJob(
         training=layout.name,
         round=action.round,
         site=action.site,
@@ -156,6 +161,28 @@ def build_trainer_job(
         pretrained_url=pretrained_url,
         transfer_deadline=transfer_deadline,
     )
+    if data_key is not None:
+        job.sealing = Sealing(
+            data_key=data_key.to_base64(),
+            object_keys=_sealed_objects(layout, action, job),
+        )
+    return job
+
+
+def _sealed_objects(layout: TrainingLayout, action: StartSiteJob, job: TrainerJob) -> dict[str, str]:
+    """The store key behind each of the job's URLs (except the user's pretrained weights)."""
+    keys = {
+        "global_model_url": layout.global_model(action.round),
+        "update_url": layout.update(action.round, action.site),
+        "state_put_url": layout.site_state(action.site, action.round, action.attempt),
+        "site_model_url": layout.site_merged_model(action.site),
+        "control_url": layout.server_control(action.round),
+    }
+    if action.state_from is not None:
+        keys["state_get_url"] = layout.site_state(
+            action.site, action.state_from.round, action.state_from.attempt
+        )
+    return {field: key for field, key in keys.items() if getattr(job, field) is not None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,6 +377,7 @@ class DriverCore:
         pretrained_url = await self.credentials.pretrained_url(expiry)
         # Transfers may ride out an object-store outage until the round's deadline: past it the site
         # is a straggler anyway.
+        data_key = await self.credentials.data_key()
         return build_trainer_job(
-            self.spec, self.layout, action, signer, expiry, pretrained_url, status.round_deadline
+            self.spec, self.layout, action, signer, expiry, pretrained_url, status.round_deadline, data_key
         )

@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable
 from fedtrain.api import FederatedTrainingSpec, StorageSpec
 from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
 from fedtrain.pretrained import pretrained_object
+from fedtrain.sealing import DataKey
 from fedtrain.store import S3Store
 
+from . import manifests
 from .core import Signer
 from .kube import Kube
 from .manifests import TrainingRef
@@ -35,6 +37,7 @@ class KubeCredentials:
         self.stores = stores
         self.keys: tuple[str | None, str | None] | None = None
         self._store: S3Store | None = None
+        self._data_key: DataKey | None = None
 
     async def _keys(self) -> tuple[str | None, str | None]:
         if self.keys is None:
@@ -69,6 +72,18 @@ class KubeCredentials:
 
     async def signer(self) -> Signer:
         return await self.store()
+
+    async def data_key(self) -> DataKey | None:
+        """privacy.encryptAtRest: the data key the provisioner keeps in the training's Secret."""
+        if not self.spec.privacy.encrypt_at_rest:
+            return None
+        if self._data_key is None:
+            name = manifests.token_secret_name(self.ref)
+            secret = await self.kube.secret_data(self.ref.namespace, name) or {}
+            if not secret.get(manifests.DATA_KEY_KEY):
+                raise TemporaryError(f"Secret {self.ref.namespace}/{name} holds no data key yet")
+            self._data_key = DataKey.from_base64(secret[manifests.DATA_KEY_KEY])
+        return self._data_key
 
     async def pretrained_url(self, expires_seconds: int) -> str | None:
         found = pretrained_object(self.spec)

@@ -42,6 +42,7 @@ from fedtrain.job import TrainerJob
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import RoundManifest, UpdateVerdict
 from fedtrain.pretrained import load_pretrained, presign_pretrained
+from fedtrain.sealing import DataKey, load_key_file, write_key_file
 from fedtrain.store import ObjectStore, S3Store, open_store
 
 from .core import DriverCore, JobKey, Signer
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 LOCAL_NAMESPACE = "local"
 STATUS_FILE = "status.json"
 SPEC_FILE = "training.yaml"
+#: privacy.encryptAtRest: the run's data key (mode 0600), which every trainer job file carries too.
+DATA_KEY_FILE = "data-key"
 HISTORY_FILE = "history.jsonl"
 MERGED_FILE = "model-merged.safetensors"
 #: Each site's own merged model, where the spec publishes them (exchange.siteModels, localOnly).
@@ -397,10 +400,20 @@ class LocalAggregator:
 class LocalCredentials:
     """URLs signed with this process's store; base weights in S3 read with its own AWS credentials."""
 
-    def __init__(self, spec: FederatedTrainingSpec, store: ObjectStore, endpoint: str | None) -> None:
+    def __init__(
+        self,
+        spec: FederatedTrainingSpec,
+        store: ObjectStore,
+        endpoint: str | None,
+        data_key: DataKey | None = None,
+    ) -> None:
         self.spec = spec
         self.store = store
         self.endpoint = endpoint
+        self._data_key = data_key
+
+    async def data_key(self) -> DataKey | None:
+        return self._data_key
 
     async def signer(self) -> Signer:
         return self.store
@@ -456,8 +469,11 @@ class LocalRunner:
         self.parallel = options.parallel or max(1, min(len(self.spec.sites), cores))
         self.threads_per_trainer = max(1, cores // self.parallel)
         self.store = self._open_store()
+        self.data_key = self._data_key()
         weights = load_pretrained(self.spec, _open_bucket, options.endpoint)
-        aggregator = RoundAggregator(self.store, self.layout, self.spec, pretrained_weights=weights)
+        aggregator = RoundAggregator(
+            self.store, self.layout, self.spec, pretrained_weights=weights, data_key=self.data_key
+        )
         self.jobs = LocalJobs(
             self.spec,
             self.run_dir,
@@ -470,11 +486,28 @@ class LocalRunner:
             self.spec,
             self.layout,
             jobs=self.jobs,
-            aggregator=LocalAggregator(aggregator, self.store, self.layout, self.run_dir),
-            credentials=LocalCredentials(self.spec, self.store, options.endpoint),
+            # The aggregator's view of the store: models it copies out are opened when sealed.
+            aggregator=LocalAggregator(aggregator, aggregator.store, self.layout, self.run_dir),
+            credentials=LocalCredentials(self.spec, self.store, options.endpoint, self.data_key),
             history=LocalHistory(self.store, self.layout, self.run_dir, on_round or (lambda r, s: None)),
             url_grace_seconds=URL_GRACE_SECONDS,
         )
+
+    def _data_key(self) -> DataKey | None:
+        """privacy.encryptAtRest: the run's data key, kept in the run directory (written by `prepare`);
+        a resumed run must find the key its objects were sealed with."""
+        if not self.spec.privacy.encrypt_at_rest:
+            return None
+        path = self.run_dir / DATA_KEY_FILE
+        if self.options.resume or (path.exists() and not self.options.overwrite):
+            try:
+                return load_key_file(path)
+            except (OSError, ValueError) as error:
+                raise RunError(
+                    f"privacy.encryptAtRest: cannot read the run's data key {path} ({error}); without it "
+                    "the sealed objects of the run cannot be read: start a new run with --overwrite"
+                ) from None
+        return DataKey.generate()
 
     def _open_store(self) -> ObjectStore:
         location = self.options.store or str(self.run_dir / "store")
@@ -508,6 +541,8 @@ class LocalRunner:
             )
         for sub in ("jobs", "logs"):
             (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        if self.data_key is not None and not (self.run_dir / DATA_KEY_FILE).exists():
+            write_key_file(self.run_dir / DATA_KEY_FILE, self.data_key)
         self._write_spec()
         return FederatedTrainingStatus()
 

@@ -38,6 +38,8 @@ TRAINING_DIR = "/etc/fedtrain/training"
 TRAINING_FILE = "training.yaml"
 TOKEN_DIR = "/etc/fedtrain/token"
 TOKEN_KEY = "token"
+#: privacy.encryptAtRest: the training's data key (base64), in the same Secret as the token.
+DATA_KEY_KEY = "data-key"
 RUN_AS = 1000
 #: The math libraries' thread counts, set together for a trainer on a cluster and in a local run.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -423,10 +425,16 @@ def _storage_credentials_env(spec: FederatedTrainingSpec) -> list[dict[str, Any]
 
 
 def _aggregator_env(spec: FederatedTrainingSpec) -> list[dict[str, Any]]:
+    data_key = (
+        [{"name": "FEDTRAIN_AGGREGATOR_DATA_KEY_FILE", "value": f"{TOKEN_DIR}/{DATA_KEY_KEY}"}]
+        if spec.privacy.encrypt_at_rest
+        else []
+    )
     return [
         *_scratch_env(),
         {"name": "FEDTRAIN_AGGREGATOR_TRAINING_FILE", "value": f"{TRAINING_DIR}/{TRAINING_FILE}"},
         {"name": "FEDTRAIN_AGGREGATOR_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
+        *data_key,
         {"name": "FEDTRAIN_AGGREGATOR_PORT", "value": str(AGGREGATOR_PORT)},
         *_storage_credentials_env(spec),
     ]

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fedtrain.api import FederatedTrainingSpec
+from fedtrain.sealing import DataKey
 
 from . import manifests
 from .kube import Kube, KubeError
@@ -46,6 +47,19 @@ class Provisioner:
             # Another reconcile made it between the read and the create: use theirs.
             token = (await self.kube.secret_data(self.ref.namespace, name) or {})[manifests.TOKEN_KEY]
         return token
+
+    async def data_key(self, spec: FederatedTrainingSpec) -> None:
+        """privacy.encryptAtRest: make sure the training's Secret holds its data key (beside the token,
+        so only the aggregator mounts it; trainers get it in their job files). Made once, never
+        replaced: the objects sealed under it would be lost. Call after `token`."""
+        if not spec.privacy.encrypt_at_rest:
+            return
+        name = manifests.token_secret_name(self.ref)
+        existing = await self.kube.secret_data(self.ref.namespace, name) or {}
+        if existing.get(manifests.DATA_KEY_KEY):
+            return
+        patch = {"stringData": {manifests.DATA_KEY_KEY: DataKey.generate().to_base64()}}
+        await self.kube.patch("Secret", self.ref.namespace, name, patch)
 
     async def apply(self, spec: FederatedTrainingSpec, applied: str | None) -> str:
         """Apply the ConfigMap, Deployment and Service for `spec` unless `applied` says they match;

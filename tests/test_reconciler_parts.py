@@ -1006,6 +1006,9 @@ class FakeCredentials:
     async def pretrained_url(self, expires_seconds: int) -> str | None:
         return None
 
+    async def data_key(self) -> None:
+        return None
+
 
 class NoAggregator:
     """An aggregator port no test here reaches."""

@@ -39,10 +39,11 @@ from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.lora_ranks import config_scale, fit_to_rank, lora_scale
 from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
 from fedtrain.model.selection import select_update
-from fedtrain.store import ObjectNotFound, read_url, write_url
+from fedtrain.store import ObjectNotFound, read_url
 
 from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
 from .scaffold import CONTROL_PREFIX, ControlVariates, control_variates
+from .transfer import fetch, upload
 
 log = logging.getLogger("fedtrain.trainer")
 
@@ -640,7 +641,7 @@ def _control_variates(
     its private state; None without controlVariates scaffold."""
     if not job.control_url:
         return None
-    server = decode(read_url(job.control_url, deadline=job.transfer_deadline), name="server control variate")
+    server = decode(fetch(job, "control_url"), name="server control variate")
     own = {
         name.removeprefix(CONTROL_PREFIX): tensor
         for name, tensor in (state.tensors.items() if state is not None else ())
@@ -683,13 +684,11 @@ def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome,
         if job.site_model_url:
             publish_site_model(job, model)
         report = Metadata(kind=PayloadKind.REPORT, metrics=outcome.metrics, timings=outcome.timings, **common)
-        write_url(job.update_url, encode({}, report), deadline=job.transfer_deadline)
+        upload(job, "update_url", encode({}, report))
         return report
     if job.state_put_url:
         state_meta = Metadata(kind=PayloadKind.STATE, config=trained.state_config, **common)
-        write_url(
-            job.state_put_url, encode(trained.state_tensors, state_meta), deadline=job.transfer_deadline
-        )
+        upload(job, "state_put_url", encode(trained.state_tensors, state_meta))
     outcome.timings["total_seconds"] = time.perf_counter() - started
     meta = Metadata(
         kind=PayloadKind.UPDATE,
@@ -702,7 +701,7 @@ def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome,
         **common,
     )
     # The update is written last: its presence tells the aggregator the round's work is complete.
-    write_url(job.update_url, encode(trained.delta, meta), deadline=job.transfer_deadline)
+    upload(job, "update_url", encode(trained.delta, meta))
     log.info("update uploaded: %d tensors, norm %.4g", len(trained.delta), meta.norm or 0.0)
     return meta
 
@@ -721,7 +720,7 @@ def publish_site_model(job: TrainerJob, model: FederatedModel) -> None:
         config=merged_model_config(job.spec.model),
     )
     model.module.cpu()
-    write_url(job.site_model_url, encode(model.merged_state_dict(), meta), deadline=job.transfer_deadline)
+    upload(job, "site_model_url", encode(model.merged_state_dict(), meta))
     log.info("site model uploaded: %d personal tensors", len(model.personal_names()))
 
 
@@ -740,7 +739,7 @@ def _pretrained_weights(job: TrainerJob) -> Path | bytes | None:
 def _load_global_model(job: TrainerJob, model: FederatedModel) -> None:
     """Load the round's global model into `model`; IncompatibleModelError if it does not fit."""
     payload = decode(
-        read_url(job.global_model_url, deadline=job.transfer_deadline),
+        fetch(job, "global_model_url"),
         name=f"global model of round {job.round}",
     )
     if payload.meta.base_fingerprint != model.base_fingerprint:
@@ -786,7 +785,7 @@ def _fetch_private_state(job: TrainerJob) -> Payload | None:
     if not job.state_get_url:
         return None
     try:
-        return decode(read_url(job.state_get_url, deadline=job.transfer_deadline), name="site state")
+        return decode(fetch(job, "state_get_url"), name="site state")
     except ObjectNotFound:
         log.info("no private state yet: fresh optimizer, first pass over the data")
     except CodecError as error:
