@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fedtrain.api import FederatedTrainingSpec
-from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.job import Sealing, TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
+from fedtrain.sealing import DataKey
 from fedtrain.store import LocalStore
 
 
@@ -20,18 +21,28 @@ def in_process_job(
     round_index: int,
     site: str,
     control: bool = False,
+    data_key: DataKey | None = None,
 ) -> TrainerJob:
     """One site's training job of a round: its slice of the spec and URLs into `store`; the private
     state of round r - 1 is read and round r's written (at `state_key`); with `control`, SCAFFOLD's
     server control variate of the round is fetched too."""
+    keys = {
+        "global_model_url": layout.global_model(round_index),
+        "update_url": layout.update(round_index, site),
+        "state_get_url": state_key(site, round_index - 1),
+        "state_put_url": state_key(site, round_index),
+        **({"control_url": layout.server_control(round_index)} if control else {}),
+    }
+    sealing = Sealing(data_key=data_key.to_base64(), object_keys=keys) if data_key is not None else None
     return TrainerJob(
         training=layout.name,
         round=round_index,
         site=site,
         spec=TrainerSpec.for_site(spec, site),
-        global_model_url=store.presign_get(layout.global_model(round_index), 60),
-        update_url=store.presign_put(layout.update(round_index, site), 60),
-        state_get_url=store.presign_get(state_key(site, round_index - 1), 60),
-        state_put_url=store.presign_put(state_key(site, round_index), 60),
-        control_url=store.presign_get(layout.server_control(round_index), 60) if control else None,
+        global_model_url=store.presign_get(keys["global_model_url"], 60),
+        update_url=store.presign_put(keys["update_url"], 60),
+        state_get_url=store.presign_get(keys["state_get_url"], 60),
+        state_put_url=store.presign_put(keys["state_put_url"], 60),
+        control_url=store.presign_get(keys["control_url"], 60) if control else None,
+        sealing=sealing,
     )

@@ -1,0 +1,133 @@
+"""privacy.encryptAtRest through the real parts: trainers seal what they upload and open what they
+read, the aggregator (through SealedStore) does the same, the store holds no plaintext tensor, and a
+tampered or swapped object is refused with a reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from jobs import in_process_job
+
+from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
+from fedtrain.api import FederatedTrainingSpec
+from fedtrain.codec import CodecError, Metadata, PayloadKind, decode, encode
+from fedtrain.layout import TrainingLayout
+from fedtrain.sealed_store import SealedStore
+from fedtrain.sealing import DataKey, SealError, is_sealed
+from fedtrain.store import LocalStore
+from fedtrain.trainer.train import run_job
+
+LAYOUT = TrainingLayout("local", "sealed")
+SITES = ("fab-a", "fab-b")
+
+
+def _spec(**extra: Any) -> FederatedTrainingSpec:
+    return FederatedTrainingSpec.model_validate(
+        {
+            "model": {
+                "numClasses": 9,
+                "imageSize": 28,
+                "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
+            },
+            "lora": {"rank": 4},
+            "training": {"rounds": 2, "localSteps": 2, "batchSize": 8, "seed": 3},
+            "privacy": {"encryptAtRest": True},
+            "sites": [{"name": site, "data": {"synthetic": {"samples": 40}}} for site in SITES],
+            **extra,
+        },
+        by_name=False,
+    )
+
+
+def test_two_rounds_leave_only_sealed_tensor_objects_in_the_store(tmp_path: Path) -> None:
+    spec, key = _spec(), DataKey.generate()
+    store = LocalStore(tmp_path)
+    aggregator = RoundAggregator(store, LAYOUT, spec, data_key=key)
+    aggregator.initialize()
+    for round_index in range(2):
+        for site in SITES:
+            run_job(in_process_job(store, LAYOUT, spec, round_index, site, data_key=key))
+            assert aggregator.submit(round_index, site).accepted
+        aggregator.close(round_index, list(SITES))
+    aggregator.merge(2)
+
+    names = set(decode(aggregator.store.get_bytes(LAYOUT.global_model(0))).tensors)
+    objects = sorted(path for path in tmp_path.rglob("*") if path.is_file())
+    tensors = [path for path in objects if path.suffix == ".safetensors"]
+    # 3 global models, 4 updates, 4 site states, the merged model
+    assert len(tensors) == 12, tensors
+    for path in objects:
+        data = path.read_bytes()
+        if path.suffix == ".safetensors":
+            assert is_sealed(data[:8]), f"{path} is not sealed"
+            with pytest.raises(CodecError):
+                decode(data)
+        leaked = [name for name in names if name.encode() in data]
+        assert leaked == [], f"{path} shows tensor names {leaked[:3]}"
+    # Through the key, everything reads back; the merged model is a plain timm state dict.
+    merged = decode(aggregator.store.get_bytes(LAYOUT.merged_model()))
+    assert merged.meta.kind is PayloadKind.MERGED
+    assert any(name.startswith("blocks.0.") for name in merged.tensors)
+
+
+def _sealed_round(tmp_path: Path) -> tuple[LocalStore, DataKey, FederatedTrainingSpec]:
+    spec, key = _spec(), DataKey.generate()
+    store = LocalStore(tmp_path)
+    RoundAggregator(store, LAYOUT, spec, data_key=key).initialize()
+    for site in SITES:
+        run_job(in_process_job(store, LAYOUT, spec, 0, site, data_key=key))
+    return store, key, spec
+
+
+def test_a_tampered_update_is_refused_and_the_others_still_count(tmp_path: Path) -> None:
+    store, key, spec = _sealed_round(tmp_path)
+    path = store.local_path(LAYOUT.update(0, "fab-a"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    aggregator = RoundAggregator(store, LAYOUT, spec, data_key=key)
+    verdict = aggregator.submit(0, "fab-a")
+    assert (verdict.accepted, verdict.reason) == (False, "sealed-tampered")
+    assert aggregator.submit(0, "fab-b").accepted
+
+
+def test_an_update_copied_to_another_sites_key_is_refused(tmp_path: Path) -> None:
+    store, key, spec = _sealed_round(tmp_path)
+    source = store.local_path(LAYOUT.update(0, "fab-a"))
+    store.local_path(LAYOUT.update(0, "fab-b")).write_bytes(source.read_bytes())
+    verdict = RoundAggregator(store, LAYOUT, spec, data_key=key).submit(0, "fab-b")
+    assert verdict.accepted is False
+    assert verdict.reason in {"sealed-identity", "sealed-tampered"}
+    assert "fab-b" in (verdict.message or "") or "identity" in (verdict.message or "")
+
+
+def test_a_plaintext_object_is_refused_where_a_sealed_one_is_expected(tmp_path: Path) -> None:
+    """A reader with a key never falls back to plaintext: an attacker with bucket write access could
+    otherwise slip an unsealed update in."""
+    store, key, spec = _sealed_round(tmp_path)
+    meta = Metadata(
+        kind=PayloadKind.UPDATE,
+        training=LAYOUT.name,
+        round=0,
+        site="fab-b",
+        samples=40,
+        base_fingerprint="0" * 64,
+    )
+    store.put_bytes(LAYOUT.update(0, "fab-b"), encode({"x": torch.zeros(2)}, meta))
+    verdict = RoundAggregator(store, LAYOUT, spec, data_key=key).submit(0, "fab-b")
+    assert (verdict.accepted, verdict.reason) == (False, "sealed-format")
+
+
+def test_the_aggregator_refuses_to_start_without_the_key_and_another_key_reads_nothing(
+    tmp_path: Path,
+) -> None:
+    store, _, spec = _sealed_round(tmp_path)
+    with pytest.raises(AggregationError, match="no data key"):
+        RoundAggregator(store, LAYOUT, spec)
+    other = SealedStore(store, DataKey.generate(), LAYOUT.name)
+    with pytest.raises(SealError) as refused:
+        other.get_bytes(LAYOUT.global_model(0))
+    assert refused.value.reason == "sealed-key"
