@@ -16,6 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 from fedtrain.codec import decode
+from fedtrain.sealed_store import identity
+from fedtrain.sealing import is_sealed, load_key_file, open_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -159,9 +161,16 @@ def test_a_suspended_resource_runs_nothing_and_says_how_to_go_on(tmp_path: Path)
 def test_a_run_against_s3_keeps_every_object_in_the_bucket_and_sends_the_most_drifted_tensors(
     tmp_path: Path, s3_endpoint: str
 ) -> None:
-    """Also exchange policy dynamic end to end: each site sends half of its tensors, the most drifted."""
+    """Also exchange policy dynamic end to end: each site sends half of its tensors, the most drifted;
+    and privacy.encryptAtRest: the bucket holds only sealed tensor objects, the run directory the key."""
     run_dir = tmp_path / "run"
-    document = training("on-s3", rounds=1, sites=2, exchange={"policy": "dynamic", "topFraction": 0.5})
+    document = training(
+        "on-s3",
+        rounds=1,
+        sites=2,
+        exchange={"policy": "dynamic", "topFraction": 0.5},
+        privacy={"encryptAtRest": True},
+    )
     result = fedtrain(
         "run",
         str(write(tmp_path, document)),
@@ -185,10 +194,24 @@ def test_a_run_against_s3_keeps_every_object_in_the_bucket_and_sends_the_most_dr
     assert not (run_dir / "store").exists(), "nothing goes to the local store when --store is S3"
     assert json.loads((run_dir / "status.json").read_text())["finalModelUri"].startswith("s3://fedtrain-e2e/")
 
+    data_key = load_key_file(run_dir / "data-key")
+    assert (run_dir / "data-key").stat().st_mode & 0o777 == 0o600
+
     def read(key: str) -> dict[str, torch.Tensor]:
-        return dict(decode(s3.get_object(Bucket="fedtrain-e2e", Key=f"{root}/{key}")["Body"].read()).tensors)
+        sealed = s3.get_object(Bucket="fedtrain-e2e", Key=f"{root}/{key}")["Body"].read()
+        return dict(decode(open_bytes(data_key, identity("on-s3", f"local/on-s3/{key}"), sealed)).tensors)
 
     before, after = read("rounds/00000/global.safetensors"), read("rounds/00001/global.safetensors")
+    for key in keys:
+        stored = s3.get_object(Bucket="fedtrain-e2e", Key=key)["Body"].read()
+        if key.endswith(".safetensors"):
+            assert is_sealed(stored[:8]), f"{key} is stored in plaintext"
+        assert not [name for name in before if name.encode() in stored], f"{key} shows tensor names"
+    assert json.loads(
+        s3.get_object(Bucket="fedtrain-e2e", Key=f"{root}/rounds/00000/manifest.json")["Body"].read()
+    )
+    merged = load_file(str(run_dir / "model-merged.safetensors"))  # the run directory's copy: plaintext
+    assert any(name.startswith("blocks.") for name in merged)
     sent: set[str] = set()
     for site in ("fab-a", "fab-b"):
         update = read(f"rounds/00000/updates/{site}.safetensors")
