@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from fedtrain.api import API_VERSION, KIND, FederatedTrainingSpec, SiteSpec
+from fedtrain.sealing import DataKey
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "fedtrain-operator"
@@ -360,7 +361,9 @@ def aggregator_selector(training: TrainingRef) -> dict[str, str]:
     return {TRAINING_UID: training.uid, COMPONENT: "aggregator"}
 
 
-def token_secret(training: TrainingRef, token: str) -> dict[str, Any]:
+def token_secret(training: TrainingRef, token: str, data_key: DataKey | None = None) -> dict[str, Any]:
+    """The training's Secret: the aggregator's bearer token and, under privacy.encryptAtRest, the data key."""
+    data = {TOKEN_KEY: token, **({DATA_KEY_KEY: data_key.to_base64()} if data_key is not None else {})}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -371,7 +374,7 @@ def token_secret(training: TrainingRef, token: str) -> dict[str, Any]:
             "labels": aggregator_labels(training),
             "ownerReferences": [training.owner_reference()],
         },
-        "stringData": {TOKEN_KEY: token},
+        "stringData": data,
     }
 
 

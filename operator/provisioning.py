@@ -33,8 +33,13 @@ class Provisioner:
         self.ref = ref
         self.defaults = defaults
 
-    async def token(self, known: str | None) -> str:
-        """The aggregator's bearer token: kept in a Secret, so a restarted operator uses the same."""
+    async def token(self, known: str | None, spec: FederatedTrainingSpec) -> str:
+        """The aggregator's bearer token: kept in a Secret, so a restarted operator uses the same.
+
+        Under privacy.encryptAtRest the Secret also holds the training's data key, made with it and
+        never replaced (the objects sealed under it would be lost; the field cannot change after
+        creation, so a training that seals has had the key from its first reconcile): only the
+        aggregator mounts the Secret, and trainers get the key in their own job files."""
         if known is not None:
             return known
         name = manifests.token_secret_name(self.ref)
@@ -43,23 +48,11 @@ class Provisioner:
         if token:
             return token
         token = secrets.token_urlsafe(32)
-        if await self.kube.create(manifests.token_secret(self.ref, token)) is None:
+        data_key = DataKey.generate() if spec.privacy.encrypt_at_rest else None
+        if await self.kube.create(manifests.token_secret(self.ref, token, data_key)) is None:
             # Another reconcile made it between the read and the create: use theirs.
             token = (await self.kube.secret_data(self.ref.namespace, name) or {})[manifests.TOKEN_KEY]
         return token
-
-    async def data_key(self, spec: FederatedTrainingSpec) -> None:
-        """privacy.encryptAtRest: make sure the training's Secret holds its data key (beside the token,
-        so only the aggregator mounts it; trainers get it in their job files). Made once, never
-        replaced: the objects sealed under it would be lost. Call after `token`."""
-        if not spec.privacy.encrypt_at_rest:
-            return
-        name = manifests.token_secret_name(self.ref)
-        existing = await self.kube.secret_data(self.ref.namespace, name) or {}
-        if existing.get(manifests.DATA_KEY_KEY):
-            return
-        patch = {"stringData": {manifests.DATA_KEY_KEY: DataKey.generate().to_base64()}}
-        await self.kube.patch("Secret", self.ref.namespace, name, patch)
 
     async def apply(self, spec: FederatedTrainingSpec, applied: str | None) -> str:
         """Apply the ConfigMap, Deployment and Service for `spec` unless `applied` says they match;

@@ -75,7 +75,6 @@ class TrainingRuntime:
     applied: str | None = None  # the spec the aggregator objects were last applied for
     credentials: KubeCredentials | None = None  # of the applied spec
     token: str | None = None
-    data_key_kept: bool = False  # privacy.encryptAtRest: the Secret holds the data key
     invalid: str | None = None
     deleting: bool = False  # set by the delete handler: no reconcile may act any more
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one reconcile (or clean-up) at a time
@@ -294,10 +293,7 @@ class Reconciler:
 
     async def _provision(self, spec: FederatedTrainingSpec) -> None:
         runtime = self.runtime
-        runtime.token = await self.provisioner.token(runtime.token)
-        if not runtime.data_key_kept:
-            await self.provisioner.data_key(spec)
-            runtime.data_key_kept = True
+        runtime.token = await self.provisioner.token(runtime.token, spec)
         applied = await self.provisioner.apply(spec, runtime.applied)
         if applied != runtime.applied or runtime.credentials is None:
             # The storage spec may have changed with it: keys are read again.

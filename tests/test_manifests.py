@@ -12,6 +12,7 @@ import yaml
 from fedtrain.api import FederatedTrainingSpec
 from fedtrain.operator import manifests
 from fedtrain.operator.manifests import PodDefaults, TrainingRef
+from fedtrain.sealing import DataKey
 
 KUBERNETES_VERSIONS = ["1.30", "1.33"]
 
@@ -170,6 +171,23 @@ def test_aggregator_objects_validate(site: dict[str, Any]) -> None:
     pulled = manifests.aggregator_deployment(TRAINING, spec, private)
     valid(pulled)
     assert pulled["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "aggregator-pull"}]
+
+
+def test_a_sealed_training_hands_its_aggregator_the_data_key_file() -> None:
+    plain = spec_with(MINIMAL_SITE)
+    sealed = plain.model_copy(update={"privacy": plain.privacy.model_copy(update={"encrypt_at_rest": True})})
+
+    def env(spec: Any) -> dict[str, str]:
+        container = manifests.aggregator_deployment(TRAINING, spec, DEFAULTS)["spec"]["template"]["spec"]
+        return {item["name"]: item.get("value", "") for item in container["containers"][0]["env"]}
+
+    assert "FEDTRAIN_AGGREGATOR_DATA_KEY_FILE" not in env(plain)
+    assert (
+        env(sealed)["FEDTRAIN_AGGREGATOR_DATA_KEY_FILE"] == f"{manifests.TOKEN_DIR}/{manifests.DATA_KEY_KEY}"
+    )
+    secret = manifests.token_secret(TRAINING, "s3cr3t", DataKey.generate())
+    valid(secret)
+    assert sorted(secret["stringData"]) == sorted([manifests.TOKEN_KEY, manifests.DATA_KEY_KEY])
 
 
 def test_config_change_rolls_the_aggregator() -> None:

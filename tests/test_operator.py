@@ -33,9 +33,13 @@ from test_resource_corpus import admitted_by_the_cluster, names_the_field
 from fedtrain.api import GROUP, PLURAL, VERSION
 from fedtrain.codec import decode
 from fedtrain.errors import TemporaryError
+from fedtrain.layout import TrainingLayout
 from fedtrain.model import timm_name
 from fedtrain.operator import manifests
-from fedtrain.operator.kube import Kube, KubeForbiddenError, load_api_client
+from fedtrain.operator.kube import Kube, KubeForbiddenError, load_api_client, secret_values
+from fedtrain.sealed_store import SealedStore
+from fedtrain.sealing import DataKey, is_sealed
+from fedtrain.store import ObjectStore, S3Store
 
 pytestmark = pytest.mark.e2e
 
@@ -139,8 +143,11 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     ]
     recorder = StatusRecorder(cluster, "wafer")
     with PrometheusServer(tmp_path / "prometheus", targets) as prometheus:
-        # FedPer: the heads stay at their sites, each site publishes its own merged model.
-        cluster.api.apply(cluster.training("wafer", rounds=2, sites=3, exchange=FEDPER))
+        # FedPer: the heads stay at their sites, each site publishes its own merged model; every
+        # tensor object in the bucket is sealed under the training's data key.
+        cluster.api.apply(
+            cluster.training("wafer", rounds=2, sites=3, exchange=FEDPER, privacy={"encryptAtRest": True})
+        )
         status = wait_for("the training to finish", lambda: cluster.finished("wafer"), timeout=420)
         check_scraped_metrics(prometheus)
     recorder.stop()
@@ -192,7 +199,8 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     history = store.get_bytes(layout.history()).decode().splitlines()
     assert len(history) == 3
 
-    check_personal_heads(cluster, status)
+    sealed = check_sealed_bucket(cluster, store, layout)
+    check_personal_heads(sealed, layout, status)
 
     # Finished: the aggregator is scaled to zero.
     deployment = cluster.api.apps.read_namespaced_deployment("wafer-aggregator", TRAINING_NAMESPACE)
@@ -210,10 +218,26 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     assert_within_chart_rbac(cluster, {})  # cluster-wide
 
 
-def check_personal_heads(cluster: Cluster, status: dict[str, Any]) -> None:
+def check_sealed_bucket(cluster: Cluster, store: S3Store, layout: TrainingLayout) -> SealedStore:
+    """privacy.encryptAtRest on a cluster: the training's Secret holds the data key beside the token,
+    every tensor object in the bucket is sealed under it, and the store opened with it reads them."""
+    secret = next(
+        s
+        for s in cluster.api.secrets(TRAINING_NAMESPACE)
+        if s["metadata"]["name"] == "wafer-aggregator-token"
+    )
+    data_key = DataKey.from_base64(secret_values(secret)[manifests.DATA_KEY_KEY])
+    objects = store.list(layout.root)
+    tensors = [key for key in objects if key.endswith(".safetensors")]
+    assert len(tensors) >= 3 + 9 + 6 + 3 + 1, tensors  # models, updates and reports, states, site models
+    for key in tensors:
+        assert is_sealed(store.get_range(key, 0, 8)[0]), f"{key} is stored in plaintext"
+    return SealedStore(store, data_key, layout.name)
+
+
+def check_personal_heads(store: ObjectStore, layout: TrainingLayout, status: dict[str, Any]) -> None:
     """What exchange FEDPER left in the bucket: no global model holds a head, each site's private state
     holds its own, and each site published a merged model with that head (they differ by site)."""
-    store, layout = cluster.store("wafer")
     for round_index in (0, 1, 2):
         tensors = decode(store.get_bytes(layout.global_model(round_index))).tensors
         names = {timm_name(name) for name in tensors}

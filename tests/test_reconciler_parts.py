@@ -63,6 +63,7 @@ from fedtrain.operator.reconcile import (
 )
 from fedtrain.operator.settings import OperatorSettings
 from fedtrain.operator.status_writer import StatusWriter
+from fedtrain.sealing import DataKey
 from fedtrain.store import LocalStore, S3Store
 
 ENDPOINT = "http://minio.example:9000"
@@ -366,10 +367,11 @@ async def test_stop_deletes_the_job_and_garbage_collection_its_secret(
 
 @pytest.mark.asyncio
 async def test_token_is_created_once_and_read_back_by_a_new_provisioner(
-    kube: RecordingKube, ref: TrainingRef
+    kube: RecordingKube, ref: TrainingRef, body: dict[str, Any]
 ) -> None:
+    spec = spec_of(body)
     provisioner = Provisioner(kube, ref, DEFAULTS)
-    token = await provisioner.token(None)
+    token = await provisioner.token(None, spec)
     secret_name = manifests.token_secret_name(ref)
     assert len(token) >= 32
     assert [(c.method, c.kind, c.name) for c in kube.calls] == [
@@ -382,10 +384,31 @@ async def test_token_is_created_once_and_read_back_by_a_new_provisioner(
     assert secret["metadata"]["ownerReferences"][0]["uid"] == ref.uid
 
     kube.forget_calls()
-    assert await provisioner.token(token) == token  # known: no call
+    assert await provisioner.token(token, spec) == token  # known: no call
     assert kube.calls == []
-    assert await Provisioner(kube, ref, DEFAULTS).token(None) == token  # a restarted operator
+    assert await Provisioner(kube, ref, DEFAULTS).token(None, spec) == token  # a restarted operator
     assert kube.methods() == ["secret_data"]
+
+
+@pytest.mark.asyncio
+async def test_a_sealed_trainings_secret_holds_its_data_key_made_once(
+    kube: RecordingKube, ref: TrainingRef, body: dict[str, Any]
+) -> None:
+    body["spec"]["privacy"] = {"encryptAtRest": True}
+    spec = spec_of(body)
+    await Provisioner(kube, ref, DEFAULTS).token(None, spec)
+    values = await kube.secret_data(ref.namespace, manifests.token_secret_name(ref)) or {}
+    key = DataKey.from_base64(values[manifests.DATA_KEY_KEY])
+    credentials = KubeCredentials(kube, ref, spec, _no_stores)
+    assert await credentials.data_key() == key
+    # A restarted operator reads the same key; it never makes another.
+    await Provisioner(kube, ref, DEFAULTS).token(None, spec)
+    assert await KubeCredentials(kube, ref, spec, _no_stores).data_key() == key
+    assert [c.method for c in kube.calls].count("create") == 1
+
+
+async def _no_stores(storage: Any, access: str | None, secret: str | None) -> Any:
+    raise AssertionError("no store is opened")
 
 
 class SecretMadeMeanwhile(RecordingKube):
@@ -405,7 +428,7 @@ class SecretMadeMeanwhile(RecordingKube):
 @pytest.mark.asyncio
 async def test_token_made_meanwhile_by_another_reconcile_is_used(ref: TrainingRef) -> None:
     kube = SecretMadeMeanwhile(manifests.token_secret(ref, "theirs"))
-    assert await Provisioner(kube, ref, DEFAULTS).token(None) == "theirs"
+    assert await Provisioner(kube, ref, DEFAULTS).token(None, spec_of(training_body())) == "theirs"
     assert kube.methods() == ["secret_data", "create", "secret_data"]
 
 
