@@ -242,3 +242,41 @@ def crd(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def unseal(
+    sealed: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help="A sealed object downloaded from the bucket."
+    ),
+    key_file: Path = typer.Option(
+        ...,
+        "--key-file",
+        exists=True,
+        dir_okay=False,
+        help="The training's data key (32 bytes, raw or base64).",
+    ),
+    training: str = typer.Option(..., "--training", help="The training's metadata.name."),
+    object_key: str = typer.Option(
+        ...,
+        "--object",
+        help="The object's key under the training's store root, e.g. "
+        "research/wafer/final/model-merged.safetensors (NAMESPACE/NAME/...).",
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the opened object."),
+) -> None:
+    """Open an object that privacy.encryptAtRest sealed (e.g. the final merged model), checking that
+    it is intact and is the object named: a tampered, truncated or swapped object is refused."""
+    from fedtrain.sealed_store import identity
+    from fedtrain.sealing import SealError, load_key_file, open_file
+
+    try:
+        data_key = load_key_file(key_file)
+        open_file(data_key, identity(training, object_key), sealed, output)
+    except SealError as error:
+        errors.print(f"[red]refused ({error.reason}):[/] {escape(str(error))}")
+        raise typer.Exit(EXIT_FAILED) from None
+    except ValueError as error:
+        errors.print(f"[red]error:[/] {escape(str(error))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    console.print(f"wrote {output}", markup=False)

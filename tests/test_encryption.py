@@ -10,13 +10,15 @@ from typing import Any
 import pytest
 import torch
 from jobs import in_process_job
+from typer.testing import CliRunner
 
 from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
 from fedtrain.api import FederatedTrainingSpec
 from fedtrain.codec import CodecError, Metadata, PayloadKind, decode, encode
 from fedtrain.layout import TrainingLayout
+from fedtrain.operator.cli import app
 from fedtrain.sealed_store import SealedStore
-from fedtrain.sealing import DataKey, SealError, is_sealed
+from fedtrain.sealing import DataKey, SealError, is_sealed, write_key_file
 from fedtrain.store import LocalStore
 from fedtrain.trainer.train import run_job
 
@@ -131,3 +133,44 @@ def test_the_aggregator_refuses_to_start_without_the_key_and_another_key_reads_n
     with pytest.raises(SealError) as refused:
         other.get_bytes(LAYOUT.global_model(0))
     assert refused.value.reason == "sealed-key"
+
+
+def test_fedtrain_unseal_opens_a_downloaded_object_and_refuses_it_under_another_name(tmp_path: Path) -> None:
+    key = DataKey.generate()
+    write_key_file(tmp_path / "data-key", key)
+    store = SealedStore(LocalStore(tmp_path / "bucket"), key, "wafer")
+    meta = Metadata(kind=PayloadKind.MERGED, training="wafer", round=2, base_fingerprint="0" * 64)
+    plain = encode({"head.weight": torch.ones(3, 2)}, meta)
+    store.put_bytes("research/wafer/final/model-merged.safetensors", plain)
+    sealed = tmp_path / "bucket" / "research" / "wafer" / "final" / "model-merged.safetensors"
+    common = ["--key-file", str(tmp_path / "data-key"), "--training", "wafer"]
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "unseal",
+            str(sealed),
+            *common,
+            "--object",
+            "research/wafer/final/model-merged.safetensors",
+            "-o",
+            str(tmp_path / "model.safetensors"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model.safetensors").read_bytes() == plain
+    swapped = CliRunner().invoke(
+        app,
+        [
+            "unseal",
+            str(sealed),
+            *common,
+            "--object",
+            "research/wafer/final/other.safetensors",
+            "-o",
+            str(tmp_path / "other.safetensors"),
+        ],
+    )
+    assert swapped.exit_code == 1
+    assert "sealed-identity" in swapped.output
+    assert not (tmp_path / "other.safetensors").exists(), "nothing unverified is left behind"
