@@ -47,6 +47,7 @@ CONTRACT_METRICS: frozenset[str] = frozenset(
         "fedtrain_site_round_update_bytes",
         "fedtrain_site_round_left_out",
         "fedtrain_site_round_trimmed_share",
+        "fedtrain_privacy_epsilon",
         "fedtrain_validation_accuracy",
         "fedtrain_validation_loss",
         "fedtrain_site_validation_accuracy",
