@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from fedtrain.api import (
+    CLIP_BELOW_METRIC,
+    CLIP_CONFIG_KEY,
     EvalMetrics,
     FederatedTrainingSpec,
     LoraAggregation,
@@ -45,7 +47,13 @@ from fedtrain.codec import (
     parse_json,
     squared_norm,
 )
-from fedtrain.dp import central_noise_std, clip_factor
+from fedtrain.dp import (
+    adaptive_clip_next,
+    central_noise_std,
+    clip_factor,
+    effective_noise_multiplier,
+    noised_below_fraction,
+)
 from fedtrain.errors import PermanentError
 from fedtrain.layout import TrainingLayout
 from fedtrain.lora_ranks import config_scale, shapes_at_rank
@@ -131,6 +139,8 @@ class _OpenRound:
     # rank below the global one what the truncation to that rank keeps (set at close).
     lora_energy: dict[str, float] = field(default_factory=dict)
     lora_energy_by_rank: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Adaptive clipping: how many of the folded updates were within the round's clip.
+    clip_below: int = 0
 
 
 class RoundAggregator:
@@ -327,19 +337,45 @@ class RoundAggregator:
 
     def _new_round(self, round_index: int) -> _OpenRound:
         shapes = self.signature(round_index).shapes
-        open_round = _OpenRound(self._accumulator(shapes))
+        open_round = _OpenRound(self._accumulator(round_index, shapes))
         if self.spec.aggregation.scaffold:
             open_round.control = WeightedMean(shapes)
         open_round.pins = self._read_pins(round_index)
         return open_round
 
-    def _accumulator(self, shapes: Mapping[str, tuple[int, ...]]) -> Accumulator:
-        """The strategy's running sum; under privacy.dp, DP-FedAvg's noised fixed-denominator mean."""
-        dp, clip = self.spec.privacy.dp, self.spec.privacy.clip_norm
+    def _accumulator(self, round_index: int, shapes: Mapping[str, tuple[int, ...]]) -> Accumulator:
+        """The strategy's running sum; under privacy.dp, DP-FedAvg's noised fixed-denominator mean
+        (with adaptive clipping, noised with the share of the budget the count of sites within the
+        clip leaves, Andrew et al.)."""
+        privacy = self.spec.privacy
+        dp, clip = privacy.dp, self._round_clip(round_index)
         if dp is None or clip is None:
             return self.strategy.accumulator(shapes)
         expected = self.spec.aggregation.sites_per_round(len(self.spec.sites))
-        return NoisyMean(shapes, central_noise_std(dp.noise_multiplier, clip), expected)
+        sigma = dp.noise_multiplier
+        if privacy.adaptive_clipping is not None:
+            sigma = effective_noise_multiplier(sigma, privacy.bit_noise_std(expected))
+        return NoisyMean(shapes, central_noise_std(sigma, clip), expected)
+
+    def _round_clip(self, round_index: int) -> float | None:
+        """The clip of round `round_index`: in its global model's metadata when adaptive, else clipNorm."""
+        self.signature(round_index)
+        return self.spec.privacy.round_clip(self._signatures[round_index][1].config)
+
+    def _next_clip(self, round_index: int, open_round: _OpenRound) -> float | None:
+        """Adaptive clipping: the next round's clip from the share of this round's folded updates that
+        were within its clip (noised under dp); None without adaptive clipping."""
+        adaptive, clip = self.spec.privacy.adaptive_clipping, self._round_clip(round_index)
+        if adaptive is None or clip is None or not open_round.weights:
+            return None if adaptive is None else clip
+        expected = self.spec.aggregation.sites_per_round(len(self.spec.sites))
+        below = noised_below_fraction(
+            open_round.clip_below,
+            len(open_round.weights),
+            expected,
+            self.spec.privacy.bit_noise_std(expected),
+        )
+        return adaptive_clip_next(clip, below, adaptive.target_quantile, adaptive.learning_rate)
 
     def _read_pins(self, round_index: int) -> dict[str, str]:
         try:
@@ -496,10 +532,14 @@ class RoundAggregator:
             weight = site_weight(self.spec.aggregation.weighting, meta.samples, self.spec.site(site).weight)
         except ValueError as error:
             return self._reject(round_index, site, "samples", str(error), **common)
+        below = meta.metrics.get(CLIP_BELOW_METRIC)
+        if self.spec.privacy.adaptive_clipping is not None and below not in (0.0, 1.0):
+            message = f"{key} reports {CLIP_BELOW_METRIC} {below!r}; adaptive clipping needs 0 or 1"
+            return self._reject(round_index, site, "metadata", message, **common)
 
-        signature = self.site_signature(round_index, site)
+        signature, clip = self.site_signature(round_index, site), self._round_clip(round_index)
         try:
-            norm = self._check_and_fold(payload, key, signature, weight, open_round)
+            norm = self._check_and_fold(payload, key, signature, weight, open_round, clip)
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error), **common)
         except _TooLarge as error:
@@ -509,16 +549,22 @@ class RoundAggregator:
             open_round.control.count(1.0)
         open_round.dirty = False
         open_round.weights[site] = weight
+        open_round.clip_below += 1 if below == 1.0 else 0
         return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
 
     def _check_and_fold(
-        self, payload: Payload, key: str, signature: Signature, weight: float, open_round: _OpenRound
+        self,
+        payload: Payload,
+        key: str,
+        signature: Signature,
+        weight: float,
+        open_round: _OpenRound,
+        clip: float | None,
     ) -> float:
         """Check an update and fold it in with `weight`; its L2 norm. Each tensor is folded as soon as
         it passes its own checks, in the same read; under privacy.clipNorm the whole update is checked
         first (its norm is needed) and its tensors are then read again, scaled down to the clip."""
         accumulator, control = open_round.accumulator, open_round.control
-        clip = self.spec.privacy.clip_norm
 
         def fold(name: str, tensor: UpdateTensor) -> None:
             open_round.dirty = True
@@ -623,6 +669,9 @@ class RoundAggregator:
             raise AggregationError(f"round {round_index} has no accepted update to aggregate")
         open_round = self._sum_of(round_index, participants)
         meta = self._next_model_meta(round_index)
+        next_clip = self._next_clip(round_index, open_round)
+        if next_clip is not None:  # the next round's trainers and aggregator read it there
+            meta.config = {**meta.config, CLIP_CONFIG_KEY: next_clip}
         model_key = self.layout.global_model(round_index + 1)
         try:
             model_sha256 = self._write_next_model(round_index, open_round, meta)
@@ -641,6 +690,8 @@ class RoundAggregator:
             trimmed_share=open_round.outcome.trimmed_share if open_round.outcome else {},
             lora_energy=open_round.lora_energy,
             lora_energy_by_rank=open_round.lora_energy_by_rank,
+            clip_norm=self._round_clip(round_index),
+            next_clip_norm=next_clip,
             server_state_key=self.layout.server_state(round_index) if self.strategy.keeps_state else None,
             weighting=self.spec.aggregation.weighting.value,
             participants=_manifest_participants(open_round, folded),
@@ -878,7 +929,10 @@ def _train_metrics(meta: Metadata) -> dict[str, float]:
     figures = {
         name[:64]: float(value)
         for name, value in meta.metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(float(value))
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+        and name != CLIP_BELOW_METRIC  # under dp, a site's bit is what the count's noise hides
     }
     return dict(sorted(figures.items())[:MAX_TRAIN_METRICS])
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, Self
@@ -1117,6 +1117,38 @@ class DpSpec(SpecModel):
     )
 
 
+#: Where adaptive clipping writes the next round's clip: the next global model's metadata config.
+CLIP_CONFIG_KEY: Final = "clip_norm"
+#: The update metric of adaptive clipping: 1.0 if the site's change was within the round's clip.
+CLIP_BELOW_METRIC: Final = "clip_below"
+
+
+class AdaptiveClippingSpec(SpecModel):
+    """Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping")."""
+
+    target_quantile: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="The share of the sites' update norms the clip should settle above (gamma).",
+    )
+    learning_rate: float = Field(
+        0.2, gt=0, le=10, description="eta of the geometric update C <- C exp(-eta (b - gamma))."
+    )
+    bit_noise_std: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description=(
+            "Under dp: the standard deviation of the noise on the count of sites whose update was "
+            "within the clip (sigma_b); the updates are then noised with sigma_delta = (sigma^-2 - "
+            "(2 sigma_b)^-2)^-1/2 so that both together spend what noiseMultiplier says. Must exceed "
+            "noiseMultiplier / 2. Default: the larger of noiseMultiplier and the sites a round selects "
+            "/ 20 (Andrew et al.'s suggestion). Without dp the count is exact: leave it unset."
+        ),
+    )
+
+
 class PrivacySpec(SpecModel):
     """What protects a site's update beyond keeping its images at home."""
 
@@ -1126,6 +1158,17 @@ class PrivacySpec(SpecModel):
                 "rule": "!has(self.dp) || has(self.clipNorm)",
                 "message": "dp: the noise is calibrated to the bound on each update: set privacy.clipNorm",
                 "fieldPath": ".clipNorm",
+            },
+            {
+                "rule": "!has(self.adaptiveClipping) || has(self.clipNorm)",
+                "message": "adaptiveClipping: set privacy.clipNorm, the first round's clip",
+                "fieldPath": ".clipNorm",
+            },
+            {
+                "rule": "!has(self.adaptiveClipping) || !has(self.adaptiveClipping.bitNoiseStd)"
+                " || (has(self.dp) && 2.0 * self.adaptiveClipping.bitNoiseStd > self.dp.noiseMultiplier)",
+                "message": "adaptiveClipping.bitNoiseStd needs dp and must exceed dp.noiseMultiplier / 2",
+                "fieldPath": ".adaptiveClipping.bitNoiseStd",
             },
         )
     )
@@ -1155,6 +1198,15 @@ class PrivacySpec(SpecModel):
         ),
     )
 
+    adaptive_clipping: AdaptiveClippingSpec | None = Field(
+        None,
+        description=(
+            "Let the clip follow the updates: clipNorm is the first round's clip, and after each round "
+            "the aggregator moves it toward the targetQuantile of the sites' update norms (each site "
+            "reports whether its update was within the clip; under dp that count is noised). The clip "
+            "a round used and the next one are in the round manifest and the next global model."
+        ),
+    )
     encrypt_at_rest: bool = Field(
         False,
         description=(
@@ -1176,7 +1228,36 @@ class PrivacySpec(SpecModel):
                 "dp: the noise is calibrated to the bound on each update: set privacy.clipNorm (e.g. a "
                 "little above the median update norm of a run without it)"
             )
+        adaptive = self.adaptive_clipping
+        if adaptive is not None and self.clip_norm is None:
+            raise ValueError("adaptiveClipping: set privacy.clipNorm, the first round's clip")
+        if adaptive is not None and adaptive.bit_noise_std is not None:
+            if self.dp is None:
+                raise ValueError(
+                    "adaptiveClipping.bitNoiseStd noises the count of sites within the clip, which only "
+                    "dp needs: drop it, or set dp"
+                )
+            if 2 * adaptive.bit_noise_std <= self.dp.noise_multiplier:
+                raise ValueError(
+                    f"adaptiveClipping.bitNoiseStd must exceed dp.noiseMultiplier / 2 = "
+                    f"{self.dp.noise_multiplier / 2:g}, or the count would spend the whole budget: raise it"
+                )
         return self
+
+    def round_clip(self, model_config: Mapping[str, Any]) -> float | None:
+        """The clip of the round that starts from a global model with this metadata config: the one
+        adaptive clipping wrote there (CLIP_CONFIG_KEY), else clipNorm."""
+        written = model_config.get(CLIP_CONFIG_KEY)
+        if self.adaptive_clipping is not None and isinstance(written, int | float) and written > 0:
+            return float(written)
+        return self.clip_norm
+
+    def bit_noise_std(self, expected_sites: int) -> float:
+        """sigma_b of the count of sites within the clip (0 without dp: the count is exact)."""
+        if self.dp is None or self.adaptive_clipping is None:
+            return 0.0
+        given = self.adaptive_clipping.bit_noise_std
+        return given if given is not None else max(self.dp.noise_multiplier, expected_sites / 20)
 
 
 # --------------------------------------------------------------------------------------------------

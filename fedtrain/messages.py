@@ -68,6 +68,10 @@ class RoundManifest(Message):
     #: Sites of a lower rank (sites[].loraRank): for each such rank, the share of each layer's mean
     #: weight change that the truncation those sites receive keeps (str(rank) -> layer -> share).
     lora_energy_by_rank: dict[str, dict[str, float]] = Field(default_factory=dict)
+    #: privacy.clipNorm: the clip this round's updates were held to, and with adaptive clipping the
+    #: next round's (written into the next global model's metadata too).
+    clip_norm: float | None = None
+    next_clip_norm: float | None = None
     weighting: str
     participants: list[Participant]
     rejected: list[RejectedUpdate] = Field(default_factory=list)

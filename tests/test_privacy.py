@@ -17,7 +17,7 @@ from jobs import in_process_job
 from test_engine import World, make_spec
 
 from fedtrain.aggregator.rounds import RoundAggregator
-from fedtrain.api import ConditionType, FederatedTrainingSpec, Phase
+from fedtrain.api import CLIP_BELOW_METRIC, CLIP_CONFIG_KEY, ConditionType, FederatedTrainingSpec, Phase
 from fedtrain.codec import Metadata, PayloadKind, decode, encode, l2_norm
 from fedtrain.layout import TrainingLayout
 from fedtrain.store import LocalStore
@@ -54,6 +54,7 @@ def _round_zero(
             samples=100,
             base_fingerprint=BASE,
             timings={"train_seconds": 1.0},
+            metrics={CLIP_BELOW_METRIC: 1.0 if l2_norm(delta) <= 1.0 else 0.0},
         )
         store.put_bytes(LAYOUT.update(0, site), encode(delta, update))
 
@@ -85,14 +86,22 @@ def test_the_aggregator_scales_an_update_above_the_clip_down_to_it(tmp_path: Pat
         np.testing.assert_allclose(result[name].numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_dp_noise_has_the_calibrated_variance_and_the_mean_a_fixed_denominator(tmp_path: Path) -> None:
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_dp_noise_has_the_calibrated_variance_and_the_mean_a_fixed_denominator(
+    tmp_path: Path, adaptive: bool
+) -> None:
     """sigma 0.8, clip 1.5, 3 sites of which 2 send: the next model is (sum of the two clipped updates
-    + N(0, (0.8 x 1.5)^2)) / 3, the number of sites a round selects."""
+    + N(0, (0.8 x 1.5)^2)) / 3, the number of sites a round selects. With adaptive clipping the count
+    of sites within the clip takes its share of the budget (sigma_b = 0.8 by default): the updates
+    get sigma_delta = (0.8^-2 - 1.6^-2)^-1/2 instead."""
     store = LocalStore(tmp_path)
     start = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
     deltas = {"fab-0": _random(1, 4.0), "fab-1": _random(2, 1.0)}
     _round_zero(store, start, deltas)
-    spec = _spec({"clipNorm": 1.5, "dp": {"noiseMultiplier": 0.8}}, sites=3)
+    privacy: dict[str, Any] = {"clipNorm": 1.5, "dp": {"noiseMultiplier": 0.8}}
+    if adaptive:
+        privacy["adaptiveClipping"] = {}
+    spec = _spec(privacy, sites=3)
     aggregator = RoundAggregator(store, LAYOUT, spec)
     assert all(aggregator.submit(0, site).accepted for site in deltas)
     aggregator.close(0, list(deltas))
@@ -107,7 +116,8 @@ def test_dp_noise_has_the_calibrated_variance_and_the_mean_a_fixed_denominator(t
             for name in SHAPES
         ]
     )
-    count, std = noise.size, 0.8 * 1.5
+    sigma = (0.8**-2 - 1.6**-2) ** -0.5 if adaptive else 0.8
+    count, std = noise.size, sigma * 1.5
     # The sample standard deviation of n normals is within 5 of its standard errors std / sqrt(2n).
     assert abs(noise.std() - std) < 5 * std / math.sqrt(2 * count)
     assert abs(noise.mean()) < 5 * std / math.sqrt(count)
@@ -120,11 +130,53 @@ def test_dp_noise_has_the_calibrated_variance_and_the_mean_a_fixed_denominator(t
     assert not torch.equal(other["w"], result["w"]), "the noise is drawn afresh, not from a known seed"
 
 
+def test_adaptive_clipping_moves_the_clip_toward_the_target_quantile(tmp_path: Path) -> None:
+    """No dp, so the count is exact: 1 of 3 updates within the clip 1.0 (target quantile 0.5, eta
+    0.2) gives the next clip exp(-0.2 (1/3 - 0.5)); the round's updates were held to 1.0, and the
+    next round's clip travels in the next global model for its trainers and its aggregator."""
+    store = LocalStore(tmp_path)
+    start = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    deltas = {"fab-0": _random(1, 3.0), "fab-1": _random(2, 0.5), "fab-2": _random(3, 2.0)}
+    _round_zero(store, start, deltas)
+    spec = _spec({"clipNorm": 1.0, "adaptiveClipping": {"targetQuantile": 0.5, "learningRate": 0.2}}, sites=3)
+    aggregator = RoundAggregator(store, LAYOUT, spec)
+    assert all(aggregator.submit(0, site).accepted for site in deltas)
+    manifest = aggregator.close(0, list(deltas))
+    expected = math.exp(-0.2 * (1 / 3 - 0.5))
+    assert manifest.clip_norm == 1.0
+    assert manifest.next_clip_norm == pytest.approx(expected)
+    next_model = decode(store.get_bytes(LAYOUT.global_model(1)))
+    assert next_model.meta.config[CLIP_CONFIG_KEY] == pytest.approx(expected)
+    for name in SHAPES:
+        held = sum(delta[name].numpy() * min(1.0, 1.0 / l2_norm(delta)) for delta in deltas.values()) / 3
+        np.testing.assert_allclose(next_model.tensors[name].numpy(), held, rtol=1e-5, atol=1e-7)
+    assert spec.privacy.round_clip(next_model.meta.config) == pytest.approx(expected)
+
+
+def test_adaptive_clipping_refuses_an_update_without_its_bit(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    _round_zero(
+        store, {name: torch.zeros(shape) for name, shape in SHAPES.items()}, {"fab-0": _random(1, 1.0)}
+    )
+    path = store.local_path(LAYOUT.update(0, "fab-0"))
+    payload = decode(path.read_bytes())
+    meta = payload.meta.model_copy(update={"metrics": {CLIP_BELOW_METRIC: 0.5}})
+    path.write_bytes(encode(dict(payload.tensors), meta))
+    spec = _spec({"clipNorm": 1.0, "adaptiveClipping": {}}, sites=1)
+    verdict = RoundAggregator(store, LAYOUT, spec).submit(0, "fab-0")
+    assert (verdict.accepted, verdict.reason) == (False, "metadata")
+    assert "clip_below" in (verdict.message or "")
+
+
 # --------------------------------------------------------------------------------------------------
 # the trainer
 
 
-def test_the_trainer_clips_every_update_it_sends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_trainer_clips_every_update_it_sends(tmp_path: Path, adaptive: bool) -> None:
+    """With adaptive clipping the round's clip is the one its global model carries (0.004 here, not
+    clipNorm's 0.01), and the update reports whether the change was within it."""
+    privacy: dict[str, Any] = {"clipNorm": 0.01, **({"adaptiveClipping": {}} if adaptive else {})}
     spec = FederatedTrainingSpec.model_validate(
         {
             "model": {
@@ -134,7 +186,7 @@ def test_the_trainer_clips_every_update_it_sends(tmp_path: Path) -> None:
             },
             "lora": {"rank": 4},
             "training": {"rounds": 1, "localSteps": 3, "batchSize": 8, "optimizer": {"lr": 0.05}},
-            "privacy": {"clipNorm": 0.01},
+            "privacy": privacy,
             "sites": [{"name": "fab-a", "data": {"synthetic": {"samples": 40}}}],
         },
         by_name=False,
@@ -142,11 +194,20 @@ def test_the_trainer_clips_every_update_it_sends(tmp_path: Path) -> None:
     store, layout = LocalStore(tmp_path), TrainingLayout("local", "clip-test")
     aggregator = RoundAggregator(store, layout, spec)
     aggregator.initialize()
+    clip = 0.01
+    if adaptive:  # the global model of round 0 as an adaptive round would have written it
+        clip = 0.004
+        initial = decode(store.get_bytes(layout.global_model(0)))
+        meta = initial.meta.model_copy(update={"config": {**initial.meta.config, CLIP_CONFIG_KEY: clip}})
+        store.put_bytes(layout.global_model(0), encode(dict(initial.tensors), meta))
+        aggregator = RoundAggregator(store, layout, spec)
     meta = run_job(in_process_job(store, layout, spec, 0, "fab-a"))
     sent = decode(store.get_bytes(layout.update(0, "fab-a")))
-    assert l2_norm(sent.tensors) <= 0.01 * (1 + 1e-6)
+    assert l2_norm(sent.tensors) <= clip * (1 + 1e-6)
     assert meta.metrics["unclipped_norm"] > 0.01, "a learning rate of 0.05 moves it further than 0.01"
-    assert meta.metrics["clip_factor"] == pytest.approx(0.01 / meta.metrics["unclipped_norm"])
+    assert meta.metrics["clip_factor"] == pytest.approx(clip / meta.metrics["unclipped_norm"])
+    assert (CLIP_BELOW_METRIC in meta.metrics) is adaptive
+    assert meta.metrics.get(CLIP_BELOW_METRIC, 0.0) == 0.0
     assert aggregator.submit(0, "fab-a").accepted
 
 

@@ -211,6 +211,7 @@ def test_the_corpus_is_large_and_covers_every_class() -> None:
     expected = {
         "paths", "urls", "buckets", "names", "quantities", "affinity", "lax", "duplicates",
         "aliases", "snake_case", "shape", "oversized", "metadata_name", "bounds", "exchange", "strategies",
+        "privacy",
     }  # fmt: skip
     assert set(classes) == expected, classes
 

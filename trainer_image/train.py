@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtrain.api import EvalMetrics, OptimizerName, Precision, PretrainedSource, ScheduleName
+from fedtrain.api import (
+    CLIP_BELOW_METRIC,
+    EvalMetrics,
+    OptimizerName,
+    Precision,
+    PretrainedSource,
+    ScheduleName,
+)
 from fedtrain.codec import (
     CONTROL_SUFFIX,
     TORCH_DTYPES,
@@ -461,6 +468,7 @@ class RoundInputs:
     model: FederatedModel
     private_state: Payload | None  # None: nothing stored yet, unreadable, or not asked for
     load_seconds: float
+    clip_norm: float | None = None  # privacy: this round's clip (adaptive clipping moves it)
 
 
 @dataclass
@@ -496,12 +504,13 @@ def fetch_inputs(job: TrainerJob, device: torch.device) -> RoundInputs:
         transfer_deadline=job.transfer_deadline,
     )
     model = build_model(spec, _pretrained_weights(job))
-    _load_global_model(job, model)
+    global_meta = _load_global_model(job, model)
     # Evaluations get a state URL only when the site keeps personal tensors (operator/core.py).
     private_state = _fetch_private_state(job)
     restore_personal(job, model, private_state)
     model.module.to(device)
-    return RoundInputs(data, model, private_state, time.perf_counter() - started)
+    clip_norm = spec.privacy.round_clip(global_meta.config)
+    return RoundInputs(data, model, private_state, time.perf_counter() - started, clip_norm)
 
 
 def compute_round(job: TrainerJob, inputs: RoundInputs, device: torch.device) -> RoundOutcome:
@@ -603,8 +612,10 @@ def _selected_update(
     trained = {name: tensor.cpu() for name, tensor in after.items()}
     change = {name: trained[name] - received[name] for name in received}
     privacy = job.spec.privacy
-    if privacy.clip_norm is not None:
-        clipping = clip_in_place(change, privacy.clip_norm)
+    if inputs.clip_norm is not None:
+        clipping = clip_in_place(change, inputs.clip_norm)
+        if privacy.adaptive_clipping is not None:  # the aggregator counts it, and noises it under dp
+            metrics[CLIP_BELOW_METRIC] = 1.0 if clipping["clip_factor"] == 1.0 else 0.0
         if privacy.dp is None:  # under dp, the norm before clipping is what the noise hides
             metrics.update(clipping)
     selection = select_update(
@@ -736,8 +747,9 @@ def _pretrained_weights(job: TrainerJob) -> Path | bytes | None:
     return None
 
 
-def _load_global_model(job: TrainerJob, model: FederatedModel) -> None:
-    """Load the round's global model into `model`; IncompatibleModelError if it does not fit."""
+def _load_global_model(job: TrainerJob, model: FederatedModel) -> Metadata:
+    """Load the round's global model into `model`; its metadata. IncompatibleModelError if it does
+    not fit."""
     payload = decode(
         fetch(job, "global_model_url"),
         name=f"global model of round {job.round}",
@@ -756,6 +768,7 @@ def _load_global_model(job: TrainerJob, model: FederatedModel) -> None:
         model.load_exchanged(tensors)
     except (ModelError, ValueError) as error:
         raise IncompatibleModelError(str(error)) from None
+    return payload.meta
 
 
 def restore_personal(job: TrainerJob, model: FederatedModel, private_state: Payload | None) -> None:
