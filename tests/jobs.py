@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from fedtrain.api import FederatedTrainingSpec
 from fedtrain.job import Sealing, TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
@@ -46,3 +49,27 @@ def in_process_job(
         control_url=store.presign_get(keys["control_url"], 60) if control else None,
         sealing=sealing,
     )
+
+
+def tiny_spec(
+    sites: Sequence[str | dict[str, Any]] = ("fab-a", "fab-b"), samples: int = 40, **sections: Any
+) -> FederatedTrainingSpec:
+    """A training small enough to run in process in seconds: a 1-block ViT (embed 32) on 28-pixel
+    synthetic wafer maps, LoRA rank 4, 2 rounds of 2 steps. Each keyword is a spec section (camelCase
+    inside) merged over these defaults; a site is a name, or a whole site entry."""
+    document: dict[str, Any] = {
+        "model": {
+            "numClasses": 9,
+            "imageSize": 28,
+            "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
+        },
+        "lora": {"rank": 4},
+        "training": {"rounds": 2, "localSteps": 2, "batchSize": 8, "seed": 5},
+        "sites": [
+            site if isinstance(site, dict) else {"name": site, "data": {"synthetic": {"samples": samples}}}
+            for site in sites
+        ],
+    }
+    for section, value in sections.items():
+        document[section] = {**document.get(section, {}), **value}
+    return FederatedTrainingSpec.model_validate(document, by_name=False)

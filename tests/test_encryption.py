@@ -5,11 +5,10 @@ tampered or swapped object is refused with a reason."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from jobs import in_process_job
+from jobs import in_process_job, tiny_spec
 from typer.testing import CliRunner
 
 from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
@@ -26,22 +25,8 @@ LAYOUT = TrainingLayout("local", "sealed")
 SITES = ("fab-a", "fab-b")
 
 
-def _spec(**extra: Any) -> FederatedTrainingSpec:
-    return FederatedTrainingSpec.model_validate(
-        {
-            "model": {
-                "numClasses": 9,
-                "imageSize": 28,
-                "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
-            },
-            "lora": {"rank": 4},
-            "training": {"rounds": 2, "localSteps": 2, "batchSize": 8, "seed": 3},
-            "privacy": {"encryptAtRest": True},
-            "sites": [{"name": site, "data": {"synthetic": {"samples": 40}}} for site in SITES],
-            **extra,
-        },
-        by_name=False,
-    )
+def _spec() -> FederatedTrainingSpec:
+    return tiny_spec(SITES, training={"seed": 3}, privacy={"encryptAtRest": True})
 
 
 def test_two_rounds_leave_only_sealed_tensor_objects_in_the_store(tmp_path: Path) -> None:

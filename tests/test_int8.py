@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from jobs import in_process_job
+from jobs import in_process_job, tiny_spec
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -366,18 +366,7 @@ def test_ten_rounds_drift_from_the_fp32_copy_against_rounding_the_stored_global(
 
 
 def test_two_sites_train_two_rounds_with_int8_transfer(tmp_path: Path) -> None:
-    spec = FederatedTrainingSpec.model_validate(
-        {
-            "model": {
-                "numClasses": 9,
-                "imageSize": 28,
-                "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
-            },
-            "lora": {"rank": 4},
-            "training": {"rounds": 2, "localSteps": 2, "batchSize": 8, "seed": 5, "transferDtype": "int8"},
-            "sites": [{"name": site, "data": {"synthetic": {"samples": 40}}} for site in ("fab-a", "fab-b")],
-        }
-    )
+    spec = tiny_spec(training={"transferDtype": "int8"})
     store = LocalStore(tmp_path)
     layout = TrainingLayout("local", "int8-test")
     aggregator = RoundAggregator(store, layout, spec)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from jobs import in_process_job
+from jobs import in_process_job, tiny_spec
 
 from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.api import FederatedTrainingSpec
@@ -208,21 +208,10 @@ def test_product_refuses_what_would_undo_it(extra: dict[str, Any], says: str) ->
 def test_two_sites_of_different_ranks_train_two_rounds_with_product_aggregation(tmp_path: Path) -> None:
     """fab-a at the global rank 4, fab-b at its own rank 2 (alpha 8: scales 2 and 4): fab-b's trainer
     starts from the global factors' first two components times sqrt(2 / 4), and sends rank-2 factors."""
-    spec = FederatedTrainingSpec.model_validate(
-        {
-            "model": {
-                "numClasses": 9,
-                "imageSize": 28,
-                "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
-            },
-            "lora": {"rank": 4, "alpha": 8, "aggregation": "product"},
-            "training": {"rounds": 2, "localSteps": 2, "batchSize": 8, "seed": 5, "optimizer": {"lr": 0.01}},
-            "sites": [
-                {"name": "fab-a", "data": {"synthetic": {"samples": 40}}},
-                {"name": "fab-b", "loraRank": 2, "data": {"synthetic": {"samples": 40}}},
-            ],
-        },
-        by_name=False,
+    spec = tiny_spec(
+        ["fab-a", {"name": "fab-b", "loraRank": 2, "data": {"synthetic": {"samples": 40}}}],
+        lora={"alpha": 8, "aggregation": "product"},
+        training={"optimizer": {"lr": 0.01}},
     )
     store, layout = LocalStore(tmp_path), TrainingLayout("local", "product-test")
     aggregator = RoundAggregator(store, layout, spec)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from jobs import in_process_job, state_key
+from jobs import in_process_job, state_key, tiny_spec
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -405,26 +405,7 @@ def test_an_update_sending_more_than_its_policy_allows_is_that_sites_rejection(t
 def _two_rounds(
     tmp_path: Path, exchange: dict[str, Any], transfer_dtype: str
 ) -> tuple[LocalStore, TrainingLayout, FederatedTrainingSpec]:
-    spec = FederatedTrainingSpec.model_validate(
-        {
-            "model": {
-                "numClasses": 9,
-                "imageSize": 28,
-                "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
-            },
-            "lora": {"rank": 4},
-            "exchange": exchange,
-            "training": {
-                "rounds": 2,
-                "localSteps": 2,
-                "batchSize": 8,
-                "seed": 5,
-                "transferDtype": transfer_dtype,
-            },
-            "sites": [{"name": site, "data": {"synthetic": {"samples": 40}}} for site in ("fab-a", "fab-b")],
-        },
-        by_name=False,
-    )
+    spec = tiny_spec(exchange=exchange, training={"transferDtype": transfer_dtype})
     store, layout = LocalStore(tmp_path), TrainingLayout("local", "partial-test")
     aggregator = RoundAggregator(store, layout, spec)
     aggregator.initialize()

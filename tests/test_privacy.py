@@ -13,7 +13,7 @@ import pytest
 import torch
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
-from jobs import in_process_job
+from jobs import in_process_job, tiny_spec
 from test_engine import World, make_spec
 
 from fedtrain.aggregator.rounds import RoundAggregator
@@ -177,19 +177,8 @@ def test_the_trainer_clips_every_update_it_sends(tmp_path: Path, adaptive: bool)
     """With adaptive clipping the round's clip is the one its global model carries (0.004 here, not
     clipNorm's 0.01), and the update reports whether the change was within it."""
     privacy: dict[str, Any] = {"clipNorm": 0.01, **({"adaptiveClipping": {}} if adaptive else {})}
-    spec = FederatedTrainingSpec.model_validate(
-        {
-            "model": {
-                "numClasses": 9,
-                "imageSize": 28,
-                "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
-            },
-            "lora": {"rank": 4},
-            "training": {"rounds": 1, "localSteps": 3, "batchSize": 8, "optimizer": {"lr": 0.05}},
-            "privacy": privacy,
-            "sites": [{"name": "fab-a", "data": {"synthetic": {"samples": 40}}}],
-        },
-        by_name=False,
+    spec = tiny_spec(
+        ["fab-a"], training={"rounds": 1, "localSteps": 3, "optimizer": {"lr": 0.05}}, privacy=privacy
     )
     store, layout = LocalStore(tmp_path), TrainingLayout("local", "clip-test")
     aggregator = RoundAggregator(store, layout, spec)

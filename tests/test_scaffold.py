@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from jobs import in_process_job, state_key
+from jobs import in_process_job, state_key, tiny_spec
 from torch import nn
 
 from fedtrain.aggregator.rounds import RoundAggregator
@@ -203,27 +203,14 @@ def test_scaffold_refuses_what_it_cannot_correct(extra: dict[str, Any], says: st
 
 def test_two_sites_train_two_rounds_with_scaffold(tmp_path: Path) -> None:
     lr, steps = 0.02, 3
-    spec = FederatedTrainingSpec.model_validate(
-        {
-            "model": {
-                "numClasses": 9,
-                "imageSize": 28,
-                "architecture": {"depth": 1, "embedDim": 32, "numHeads": 2},
-            },
-            "lora": {"rank": 4},
-            "aggregation": {"controlVariates": "scaffold"},
-            "training": {
-                "rounds": 2,
-                "localSteps": steps,
-                "batchSize": 8,
-                "seed": 5,
-                "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.0, "weightDecay": 0.0},
-                "lrSchedule": {"name": "constant"},
-                "gradClipNorm": None,
-            },
-            "sites": [{"name": site, "data": {"synthetic": {"samples": 40}}} for site in ("fab-a", "fab-b")],
+    spec = tiny_spec(
+        aggregation={"controlVariates": "scaffold"},
+        training={
+            "localSteps": steps,
+            "optimizer": {"name": "sgd", "lr": lr, "momentum": 0.0, "weightDecay": 0.0},
+            "lrSchedule": {"name": "constant"},
+            "gradClipNorm": None,
         },
-        by_name=False,
     )
     store, layout = LocalStore(tmp_path), TrainingLayout("local", "scaffold-test")
     aggregator = RoundAggregator(store, layout, spec)
