@@ -34,6 +34,8 @@ from typing import IO, Any
 
 import yaml
 
+from fedtrain.job import parse_job_file
+
 TRAINER = [sys.executable, "-m", "fedtrain.trainer"]
 
 
@@ -88,7 +90,7 @@ def _train_and_corrupt(config: Path, job: dict[str, Any]) -> int:
 def main(argv: list[str]) -> int:
     plan = _decode_plan(argv[0])
     config = Path(argv[argv.index("--config") + 1])
-    job = yaml.safe_load(config.read_text())
+    job = parse_job_file(config.read_text())  # as the trainer reads it: JSON from the operator
     running = _record_start(Path(plan["ledger"]), job)  # noqa: F841  (held open, so locked, until exit)
     action = _action(plan, job)
     if action == "fail":
