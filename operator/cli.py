@@ -94,6 +94,10 @@ def validate(
     """Check a FederatedTraining file without running anything."""
     resource = _load_or_exit(file)
     spec = resource.spec
+    from .privacy_budget import budget_problem
+
+    if (problem := budget_problem(spec)) is not None:
+        raise _refuse(f"{file} is not valid:", [problem])
     if cluster:
         from .admission import trainer_job_problems  # the Kubernetes schema loads only here
 
@@ -106,6 +110,28 @@ def validate(
         f"model {spec.model.name}",
         markup=False,
     )
+    if spec.privacy.dp is not None:
+        console.print(_privacy_plan(spec), markup=False)
+
+
+def _privacy_plan(spec: FederatedTrainingSpec) -> str:
+    """What privacy.dp will spend: epsilon after all rounds, and how many rounds the budget allows."""
+    from .privacy_budget import epsilon_spent, sampling_rate
+
+    dp = spec.privacy.dp
+    if dp is None:
+        return ""
+    rounds = spec.training.rounds
+    spent = epsilon_spent(spec, rounds) or 0.0
+    plan = f"privacy.dp: epsilon {spent:.3g} at delta {dp.delta:g} after all {rounds} rounds"
+    if dp.target_epsilon is not None:
+        from fedtrain.dp import max_rounds_within
+
+        fits = max_rounds_within(
+            dp.target_epsilon, dp.noise_multiplier, sampling_rate(spec), dp.delta, rounds
+        )
+        plan += f"; targetEpsilon {dp.target_epsilon:g} allows {fits} of them"
+    return plan
 
 
 @app.command()

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
+from fedtrain.dp import epsilon_after
 from fedtrain.operator.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,3 +118,18 @@ def test_run_refuses_data_paths_missing_on_this_machine_before_anything_starts(t
     assert f"spec.sites[1].data.npz.path: {tmp_path / 'wafers.npz'} is not a file" in result.output
     assert f"spec.model.pretrained.location: {tmp_path / 'base.safetensors'} is not a file" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_validate_prints_what_dp_will_spend_and_refuses_a_budget_no_round_fits(tmp_path: Path) -> None:
+    document = yaml.safe_load(QUICK)
+    document["spec"]["aggregation"]["weighting"] = "uniform"
+    document["spec"]["privacy"] = {"clipNorm": 1.0, "dp": {"noiseMultiplier": 1.1, "targetEpsilon": 6.0}}
+    code, output = validate(tmp_path, yaml.safe_dump(document))
+    spent = epsilon_after(2, noise_multiplier=1.1, sampling_rate=1.0, delta=1e-5)
+    assert code == 0, output
+    assert f"privacy.dp: epsilon {spent:.3g} at delta 1e-05 after all 2 rounds" in output
+    assert "targetEpsilon 6 allows 1 of them" in output
+    document["spec"]["privacy"]["dp"]["targetEpsilon"] = 0.01
+    code, output = validate(tmp_path, yaml.safe_dump(document))
+    assert code == 2
+    assert "raise noiseMultiplier or targetEpsilon" in output
