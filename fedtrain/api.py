@@ -1188,9 +1188,10 @@ class PrivacySpec(SpecModel):
         None,
         description=(
             "Client-level differential privacy (DP-FedAvg): noise added by the aggregator, calibrated "
-            "to clipNorm; an RDP accountant (Google's dp-accounting) composes the rounds, with "
-            "sampling rate = the share of sites a round selects, and the status shows epsilon at delta "
-            "after each round. Protects against what the models reveal about any one site's data "
+            "to clipNorm; an RDP accountant (Google's dp-accounting) composes the rounds the "
+            "most-selected site took part in (the selection follows from training.seed, so no "
+            "amplification by sampling is claimed), and the status shows epsilon at delta after each "
+            "round. Protects against what the models reveal about any one site's data "
             "(everyone who receives a global model, including the sites); not against the aggregator, "
             "which sees each site's update. Needs aggregation.weighting uniform, strategy fedavg or a "
             "server optimizer, exchange policy all, fixed or exclude, no controlVariates and no "

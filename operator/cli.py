@@ -116,7 +116,7 @@ def validate(
 
 def _privacy_plan(spec: FederatedTrainingSpec) -> str:
     """What privacy.dp will spend: epsilon after all rounds, and how many rounds the budget allows."""
-    from .privacy_budget import epsilon_spent, sampling_rate
+    from .privacy_budget import epsilon_spent, rounds_within
 
     dp = spec.privacy.dp
     if dp is None:
@@ -125,11 +125,7 @@ def _privacy_plan(spec: FederatedTrainingSpec) -> str:
     spent = epsilon_spent(spec, rounds) or 0.0
     plan = f"privacy.dp: epsilon {spent:.3g} at delta {dp.delta:g} after all {rounds} rounds"
     if dp.target_epsilon is not None:
-        from fedtrain.dp import max_rounds_within
-
-        fits = max_rounds_within(
-            dp.target_epsilon, dp.noise_multiplier, sampling_rate(spec), dp.delta, rounds
-        )
+        fits = rounds_within(spec, dp.target_epsilon)
         plan += f"; targetEpsilon {dp.target_epsilon:g} allows {fits} of them"
     return plan
 

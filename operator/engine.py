@@ -12,7 +12,6 @@ the global model r they receive, so round r's metrics describe global model r.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -38,6 +37,7 @@ from fedtrain.errors import INVALID_SPEC
 from fedtrain.messages import RoundManifest, UpdateVerdict
 
 from .privacy_budget import budget_message, budget_problem, epsilon_spent, within_budget
+from .selection import select_sites
 
 JobMode = Literal["train", "evaluate"]
 
@@ -189,16 +189,6 @@ class Decision:
 
 # --------------------------------------------------------------------------------------------------
 # pure helpers
-
-
-def select_sites(spec: FederatedTrainingSpec, round_index: int) -> list[str]:
-    """Sites taking part in a training round: all, or a seeded sample of siteFraction of them."""
-    names = [site.name for site in spec.sites]
-    count = spec.aggregation.sites_per_round(len(names))
-    if count >= len(names):
-        return names
-    chosen = set(random.Random(spec.training.seed * 1_000_003 + round_index).sample(sorted(names), count))
-    return [name for name in names if name in chosen]
 
 
 def weighted_evaluation(per_site: Mapping[str, EvalMetrics]) -> EvalMetrics | None:

@@ -2,22 +2,31 @@
 accountant of Google's dp-accounting (fedtrain.dp), and whether one more round stays within
 privacy.dp.targetEpsilon.
 
-The sampling rate is the share of sites a round selects (aggregation.siteFraction, at least
-minSites): 1.0 (the default, every site every round) claims no amplification by sampling. Below 1.0
-the accountant treats each round as Poisson sampling at that rate, the approximation DP-FedAvg's
-authors and TensorFlow Federated make for a sample of fixed size; it also assumes nobody outside
-can tell which sites a round selected.
+A round is a Gaussian mechanism for the sites it selects and touches no other site's data. Which
+sites a round selects (aggregation.siteFraction) follows from the spec's seed (operator/selection.py),
+so anyone who reads the spec knows it: no amplification by sampling can be claimed. The epsilon of
+`rounds` rounds is therefore that of the most-selected site: its rounds composed without sampling
+(every round with siteFraction 1, the default). That is exact for a known selection, and never less
+than what a secret Poisson sample of the same rate would be credited with.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 from fedtrain.api import FederatedTrainingSpec
-from fedtrain.dp import epsilon_after, max_rounds_within
+from fedtrain.dp import epsilon_after
+
+from .selection import select_sites
+
+#: The sampling rate the accountant is given: none is claimed (the selection is public, see above).
+SAMPLING_RATE = 1.0
 
 
-def sampling_rate(spec: FederatedTrainingSpec) -> float:
-    """The share of the sites one training round selects."""
-    return spec.aggregation.sites_per_round(len(spec.sites)) / len(spec.sites)
+def participations(spec: FederatedTrainingSpec, rounds: int) -> int:
+    """How many of the first `rounds` training rounds the most-selected site takes part in."""
+    counts = Counter(site for round_index in range(rounds) for site in select_sites(spec, round_index))
+    return max(counts.values(), default=0)
 
 
 def epsilon_spent(spec: FederatedTrainingSpec, rounds: int) -> float | None:
@@ -25,7 +34,7 @@ def epsilon_spent(spec: FederatedTrainingSpec, rounds: int) -> float | None:
     dp = spec.privacy.dp
     if dp is None:
         return None
-    return epsilon_after(rounds, dp.noise_multiplier, sampling_rate(spec), dp.delta)
+    return epsilon_after(participations(spec, rounds), dp.noise_multiplier, SAMPLING_RATE, dp.delta)
 
 
 def within_budget(spec: FederatedTrainingSpec, rounds: int) -> bool:
@@ -49,15 +58,21 @@ def budget_problem(spec: FederatedTrainingSpec) -> str | None:
     )
 
 
+def rounds_within(spec: FederatedTrainingSpec, target_epsilon: float) -> int:
+    """The most training rounds (at most training.rounds) whose epsilon stays within `target_epsilon`."""
+    return max(
+        (r for r in range(spec.training.rounds + 1) if (epsilon_spent(spec, r) or 0.0) <= target_epsilon),
+        default=0,
+    )
+
+
 def budget_message(spec: FederatedTrainingSpec, rounds: int) -> str:
     """Why the training stops after `rounds` training rounds: the next one would exceed the budget."""
     dp = spec.privacy.dp
     if dp is None or dp.target_epsilon is None:
         return "no privacy budget is set"
     now, after = epsilon_spent(spec, rounds) or 0.0, epsilon_spent(spec, rounds + 1) or 0.0
-    allowed = max_rounds_within(
-        dp.target_epsilon, dp.noise_multiplier, sampling_rate(spec), dp.delta, spec.training.rounds
-    )
+    allowed = rounds_within(spec, dp.target_epsilon)
     return (
         f"privacy budget reached: {rounds} rounds spent epsilon {now:.3g} at delta {dp.delta:g}; one "
         f"more would take it to {after:.3g}, above targetEpsilon {dp.target_epsilon:g} "

@@ -5,13 +5,14 @@ each round (against a direct dp-accounting computation) and stops before the bud
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
 from dp_accounting.rdp import RdpAccountant
 from jobs import in_process_job, tiny_spec
 from test_engine import World, make_spec
@@ -20,6 +21,7 @@ from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.api import CLIP_BELOW_METRIC, CLIP_CONFIG_KEY, ConditionType, FederatedTrainingSpec, Phase
 from fedtrain.codec import Metadata, PayloadKind, decode, encode, l2_norm
 from fedtrain.layout import TrainingLayout
+from fedtrain.operator.selection import select_sites
 from fedtrain.store import LocalStore
 from fedtrain.trainer.train import run_job
 
@@ -216,28 +218,34 @@ def _dp_spec(
     return FederatedTrainingSpec.model_validate(base)
 
 
-def _accountant_epsilon(rounds: int, sampling_rate: float) -> float:
+def _accountant_epsilon(rounds: int) -> float:
+    """rounds Gaussian mechanisms of noise multiplier 1.1, composed by dp-accounting's RDP accountant."""
     accountant = RdpAccountant()
-    event = PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(1.1))
-    accountant.compose(SelfComposedDpEvent(event, rounds))
+    accountant.compose(SelfComposedDpEvent(GaussianDpEvent(1.1), rounds))
     return float(accountant.get_epsilon(1e-5))
 
 
 @pytest.mark.parametrize("site_fraction", [1.0, 0.5])
 def test_the_status_reports_the_accountants_epsilon_after_each_round(site_fraction: float) -> None:
-    world = World(_dp_spec(4, None, site_fraction=site_fraction), react=True)
+    """The selection follows from the spec's seed, so no amplification by sampling is claimed: after
+    r rounds epsilon is that of the rounds the most-selected site took part in (all with fraction 1)."""
+    spec = _dp_spec(4, None, site_fraction=site_fraction)
+    world = World(spec, react=True)
     status = world.run()
     assert status.phase is Phase.SUCCEEDED
     trained = [record for record in status.history if record.kind == "train"]
     assert [record.round for record in trained] == [0, 1, 2, 3]
-    expected = [_accountant_epsilon(r + 1, site_fraction) for r in range(4)]
+    taken = [Counter(site for r in range(rounds) for site in select_sites(spec, r)) for rounds in range(1, 5)]
+    expected = [_accountant_epsilon(max(counts.values())) for counts in taken]
+    if site_fraction < 1:
+        assert max(taken[-1].values()) < 4, "a sample of half the sites leaves each site out sometimes"
     assert [record.epsilon for record in trained] == pytest.approx(expected, rel=1e-9)
     assert status.privacy_epsilon == pytest.approx(expected[-1], rel=1e-9)
     assert expected == sorted(expected)
 
 
 def test_the_training_stops_before_a_round_would_exceed_the_budget() -> None:
-    budget = (_accountant_epsilon(2, 1.0) + _accountant_epsilon(3, 1.0)) / 2  # 2 rounds fit, 3 do not
+    budget = (_accountant_epsilon(2) + _accountant_epsilon(3)) / 2  # 2 rounds fit, 3 do not
     world = World(_dp_spec(10, budget), react=True)
     status = world.run()
     assert status.phase is Phase.SUCCEEDED
