@@ -12,12 +12,13 @@ from jobs import in_process_job, tiny_spec
 from typer.testing import CliRunner
 
 from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
-from fedtrain.api import FederatedTrainingSpec
+from fedtrain.api import FederatedTraining, FederatedTrainingSpec
 from fedtrain.codec import CodecError, Metadata, PayloadKind, decode, encode
 from fedtrain.layout import TrainingLayout
 from fedtrain.operator.cli import app
+from fedtrain.operator.local import DATA_KEY_FILE, LocalRunner, RunError, RunOptions
 from fedtrain.sealed_store import SealedStore
-from fedtrain.sealing import DataKey, SealError, is_sealed, write_key_file
+from fedtrain.sealing import DataKey, SealError, is_sealed, load_key_file, write_key_file
 from fedtrain.store import LocalStore
 from fedtrain.trainer.train import run_job
 
@@ -159,3 +160,29 @@ def test_fedtrain_unseal_opens_a_downloaded_object_and_refuses_it_under_another_
     assert swapped.exit_code == 1
     assert "sealed-identity" in swapped.output
     assert not (tmp_path / "other.safetensors").exists(), "nothing unverified is left behind"
+
+
+def test_a_local_run_keeps_its_key_in_the_run_directory_and_a_resume_needs_it(tmp_path: Path) -> None:
+    resource = FederatedTraining.model_validate(
+        {
+            "apiVersion": "fedtrain.io/v1alpha1",
+            "kind": "FederatedTraining",
+            "metadata": {"name": "sealed-run"},
+            "spec": tiny_spec(privacy={"encryptAtRest": True}).to_api(),
+        }
+    )
+    run_dir = tmp_path / "run"
+    first = LocalRunner(resource, RunOptions(run_dir=run_dir))
+    first.prepare()
+    key_file = run_dir / DATA_KEY_FILE
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert load_key_file(key_file) == first.data_key
+    resumed = LocalRunner(resource, RunOptions(run_dir=run_dir, resume=True))
+    assert resumed.data_key == first.data_key, "a resumed run opens what the first one sealed"
+    fresh = LocalRunner(resource, RunOptions(run_dir=run_dir, overwrite=True))
+    fresh.prepare()
+    assert fresh.data_key != first.data_key
+    assert load_key_file(key_file) == fresh.data_key
+    key_file.unlink()
+    with pytest.raises(RunError, match="cannot read the run's data key"):
+        LocalRunner(resource, RunOptions(run_dir=run_dir, resume=True))
