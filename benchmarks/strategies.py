@@ -36,14 +36,25 @@ left the Byzantine site out (`not_selected` in the manifests) and any rejected u
 
 Every run goes through the real machinery: `fedtrain run FILE --run-dir DIR` in a subprocess. The
 model is the 2-block ViT of benchmarks/exchange.py (`vit_small_patch14_dinov2`, depth 2, embed dim
-64, 2 heads, 28 px, `lora.rank: none`), AdamW lr 0.003, batch 32, 1 local epoch a round. The
-LoRA setting `lora.aggregation: frozenA` is not benchmarked: it takes no effect under full
-fine-tuning. Runs are long on CPU because each site and round is a trainer process that spends
+64, 2 heads, 28 px, `lora.rank: none`), AdamW lr 0.003 (`--lr`), batch 32, 1 local epoch a round.
+Runs are long on CPU because each site and round is a trainer process that spends
 ~10 s of CPU importing torch, timm and peft before it trains for seconds.
+
+`--lora-rank R`: the same model with LoRA at rank R on every Linear but the head (`targetModules:
+[all-linear]`, alpha 2R; the head is trained fully), fedavg once per `lora.aggregation` of
+`--lora-aggregations` (naive, frozenA, product) and alpha, beside a centralised run with the same
+LoRA rank, rounds and local epochs (the full fine-tuning settings take no part: under `lora.rank:
+none` the aggregation has no effect). It prints per run the final macro-F1, the macro-F1 after each
+round, the rounds to 90 % of final, KB/round, the mean of the round manifests' `lora_energy` (product:
+the share of each layer's mean weight change the rank-R truncation kept, averaged over layers and
+rounds) and wall seconds, then the verdicts of the target below; `strategies-lora.png` plots the
+curves. Without a pretrained backbone, LoRA on a random ViT learns little; benchmarks/README.md says
+which settings were run and why.
 
 Targets: at alpha = 0.5 the best federated strategy reaches at least 0.95x the centralised
 macro-F1; under one Byzantine site of 5, median, trimmedMean and krum keep at least 0.95x their
-clean macro-F1 (FedAvg's drop is reported, with no target).
+clean macro-F1 (FedAvg's drop is reported, with no target); with `--lora-rank`, product's macro-F1
+at least naive's at every alpha, and above it at alpha = 0.1.
 
 Trainers run 2 at a time (`--parallel`); above 1, a race in the local runner's aggregator can
 reject an honest update as "replaced" and fail a robust strategy's run (benchmarks/README.md).
@@ -58,6 +69,8 @@ once, load 1.3 to 10; figures in benchmarks/README.md):
       (32 min measured, load 3 to 10)
   .venv/bin/python benchmarks/strategies.py --byzantine --samples 200 --rounds 2   (40 min measured,
       load 1.3 to 10; 2 rounds of 160 training maps only reach a majority-class model)
+  .venv/bin/python benchmarks/strategies.py --lora-rank 16 --alphas 0.1 0.5 --samples 200 --rounds 3 \
+      --epochs 2 --lr 0.01   (naive, frozenA, product and centralised LoRA at two alphas; see README)
   .venv/bin/python benchmarks/strategies.py                   (the whole grid: 2 alphas x 9 strategies
       + centralised, 6 rounds; not measured here, estimated at over an hour on 2 cores)
 """
@@ -114,6 +127,17 @@ ROBUST = ("median", "trimmedMean", "krum")
 TARGET_OF_CENTRALISED = 0.95
 TARGET_OF_CLEAN = 0.95
 SHARE_OF_FINAL = 0.9
+LORA_AGGREGATIONS = ["naive", "frozenA", "product"]
+BYZANTINE_HEAD = [
+    "strategy",
+    "clean",
+    "1 Byzantine",
+    "attacked / clean",
+    "target",
+    "krum left the attacker out",
+    "rejected updates",
+    "wall s clean / attacked",
+]
 
 
 @dataclass
@@ -131,6 +155,7 @@ class Run:
     rejected: list[str] = field(default_factory=list)
     manifests: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    lora_aggregation: str | None = None  # --lora-rank runs: the run's lora.aggregation
 
     def rounds_to(self, share: float) -> int | None:
         """The first round count after which the model scored at least `share` of its final score."""
@@ -140,6 +165,11 @@ class Run:
 
     def largest_norm(self) -> float:
         return max((p["norm"] for m in self.manifests for p in m.get("participants", [])), default=0.0)
+
+    def mean_lora_energy(self) -> float | None:
+        """lora.aggregation product: the mean over rounds and layers of the energy the SVD kept."""
+        shares = [share for m in self.manifests for share in (m.get("lora_energy") or {}).values()]
+        return sum(shares) / len(shares) if shares else None
 
 
 def site_names(count: int) -> list[str]:
@@ -166,6 +196,17 @@ def aggregation_for(strategy: str, site_count: int, args: argparse.Namespace) ->
     return aggregation
 
 
+def lora_for(args: argparse.Namespace, lora_aggregation: str | None) -> dict[str, Any]:
+    """Full fine-tuning, or with --lora-rank LoRA on every Linear but the head (trained fully)."""
+    if args.lora_rank is None:
+        return {"rank": "none"}
+    return {
+        "rank": args.lora_rank,
+        "targetModules": ["all-linear"],
+        "aggregation": lora_aggregation or "naive",
+    }
+
+
 def resource(
     name: str,
     strategy: str,
@@ -173,12 +214,13 @@ def resource(
     args: argparse.Namespace,
     val_fraction: float = VAL_FRACTION,
     max_update_norm: float | None = None,
+    lora_aggregation: str | None = None,
 ) -> dict[str, Any]:
     training: dict[str, Any] = {
         "rounds": args.rounds,
         "localEpochs": args.epochs,
         "batchSize": 32,
-        "optimizer": {"lr": 0.003},
+        "optimizer": {"lr": args.lr},
     }
     if strategy == "fedprox":
         training["proximalMu"] = PROXIMAL_MU
@@ -187,7 +229,7 @@ def resource(
         aggregation["maxUpdateNorm"] = max_update_norm
     spec = {
         "model": MODEL,
-        "lora": {"rank": "none"},
+        "lora": lora_for(args, lora_aggregation),
         "training": training,
         "aggregation": aggregation,
         "evaluation": {"metric": "macroF1", "valFraction": val_fraction},
@@ -296,17 +338,25 @@ def weighted_f1(per_site: dict[str, EvalMetrics], leave_out: str | None = None) 
     return combined.macro_f1 if combined is not None else None
 
 
-def run_strategy(alpha: float, strategy: str, args: argparse.Namespace, work: Path, label: str = "") -> Run:
+def run_strategy(
+    alpha: float,
+    strategy: str,
+    args: argparse.Namespace,
+    work: Path,
+    label: str = "",
+    lora_aggregation: str | None = None,
+) -> Run:
     sites = sites_for(alpha, args)
-    name = f"strategies-a{alpha:g}-{strategy.lower()}{label}".replace(".", "p")
-    run = Run(label or "clean", alpha, strategy)
+    lora = "" if lora_aggregation is None else f"-lora{args.lora_rank}-{lora_aggregation.lower()}"
+    name = f"strategies-a{alpha:g}-{strategy.lower()}{lora}{label}".replace(".", "p")
+    run = Run(label or "clean", alpha, strategy, lora_aggregation=lora_aggregation)
     if strategy == CENTRALISED:
         pooled = work / f"pooled-a{alpha:g}.npz"
         write_pooled_npz(sites, args, pooled)
         one_site = [{"name": "pooled", "data": {"npz": {"path": str(pooled)}}}]
-        document = resource(name, "fedavg", one_site, args, POOLED_VAL_FRACTION)
+        document = resource(name, "fedavg", one_site, args, POOLED_VAL_FRACTION, None, lora_aggregation)
     else:
-        document = resource(name, strategy, sites, args)
+        document = resource(name, strategy, sites, args, lora_aggregation=lora_aggregation)
     run_dir, run.seconds, run.error = fedtrain_run(document, work, args.parallel)
     if run.error is not None:
         return run
@@ -325,6 +375,10 @@ def run_attacked(alpha: float, strategy: str, args: argparse.Namespace, work: Pa
     run = Run("byzantine", alpha, strategy)
     run_dir, run.seconds, run.error = fedtrain_run(document, work, args.parallel, command)
     return run if run.error is not None else read_run(run, run_dir)
+
+
+def run_name(run: Run) -> str:
+    return run.strategy if run.lora_aggregation is None else f"{run.strategy}, LoRA {run.lora_aggregation}"
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -393,7 +447,7 @@ def plot(runs: list[Run], alphas: list[float], path: Path, title: str) -> None:
                     axis.axhline(run.final, color="black", linestyle="--", label="centralised (final)")
                 continue
             style = "--" if run.label == "byzantine" else "-"
-            label = run.strategy if run.label == "clean" else f"{run.strategy} ({run.label})"
+            label = run_name(run) if run.label == "clean" else f"{run.strategy} ({run.label})"
             axis.plot(range(len(run.curve)), run.curve, style, marker="o", markersize=3, label=label)
         axis.set_title(f"Dirichlet alpha = {alpha:g}")
         axis.set_xlabel("rounds trained (0: the initial model; last: final evaluation)")
@@ -412,6 +466,8 @@ def as_json(run: Run) -> dict[str, Any]:
         "label": run.label,
         "alpha": run.alpha,
         "strategy": run.strategy,
+        "loraAggregation": run.lora_aggregation,
+        "meanLoraEnergy": run.mean_lora_energy(),
         "curve": run.curve,
         "final": run.final,
         "siteMacroF1": {site: m.macro_f1 for site, m in run.per_site.items()},
@@ -422,7 +478,14 @@ def as_json(run: Run) -> dict[str, Any]:
         "manifests": [
             {
                 k: m.get(k)
-                for k in ("round", "strategy", "strategy_parameters", "not_selected", "trimmed_share")
+                for k in (
+                    "round",
+                    "strategy",
+                    "strategy_parameters",
+                    "not_selected",
+                    "trimmed_share",
+                    "lora_energy",
+                )
             }
             for m in run.manifests
         ],
@@ -446,6 +509,77 @@ def main_grid(args: argparse.Namespace, out: Path) -> list[Run]:
     print_table(runs)
     print_centralised_target(runs)
     plot(runs, args.alphas, out / "strategies.png", f"aggregation strategies on {args.sites} sites")
+    return runs
+
+
+def print_lora_table(runs: list[Run]) -> None:
+    head = [
+        "alpha",
+        "lora.aggregation",
+        "final macro-F1",
+        "macro-F1 after rounds 0..R",
+        f"rounds to {SHARE_OF_FINAL:.0%} of final",
+        "KB/round",
+        "mean lora_energy kept",
+        "wall s",
+    ]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " --- |" * len(head))
+    for run in runs:
+        central = run.strategy == CENTRALISED
+        what = "centralised (pooled, one site)" if central else str(run.lora_aggregation)
+        if run.error is not None:
+            print(f"| {run.alpha:g} | {what} | failed: {run.error} |")
+            continue
+        reached = None if central else run.rounds_to(SHARE_OF_FINAL)
+        row = [
+            f"{run.alpha:g}",
+            what,
+            fmt(run.final),
+            ("(own pooled split) " if central else "") + ", ".join(f"{f1:.3f}" for f1 in run.curve),
+            "-" if reached is None else str(reached),
+            "-" if central else f"{run.round_bytes / 1000:,.1f}",
+            fmt(run.mean_lora_energy(), 4),
+            f"{run.seconds:.0f}",
+        ]
+        print("| " + " | ".join(row) + " |")
+
+
+def print_lora_verdicts(runs: list[Run], alphas: list[float], low_alpha: float = 0.1) -> None:
+    """Issue 13: product at least matches naive at every alpha, and beats it at alpha = 0.1."""
+    print()
+    for alpha in alphas:
+        final = {r.lora_aggregation: r.final for r in runs if r.alpha == alpha and r.strategy != CENTRALISED}
+        naive, product = final.get("naive"), final.get("product")
+        if naive is None or product is None:
+            print(f"alpha {alpha:g}: product against naive not measured (needs both)")
+            continue
+        matches = "met" if product >= naive else "NOT met"
+        line = (
+            f"alpha {alpha:g}: product {product:.3f} against naive {naive:.3f}; product >= naive: {matches}"
+        )
+        if alpha == low_alpha:
+            line += f"; product > naive: {'met' if product > naive else 'NOT met'}"
+        print(line)
+
+
+def main_lora(args: argparse.Namespace, out: Path) -> list[Run]:
+    """fedavg with LoRA at --lora-rank, once per lora.aggregation and alpha, beside centralised LoRA."""
+    runs = []
+    for alpha in args.alphas:
+        for aggregation in args.lora_aggregations:
+            run = run_strategy(alpha, "fedavg", args, out, lora_aggregation=aggregation)
+            report(f"alpha {alpha:g}, LoRA {aggregation}", run)
+            runs.append(run)
+        if not args.no_centralised:
+            run = run_strategy(alpha, CENTRALISED, args, out, lora_aggregation="naive")
+            report(f"alpha {alpha:g}, centralised LoRA", run)
+            runs.append(run)
+    print(f"\nfedavg, LoRA rank {args.lora_rank} on every Linear but the head\n")
+    print_lora_table(runs)
+    print_lora_verdicts(runs, args.alphas)
+    title = f"lora.aggregation on {args.sites} sites, LoRA rank {args.lora_rank}"
+    plot(runs, args.alphas, out / "strategies-lora.png", title)
     return runs
 
 
@@ -478,18 +612,8 @@ def main_byzantine(args: argparse.Namespace, out: Path) -> list[Run]:
         attacked[strategy] = run_attacked(alpha, strategy, args, out, bound)
         report(f"byzantine {strategy}", attacked[strategy])
     print(f"\nmacro-F1 weighted over the {args.sites - 1} honest sites' validation splits; alpha {alpha:g}\n")
-    head = [
-        "strategy",
-        "clean",
-        "1 Byzantine",
-        "attacked / clean",
-        "target",
-        "krum left the attacker out",
-        "rejected updates",
-        "wall s clean / attacked",
-    ]
-    print("| " + " | ".join(head) + " |")
-    print("|" + " --- |" * len(head))
+    print("| " + " | ".join(BYZANTINE_HEAD) + " |")
+    print("|" + " --- |" * len(BYZANTINE_HEAD))
     for strategy in args.strategies:
         before, after = clean[strategy], attacked[strategy]
         if before.error or after.error:
@@ -518,6 +642,23 @@ def main_byzantine(args: argparse.Namespace, out: Path) -> list[Run]:
     runs = [*clean.values(), *attacked.values()]
     plot(runs, [alpha], out / "strategies-byzantine.png", f"one Byzantine site of {args.sites} ({attacker})")
     return runs
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lr", type=float, default=0.003, help="AdamW learning rate of every run.")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        help="Train LoRA at this rank (all-linear) instead of full fine-tuning, fedavg once per "
+        "--lora-aggregations, beside a centralised LoRA run.",
+    )
+    parser.add_argument(
+        "--lora-aggregations",
+        nargs="+",
+        choices=LORA_AGGREGATIONS,
+        default=LORA_AGGREGATIONS,
+        help="lora.aggregation values to run with --lora-rank.",
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -559,6 +700,7 @@ def parse_args() -> argparse.Namespace:
         default=2.0,
         help="maxUpdateNorm = this x the largest honest update norm of the first clean run.",
     )
+    add_lora_arguments(parser)
     parser.add_argument("--out", type=Path, help="Folder for PNGs, run dirs and logs [a temp dir].")
     args = parser.parse_args()
     if args.quick:
@@ -566,6 +708,8 @@ def parse_args() -> argparse.Namespace:
         args.alphas = [0.5]
     if args.strategies is None:
         args.strategies = BYZANTINE_STRATEGIES if args.byzantine else list(AGGREGATION)
+    if args.lora_rank is not None and args.byzantine:
+        parser.error("--lora-rank and --byzantine do not combine")
     if args.byzantine and args.byzantine_site not in site_names(args.sites):
         parser.error(f"--byzantine-site must be one of {', '.join(site_names(args.sites))}")
     return args
@@ -578,11 +722,16 @@ def main() -> None:
     print(
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} cores, "
         f"load {os.getloadavg()[0]:.1f}; {args.sites} sites x {args.samples} maps, {args.rounds} rounds x "
-        f"{args.epochs:g} local epochs; output in {out}",
+        f"{args.epochs:g} local epochs, lr {args.lr:g}; output in {out}",
         flush=True,
     )
     started = time.monotonic()
-    runs = main_byzantine(args, out) if args.byzantine else main_grid(args, out)
+    if args.byzantine:
+        runs = main_byzantine(args, out)
+    elif args.lora_rank is not None:
+        runs = main_lora(args, out)
+    else:
+        runs = main_grid(args, out)
     (out / "results.json").write_text(json.dumps([as_json(run) for run in runs], indent=2))
     print(f"\n{time.monotonic() - started:.0f} s in all, load {os.getloadavg()[0]:.1f} at the end; {out}")
 
