@@ -162,15 +162,13 @@ def build_trainer_job(
         transfer_deadline=transfer_deadline,
     )
     if data_key is not None:
-        job.sealing = Sealing(
-            data_key=data_key.to_base64(),
-            object_keys=_sealed_objects(layout, action, job),
-        )
+        job.sealing = _sealing(data_key, layout, action, job)
     return job
 
 
-def _sealed_objects(layout: TrainingLayout, action: StartSiteJob, job: TrainerJob) -> dict[str, str]:
-    """The store key behind each of the job's URLs (except the user's pretrained weights)."""
+def _sealing(data_key: DataKey, layout: TrainingLayout, action: StartSiteJob, job: TrainerJob) -> Sealing:
+    """privacy.encryptAtRest: the data key, and the store key behind each of the job's URLs (except
+    the user's pretrained weights): the identity each object is sealed as."""
     keys = {
         "global_model_url": layout.global_model(action.round),
         "update_url": layout.update(action.round, action.site),
@@ -182,7 +180,8 @@ def _sealed_objects(layout: TrainingLayout, action: StartSiteJob, job: TrainerJo
         keys["state_get_url"] = layout.site_state(
             action.site, action.state_from.round, action.state_from.attempt
         )
-    return {field: key for field, key in keys.items() if getattr(job, field) is not None}
+    present = {field: key for field, key in keys.items() if getattr(job, field) is not None}
+    return Sealing(data_key=data_key.to_base64(), object_keys=present)
 
 
 # --------------------------------------------------------------------------------------------------
