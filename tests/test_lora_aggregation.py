@@ -66,8 +66,8 @@ def _update(site: str) -> Metadata:
     )
 
 
-def test_the_next_factors_are_the_truncated_svd_of_the_mean_weight_change(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
+def _initial_model(store: LocalStore) -> dict[str, torch.Tensor]:
+    """A random round-0 global model of rank RANK and alpha ALPHA in `store`; its tensors."""
     start = _random(0)
     meta = Metadata(
         kind=PayloadKind.MODEL,
@@ -77,6 +77,12 @@ def test_the_next_factors_are_the_truncated_svd_of_the_mean_weight_change(tmp_pa
         config={"rank": RANK, "alpha": ALPHA},
     )
     store.put_bytes(LAYOUT.global_model(0), encode(start, meta))
+    return start
+
+
+def test_the_next_factors_are_the_truncated_svd_of_the_mean_weight_change(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    start = _initial_model(store)
     deltas = {site: _random(i + 1, 0.3) for i, site in enumerate(SAMPLES)}
     for site, delta in deltas.items():
         store.put_bytes(LAYOUT.update(0, site), encode(delta, _update(site)))
@@ -126,15 +132,7 @@ def test_a_site_of_a_lower_rank_is_averaged_as_the_factors_it_received_plus_its_
     received the first component of the global factors times sqrt(2 / 4) each, and its weight change
     is 4 (that + its delta) product; the next global factors are the rank-2 SVD of the weighted mean."""
     store = LocalStore(tmp_path)
-    start = _random(0)
-    meta = Metadata(
-        kind=PayloadKind.MODEL,
-        training=LAYOUT.name,
-        round=0,
-        base_fingerprint=BASE,
-        config={"rank": RANK, "alpha": ALPHA},
-    )
-    store.put_bytes(LAYOUT.global_model(0), encode(start, meta))
+    start = _initial_model(store)
     ranks = {"fab-a": RANK, "fab-b": RANK, "fab-c": 1}
     deltas = {site: _random(i + 1, 0.3, ranks[site]) for i, site in enumerate(SAMPLES)}
     aggregator = RoundAggregator(store, LAYOUT, _spec({"fab-c": 1}))
