@@ -669,6 +669,7 @@ class RoundAggregator:
             raise AggregationError(f"round {round_index} has no accepted update to aggregate")
         open_round = self._sum_of(round_index, participants)
         meta = self._next_model_meta(round_index)
+        clip = self._round_clip(round_index)  # before the next model replaces this round's signature
         next_clip = self._next_clip(round_index, open_round)
         if next_clip is not None:  # the next round's trainers and aggregator read it there
             meta.config = {**meta.config, CLIP_CONFIG_KEY: next_clip}
@@ -690,7 +691,7 @@ class RoundAggregator:
             trimmed_share=open_round.outcome.trimmed_share if open_round.outcome else {},
             lora_energy=open_round.lora_energy,
             lora_energy_by_rank=open_round.lora_energy_by_rank,
-            clip_norm=self._round_clip(round_index),
+            clip_norm=clip,
             next_clip_norm=next_clip,
             server_state_key=self.layout.server_state(round_index) if self.strategy.keeps_state else None,
             weighting=self.spec.aggregation.weighting.value,
