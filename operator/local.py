@@ -245,7 +245,11 @@ class LocalJobs:
             return
         path = self.run_dir / "jobs" / f"round-{job.round:04d}-{job.site}-attempt-{job.attempt}.yaml"
         document = job.model_dump(mode="json", by_alias=True, exclude_none=True)
-        path.write_text(yaml.safe_dump(document, sort_keys=False))
+        # Owner-only, as on a cluster, where it is a Secret: it holds presigned URLs and, under
+        # privacy.encryptAtRest, the data key.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(yaml.safe_dump(document, sort_keys=False))
         self.queued.append((action, path))
         self._launch()
 

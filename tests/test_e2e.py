@@ -196,6 +196,9 @@ def test_a_run_against_s3_keeps_every_object_in_the_bucket_and_sends_the_most_dr
 
     data_key = load_key_file(run_dir / "data-key")
     assert (run_dir / "data-key").stat().st_mode & 0o777 == 0o600
+    job_files = list((run_dir / "jobs").glob("*.yaml"))
+    assert job_files
+    assert all(path.stat().st_mode & 0o077 == 0 for path in job_files), "job files carry the key: owner only"
 
     def read(key: str) -> dict[str, torch.Tensor]:
         sealed = s3.get_object(Bucket="fedtrain-e2e", Key=f"{root}/{key}")["Body"].read()
