@@ -4,6 +4,7 @@ tampered or swapped object is refused with a reason."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,17 +62,32 @@ def test_two_rounds_leave_only_sealed_tensor_objects_in_the_store(tmp_path: Path
     assert any(name.startswith("blocks.0.") for name in merged.tensors)
 
 
-def _sealed_round(tmp_path: Path) -> tuple[LocalStore, DataKey, FederatedTrainingSpec]:
+SealedRound = tuple[Path, DataKey, FederatedTrainingSpec]
+
+
+@pytest.fixture(scope="module")
+def sealed_round_template(tmp_path_factory: pytest.TempPathFactory) -> SealedRound:
+    """Round 0 of a sealed training with both sites' updates in, trained once for the module."""
+    root = tmp_path_factory.mktemp("sealed-round")
     spec, key = _spec(), DataKey.generate()
-    store = LocalStore(tmp_path)
+    store = LocalStore(root)
     RoundAggregator(store, LAYOUT, spec, data_key=key).initialize()
     for site in SITES:
         run_job(in_process_job(store, LAYOUT, spec, 0, site, data_key=key))
-    return store, key, spec
+    return root, key, spec
 
 
-def test_a_tampered_update_is_refused_and_the_others_still_count(tmp_path: Path) -> None:
-    store, key, spec = _sealed_round(tmp_path)
+def _sealed_round(tmp_path: Path, template: SealedRound) -> tuple[LocalStore, DataKey, FederatedTrainingSpec]:
+    """A copy of the template's store, for a test to tamper with."""
+    root, key, spec = template
+    shutil.copytree(root, tmp_path / "store")
+    return LocalStore(tmp_path / "store"), key, spec
+
+
+def test_a_tampered_update_is_refused_and_the_others_still_count(
+    tmp_path: Path, sealed_round_template: SealedRound
+) -> None:
+    store, key, spec = _sealed_round(tmp_path, sealed_round_template)
     path = store.local_path(LAYOUT.update(0, "fab-a"))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -82,8 +98,10 @@ def test_a_tampered_update_is_refused_and_the_others_still_count(tmp_path: Path)
     assert aggregator.submit(0, "fab-b").accepted
 
 
-def test_an_update_copied_to_another_sites_key_is_refused(tmp_path: Path) -> None:
-    store, key, spec = _sealed_round(tmp_path)
+def test_an_update_copied_to_another_sites_key_is_refused(
+    tmp_path: Path, sealed_round_template: SealedRound
+) -> None:
+    store, key, spec = _sealed_round(tmp_path, sealed_round_template)
     source = store.local_path(LAYOUT.update(0, "fab-a"))
     store.local_path(LAYOUT.update(0, "fab-b")).write_bytes(source.read_bytes())
     verdict = RoundAggregator(store, LAYOUT, spec, data_key=key).submit(0, "fab-b")
@@ -92,10 +110,12 @@ def test_an_update_copied_to_another_sites_key_is_refused(tmp_path: Path) -> Non
     assert "fab-b" in (verdict.message or "") or "identity" in (verdict.message or "")
 
 
-def test_a_plaintext_object_is_refused_where_a_sealed_one_is_expected(tmp_path: Path) -> None:
+def test_a_plaintext_object_is_refused_where_a_sealed_one_is_expected(
+    tmp_path: Path, sealed_round_template: SealedRound
+) -> None:
     """A reader with a key never falls back to plaintext: an attacker with bucket write access could
     otherwise slip an unsealed update in."""
-    store, key, spec = _sealed_round(tmp_path)
+    store, key, spec = _sealed_round(tmp_path, sealed_round_template)
     meta = Metadata(
         kind=PayloadKind.UPDATE,
         training=LAYOUT.name,
@@ -110,9 +130,9 @@ def test_a_plaintext_object_is_refused_where_a_sealed_one_is_expected(tmp_path: 
 
 
 def test_the_aggregator_refuses_to_start_without_the_key_and_another_key_reads_nothing(
-    tmp_path: Path,
+    tmp_path: Path, sealed_round_template: SealedRound
 ) -> None:
-    store, _, spec = _sealed_round(tmp_path)
+    store, _, spec = _sealed_round(tmp_path, sealed_round_template)
     with pytest.raises(AggregationError, match="no data key"):
         RoundAggregator(store, LAYOUT, spec)
     other = SealedStore(store, DataKey.generate(), LAYOUT.name)
