@@ -26,6 +26,7 @@ import yaml
 
 from fedtrain.api import TransferDtype
 from fedtrain.codec import decode, encode, l2_norm
+from fedtrain.job import parse_job_file
 from fedtrain.store import write_url
 
 TRAINER = [sys.executable, "-m", "fedtrain.trainer"]
@@ -68,7 +69,7 @@ def train_and_flip(config: Path, job: dict[str, object], target_norm: float) -> 
 def main(argv: list[str]) -> int:
     site, target_norm = argv[0], float(argv[1])
     config = Path(argv[argv.index("--config") + 1])
-    job = yaml.safe_load(config.read_text())
+    job = parse_job_file(config.read_text())  # as the trainer reads it (JSON from the operator)
     if job["site"] == site and job.get("mode", "train") == "train":
         return train_and_flip(config, job, target_norm)
     os.execv(TRAINER[0], [*TRAINER, "--config", str(config)])

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 
 from fedtrain.api import FederatedTrainingSpec
-from fedtrain.dp import epsilon_after
+from fedtrain.dp import epsilon_after, max_rounds_within
 
 from .selection import select_sites
 
@@ -23,10 +23,24 @@ from .selection import select_sites
 SAMPLING_RATE = 1.0
 
 
+def running_participations(spec: FederatedTrainingSpec, rounds: int) -> list[int]:
+    """Element r (0 to `rounds`): how many of the first r training rounds the most-selected site takes
+    part in; one pass over the rounds (every round, when each selects every site)."""
+    if spec.aggregation.sites_per_round(len(spec.sites)) >= len(spec.sites):
+        return list(range(rounds + 1))
+    counts: Counter[str] = Counter()
+    most, running = 0, [0]
+    for round_index in range(rounds):
+        selected = select_sites(spec, round_index)
+        counts.update(selected)
+        most = max([most, *(counts[site] for site in selected)])
+        running.append(most)
+    return running
+
+
 def participations(spec: FederatedTrainingSpec, rounds: int) -> int:
     """How many of the first `rounds` training rounds the most-selected site takes part in."""
-    counts = Counter(site for round_index in range(rounds) for site in select_sites(spec, round_index))
-    return max(counts.values(), default=0)
+    return running_participations(spec, rounds)[-1]
 
 
 def epsilon_spent(spec: FederatedTrainingSpec, rounds: int) -> float | None:
@@ -59,11 +73,14 @@ def budget_problem(spec: FederatedTrainingSpec) -> str | None:
 
 
 def rounds_within(spec: FederatedTrainingSpec, target_epsilon: float) -> int:
-    """The most training rounds (at most training.rounds) whose epsilon stays within `target_epsilon`."""
-    return max(
-        (r for r in range(spec.training.rounds + 1) if (epsilon_spent(spec, r) or 0.0) <= target_epsilon),
-        default=0,
-    )
+    """The most training rounds (at most training.rounds) whose epsilon stays within `target_epsilon`:
+    the last round count whose most-selected site has at most the participations the budget allows."""
+    dp = spec.privacy.dp
+    running = running_participations(spec, spec.training.rounds)
+    if dp is None:
+        return len(running) - 1
+    allowed = max_rounds_within(target_epsilon, dp.noise_multiplier, SAMPLING_RATE, dp.delta, running[-1])
+    return max(r for r, taken in enumerate(running) if taken <= allowed)
 
 
 def budget_message(spec: FederatedTrainingSpec, rounds: int) -> str:

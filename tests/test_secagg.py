@@ -358,40 +358,31 @@ def test_a_share_swapped_between_senders_or_recipients_is_refused() -> None:
     simulation = Simulation.start(4, seed=62)
     simulation.share()
     encoded = FIXED_POINT.encode(np.zeros(8, dtype=np.float32), 1)
+
+    def masking_is_refused(site: str, texts: dict[str, bytes]) -> None:
+        """`site` masks with `texts` as its inbox: the share ciphertexts are refused."""
+        with pytest.raises(SecAggError) as raised:
+            mask_input(
+                simulation.secrets[site],
+                simulation.roster,
+                relabelled_inbox(simulation, site, texts),
+                encoded,
+            )
+        assert raised.value.reason == wire.SHARE_REFUSED
+
     # Other sender: site-02's ciphertext presented as site-01's.
     texts = dict(simulation.inbox("site-00").ciphertexts)
     texts["site-01"] = texts["site-02"]
-    with pytest.raises(SecAggError) as raised:
-        mask_input(
-            simulation.secrets["site-00"],
-            simulation.roster,
-            relabelled_inbox(simulation, "site-00", texts),
-            encoded,
-        )
-    assert raised.value.reason == wire.SHARE_REFUSED
+    masking_is_refused("site-00", texts)
     # Other recipient: site-01's share for site-03 handed to site-00 (same sender, so the same pair key
     # would be needed; it is not, and the associated data names the recipient).
     texts = dict(simulation.inbox("site-00").ciphertexts)
     texts["site-01"] = simulation.inbox("site-03").ciphertexts["site-01"]
-    with pytest.raises(SecAggError) as raised:
-        mask_input(
-            simulation.secrets["site-00"],
-            simulation.roster,
-            relabelled_inbox(simulation, "site-00", texts),
-            encoded,
-        )
-    assert raised.value.reason == wire.SHARE_REFUSED
+    masking_is_refused("site-00", texts)
     # Reversed direction: site-01 -> site-00 uses the same pair key as site-00 -> site-01, yet is refused.
     texts = dict(simulation.inbox("site-01").ciphertexts)
     texts["site-00"] = simulation.inbox("site-00").ciphertexts["site-01"]
-    with pytest.raises(SecAggError) as raised:
-        mask_input(
-            simulation.secrets["site-01"],
-            simulation.roster,
-            relabelled_inbox(simulation, "site-01", texts),
-            encoded,
-        )
-    assert raised.value.reason == wire.SHARE_REFUSED
+    masking_is_refused("site-01", texts)
     # An inbox addressed to another site.
     with pytest.raises(SecAggError) as raised:
         mask_input(simulation.secrets["site-00"], simulation.roster, simulation.inbox("site-01"), encoded)
