@@ -89,7 +89,7 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     run_dir = tmp_path / "run"
     document = training("wafers", sites=2, lora={"aggregation": "product"})
     document["spec"]["sites"][1]["loraRank"] = 4
-    result = fedtrain("run", str(write(tmp_path, document)), "--run-dir", str(run_dir))
+    result = fedtrain("run", str(write(tmp_path, document)), "--run-dir", str(run_dir), "--parallel", "2")
     assert result.returncode == 0, result.stdout + result.stderr
 
     status = json.loads((run_dir / "status.json").read_text())
@@ -180,6 +180,8 @@ def test_a_run_against_s3_keeps_every_object_in_the_bucket_and_sends_the_most_dr
         "s3://fedtrain-e2e/experiments",
         "--endpoint",
         s3_endpoint,
+        "--parallel",
+        "2",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
