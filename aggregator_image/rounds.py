@@ -16,10 +16,13 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from fedtrain.api import (
     CLIP_BELOW_METRIC,
@@ -57,9 +60,10 @@ from fedtrain.dp import (
 from fedtrain.errors import PermanentError
 from fedtrain.layout import TrainingLayout
 from fedtrain.lora_ranks import config_scale, shapes_at_rank
-from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
+from fedtrain.messages import Participant, RoundManifest, SecureAggregationRecord, UpdateVerdict
 from fedtrain.sealed_store import SealedStore
 from fedtrain.sealing import DataKey
+from fedtrain.secagg_round import unflatten
 from fedtrain.store import ObjectNotFound, ObjectStore
 from fedtrain.updates import (
     check_base_model,
@@ -72,6 +76,13 @@ from fedtrain.updates import (
 from .lora_strategy import LoraProduct, LoraProductMean
 from .noisy_mean import NoisyMean, scaled
 from .robust_strategies import RobustOutcome, RobustStrategy
+from .secure_rounds import (
+    SecAggProgress,
+    SecureAggregationFailed,
+    SecureRounds,
+    masked_input_problem,
+    masked_vector,
+)
 from .stored_round import StoredRound
 from .strategies import Accumulator, WeightedMean, make_strategy, site_weight
 
@@ -170,6 +181,9 @@ class RoundAggregator:
                 )
             store = SealedStore(store, data_key, layout.name)
         self.store = store
+        self.secure = (
+            SecureRounds(store, layout, spec) if spec.privacy.secure_aggregation is not None else None
+        )
         self.max_site_samples = max_site_samples
         self.layout = layout
         self.spec = spec
@@ -489,6 +503,8 @@ class RoundAggregator:
             return self._reject(round_index, site, "samples", f"{key} reports {problem}", **common)
         if meta.kind is PayloadKind.REPORT:
             return self._report_verdict(round_index, site, key, meta, common)
+        if self.secure is not None:
+            return self._masked_verdict(round_index, site, key, payload, common)
         if (sent := meta.transfer_dtype) is not (expected := self.spec.training.transfer_dtype):
             message = f"{key} was sent in {sent.value}; this training's transferDtype is {expected.value}"
             return self._reject(round_index, site, "dtype", message, **common)
@@ -503,6 +519,35 @@ class RoundAggregator:
         except CodecError as error:
             return self._reject(round_index, site, error.reason, str(error), **common)
         return None
+
+    def _masked_verdict(
+        self, round_index: int, site: str, key: str, payload: Payload, common: dict[str, Any]
+    ) -> UpdateVerdict:
+        """privacy.secureAggregation: a site's update is its masked input, of the model's length,
+        of the round's unmasking set (U3), and of this training's base model; nothing is folded
+        until the round closes (only the sum can be unmasked)."""
+        assert self.secure is not None
+        problem = masked_input_problem(payload, self.signature(round_index).shapes)
+        if problem is None and site not in self.secure.masked_sites(round_index):
+            problem = "the site is not among the masked inputs of the round's unmask request"
+        if problem is not None:
+            return self._reject(round_index, site, "secagg", f"{key}: {problem}", **common)
+        try:
+            check_base_model(payload.meta, self.signature(round_index), name=key)
+        except CodecError as error:
+            return self._reject(round_index, site, error.reason, str(error), **common)
+        return UpdateVerdict(round=round_index, site=site, accepted=True, **common)
+
+    def advance_secure(
+        self, round_index: int, live: list[str], started_at: datetime, now: datetime
+    ) -> SecAggProgress:
+        """privacy.secureAggregation: end the round's current protocol phase if it may end."""
+        if self.secure is None:
+            raise AggregationError("this training does not use privacy.secureAggregation")
+        if self.manifest(round_index) is not None:
+            return SecAggProgress("closed")
+        self.signature(round_index)  # the round's global model exists: the round has begun
+        return self.secure.advance(round_index, live, started_at, now)
 
     def _samples_problem(self, site_spec: SiteSpec, meta: Metadata) -> str | None:
         """Why the sample counts (the update's weight, the evaluation's) cannot be the site's, if so."""
@@ -667,7 +712,11 @@ class RoundAggregator:
         participants = list(dict.fromkeys(participants))  # a site listed twice is still one update
         if not participants:
             raise AggregationError(f"round {round_index} has no accepted update to aggregate")
-        open_round = self._sum_of(round_index, participants)
+        secure = None
+        if self.secure is not None:
+            open_round, secure = self._secure_sum(round_index)
+        else:
+            open_round = self._sum_of(round_index, participants)
         meta = self._next_model_meta(round_index)
         clip = self._round_clip(round_index)  # before the next model replaces this round's signature
         next_clip = self._next_clip(round_index, open_round)
@@ -695,7 +744,12 @@ class RoundAggregator:
             next_clip_norm=next_clip,
             server_state_key=self.layout.server_state(round_index) if self.strategy.keeps_state else None,
             weighting=self.spec.aggregation.weighting.value,
-            participants=_manifest_participants(open_round, folded),
+            secure_aggregation=secure,
+            participants=(
+                _manifest_participants(open_round, folded)
+                if secure is None
+                else _secure_participants(open_round, secure)
+            ),
             rejected=_manifest_rejections(open_round, rejected or []),
             model_key=model_key,
             model_uri=self.store.uri(model_key),
@@ -731,6 +785,40 @@ class RoundAggregator:
                     open_round.verdicts[site].message,
                 )
         return open_round
+
+    def _secure_sum(self, round_index: int) -> tuple[_OpenRound, SecureAggregationRecord]:
+        """privacy.secureAggregation: the open round holding the unmasked weighted mean of the
+        masked inputs of U3 (sites that dropped after masking included: their input is in the sum)."""
+        assert self.secure is not None
+        shapes = self.signature(round_index).shapes
+        open_round = self._round(round_index)
+
+        def masked_input(site: str) -> NDArray[np.uint32]:
+            key = self.layout.update(round_index, site)
+            try:
+                with self._opened(key, verify=True) as (payload, _):
+                    problem = masked_input_problem(payload, shapes)
+                    pinned = open_round.pins.get(site)
+                    if problem is None and pinned is not None and pinned != payload.meta.tensors_sha256:
+                        problem = "it was replaced after it was accepted"
+                    if problem is None:
+                        return masked_vector(payload)
+            except (ObjectNotFound, CodecError) as error:
+                problem = str(error)
+            raise SecureAggregationFailed(
+                f"round {round_index}: the masked input of {site} cannot be added: {problem}",
+                reason="SecAggBadInput",
+            )
+
+        mean, record = self.secure.masked_mean(round_index, masked_input)
+        summed = self._new_round(round_index)
+        summed.verdicts, summed.pins = open_round.verdicts, open_round.pins
+        for name, array in unflatten(mean, shapes).items():
+            summed.accumulator.add_tensor(name, torch.from_numpy(array.astype(np.float32)), 1.0)
+        summed.accumulator.count(1.0)
+        summed.weights = dict.fromkeys(record.masked, 1.0)
+        self._open[round_index] = summed
+        return summed, record
 
     def _next_model_meta(self, round_index: int) -> Metadata:
         """The metadata of round `round_index + 1`'s global model: the current one's base and config."""
@@ -894,6 +982,15 @@ def _manifest_participants(open_round: _OpenRound, participants: list[str]) -> l
             norm=open_round.verdicts[site].norm or 0.0,
         )
         for site in participants
+    ]
+
+
+def _secure_participants(open_round: _OpenRound, record: SecureAggregationRecord) -> list[Participant]:
+    """Under secure aggregation: the sites whose masked input is in the sum; what one site weighed,
+    how many samples it had and its update's norm are what the masks hide (recorded as 0)."""
+    return [
+        Participant(site=site, weight=0.0, samples=0, sha256=open_round.pins.get(site, ""), norm=0.0)
+        for site in record.masked
     ]
 
 

@@ -58,6 +58,8 @@ from fedtrain.messages import (
     ModelReply,
     RoundManifest,
     RoundReply,
+    SecureAggregationReply,
+    SecureAggregationRequest,
     SubmitUpdateRequest,
     UpdateVerdict,
 )
@@ -729,6 +731,19 @@ def _add_round_routes(v1: APIRouter, library: _Library, metrics: ServiceMetrics)
             return manifest
 
         return library.call(f"round {round} close", work)
+
+    @v1.post(
+        "/rounds/{round}/secagg",
+        response_model=SecureAggregationReply,
+        summary="privacy.secureAggregation: end the round's current protocol phase if it may end.",
+        responses={**CONFLICT, **NO_GLOBAL_MODEL},
+    )
+    def advance_secure(round: RoundIndex, request: SecureAggregationRequest) -> SecureAggregationReply:
+        def work(agg: RoundAggregator) -> SecureAggregationReply:
+            progress = agg.advance_secure(round, list(request.live), request.started_at, request.now)
+            return SecureAggregationReply(phase=progress.phase, waiting_on=list(progress.waiting_on))
+
+        return library.call(f"round {round} secure aggregation", work)
 
     @v1.get(
         "/rounds/{round}",

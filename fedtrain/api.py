@@ -1149,6 +1149,63 @@ class AdaptiveClippingSpec(SpecModel):
     )
 
 
+class SecureAggregationSpec(SpecModel):
+    """Secure aggregation (Bonawitz et al. 2017, SecAgg+ neighbourhoods): the aggregator learns the
+    weighted sum of the round's updates and nothing about any one site's update or weight."""
+
+    threshold: int | None = Field(
+        None,
+        ge=2,
+        le=10_000,
+        description=(
+            "t: how many holders of a site's key shares must survive to unmask the sum; fewer "
+            "survivors fail the round (reason SecAggTooFewSurvivors). Up to t - 1 sites colluding with "
+            "the aggregator learn nothing of another site's update. Unset: a majority of a "
+            "neighbourhood (the site and its neighbours), at least 2."
+        ),
+    )
+    neighbours: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description=(
+            "SecAgg+: each site masks with and shares its keys among this many neighbours of a random "
+            "graph drawn each round, so a site's work grows with log N rather than N. 0: every other "
+            "site of the round (the complete graph of Bonawitz et al.)."
+        ),
+    )
+    phase_timeout_seconds: int = Field(
+        300,
+        ge=10,
+        le=86_400,
+        description=(
+            "How long the aggregator waits in each phase (key adverts, key shares, masked inputs) for a "
+            "site still running before it goes on without it; a site that failed, or missed the round "
+            "deadline, is never waited for."
+        ),
+    )
+    max_samples: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "The largest training-sample count a site's weight may carry (aggregation.weighting "
+            "samples): a weight is the sample count in units of sampleUnit, capped at this count. With "
+            "the number of sites and privacy.clipNorm it sets the fixed-point scale of the masked sums "
+            "(32-bit): fedtrain validate refuses a combination that keeps under 8 bits of precision."
+        ),
+    )
+    sample_unit: int = Field(
+        1,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Samples per unit of weight under aggregation.weighting samples (a weight is the sample "
+            "count divided by it, rounded up): raise it for sites with many samples, to keep precision."
+        ),
+    )
+
+
 class PrivacySpec(SpecModel):
     """What protects a site's update beyond keeping its images at home."""
 
@@ -1206,6 +1263,25 @@ class PrivacySpec(SpecModel):
             "the aggregator moves it toward the targetQuantile of the sites' update norms (each site "
             "reports whether its update was within the clip; under dp that count is noised). The clip "
             "a round used and the next one are in the round manifest and the next global model."
+        ),
+    )
+    secure_aggregation: SecureAggregationSpec | None = Field(
+        None,
+        description=(
+            "Secure aggregation: each site uploads its clipped update in 32-bit fixed point, weighted and "
+            "masked (pairwise masks agreed by X25519 with its neighbours, and a self-mask), with its "
+            "weight as one more masked element; the aggregator removes the masks only from the sum, so "
+            "it learns the weighted mean and nothing about one site's update, weight or sample count. "
+            "The keys, shares (AES-GCM under HKDF of X25519) and masked inputs travel through the "
+            "object store: sites never connect to each other. A site that drops after sharing its keys "
+            "is recovered while threshold holders survive. A site's Job waits through the phases "
+            "(its secrets stay in its memory), so every selected site runs at once. What the aggregator "
+            "can no longer check per update (norm, finite values) is enforced at the site and checked "
+            "on the sum. Protects each update from the aggregator and the bucket's readers; not from a "
+            "malicious aggregator lying about who survived, and not the sum (add dp). Needs "
+            "privacy.clipNorm (fixed), aggregation.weighting samples or uniform, strategy fedavg or a "
+            "server optimizer, exchange policy all, fixed or exclude, no controlVariates, no "
+            "lora.aggregation product, no sites[].loraRank and no dp."
         ),
     )
     encrypt_at_rest: bool = Field(
@@ -1914,6 +1990,7 @@ class FederatedTrainingSpec(SpecModel):
                 f"privacy.clipNorm works with aggregation.strategy fedavg or a server optimizer, not "
                 f"{self.aggregation.strategy.value} (a robust strategy bounds outliers its own way)"
             )
+        self._check_secure_aggregation()
         if privacy.dp is None:
             return
         problems = {
@@ -1932,6 +2009,48 @@ class FederatedTrainingSpec(SpecModel):
         }
         if broken := [need for need, failed in problems.items() if failed]:
             raise ValueError(f"privacy.dp needs {'; '.join(broken)}")
+
+    def _check_secure_aggregation(self) -> None:
+        privacy, secure = self.privacy, self.privacy.secure_aggregation
+        if secure is None:
+            return
+        problems = {
+            "privacy.clipNorm (it bounds each update, and so the fixed-point range of the sums)": (
+                privacy.clip_norm is None
+            ),
+            "no privacy.adaptiveClipping (the sites' clip bits would be seen one by one)": (
+                privacy.adaptive_clipping is not None
+            ),
+            "no privacy.dp yet (the noise is not yet split across the sites)": privacy.dp is not None,
+            "aggregation.weighting samples or uniform": self.aggregation.weighting is Weighting.EXPLICIT,
+            "aggregation.strategy fedavg or a server optimizer (a robust strategy needs each update)": (
+                self.aggregation.strategy in ROBUST_STRATEGIES
+            ),
+            "no aggregation.controlVariates": self.aggregation.scaffold,
+            "exchange policy all, fixed or exclude (every site sends the same tensors)": (
+                self.exchange.policy in (ExchangePolicy.DYNAMIC, ExchangePolicy.SPARSE)
+            ),
+            "no lora.aggregation product": self.lora.aggregation is LoraAggregation.PRODUCT,
+            "no sites[].loraRank (every site sends tensors of one shape)": any(
+                site.lora_rank is not None for site in self.sites
+            ),
+            "mode federated": self.mode is TrainingMode.LOCAL_ONLY,
+        }
+        if broken := [need for need, failed in problems.items() if failed]:
+            raise ValueError(f"privacy.secureAggregation needs {'; '.join(broken)}")
+        selected = self.aggregation.sites_per_round(len(self.sites))
+        if secure.threshold is not None and secure.threshold > selected:
+            raise ValueError(
+                f"privacy.secureAggregation.threshold {secure.threshold} exceeds the {selected} sites a "
+                "round selects: no round could ever be unmasked; lower it"
+            )
+        from fedtrain.secagg_round import fixed_point  # numpy, only where secure aggregation is asked for
+
+        assert privacy.clip_norm is not None
+        try:
+            fixed_point(secure, privacy.clip_norm, len(self.sites), self.aggregation.weighting)
+        except ValueError as error:
+            raise ValueError(f"privacy.secureAggregation: {error}") from None
 
     def _check_site_ranks(self) -> None:
         ranked = [site for site in self.sites if site.lora_rank is not None]
@@ -2117,6 +2236,13 @@ class RoundRecord(ApiModel):
     epsilon: float | None = Field(
         None,
         description="privacy.dp: epsilon at delta spent by the training rounds up to this one.",
+    )
+    secure_dropouts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "privacy.secureAggregation: sites that shared their keys but did not finish the round "
+            "(failed or late, after masking or before); the round was unmasked without them."
+        ),
     )
 
     @property

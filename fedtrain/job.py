@@ -23,6 +23,7 @@ from fedtrain.api import (
     SiteSpec,
     TrainingMode,
     TrainingSpec,
+    Weighting,
     keeps_personal,
     publishes_site_models,
 )
@@ -99,6 +100,22 @@ class Sealing(BaseModel):
     )
 
 
+class SecureAggregationUrls(BaseModel):
+    """privacy.secureAggregation: the URLs of the round's protocol objects this site reads and writes.
+    The masked input goes to the job's update_url."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    advert_put_url: str = Field(description="PUT: this site's public keys and self-mask commitment.")
+    roster_get_url: str = Field(description="GET: the aggregator's roster of the sites that advertised.")
+    shares_put_url: str = Field(description="PUT: this site's key shares, encrypted to each neighbour.")
+    inbox_get_url: str = Field(description="GET: the key shares the other sites addressed to this one.")
+    request_get_url: str = Field(description="GET: the aggregator's unmask request (who shared, who masked).")
+    reveal_put_url: str = Field(description="PUT: the shares this site reveals for the unmasking.")
+    sites: int = Field(ge=2, description="The training's site count: the fixed-point code's site bound.")
+    weighting: Weighting = Field(description="aggregation.weighting: what the site's masked weight is.")
+
+
 class TrainerJob(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -126,6 +143,9 @@ class TrainerJob(BaseModel):
     pretrained_url: str | None = Field(None, description="GET: base weights when pretrained.source is uri.")
     sealing: Sealing | None = Field(
         None, description="privacy.encryptAtRest: the data key and the objects' identities."
+    )
+    secure_aggregation: SecureAggregationUrls | None = Field(
+        None, description="privacy.secureAggregation, training rounds: the protocol's URLs."
     )
     transfer_deadline: datetime | None = Field(
         None,

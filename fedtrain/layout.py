@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Secure aggregation's objects in a round, in protocol order: each site's public keys (advert), the
+#: aggregator's list of them (roster), each site's encrypted key shares (shares), the shares addressed
+#: to each site (inbox), who shared and who masked (request), each survivor's revealed shares (reveal),
+#: and when the aggregator ended each phase (progress).
+SECAGG_KINDS = ("advert", "roster", "shares", "inbox", "request", "reveal", "progress")
+SECAGG_SITE_KINDS = ("advert", "shares", "inbox", "reveal")
+
 
 @dataclass(frozen=True)
 class TrainingLayout:
@@ -50,6 +57,15 @@ class TrainingLayout:
     def update(self, round_index: int, site: str) -> str:
         """A site's update of a round: the delta of the exchanged tensors and its metadata."""
         return f"{self.round_dir(round_index)}/updates/{site}.safetensors"
+
+    def secagg(self, round_index: int, kind: str, site: str | None = None) -> str:
+        """An object of a round's secure aggregation (privacy.secureAggregation): `kind` is one of
+        SECAGG_KINDS; the per-site kinds (advert, shares, inbox, reveal) take the site, the others
+        (roster, request, progress) none. Masked inputs travel as the sites' updates."""
+        if kind not in SECAGG_KINDS or (kind in SECAGG_SITE_KINDS) != (site is not None):
+            raise ValueError(f"no secure-aggregation object {kind!r} for site {site!r}")
+        name = f"{kind}/{site}" if site is not None else kind
+        return f"{self.round_dir(round_index)}/secagg/{name}"
 
     def manifest(self, round_index: int) -> str:
         """Written last when a round closes: its presence means the round is done."""

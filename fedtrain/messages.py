@@ -48,6 +48,23 @@ class Participant(Message):
     norm: float
 
 
+class SecureAggregationRecord(Message):
+    """privacy.secureAggregation: who took part in a round's protocol, as the aggregator saw it."""
+
+    #: U2: the sites that shared their keys; U3: those whose masked input is in the sum.
+    shared: list[str]
+    masked: list[str]
+    #: Sites of U2 that did not reveal their shares (dropped after sharing, or after masking): their
+    #: masks were removed with the others' shares, so the round closed without them.
+    dropped: list[str] = Field(default_factory=list)
+    #: The sum of the weights of the masked inputs (the sum is what secure aggregation reveals).
+    total_weight: int
+    #: The worst-case absolute error per element of the decoded mean (fixed-point rounding).
+    error_bound: float
+    threshold: int
+    degree: int
+
+
 class RoundManifest(Message):
     """Written last when a round closes; closing the round again returns it unchanged."""
 
@@ -73,6 +90,9 @@ class RoundManifest(Message):
     clip_norm: float | None = None
     next_clip_norm: float | None = None
     weighting: str
+    #: privacy.secureAggregation: the protocol's sets; the participants' weights are then unknown
+    #: (each is listed with weight 0, sample count 0 and norm 0) and only the mean is.
+    secure_aggregation: SecureAggregationRecord | None = None
     participants: list[Participant]
     rejected: list[RejectedUpdate] = Field(default_factory=list)
     model_key: str
@@ -148,6 +168,30 @@ class CloseRoundRequest(Message):
             "Rejections the engine recorded; in the manifest they take precedence over the aggregator's own."
         ),
     )
+
+
+class SecureAggregationRequest(Message):
+    """privacy.secureAggregation: end the round's current protocol phase if it may end."""
+
+    live: list[SiteName] = Field(
+        ...,
+        max_length=MAX_SITES,
+        description=(
+            "The round's sites still live (not failed, not stragglers): a phase waits for these, up to "
+            "privacy.secureAggregation.phaseTimeoutSeconds, and never for the others."
+        ),
+    )
+    started_at: datetime = Field(..., description="When the round started: the key phase's start.")
+    now: datetime = Field(..., description="The engine's clock: the phase timeouts are measured with it.")
+
+
+class SecureAggregationReply(Message):
+    """Where a round's secure aggregation stands."""
+
+    phase: str = Field(
+        ..., description="keys, shares, inputs (waiting for those), unmasking (the request is out), closed."
+    )
+    waiting_on: list[str] = Field(default_factory=list, description="The live sites the phase waits for.")
 
 
 class MergeRequest(Message):

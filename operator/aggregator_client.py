@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -9,7 +10,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from fedtrain.api import RejectedUpdate
 from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
-from fedtrain.messages import RoundManifest, UpdateVerdict
+from fedtrain.messages import RoundManifest, SecureAggregationReply, SecureAggregationRequest, UpdateVerdict
 
 #: How soon to ask again when the aggregator is not reachable yet (a pod starting, an image pull).
 AGGREGATOR_RETRY_SECONDS = 2.0
@@ -100,6 +101,14 @@ class AggregatorClient:
             "rejected": [item.model_dump(mode="json") for item in rejected],
         }
         return RoundManifest.model_validate(await self._post(f"/v1/rounds/{round_index}/close", body))
+
+    async def advance_secure(
+        self, round_index: int, live: list[str], started_at: datetime, now: datetime
+    ) -> SecureAggregationReply:
+        body = SecureAggregationRequest(live=live, started_at=started_at, now=now).model_dump(mode="json")
+        return SecureAggregationReply.model_validate(
+            await self._post(f"/v1/rounds/{round_index}/secagg", body)
+        )
 
     async def merge(self, round_index: int) -> str:
         return str((await self._post("/v1/merge", {"round": round_index}))["model_uri"])

@@ -145,7 +145,11 @@ def run(
     ),
     endpoint: str | None = typer.Option(None, "--endpoint", help="S3 endpoint URL (MinIO, moto, Ceph RGW)."),
     parallel: int = typer.Option(
-        0, "--parallel", min=0, help="Trainer processes at once [default: one per core]."
+        0,
+        "--parallel",
+        min=0,
+        help="Trainer processes at once [default: one per free core; under privacy.secureAggregation at "
+        "least the sites a round selects, which must run at once].",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the run in --run-dir from its last status."

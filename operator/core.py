@@ -20,14 +20,15 @@ from typing import Protocol
 
 from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RejectedUpdate, RoundRecord
 from fedtrain.errors import DEFAULT_RETRY_SECONDS, PermanentError, TemporaryError
-from fedtrain.job import Sealing, TrainerJob, TrainerSpec
+from fedtrain.job import Sealing, SecureAggregationUrls, TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
-from fedtrain.messages import RoundManifest, UpdateVerdict
+from fedtrain.messages import RoundManifest, SecureAggregationReply, UpdateVerdict
 from fedtrain.sealing import DataKey
 from fedtrain.store import MAX_PRESIGN_SECONDS
 
 from .engine import (
     Action,
+    AdvanceSecureAggregation,
     CloseRound,
     Event,
     Failure,
@@ -73,6 +74,9 @@ class AggregatorPort(Protocol):
     async def close(
         self, round_index: int, participants: list[str], rejected: list[RejectedUpdate]
     ) -> RoundManifest: ...
+    async def advance_secure(
+        self, round_index: int, live: list[str], started_at: datetime, now: datetime
+    ) -> SecureAggregationReply: ...
     async def merge(self, round_index: int) -> str: ...
     async def release(self) -> None: ...
 
@@ -161,9 +165,31 @@ def build_trainer_job(
         pretrained_url=pretrained_url,
         transfer_deadline=transfer_deadline,
     )
+    if training and spec.privacy.secure_aggregation is not None:
+        job.secure_aggregation = _secure_aggregation_urls(spec, layout, action, signer, expires_seconds)
     if data_key is not None:
         job.sealing = _sealing(data_key, layout, action, job)
     return job
+
+
+def _secure_aggregation_urls(
+    spec: FederatedTrainingSpec, layout: TrainingLayout, action: StartSiteJob, signer: Signer, expires: int
+) -> SecureAggregationUrls:
+    """The protocol objects of the round this site reads (the aggregator's) and writes (its own)."""
+
+    def key(kind: str, site: str | None = None) -> str:
+        return layout.secagg(action.round, kind, site)
+
+    return SecureAggregationUrls(
+        advert_put_url=signer.presign_put(key("advert", action.site), expires),
+        roster_get_url=signer.presign_get(key("roster"), expires),
+        shares_put_url=signer.presign_put(key("shares", action.site), expires),
+        inbox_get_url=signer.presign_get(key("inbox", action.site), expires),
+        request_get_url=signer.presign_get(key("request"), expires),
+        reveal_put_url=signer.presign_put(key("reveal", action.site), expires),
+        sites=max(2, len(spec.sites)),
+        weighting=spec.aggregation.weighting,
+    )
 
 
 def _sealing(data_key: DataKey, layout: TrainingLayout, action: StartSiteJob, job: TrainerJob) -> Sealing:
@@ -357,6 +383,19 @@ class DriverCore:
                 action.round, list(action.participants), list(action.rejected)
             )
             return memory.manifest
+        if isinstance(action, AdvanceSecureAggregation):
+            reply = await aggregator.advance_secure(
+                action.round, list(action.live), action.started_at, action.now
+            )
+            if reply.waiting_on:
+                log.info(
+                    "%s: round %d secure aggregation, %s phase: waiting for %s",
+                    self.layout.root,
+                    action.round,
+                    reply.phase,
+                    ", ".join(reply.waiting_on),
+                )
+            return reply
         if isinstance(action, MergeFinalModel):
             memory.merged_model_uri = await aggregator.merge(action.round)
             return memory.merged_model_uri

@@ -127,6 +127,18 @@ class CloseRound:
 
 
 @dataclass(frozen=True)
+class AdvanceSecureAggregation:
+    """privacy.secureAggregation: let the aggregator end the round's current protocol phase once the
+    live sites have done their part (or the phase timed out). Idempotent; asked on every step of a
+    training round while a site is at work."""
+
+    round: int
+    live: tuple[str, ...]
+    started_at: datetime
+    now: datetime
+
+
+@dataclass(frozen=True)
 class MergeFinalModel:
     round: int
 
@@ -149,6 +161,7 @@ Action = (
     | StopSiteJob
     | SubmitUpdate
     | CloseRound
+    | AdvanceSecureAggregation
     | MergeFinalModel
     | RecordRound
     | ReleaseAggregator
@@ -314,7 +327,19 @@ def _sites_at_work(
         return True
     if all(site.state.terminal for site in status.sites):
         _round_complete(spec, status, decision, now)
+    elif _secure_round(spec, status):
+        live = tuple(site.name for site in status.sites if site.state in _LIVE)
+        decision.act(AdvanceSecureAggregation(status.round, live, status.round_started_at or now, now))
     return False
+
+
+#: The site states whose site may still take part in a round's secure aggregation.
+_LIVE = (SiteState.PENDING, SiteState.RUNNING, SiteState.TRAINED, SiteState.ACCEPTED)
+
+
+def _secure_round(spec: FederatedTrainingSpec, status: FederatedTrainingStatus) -> bool:
+    """Whether the current round runs secure aggregation: a training round under the option."""
+    return spec.privacy.secure_aggregation is not None and status.stage is Stage.TRAINING
 
 
 def _closing(
@@ -586,7 +611,11 @@ def _site_failed(
 ) -> None:
     detail = message or "the trainer exited with an error"
     retries_left = site.attempt < spec.aggregation.site_retries
-    if retries_left and not retry:
+    if retries_left and _secure_round(spec, status):
+        # A new attempt would bring new keys, which the round's key exchange cannot take in: the
+        # site is a dropout, which the protocol recovers from while enough sites survive.
+        retry, detail = False, f"{detail} (not retried: a secure-aggregation round takes no new keys)"
+    elif retries_left and not retry:
         detail = f"{detail} (not retried: the round deadline has passed)"
     if retries_left and retry:
         site.attempt += 1
@@ -723,6 +752,8 @@ def _record_training_round(
     record.left_out = list(manifest.not_selected)
     record.trimmed_share = dict(manifest.trimmed_share)
     record.epsilon = status.privacy_epsilon = epsilon_spent(spec, status.round + 1)
+    if manifest.secure_aggregation is not None:
+        record.secure_dropouts = sorted(set(manifest.secure_aggregation.shared) - set(record.participants))
     _remember(status, record, decision)
     if record.evaluation is not None:
         _track_best(spec, status, status.round, evaluated_model, record.evaluation)

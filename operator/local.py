@@ -40,7 +40,7 @@ from fedtrain.api import (
 )
 from fedtrain.job import TrainerJob
 from fedtrain.layout import TrainingLayout
-from fedtrain.messages import RoundManifest, UpdateVerdict
+from fedtrain.messages import RoundManifest, SecureAggregationReply, UpdateVerdict
 from fedtrain.pretrained import load_pretrained, presign_pretrained
 from fedtrain.sealing import DataKey, load_key_file, write_key_file
 from fedtrain.store import ObjectStore, S3Store, open_store
@@ -379,6 +379,12 @@ class LocalAggregator:
     ) -> RoundManifest:
         return await self._call(self.aggregator.close, round_index, participants, rejected)
 
+    async def advance_secure(
+        self, round_index: int, live: list[str], started_at: datetime, now: datetime
+    ) -> SecureAggregationReply:
+        progress = await self._call(self.aggregator.advance_secure, round_index, live, started_at, now)
+        return SecureAggregationReply(phase=progress.phase, waiting_on=list(progress.waiting_on))
+
     async def merge(self, round_index: int) -> str:
         uri: str = await self._call(self.aggregator.merge, round_index)
         await self._copy_out(self.layout.merged_model(), self.run_dir / MERGED_FILE)
@@ -453,6 +459,22 @@ class LocalHistory:
 # the runner
 
 
+def _parallel(spec: FederatedTrainingSpec, asked: int, cores: int) -> int:
+    """Trainer processes at once: --parallel, else one per free core (at most one per site). Under
+    secure aggregation every selected site of a round must run at once: each waits for the others'
+    keys, so a site still queued would hold the round until the phase timed out."""
+    chosen = asked or max(1, min(len(spec.sites), cores))
+    if spec.privacy.secure_aggregation is None:
+        return chosen
+    needed = spec.aggregation.sites_per_round(len(spec.sites))
+    if asked and asked < needed:
+        raise RunError(
+            f"--parallel {asked}: privacy.secureAggregation runs the {needed} sites a round selects at "
+            f"once (each waits for the others' keys): use --parallel {needed} or more, or leave it out"
+        )
+    return max(chosen, needed)
+
+
 class LocalRunner:
     def __init__(
         self,
@@ -470,7 +492,7 @@ class LocalRunner:
         self.on_event = on_event or (lambda event: log.info("%s: %s", event.reason, event.message))
         self.on_step = on_step or (lambda status: None)
         cores = free_cores()
-        self.parallel = options.parallel or max(1, min(len(self.spec.sites), cores))
+        self.parallel = _parallel(self.spec, options.parallel, cores)
         self.threads_per_trainer = max(1, cores // self.parallel)
         self.store = self._open_store()
         self.data_key = self._data_key()

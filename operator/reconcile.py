@@ -32,7 +32,7 @@ from fedtrain.api import (
 )
 from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
 from fedtrain.layout import TrainingLayout
-from fedtrain.messages import RoundManifest, UpdateVerdict
+from fedtrain.messages import RoundManifest, SecureAggregationReply, UpdateVerdict
 from fedtrain.pretrained import cluster_problems
 from fedtrain.store import S3Store
 
@@ -220,6 +220,11 @@ class ClusterAggregator:
         self, round_index: int, participants: list[str], rejected: list[RejectedUpdate]
     ) -> RoundManifest:
         return await self._explained(self.client.close(round_index, participants, rejected))
+
+    async def advance_secure(
+        self, round_index: int, live: list[str], started_at: datetime, now: datetime
+    ) -> SecureAggregationReply:
+        return await self._explained(self.client.advance_secure(round_index, live, started_at, now))
 
     async def merge(self, round_index: int) -> str:
         return await self._explained(self.client.merge(round_index))

@@ -54,6 +54,7 @@ def _run(job: TrainerJob) -> None:
     from fedtrain.store import ObjectNotFound, StoreError
 
     from .data import DataError
+    from .secure import SecureAggregationError
     from .train import IncompatibleModelError, run_job
 
     log = logging.getLogger("fedtrain.trainer")
@@ -65,6 +66,9 @@ def _run(job: TrainerJob) -> None:
     except DataError as error:
         log.error("%s", error)
         raise typer.Exit(EXIT_DATA) from None
+    except SecureAggregationError as error:
+        log.error("%s", error)
+        raise typer.Exit(EXIT_OTHER) from None
     except (StoreError, ObjectNotFound) as error:
         # Transfers were already retried until the round's deadline; the message says what failed.
         log.error("%s", error)

@@ -46,10 +46,12 @@ from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.lora_ranks import config_scale, fit_to_rank, lora_scale
 from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
 from fedtrain.model.selection import select_update
+from fedtrain.secagg_round import ELEMENTS_KEY, MASKED_TENSOR
 from fedtrain.store import ObjectNotFound, read_url
 
 from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
 from .scaffold import CONTROL_PREFIX, ControlVariates, control_variates
+from .secure import SecureSession
 from .transfer import fetch, upload
 
 log = logging.getLogger("fedtrain.trainer")
@@ -455,9 +457,11 @@ def run_job(job: TrainerJob) -> Metadata:
     started = time.perf_counter()
     device = pick_device()
     log.info("site %s round %d (%s) on %s", job.site, job.round, job.mode, device)
+    # Secure aggregation: the keys go out first, so the key phase never waits for this site's data.
+    session = SecureSession.begin(job) if job.secure_aggregation is not None else None
     inputs = fetch_inputs(job, device)
     outcome = compute_round(job, inputs, device)
-    return publish_round(job, inputs.model, outcome, started)
+    return publish_round(job, inputs.model, outcome, started, session)
 
 
 @dataclass(frozen=True)
@@ -682,8 +686,15 @@ def _private_state(
     return state_tensors, state_config
 
 
-def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome, started: float) -> Metadata:
-    """Upload the round's result: the private state first, then the update, which marks the end."""
+def publish_round(
+    job: TrainerJob,
+    model: FederatedModel,
+    outcome: RoundOutcome,
+    started: float,
+    session: SecureSession | None = None,
+) -> Metadata:
+    """Upload the round's result: the private state first, then the update, which marks the end
+    (under secure aggregation the masked input, after which the site reveals its shares)."""
     common: dict[str, Any] = {
         "training": job.training,
         "round": job.round,
@@ -701,6 +712,8 @@ def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome,
         state_meta = Metadata(kind=PayloadKind.STATE, config=trained.state_config, **common)
         upload(job, "state_put_url", encode(trained.state_tensors, state_meta))
     outcome.timings["total_seconds"] = time.perf_counter() - started
+    if session is not None:
+        return publish_masked(job, session, trained, outcome, common)
     meta = Metadata(
         kind=PayloadKind.UPDATE,
         samples=trained.samples,
@@ -714,6 +727,35 @@ def publish_round(job: TrainerJob, model: FederatedModel, outcome: RoundOutcome,
     # The update is written last: its presence tells the aggregator the round's work is complete.
     upload(job, "update_url", encode(trained.delta, meta))
     log.info("update uploaded: %d tensors, norm %.4g", len(trained.delta), meta.norm or 0.0)
+    return meta
+
+
+def publish_masked(
+    job: TrainerJob,
+    session: SecureSession,
+    trained: LocalTraining,
+    outcome: RoundOutcome,
+    common: dict[str, Any],
+) -> Metadata:
+    """Secure aggregation: upload the masked input as the site's update, then reveal the shares the
+    unmask request asks for. The metadata carries the global model's evaluation on the site's
+    validation split and the timings; no sample count, norm or training figure (the weight and the
+    update are what the masks hide)."""
+    masked = session.mask(trained.delta, trained.samples)
+    shown = {
+        key: outcome.metrics[key] for key in ("evaluation", "per_class_accuracy") if key in outcome.metrics
+    }
+    meta = Metadata(
+        kind=PayloadKind.UPDATE,
+        transfer_dtype=job.spec.training.transfer_dtype,
+        metrics=shown,
+        timings=outcome.timings,
+        config={ELEMENTS_KEY: int(masked.size)},
+        **common,
+    )
+    upload(job, "update_url", encode({MASKED_TENSOR: torch.from_numpy(masked.view(np.int32))}, meta))
+    log.info("masked update uploaded: %d elements", masked.size)
+    session.reveal()
     return meta
 
 
