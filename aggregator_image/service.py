@@ -681,6 +681,7 @@ def _v1_router(library: _Library, metrics: ServiceMetrics) -> APIRouter:
         return ModelReply(model_uri=library.call("initialize", lambda agg: agg.initialize()))
 
     _add_round_routes(v1, library, metrics)
+    _add_secure_aggregation_route(v1, library)
 
     @v1.post(
         "/merge",
@@ -732,19 +733,6 @@ def _add_round_routes(v1: APIRouter, library: _Library, metrics: ServiceMetrics)
 
         return library.call(f"round {round} close", work)
 
-    @v1.post(
-        "/rounds/{round}/secagg",
-        response_model=SecureAggregationReply,
-        summary="privacy.secureAggregation: end the round's current protocol phase if it may end.",
-        responses={**CONFLICT, **NO_GLOBAL_MODEL},
-    )
-    def advance_secure(round: RoundIndex, request: SecureAggregationRequest) -> SecureAggregationReply:
-        def work(agg: RoundAggregator) -> SecureAggregationReply:
-            progress = agg.advance_secure(round, list(request.live), request.started_at, request.now)
-            return SecureAggregationReply(phase=progress.phase, waiting_on=list(progress.waiting_on))
-
-        return library.call(f"round {round} secure aggregation", work)
-
     @v1.get(
         "/rounds/{round}",
         response_model=RoundReply,
@@ -759,3 +747,20 @@ def _add_round_routes(v1: APIRouter, library: _Library, metrics: ServiceMetrics)
             return RoundReply(round=round, closed=True, manifest=manifest, verdicts=verdicts)
 
         return library.call(f"round {round}", work)
+
+
+def _add_secure_aggregation_route(v1: APIRouter, library: _Library) -> None:
+    """privacy.secureAggregation: the engine's call that ends a round's protocol phase."""
+
+    @v1.post(
+        "/rounds/{round}/secagg",
+        response_model=SecureAggregationReply,
+        summary="privacy.secureAggregation: end the round's current protocol phase if it may end.",
+        responses={**CONFLICT, **NO_GLOBAL_MODEL},
+    )
+    def advance_secure(round: RoundIndex, request: SecureAggregationRequest) -> SecureAggregationReply:
+        def work(agg: RoundAggregator) -> SecureAggregationReply:
+            progress = agg.advance_secure(round, list(request.live), request.started_at, request.now)
+            return SecureAggregationReply(phase=progress.phase, waiting_on=list(progress.waiting_on))
+
+        return library.call(f"round {round} secure aggregation", work)

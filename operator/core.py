@@ -123,8 +123,7 @@ def build_trainer_job(
     A training attempt reads the private state of the site's last accepted attempt and writes its
     own; an evaluation writes none, and reads it only where the site keeps personal tensors there
     (spec.exchange other than all, or mode localOnly), which the evaluated model needs. Where the
-    spec publishes site models, an evaluation also gets a PUT URL for the site's own merged model.
-    """
+    spec publishes site models, an evaluation also gets a PUT URL for the site's own merged model."""
     training = action.mode == "train"
     state_from = action.state_from
     state_get_url = (
@@ -165,8 +164,7 @@ def build_trainer_job(
         pretrained_url=pretrained_url,
         transfer_deadline=transfer_deadline,
     )
-    if training and spec.privacy.secure_aggregation is not None:
-        job.secure_aggregation = _secure_aggregation_urls(spec, layout, action, signer, expires_seconds)
+    job.secure_aggregation = _secure_aggregation_urls(spec, layout, action, signer, expires_seconds)
     if data_key is not None:
         job.sealing = _sealing(data_key, layout, action, job)
     return job
@@ -174,8 +172,11 @@ def build_trainer_job(
 
 def _secure_aggregation_urls(
     spec: FederatedTrainingSpec, layout: TrainingLayout, action: StartSiteJob, signer: Signer, expires: int
-) -> SecureAggregationUrls:
-    """The protocol objects of the round this site reads (the aggregator's) and writes (its own)."""
+) -> SecureAggregationUrls | None:
+    """privacy.secureAggregation, a training attempt: the protocol objects of the round this site
+    reads (the aggregator's) and writes (its own); None otherwise."""
+    if action.mode != "train" or spec.privacy.secure_aggregation is None:
+        return None
 
     def key(kind: str, site: str | None = None) -> str:
         return layout.secagg(action.round, kind, site)

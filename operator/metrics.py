@@ -200,7 +200,7 @@ class OperatorMetrics:
             self.site_trimmed_share,
         )
 
-    def _declare_evaluation(self) -> tuple[Gauge, ...]:
+    def _declare_evaluation(self) -> tuple[Gauge | Counter, ...]:
         """How the global model does on the validation data: of all sites, and of each site."""
         r, training, site = self.registry, TRAINING_LABELS, SITE_LABELS
         self.privacy_epsilon = Gauge(
@@ -233,7 +233,21 @@ class OperatorMetrics:
             site,
             registry=r,
         )
-        return (self.accuracy, self.loss, self.site_accuracy, self.site_loss, self.privacy_epsilon)
+        self.secure_dropouts = Counter(
+            "fedtrain_secure_aggregation_dropouts_recovered",
+            "privacy.secureAggregation: rounds the site dropped out of after sharing its keys that were "
+            "unmasked without it.",
+            site,
+            registry=r,
+        )
+        return (
+            self.accuracy,
+            self.loss,
+            self.site_accuracy,
+            self.site_loss,
+            self.privacy_epsilon,
+            self.secure_dropouts,
+        )
 
     def _declare_site_training(self) -> tuple[Gauge, ...]:
         """Each site's local training, from its latest update."""
@@ -358,6 +372,8 @@ class OperatorMetrics:
         if record.kind == "train":
             for site in _round_sites(record):
                 self.site_round_bytes.labels(**labels, site=site).set(record.site_bytes.get(site, 0))
+            for site in record.secure_dropouts:
+                self.secure_dropouts.labels(**labels, site=site).inc()
             for site in record.participants:
                 self.site_left_out.labels(**labels, site=site).set(1 if site in record.left_out else 0)
                 if site in record.trimmed_share:

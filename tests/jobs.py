@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from fedtrain.api import FederatedTrainingSpec
 from fedtrain.job import Sealing, TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
+from fedtrain.messages import RoundManifest
 from fedtrain.sealing import DataKey
 from fedtrain.store import LocalStore
 
@@ -73,3 +79,29 @@ def tiny_spec(
     for section, value in sections.items():
         document[section] = {**document.get(section, {}), **value}
     return FederatedTrainingSpec.model_validate(document, by_name=False)
+
+
+def plain_fedavg(
+    root: Path, layout: TrainingLayout, spec: FederatedTrainingSpec, initial: Path
+) -> tuple[dict[str, torch.Tensor], RoundManifest]:
+    """Round 0 of `spec` without secure aggregation, from the global model at `initial`: each site's
+    trainer in process (one after another), the aggregator library, the next global model and the
+    manifest. What a secure-aggregation round of the same spec must equal within its bound."""
+    from fedtrain.aggregator.rounds import RoundAggregator
+    from fedtrain.codec import decode
+    from fedtrain.operator.core import build_trainer_job
+    from fedtrain.operator.engine import StartSiteJob
+    from fedtrain.trainer.train import run_job
+
+    plain = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"secure_aggregation": None})})
+    store = LocalStore(root)
+    (root / layout.round_dir(0)).mkdir(parents=True)
+    shutil.copyfile(initial, root / layout.global_model(0))
+    aggregator = RoundAggregator(store, layout, plain)
+    deadline = datetime.now(UTC) + timedelta(minutes=5)
+    for site in plain.sites:
+        action = StartSiteJob(site=site.name, round=0, attempt=0, mode="train")
+        run_job(build_trainer_job(plain, layout, action, store, 600, None, deadline))
+        assert aggregator.submit(0, site.name).accepted
+    manifest = aggregator.close(0, [site.name for site in plain.sites])
+    return dict(decode(store.get_bytes(layout.global_model(1))).tensors), manifest

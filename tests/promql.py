@@ -42,6 +42,7 @@ CONTRACT_METRICS: frozenset[str] = frozenset(
         "fedtrain_round_duration_seconds",
         "fedtrain_site_jobs_total",
         "fedtrain_stragglers_total",
+        "fedtrain_secure_aggregation_dropouts_recovered_total",
         "fedtrain_updates_rejected_total",
         "fedtrain_round_update_bytes",
         "fedtrain_site_round_update_bytes",

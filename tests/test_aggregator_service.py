@@ -518,7 +518,15 @@ def test_the_schema_declares_the_bearer_scheme_and_the_errors(s3_store: S3Store)
                 assert {"401", "422", "503"} <= set(operation["responses"]), path
             else:
                 assert "security" not in operation, path
-    for name in ("SubmitUpdateRequest", "CloseRoundRequest", "MergeRequest", "ModelReply", "RoundReply"):
+    for name in (
+        "SubmitUpdateRequest",
+        "CloseRoundRequest",
+        "SecureAggregationRequest",
+        "SecureAggregationReply",
+        "MergeRequest",
+        "ModelReply",
+        "RoundReply",
+    ):
         for field, definition in schema["components"]["schemas"][name]["properties"].items():
             assert definition.get("description"), (name, field)
     # FastAPI's default error body appears nowhere: every error is an ErrorReply.
@@ -535,7 +543,7 @@ def test_the_api_conforms_to_its_schema(s3_store: S3Store, mode: GenerationMode,
     # One hypothesis run per operation rather than schemathesis' pytest plugin: its lazy loading
     # (`from_fixture`) does not run under pytest 9.
     operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
-    assert len(operations) == 8
+    assert len(operations) == 9
     if mode is GenerationMode.NEGATIVE:  # only what takes input can be sent invalid input
         operations = [op for op in operations if op.body or len(list(op.iter_parameters()))]
     for operation in operations:

@@ -13,9 +13,12 @@ import boto3
 import pytest
 import torch
 import yaml
+from jobs import plain_fedavg
 from safetensors.torch import load_file
 
+from fedtrain.api import FederatedTrainingSpec
 from fedtrain.codec import decode
+from fedtrain.layout import TrainingLayout
 from fedtrain.sealed_store import identity
 from fedtrain.sealing import is_sealed, load_key_file, open_bytes
 
@@ -226,6 +229,50 @@ def test_a_run_against_s3_keeps_every_object_in_the_bucket_and_sends_the_most_dr
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed
     assert changed <= sent, "a tensor no site sent keeps its global value"
+
+
+def test_a_run_under_secure_aggregation_equals_plain_fedavg_weighted_by_samples(tmp_path: Path) -> None:
+    """privacy.secureAggregation end to end: three trainer processes of different sizes at once, the
+    protocol's objects in the store, the next global model plain FedAvg's within the fixed-point bound
+    (plain FedAvg of the same updates, trained again in process from the run's initial model)."""
+    run_dir = tmp_path / "run"
+    privacy = {"clipNorm": 0.5, "secureAggregation": {"maxSamples": 1000}}
+    document = training("summed", rounds=1, privacy=privacy, aggregation={"weighting": "samples"})
+    for site, samples in zip(document["spec"]["sites"], (160, 240, 320), strict=True):
+        site["data"]["synthetic"]["samples"] = samples
+    path = write(tmp_path, document)
+    refused = fedtrain("run", str(path), "--run-dir", str(run_dir), "--parallel", "2")
+    assert refused.returncode == 2
+    assert "--parallel 2: privacy.secureAggregation runs the 3 sites a round selects at once" in " ".join(
+        refused.stderr.split()
+    )
+    assert not run_dir.exists()
+
+    result = fedtrain("run", str(path), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = history(run_dir)
+    assert sorted(records[0]["participants"]) == ["fab-a", "fab-b", "fab-c"]
+    assert records[0].get("secureDropouts", []) == []
+    store = run_dir / "store" / "local" / "summed"
+    manifest = json.loads((store / "rounds/00000/manifest.json").read_text())
+    secure = manifest["secure_aggregation"]
+    assert secure["masked"] == ["fab-a", "fab-b", "fab-c"]
+    assert {p["weight"] for p in manifest["participants"]} == {0.0}, "no site's weight is shown"
+    kinds = {path.relative_to(store / "rounds/00000/secagg").parts[0] for path in store.rglob("secagg/*")}
+    assert kinds == {"advert", "roster", "shares", "inbox", "request", "reveal", "progress"}
+    for site in ("fab-a", "fab-b", "fab-c"):
+        update = decode((store / f"rounds/00000/updates/{site}.safetensors").read_bytes())
+        assert set(update.tensors) == {"secagg.masked"}, "only the masked input leaves a site"
+
+    spec = FederatedTrainingSpec.model_validate(document["spec"], by_name=False)
+    expected, plain = plain_fedavg(
+        tmp_path / "plain", TrainingLayout("local", "summed"), spec, store / "rounds/00000/global.safetensors"
+    )
+    assert secure["total_weight"] == sum(p.samples for p in plain.participants)
+    produced = dict(decode((store / "rounds/00001/global.safetensors").read_bytes()).tensors)
+    for name, tensor in expected.items():
+        difference = float((produced[name].double() - tensor.double()).abs().max())
+        assert difference <= secure["error_bound"] + 1e-6, (name, difference, secure["error_bound"])
 
 
 def test_the_example_files_are_valid() -> None:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import itertools
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -309,6 +310,53 @@ def _fab_c_late_in_round_0(job: dict[str, Any]) -> list[str] | None:
         return None
     container = job["spec"]["template"]["spec"]["containers"][0]
     return ["sh", "-c", 'sleep 15 && exec "$@"', "sh", *container["command"], *container.get("args", [])]
+
+
+def _fab_c_killed_after_masking(job: dict[str, Any]) -> list[str] | None:
+    """fab-c's round-0 trainer is killed right after it uploads its masked input."""
+    labels = job["metadata"].get("labels", {})
+    if labels.get(manifests.SITE) != "fab-c" or labels.get(manifests.ROUND) != "0":
+        return None
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    killer = str(Path(__file__).with_name("kill_after_masking.py"))
+    return [sys.executable, killer, *container["command"], *container.get("args", [])]
+
+
+@pytest.mark.parametrize("cluster", [_fab_c_killed_after_masking], indirect=True)
+def test_a_site_killed_between_masking_and_unmasking_does_not_stop_a_secure_round(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """privacy.secureAggregation on a cluster: three sites in their namespaces, weighted by samples;
+    fab-c's trainer is killed after its masked upload; the aggregator unmasks the sum with the two
+    survivors' shares (threshold 2), so the round closes with fab-c's input in it."""
+    cluster.start_operator(kubeconfig=operator_kubeconfig(cluster, tmp_path))
+    privacy = {"clipNorm": 0.5, "secureAggregation": {"threshold": 2, "maxSamples": 1000}}
+    cluster.api.apply(
+        cluster.training("masked", rounds=1, sites=3, aggregation={"weighting": "samples"}, privacy=privacy)
+    )
+    status = wait_for("the training to finish", lambda: cluster.finished("masked"), timeout=420)
+    assert status["phase"] == "Succeeded", status.get("message")
+    record = status["history"][0]
+    assert sorted(record["participants"]) == ["fab-a", "fab-b"]
+    assert record["failed"] == ["fab-c"]
+    assert record["secureDropouts"] == ["fab-c"]
+    assert "SiteFailed" in cluster.event_reasons("masked")
+
+    store, layout = cluster.store("masked")
+    manifest = json.loads(store.get_bytes(layout.manifest(0)))
+    secure = manifest["secure_aggregation"]
+    assert secure["masked"] == ["fab-a", "fab-b", "fab-c"], "fab-c's input was in before it was killed"
+    assert secure["dropped"] == ["fab-c"]
+    assert store.exists(layout.global_model(1))
+    assert not store.exists(layout.secagg(0, "reveal", "fab-c")), "fab-c never revealed its shares"
+    secret = next(
+        s
+        for s in cluster.api.secrets("site-c")
+        if s["metadata"].get("labels", {}).get(manifests.ROUND) == "0"
+    )
+    text = str(secret.get("stringData") or secret.get("data"))
+    assert "secagg/reveal/fab-c" in text
+    assert "secagg/reveal/fab-a" not in text, "a site gets URLs for its own protocol objects only"
 
 
 @pytest.mark.parametrize("cluster", [_fab_c_late_in_round_0], indirect=True)

@@ -4,7 +4,6 @@ advanced as the engine advances it; the result checked against plain FedAvg of t
 
 from __future__ import annotations
 
-import shutil
 import sys
 import threading
 from collections.abc import Iterable
@@ -15,16 +14,23 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from jobs import tiny_spec
+from jobs import plain_fedavg, tiny_spec
 from scipy import stats
 
 from fedtrain.aggregator.rounds import RoundAggregator
-from fedtrain.api import FederatedTrainingSpec
+from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, SiteState
 from fedtrain.codec import decode
 from fedtrain.errors import PermanentError
 from fedtrain.layout import TrainingLayout
 from fedtrain.operator.core import build_trainer_job
-from fedtrain.operator.engine import StartSiteJob
+from fedtrain.operator.engine import (
+    AdvanceSecureAggregation,
+    JobObservation,
+    JobState,
+    Observations,
+    StartSiteJob,
+    step,
+)
 from fedtrain.secagg_round import MASKED_TENSOR
 from fedtrain.store import LocalStore
 from fedtrain.trainer.train import run_job
@@ -76,6 +82,12 @@ class SecureRound:
         self.errors: dict[str, BaseException] = {}
         self.done: set[str] = set()
 
+    @property
+    def initial_model(self) -> Path:
+        path = self.store.local_path(LAYOUT.global_model(0))
+        assert path is not None
+        return path
+
     def job(self, site: str) -> Any:
         action = StartSiteJob(site=site, round=0, attempt=0, mode="train")
         deadline = self.started + timedelta(minutes=5)
@@ -112,24 +124,6 @@ class SecureRound:
         return dict(decode(self.store.get_bytes(LAYOUT.global_model(1))).tensors)
 
 
-def plain_fedavg(
-    root: Path, spec: FederatedTrainingSpec, initial: Path
-) -> tuple[dict[str, torch.Tensor], Any]:
-    """The same round without secure aggregation, from the same initial model: FedAvg by samples."""
-    plain = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"secure_aggregation": None})})
-    store = LocalStore(root)
-    (root / LAYOUT.round_dir(0)).mkdir(parents=True)
-    shutil.copyfile(initial, root / LAYOUT.global_model(0))
-    aggregator = RoundAggregator(store, LAYOUT, plain)
-    started = datetime.now(UTC)
-    for site in plain.sites:
-        action = StartSiteJob(site=site.name, round=0, attempt=0, mode="train")
-        run_job(build_trainer_job(plain, LAYOUT, action, store, 600, None, started + timedelta(minutes=5)))
-        assert aggregator.submit(0, site.name).accepted
-    manifest = aggregator.close(0, [site.name for site in plain.sites])
-    return dict(decode(store.get_bytes(LAYOUT.global_model(1))).tensors), manifest
-
-
 @pytest.mark.parametrize(("count", "neighbours"), [(3, 0), (10, 4)])
 def test_the_unmasked_round_equals_plain_fedavg_weighted_by_samples(
     tmp_path: Path, count: int, neighbours: int
@@ -148,7 +142,7 @@ def test_the_unmasked_round_equals_plain_fedavg_weighted_by_samples(
     assert record.degree == (count - 1 if neighbours == 0 else neighbours)
     assert all(p.weight == 0 and p.samples == 0 for p in manifest.participants), "no site's weight is shown"
 
-    expected, plain = plain_fedavg(tmp_path / "plain", spec, tmp_path / "secure" / LAYOUT.global_model(0))
+    expected, plain = plain_fedavg(tmp_path / "plain", LAYOUT, spec, secure.initial_model)
     assert record.total_weight == sum(p.samples for p in plain.participants), "weights are training samples"
     assert len({p.samples for p in plain.participants}) == count
     produced = secure.next_model()
@@ -205,7 +199,7 @@ def test_sites_dropping_after_masking_are_recovered(tmp_path: Path, dropped: int
     assert record is not None
     assert record.masked == sorted(site.name for site in spec.sites), "the dropped inputs are in the sum"
     assert record.dropped == gone
-    expected, _ = plain_fedavg(tmp_path / "plain", spec, tmp_path / "secure" / LAYOUT.global_model(0))
+    expected, _ = plain_fedavg(tmp_path / "plain", LAYOUT, spec, secure.initial_model)
     produced = secure.next_model()
     for name in expected:
         difference = float((produced[name].double() - expected[name].double()).abs().max())
@@ -237,3 +231,52 @@ def test_a_phase_goes_on_without_a_site_that_never_advertised_once_it_times_out(
     later = secure.started + timedelta(seconds=11)
     with pytest.raises(PermanentError, match="only 0 advertised keys"):
         secure.aggregator.advance_secure(0, names, secure.started, later)
+
+
+def test_the_engine_advances_the_protocol_with_the_live_sites_and_never_retries_a_secure_site() -> None:
+    spec = secure_spec(3).model_copy(deep=True)
+    spec.aggregation.site_retries = 2
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    status = step(spec, FederatedTrainingStatus(), Observations(initial_model_uri="file:///g0"), t0).status
+    jobs = {
+        ("fab-00", 0): JobObservation(JobState.ACTIVE),
+        ("fab-01", 0): JobObservation(JobState.FAILED, "exit code 137"),
+        ("fab-02", 0): JobObservation(JobState.ACTIVE),
+    }
+    decision = step(spec, status, Observations(jobs=jobs), t0 + timedelta(seconds=5))
+    advances = [a for a in decision.actions if isinstance(a, AdvanceSecureAggregation)]
+    assert advances == [AdvanceSecureAggregation(0, ("fab-00", "fab-02"), t0, t0 + timedelta(seconds=5))], (
+        decision.actions
+    )
+    assert not [a for a in decision.actions if isinstance(a, StartSiteJob)], "no new attempt, no new keys"
+    failed = {site.name: site for site in decision.status.sites}["fab-01"]
+    assert failed.state is SiteState.FAILED
+    assert "not retried: a secure-aggregation round takes no new keys" in (failed.message or "")
+
+
+@pytest.mark.parametrize(
+    ("privacy", "sections", "problem"),
+    [
+        ({"secureAggregation": {}}, {}, "privacy.clipNorm"),
+        ({"clipNorm": 1, "secureAggregation": {}, "dp": {"noiseMultiplier": 1}}, {}, "no privacy.dp"),
+        (
+            {"clipNorm": 1, "secureAggregation": {}},
+            {"aggregation": {"weighting": "explicit"}},
+            "samples or uniform",
+        ),
+        (
+            {"clipNorm": 1, "secureAggregation": {}},
+            {"exchange": {"policy": "dynamic", "topFraction": 0.5}},
+            "exchange policy",
+        ),
+        ({"clipNorm": 1, "secureAggregation": {}}, {"lora": {"aggregation": "product"}}, "lora.aggregation"),
+        ({"clipNorm": 1, "secureAggregation": {"threshold": 4}}, {}, "threshold 4 exceeds the 3 sites"),
+        ({"clipNorm": 1, "secureAggregation": {"maxSamples": 10_000_000}}, {}, "raise sampleUnit"),
+    ],
+)
+def test_the_spec_refuses_what_secure_aggregation_cannot_carry_naming_the_fix(
+    privacy: dict[str, Any], sections: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ValueError, match="secureAggregation") as refused:
+        tiny_spec([{**site, "weight": 1.0} for site in sites(3)], privacy=privacy, **sections)
+    assert problem in str(refused.value)
