@@ -63,7 +63,7 @@ from fedtrain.lora_ranks import config_scale, shapes_at_rank
 from fedtrain.messages import Participant, RoundManifest, SecureAggregationRecord, UpdateVerdict
 from fedtrain.sealed_store import SealedStore
 from fedtrain.sealing import DataKey
-from fedtrain.secagg_round import unflatten
+from fedtrain.secagg_round import element_count, unflatten
 from fedtrain.store import ObjectNotFound, ObjectStore
 from fedtrain.updates import (
     check_base_model,
@@ -810,9 +810,10 @@ class RoundAggregator:
                 reason="SecAggBadInput",
             )
 
-        mean, record = self.secure.masked_mean(round_index, masked_input)
-        summed = self._new_round(round_index)
-        summed.verdicts, summed.pins = open_round.verdicts, open_round.pins
+        mean, record = self.secure.masked_mean(round_index, element_count(shapes) - 1, masked_input)
+        # The strategy's own mean: under privacy.dp the sites added the noise, and the fixed
+        # denominator is already applied (not the NoisyMean of central DP).
+        summed = _OpenRound(self.strategy.accumulator(shapes), open_round.verdicts, pins=open_round.pins)
         for name, array in unflatten(mean, shapes).items():
             summed.accumulator.add_tensor(name, torch.from_numpy(array.astype(np.float32)), 1.0)
         summed.accumulator.count(1.0)

@@ -49,7 +49,14 @@ from fedtrain.secagg import (
 )
 from fedtrain.secagg_encoding import FixedPoint
 from fedtrain.secagg_messages import TOO_FEW_SHARES, TOO_FEW_SURVIVORS
-from fedtrain.secagg_round import MASKED_TENSOR, degree, element_count, fixed_point, threshold
+from fedtrain.secagg_round import (
+    MASKED_TENSOR,
+    degree,
+    element_count,
+    fixed_point,
+    round_noise_std,
+    threshold,
+)
 from fedtrain.store import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -79,8 +86,7 @@ class SecureRounds:
         secure, clip = spec.privacy.secure_aggregation, spec.privacy.clip_norm
         if secure is None or clip is None:
             raise ValueError("privacy.secureAggregation with privacy.clipNorm")
-        self.store, self.layout, self.spec, self.secure = store, layout, spec, secure
-        self.code: FixedPoint = fixed_point(secure, clip, len(spec.sites), spec.aggregation.weighting)
+        self.store, self.layout, self.spec, self.secure, self.clip = store, layout, spec, secure, clip
 
     # ---------------------------------------------------------------------------------------------
     # the phases
@@ -180,10 +186,20 @@ class SecureRounds:
     # ---------------------------------------------------------------------------------------------
     # the close
 
+    def code(self, threshold: int, elements: int) -> FixedPoint:
+        """The round's fixed-point code: its range holds the sites' DP noise under privacy.dp."""
+        noise = round_noise_std(self.spec.privacy, threshold)
+        return fixed_point(
+            self.secure, self.clip, len(self.spec.sites), self.spec.aggregation.weighting, noise, elements
+        )
+
     def masked_mean(
-        self, round_index: int, masked_input: Callable[[str], NDArray[np.uint32]]
+        self, round_index: int, elements: int, masked_input: Callable[[str], NDArray[np.uint32]]
     ) -> tuple[NDArray[np.float64], SecureAggregationRecord]:
-        """The weighted mean of U3's inputs, and the record of the round's protocol.
+        """The weighted mean of U3's inputs (of `elements` each, the weight aside), and the record of
+        the round's protocol. Under privacy.dp the sites' inputs carry their shares of the noise and
+        the sum is divided by the sites a round selects (DP-FedAvg's fixed denominator), not by the
+        total weight.
 
         `masked_input(site)` reads a site's masked vector from its update object (and checks it)."""
         roster, request = self.roster(round_index), self._request(round_index)
@@ -206,19 +222,23 @@ class SecureRounds:
                 f"{len(request.masked)} masked sites revealed their shares; threshold {roster.threshold})",
                 reason=reason,
             ) from None
-        weighted_sum, total_weight = self.code.decode_sum(ring)
+        code = self.code(roster.threshold, elements)
+        weighted_sum, total_weight = code.decode_sum(ring)
         if total_weight < 1:
             raise SecureAggregationFailed(f"round {round_index}: the unmasked weights sum to {total_weight}")
+        noised = self.spec.privacy.dp is not None
+        denominator = self.spec.aggregation.sites_per_round(len(self.spec.sites)) if noised else total_weight
         record = SecureAggregationRecord(
             shared=sorted(request.shared),
             masked=sorted(request.masked),
             dropped=sorted(request.shared - set(responses)),
             total_weight=total_weight,
-            error_bound=self.code.error_bound(total_weight, len(request.masked)),
+            error_bound=code.error_bound(denominator, len(request.masked)),
             threshold=roster.threshold,
             degree=roster.degree,
+            site_noise_std=round_noise_std(self.spec.privacy, roster.threshold) if noised else None,
         )
-        return weighted_sum / total_weight, record
+        return weighted_sum / denominator, record
 
     # ---------------------------------------------------------------------------------------------
     # objects

@@ -1250,7 +1250,9 @@ class PrivacySpec(SpecModel):
             "amplification by sampling is claimed), and the status shows epsilon at delta after each "
             "round. Protects against what the models reveal about any one site's data "
             "(everyone who receives a global model, including the sites); not against the aggregator, "
-            "which sees each site's update. Needs aggregation.weighting uniform, strategy fedavg or a "
+            "which sees each site's update, unless secureAggregation is on: each site then adds its "
+            "share of the noise and the aggregator sees only the noised sum. Needs "
+            "aggregation.weighting uniform, strategy fedavg or a "
             "server optimizer, exchange policy all, fixed or exclude, no controlVariates and no "
             "lora.aggregation product."
         ),
@@ -1278,10 +1280,11 @@ class PrivacySpec(SpecModel):
             "(its secrets stay in its memory), so every selected site runs at once. What the aggregator "
             "can no longer check per update (norm, finite values) is enforced at the site and checked "
             "on the sum. Protects each update from the aggregator and the bucket's readers; not from a "
-            "malicious aggregator lying about who survived, and not the sum (add dp). Needs "
+            "malicious aggregator lying about who survived. With dp each site adds its share of the noise "
+            "(sigma clipNorm / sqrt(threshold)), so the aggregator sees only the noised sum. Needs "
             "privacy.clipNorm (fixed), aggregation.weighting samples or uniform, strategy fedavg or a "
             "server optimizer, exchange policy all, fixed or exclude, no controlVariates, no "
-            "lora.aggregation product, no sites[].loraRank and no dp."
+            "lora.aggregation product and no sites[].loraRank."
         ),
     )
     encrypt_at_rest: bool = Field(
@@ -2021,8 +2024,9 @@ class FederatedTrainingSpec(SpecModel):
             "no privacy.adaptiveClipping (the sites' clip bits would be seen one by one)": (
                 privacy.adaptive_clipping is not None
             ),
-            "no privacy.dp yet (the noise is not yet split across the sites)": privacy.dp is not None,
-            "aggregation.weighting samples or uniform": self.aggregation.weighting is Weighting.EXPLICIT,
+            "aggregation.weighting samples or uniform (uniform under privacy.dp)": (
+                self.aggregation.weighting is Weighting.EXPLICIT
+            ),
             "aggregation.strategy fedavg or a server optimizer (a robust strategy needs each update)": (
                 self.aggregation.strategy in ROBUST_STRATEGIES
             ),

@@ -63,6 +63,8 @@ class SecureAggregationRecord(Message):
     error_bound: float
     threshold: int
     degree: int
+    #: privacy.dp: the noise std each site added to each element of its update (sigma C / sqrt(t)).
+    site_noise_std: float | None = None
 
 
 class RoundManifest(Message):

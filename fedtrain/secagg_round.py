@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 from numpy.typing import NDArray
 
-from fedtrain.api import SecureAggregationSpec, Weighting
+from fedtrain.api import PrivacySpec, SecureAggregationSpec, Weighting
+from fedtrain.dp import site_noise_std
 from fedtrain.secagg import default_threshold
 from fedtrain.secagg_encoding import FixedPoint
 
@@ -23,6 +24,8 @@ from fedtrain.secagg_encoding import FixedPoint
 MASKED_TENSOR = "secagg.masked"
 #: The update metadata config key that says which element count the masked vector encodes.
 ELEMENTS_KEY = "secagg_elements"
+#: The noise norm's margin above sqrt(d) standard deviations in the fixed-point range (see fixed_point).
+NOISE_MARGIN = 8.0
 
 
 def max_weight(secure: SecureAggregationSpec, weighting: Weighting) -> int:
@@ -33,16 +36,35 @@ def max_weight(secure: SecureAggregationSpec, weighting: Weighting) -> int:
 
 
 def fixed_point(
-    secure: SecureAggregationSpec, clip_norm: float, sites: int, weighting: Weighting
+    secure: SecureAggregationSpec,
+    clip_norm: float,
+    sites: int,
+    weighting: Weighting,
+    noise_std: float = 0.0,
+    elements: int = 0,
 ) -> FixedPoint:
-    """The training's fixed-point code; ValueError naming the fields when 32 bits cannot hold it."""
+    """The training's fixed-point code; ValueError naming the fields when 32 bits cannot hold it.
+
+    With DP noise of `noise_std` per element added at each site (privacy.dp), a site's input is its
+    clipped update plus noise over `elements` elements: the code's range is the clip plus a bound the
+    noise's L2 norm exceeds with probability below e^-32 (Gaussian concentration: sqrt(d) + 8 stds)."""
+    bound = clip_norm + (noise_std * (math.sqrt(elements) + NOISE_MARGIN) if noise_std > 0 else 0.0)
     try:
-        return FixedPoint(clip_norm, max_weight(secure, weighting), max(2, sites))
+        return FixedPoint(bound, max_weight(secure, weighting), max(2, sites))
     except ValueError as error:
         raise ValueError(
             f"{error} (maxWeight is secureAggregation.maxSamples / sampleUnit = "
             f"{max_weight(secure, weighting)}; raise sampleUnit or lower maxSamples)"
         ) from None
+
+
+def round_noise_std(privacy: PrivacySpec, threshold: int) -> float:
+    """privacy.dp under secure aggregation: the noise std each site adds to each element of its
+    clipped update, sigma C / sqrt(t). Unmasking needs at least t masked inputs, so the sum carries
+    at least the central (sigma C)^2 the accountant assumes; 0 without dp."""
+    if privacy.dp is None or privacy.clip_norm is None:
+        return 0.0
+    return site_noise_std(privacy.dp.noise_multiplier, privacy.clip_norm, threshold)
 
 
 def site_weight(secure: SecureAggregationSpec, weighting: Weighting, samples: int) -> int:

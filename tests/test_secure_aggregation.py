@@ -258,7 +258,11 @@ def test_the_engine_advances_the_protocol_with_the_live_sites_and_never_retries_
     ("privacy", "sections", "problem"),
     [
         ({"secureAggregation": {}}, {}, "privacy.clipNorm"),
-        ({"clipNorm": 1, "secureAggregation": {}, "dp": {"noiseMultiplier": 1}}, {}, "no privacy.dp"),
+        (
+            {"clipNorm": 1, "secureAggregation": {}, "adaptiveClipping": {"targetQuantile": 0.5}},
+            {},
+            "no privacy.adaptiveClipping",
+        ),
         (
             {"clipNorm": 1, "secureAggregation": {}},
             {"aggregation": {"weighting": "explicit"}},
@@ -280,3 +284,35 @@ def test_the_spec_refuses_what_secure_aggregation_cannot_carry_naming_the_fix(
     with pytest.raises(ValueError, match="secureAggregation") as refused:
         tiny_spec([{**site, "weight": 1.0} for site in sites(3)], privacy=privacy, **sections)
     assert problem in str(refused.value)
+
+
+def test_dp_noise_split_across_the_sites_sums_to_the_calibrated_variance(tmp_path: Path) -> None:
+    """privacy.dp with secure aggregation: each of 4 sites adds N(0, (sigma C)^2 / t) to each element
+    (t = 2), the aggregator divides the unmasked sum by the 4 sites a round selects: the next model
+    minus noiseless FedAvg is the mean noise, of variance 4 (sigma C)^2 / t / 4^2 per element."""
+    sigma, clip, threshold = 0.5, 0.5, 2
+    spec = tiny_spec(
+        [site["name"] for site in sites(4)],
+        training={"rounds": 1},
+        aggregation={"minSites": 2, "weighting": "uniform"},
+        privacy={
+            "clipNorm": clip,
+            "dp": {"noiseMultiplier": sigma},
+            "secureAggregation": {"threshold": threshold},
+        },
+    )
+    secure = SecureRound(tmp_path / "secure", spec)
+    secure.run({site.name: secure.job(site.name) for site in spec.sites})
+    assert not secure.errors, secure.errors
+    record = secure.close(sorted(secure.done)).secure_aggregation
+    assert record is not None
+    assert record.site_noise_std == pytest.approx(sigma * clip / threshold**0.5)
+    noiseless = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"dp": None})})
+    expected, _ = plain_fedavg(tmp_path / "plain", LAYOUT, noiseless, secure.initial_model)
+    produced = secure.next_model()
+    residual = torch.cat([(produced[name].double() - expected[name].double()).flatten() for name in expected])
+    variance = 4 * (sigma * clip) ** 2 / threshold / 4**2
+    measured = float(residual.var())
+    standard_error = variance * (2 / residual.numel()) ** 0.5
+    assert abs(measured - variance) < 5 * standard_error, (measured, variance, residual.numel())
+    assert abs(float(residual.mean())) < 5 * (variance / residual.numel()) ** 0.5

@@ -26,6 +26,7 @@ import torch
 from numpy.typing import NDArray
 
 from fedtrain.codec import UpdateTensor
+from fedtrain.dp import secure_gaussian
 from fedtrain.job import SecureAggregationUrls, TrainerJob
 from fedtrain.secagg import (
     Inbox,
@@ -39,10 +40,17 @@ from fedtrain.secagg import (
     reveal_shares,
     share_keys,
 )
-from fedtrain.secagg_round import fixed_point, flatten, site_weight
+from fedtrain.secagg_round import fixed_point, flatten, round_noise_std, site_weight
 from fedtrain.store import ObjectNotFound, read_url, write_url
 
 log = logging.getLogger("fedtrain.trainer")
+
+
+def _within(vector: NDArray[np.float64], bound: float) -> NDArray[np.float64]:
+    """`vector` scaled down to an L2 norm of at most `bound` (the fixed-point code refuses more)."""
+    norm = float(np.linalg.norm(vector))
+    return vector * (bound / norm) if norm > bound else vector
+
 
 #: How often a waiting site looks for the aggregator's next object.
 POLL_SECONDS = 0.5
@@ -86,17 +94,20 @@ class SecureSession:
             {name: tensor.detach().to(torch.float64).numpy() for name, tensor in dense.items()},
             {name: tuple(tensor.shape) for name, tensor in dense.items()},
         )
-        norm = float(np.linalg.norm(vector))
-        if norm > clip:  # rounding to the transfer dtype may have crossed the clip: the code refuses that
-            vector *= clip / norm
-        code = fixed_point(secure, clip, self.urls.sites, self.urls.weighting)
-        encoded = code.encode(vector, site_weight(secure, self.urls.weighting, samples))
+        vector = _within(vector, clip)  # rounding to the transfer dtype may have crossed the clip
         self.roster = Roster.from_bytes(self._wait(self.urls.roster_get_url, "the roster"), *self._context())
         if self.job.site not in self.roster.sites:
             raise SecureAggregationError(
                 f"the round's roster leaves {self.job.site} out: its keys arrived after the aggregator "
                 "closed the key phase (secureAggregation.phaseTimeoutSeconds)"
             )
+        noise = round_noise_std(spec.privacy, self.roster.threshold)
+        if noise > 0:  # privacy.dp: this site's share of the noise on the sum
+            vector = vector + secure_gaussian(vector.size, noise)
+        code = fixed_point(secure, clip, self.urls.sites, self.urls.weighting, noise, vector.size)
+        encoded = code.encode(
+            _within(vector, code.clip_norm), site_weight(secure, self.urls.weighting, samples)
+        )
         bundle = share_keys(self.secrets, self.roster)
         write_url(self.urls.shares_put_url, bundle.to_bytes(), deadline=self.job.transfer_deadline)
         log.info("secure aggregation: key shares sent to %d sites", len(bundle.ciphertexts))
