@@ -1,6 +1,6 @@
 """What privacy costs: secure aggregation's overhead, and DP-FedAvg's accuracy against epsilon.
 
-`secagg` (the protocol of `fedtrain.secagg`, not yet wired into the drivers): one round for N sites
+`secagg` (the protocol core `fedtrain.secagg`, which privacy.secureAggregation runs): one round for N sites
 (`--sites`, default 3, 8, 32) whose inputs have the length of a ViT-B/14 LoRA rank 8 update, the
 exchanged elements of the real model (`fedtrain.model.build_model`, as benchmarks/transfer.py builds
 it, 56 px: the LoRA and head shapes do not depend on the image size), one more element for the

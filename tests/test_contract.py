@@ -165,47 +165,43 @@ def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler
     assert "checksum" in rejected["reason"], rejected
 
 
-def test_the_driver_killed_mid_round_carries_on_without_repeating_work(driver: Driver) -> None:
-    """Also a robust strategy in both drivers: trimmedMean combines the round from the store."""
+def test_a_killed_driver_and_a_suspension_each_stop_a_round_that_then_goes_on(driver: Driver) -> None:
+    """Two interruptions of one training, each in its round. Round 0: the driver is killed with the
+    trainers surely at work (they wait at the gate) and started again: it carries on without
+    repeating an attempt. Round 1, the final evaluation: its first attempts never finish on their
+    own; the training is suspended (the driver stops them) and resumed, and each site starts the
+    round again as attempt 1. Also a robust strategy in both drivers: trimmedMean combines round 0
+    from the store."""
     sites = ("fab-a", "fab-b")
     robust = {"strategy": "trimmedMean", "robust": {"trimFraction": 0.25}}
-    document = training(driver, "contract-restart", sites=2, aggregation=robust)
-    # Round 0's trainers wait at the gate, so the driver dies with the round surely in progress.
-    driver.start(document, faults=[Fault("hold", round=0)])
+    document = training(driver, "contract-stops", sites=2, aggregation=robust)
+    driver.start(document, faults=[Fault("hold", round=0), Fault("hang", round=1, attempt=0)])
     wait_for("round 0's trainers", lambda: driver.trainers.started(0) == set(sites), timeout=240)
     driver.restart()
     driver.trainers.open_gate()
-    status = driver.wait_finished()
-    check_contract(
-        driver,
-        status,
-        [Round(0, "train", sites), Round(1, "evaluate", sites)],
-        first_attempts(sites, 2),
-    )
-    # Two sites, a quarter trimmed per side: floor(0.5) = 0 values trimmed of either.
-    assert status["history"][0]["trimmedShare"] == {"fab-a": 0.0, "fab-b": 0.0}
 
+    def evaluation_running() -> bool:
+        status = driver.status()
+        states = site_states(status)
+        return (
+            status.get("round") == 1
+            and driver.trainers.started(1) == set(sites)
+            and all(states.get(s) == "Running" for s in sites)
+        )
 
-def test_suspend_stops_the_trainers_and_resume_runs_them_again(driver: Driver) -> None:
-    sites = ("fab-a", "fab-b")
-    # Round 0's first attempts never finish on their own: the suspension is what ends them.
-    driver.start(training(driver, "contract-pause", sites=2), faults=[Fault("hang", round=0, attempt=0)])
-
-    def all_running() -> bool:
-        states = site_states(driver.status())
-        return driver.trainers.started(0) == set(sites) and all(states.get(s) == "Running" for s in sites)
-
-    wait_for("round 0's trainers running", all_running, timeout=240)
+    wait_for("round 1's trainers running", evaluation_running, timeout=240)
     suspended = driver.suspend()
     assert suspended["phase"] == "Suspended"
     assert {c["type"]: c["status"] for c in suspended["conditions"]}["Suspended"] == "True"
-    assert suspended["round"] == 0
+    assert suspended["round"] == 1
     driver.resume()
     status = driver.wait_finished()
     check_contract(
         driver,
         status,
         [Round(0, "train", sites), Round(1, "evaluate", sites)],
-        # The suspended attempts are not resumed: each site starts round 0 again as attempt 1.
-        first_attempts(sites, 2) | {("fab-a", 0, 1), ("fab-b", 0, 1)},
+        # Round 0's attempts ran once across the restart; the suspended ones were not resumed.
+        first_attempts(sites, 2) | {("fab-a", 1, 1), ("fab-b", 1, 1)},
     )
+    # Two sites, a quarter trimmed per side: floor(0.5) = 0 values trimmed of either.
+    assert status["history"][0]["trimmedShare"] == {"fab-a": 0.0, "fab-b": 0.0}

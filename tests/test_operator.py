@@ -330,7 +330,11 @@ def test_a_site_killed_between_masking_and_unmasking_does_not_stop_a_secure_roun
     fab-c's trainer is killed after its masked upload; the aggregator unmasks the sum with the two
     survivors' shares (threshold 2), so the round closes with fab-c's input in it."""
     cluster.start_operator(kubeconfig=operator_kubeconfig(cluster, tmp_path))
-    privacy = {"clipNorm": 0.5, "secureAggregation": {"threshold": 2, "maxSamples": 1000}}
+    privacy = {
+        "clipNorm": 0.5,
+        "secureAggregation": {"threshold": 2, "maxSamples": 1000},
+        "encryptAtRest": True,  # the masked inputs are sealed too, like every tensor object
+    }
     cluster.api.apply(
         cluster.training("masked", rounds=1, sites=3, aggregation={"weighting": "samples"}, privacy=privacy)
     )
@@ -349,6 +353,8 @@ def test_a_site_killed_between_masking_and_unmasking_does_not_stop_a_secure_roun
     assert secure["dropped"] == ["fab-c"]
     assert store.exists(layout.global_model(1))
     assert not store.exists(layout.secagg(0, "reveal", "fab-c")), "fab-c never revealed its shares"
+    for site in ("fab-a", "fab-b", "fab-c"):
+        assert is_sealed(store.get_range(layout.update(0, site), 0, 8)[0]), f"{site}'s masked input is sealed"
     secret = next(
         s
         for s in cluster.api.secrets("site-c")

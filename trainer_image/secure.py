@@ -83,9 +83,30 @@ class SecureSession:
 
     def mask(self, delta: Mapping[str, UpdateTensor], samples: int) -> NDArray[np.uint32]:
         """ShareKeys and MaskedInputCollection: the masked input of this site's clipped update."""
-        spec = self.job.spec
-        secure, clip = spec.privacy.secure_aggregation, spec.privacy.clip_norm
-        if secure is None or clip is None:
+        vector = self._clipped(delta)
+        self.roster = Roster.from_bytes(self._wait(self.urls.roster_get_url, "the roster"), *self._context())
+        if self.job.site not in self.roster.sites:
+            raise SecureAggregationError(
+                f"the round's roster leaves {self.job.site} out: its keys arrived after the aggregator "
+                "closed the key phase (secureAggregation.phaseTimeoutSeconds)"
+            )
+        encoded = self._encode(vector, samples, self.roster.threshold)
+        try:
+            bundle = share_keys(self.secrets, self.roster)
+            write_url(self.urls.shares_put_url, bundle.to_bytes(), deadline=self.job.transfer_deadline)
+            log.info("secure aggregation: key shares sent to %d sites", len(bundle.ciphertexts))
+            self.inbox = Inbox.from_bytes(self._wait(self.urls.inbox_get_url, "its inbox"), *self._context())
+            masked = mask_input(self.secrets, self.roster, self.inbox, encoded)
+        except SecAggError as error:  # another attempt's keys in the roster, too few peers, a bad inbox
+            raise SecureAggregationError(f"secure aggregation: {error}") from None
+        log.info("secure aggregation: input masked with %d peers", len(self.inbox.ciphertexts) - 1)
+        return masked.vector
+
+    def _clipped(self, delta: Mapping[str, UpdateTensor]) -> NDArray[np.float64]:
+        """The shared tensors in name order as one vector, within privacy.clipNorm (rounding to the
+        transfer dtype may have crossed it)."""
+        clip = self.job.spec.privacy.clip_norm
+        if clip is None:
             raise ValueError("privacy.secureAggregation needs privacy.clipNorm")
         dense = {name: tensor for name, tensor in delta.items() if isinstance(tensor, torch.Tensor)}
         if len(dense) != len(delta):
@@ -94,27 +115,20 @@ class SecureSession:
             {name: tensor.detach().to(torch.float64).numpy() for name, tensor in dense.items()},
             {name: tuple(tensor.shape) for name, tensor in dense.items()},
         )
-        vector = _within(vector, clip)  # rounding to the transfer dtype may have crossed the clip
-        self.roster = Roster.from_bytes(self._wait(self.urls.roster_get_url, "the roster"), *self._context())
-        if self.job.site not in self.roster.sites:
-            raise SecureAggregationError(
-                f"the round's roster leaves {self.job.site} out: its keys arrived after the aggregator "
-                "closed the key phase (secureAggregation.phaseTimeoutSeconds)"
-            )
-        noise = round_noise_std(spec.privacy, self.roster.threshold)
+        return _within(vector, clip)
+
+    def _encode(self, vector: NDArray[np.float64], samples: int, threshold: int) -> NDArray[np.uint32]:
+        """The site's input in the ring: under privacy.dp with its share of the noise added first."""
+        privacy = self.job.spec.privacy
+        secure, clip = privacy.secure_aggregation, privacy.clip_norm
+        if secure is None or clip is None:
+            raise ValueError("privacy.secureAggregation needs privacy.clipNorm")
+        noise = round_noise_std(privacy, threshold)
         if noise > 0:  # privacy.dp: this site's share of the noise on the sum
             vector = vector + secure_gaussian(vector.size, noise)
         code = fixed_point(secure, clip, self.urls.sites, self.urls.weighting, noise, vector.size)
-        encoded = code.encode(
-            _within(vector, code.clip_norm), site_weight(secure, self.urls.weighting, samples)
-        )
-        bundle = share_keys(self.secrets, self.roster)
-        write_url(self.urls.shares_put_url, bundle.to_bytes(), deadline=self.job.transfer_deadline)
-        log.info("secure aggregation: key shares sent to %d sites", len(bundle.ciphertexts))
-        self.inbox = Inbox.from_bytes(self._wait(self.urls.inbox_get_url, "its inbox"), *self._context())
-        masked = mask_input(self.secrets, self.roster, self.inbox, encoded)
-        log.info("secure aggregation: input masked with %d peers", len(self.inbox.ciphertexts) - 1)
-        return masked.vector
+        weight = site_weight(secure, self.urls.weighting, samples)
+        return code.encode(_within(vector, code.clip_norm), weight)
 
     def reveal(self) -> None:
         """Unmasking: the shares the aggregator's request asks of this survivor."""
