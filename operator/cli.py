@@ -112,6 +112,8 @@ def validate(
     )
     if spec.privacy.dp is not None:
         console.print(_privacy_plan(spec), markup=False)
+    if spec.privacy.secure_aggregation is not None:
+        console.print(_secure_plan(spec), markup=False)
 
 
 def _privacy_plan(spec: FederatedTrainingSpec) -> str:
@@ -128,6 +130,28 @@ def _privacy_plan(spec: FederatedTrainingSpec) -> str:
         fits = rounds_within(spec, dp.target_epsilon)
         plan += f"; targetEpsilon {dp.target_epsilon:g} allows {fits} of them"
     return plan
+
+
+def _secure_plan(spec: FederatedTrainingSpec) -> str:
+    """What privacy.secureAggregation will run: the graph, the threshold, the weights' range and the
+    fixed-point precision of the decoded mean."""
+    from fedtrain.secagg_round import degree, fixed_point, max_weight, threshold
+
+    secure, clip = spec.privacy.secure_aggregation, spec.privacy.clip_norm
+    if secure is None or clip is None:
+        return ""
+    sites = spec.aggregation.sites_per_round(len(spec.sites))
+    neighbours = degree(secure, sites)
+    graph = "every other site" if neighbours == sites - 1 else f"{neighbours} neighbours each"
+    weighting = spec.aggregation.weighting
+    code = fixed_point(secure, clip, len(spec.sites), weighting)
+    noise = " before the dp noise" if spec.privacy.dp is not None else ""
+    return (
+        f"privacy.secureAggregation: {sites} sites a round masking with {graph}, threshold "
+        f"{threshold(secure, sites)}; weights 1 to {max_weight(secure, weighting)}; the decoded mean is "
+        f"within {code.bound:.2g} of the exact one per element{noise} ({code.precision_bits:.1f} bits of "
+        "clipNorm)"
+    )
 
 
 @app.command()

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from fedtrain.dp import epsilon_after
 from fedtrain.operator.cli import app
+from fedtrain.secagg_encoding import FixedPoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,3 +134,15 @@ def test_validate_prints_what_dp_will_spend_and_refuses_a_budget_no_round_fits(t
     code, output = validate(tmp_path, yaml.safe_dump(document))
     assert code == 2
     assert "raise noiseMultiplier or targetEpsilon" in output
+
+
+def test_validate_prints_the_secure_aggregation_plan(tmp_path: Path) -> None:
+    document = yaml.safe_load(QUICK)
+    document["spec"]["privacy"] = {"clipNorm": 1.0, "secureAggregation": {"maxSamples": 1000}}
+    code, output = validate(tmp_path, yaml.safe_dump(document))
+    assert code == 0, output
+    said = " ".join(output.split())
+    sites = len(document["spec"]["sites"])
+    code_ = FixedPoint(1.0, 1000, sites)
+    assert f"privacy.secureAggregation: {sites} sites a round masking with every other site" in said
+    assert f"weights 1 to 1000; the decoded mean is within {code_.bound:.2g} of the exact one" in said
