@@ -962,7 +962,7 @@ class RoundAggregator:
             training=self.layout.name,
             round=round_index,
             base_fingerprint=model.base_fingerprint,
-            config=merged_model_config(self.spec.model),
+            config=merged_model_config(self.spec.model, [site.data for site in self.spec.sites]),
         )
         with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
             staged = Path(scratch) / "merged.safetensors"

@@ -8,7 +8,7 @@ tensors (LoRA matrices and the classifier head, or everything under full fine-tu
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fedtrain.api import (
+    DataSpec,
     ExchangeSpec,
     LoraAggregation,
     LoraSpec,
@@ -59,15 +60,21 @@ class ModelRecipe(Protocol):
     def mode(self) -> TrainingMode: ...
 
 
-def merged_model_config(model: ModelSpec) -> dict[str, Any]:
-    """What a merged model's metadata records: enough to build the plain timm model it loads into."""
-    return {
+def merged_model_config(model: ModelSpec, data: Iterable[DataSpec] = ()) -> dict[str, Any]:
+    """What a merged model's metadata records: enough to build the plain timm model it loads into,
+    and which inputs it was trained on (`data`, the sites' data: waferMaps, images or mixed), so
+    that `fedtrain predict` preprocesses inputs as the trainers did."""
+    kinds = {"images" if entry.image_folder is not None else "waferMaps" for entry in data}
+    config: dict[str, Any] = {
         "timm_name": model.name,
         "num_classes": model.class_count,
         "labels": model.class_names(),
         "img_size": model.image_size,
         "architecture": model.architecture.timm_kwargs() if model.architecture else {},
     }
+    if kinds:
+        config["inputs"] = kinds.pop() if len(kinds) == 1 else "mixed"
+    return config
 
 
 def load_plain_model(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> nn.Module:

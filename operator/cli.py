@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -330,3 +331,47 @@ def unseal(
         errors.print(f"[red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_INVALID) from None
     console.print(f"wrote {output}", markup=False)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="An exported model: a training's model-merged.safetensors."),
+    inputs: list[Path] = typer.Argument(
+        ...,
+        help="NPZ wafer maps (maps, optional labels), image files, or image folders (class sub-directories).",
+    ),
+    top: int = typer.Option(3, "--top", min=1, help="Classes to show per input."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout, for machines."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Inputs per forward pass."),
+) -> None:
+    """Classify inputs with an exported model: each input's top classes with their probabilities and
+    the predictive entropy (nats; log of the class count is a uniform guess). Inputs are prepared as
+    the trainers prepared them for that model (wafer maps one-hot, images ImageNet-normalised)."""
+    from fedtrain.trainer.predict import PredictError, accuracy, load_model, max_entropy, read_inputs
+    from fedtrain.trainer.predict import predict as run_predict
+
+    try:
+        network, config = load_model(model)
+        batch = read_inputs(inputs, config)
+    except PredictError as error:
+        errors.print(f"[red]error:[/] {escape(str(error))}")
+        raise typer.Exit(EXIT_INVALID) from None
+    predictions = run_predict(network, batch, config["labels"], top, batch_size)
+    scored = accuracy(predictions)
+    if as_json:
+        document = {
+            "model": str(model),
+            "predictions": [p.as_json() for p in predictions],
+            "accuracy": scored,
+        }
+        typer.echo(json.dumps(document, indent=2))
+        return
+    for prediction in predictions:
+        best = ", ".join(f"{name} {probability:.3f}" for name, probability in prediction.top)
+        known = f" (label {prediction.label})" if prediction.label is not None else ""
+        console.print(f"{prediction.source}: {best}; entropy {prediction.entropy:.3f}{known}", markup=False)
+    uniform = max_entropy(len(config["labels"]))
+    summary = f"{len(predictions)} inputs; entropy of a uniform guess {uniform:.3f}"
+    if scored is not None:
+        summary += f"; accuracy {scored:.3f} on the {sum(p.label is not None for p in predictions)} labelled"
+    console.print(summary, markup=False)

@@ -146,3 +146,17 @@ def test_validate_prints_the_secure_aggregation_plan(tmp_path: Path) -> None:
     code_ = FixedPoint(1.0, 1000, sites)
     assert f"privacy.secureAggregation: {sites} sites a round masking with every other site" in said
     assert f"weights 1 to 1000; the decoded mean is within {code_.bound:.2g} of the exact one" in said
+
+
+def test_predict_refuses_a_sealed_model_and_a_missing_input_naming_the_fix(tmp_path: Path) -> None:
+    from fedtrain.sealed_store import identity
+    from fedtrain.sealing import DataKey, seal_bytes
+
+    sealed = tmp_path / "model-merged.safetensors"
+    sealed.write_bytes(seal_bytes(DataKey.generate(), identity("wafer", "final/m"), b"\0" * 64))
+    result = CliRunner().invoke(app, ["predict", str(sealed), str(tmp_path)])
+    assert result.exit_code == 2
+    assert "open it first with `fedtrain unseal`" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "absent.safetensors"), str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no such file; pass a model-merged.safetensors" in " ".join(result.output.split())

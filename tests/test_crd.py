@@ -46,7 +46,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import celpy
     from celpy.adapter import json_to_cel
-    from celpy.celtypes import BoolType
+    from celpy.celtypes import BoolType, ListType, MapType
     from celpy.evaluation import CELEvalError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -561,13 +561,28 @@ def evaluate(expression: str, activation: dict[str, Any], converted: bool = Fals
         return error
 
 
-def violations(node: dict[str, Any], new: Any, old: Any = None, path: str = "") -> list[str]:
+def to_cel(value: Any, memo: dict[int, Any]) -> Any:
+    """json_to_cel, each dict and list converted once however many rules above it see it: the
+    root's rules see the whole document, each section's its subtree, and so on down."""
+    if not isinstance(value, dict | list):
+        return json_to_cel(value)
+    if id(value) not in memo:
+        if isinstance(value, dict):
+            memo[id(value)] = MapType({json_to_cel(key): to_cel(item, memo) for key, item in value.items()})
+        else:
+            memo[id(value)] = ListType([to_cel(item, memo) for item in value])
+    return memo[id(value)]
+
+
+def violations(
+    node: dict[str, Any], new: Any, old: Any = None, path: str = "", memo: dict[int, Any] | None = None
+) -> list[str]:
     """The messages of the rules `new` breaks; transition rules run only where an old value pairs up."""
     found = []
+    memo = {} if memo is None else memo  # one check's documents stay alive: ids are not reused
     node_rules = node.get("x-kubernetes-validations", [])
-    # Converted once per node, not once per rule: the root's rules see the whole document.
-    cel_new = json_to_cel(new) if node_rules else None
-    cel_old = json_to_cel(old) if node_rules and old is not None else None
+    cel_new = to_cel(new, memo) if node_rules else None
+    cel_old = to_cel(old, memo) if node_rules and old is not None else None
     for rule in node_rules:
         transition = "oldSelf" in rule["rule"]
         if transition and old is None:
@@ -585,11 +600,11 @@ def violations(node: dict[str, Any], new: Any, old: Any = None, path: str = "") 
         for name, child in node.get("properties", {}).items():
             if name in new:
                 old_child = old.get(name) if isinstance(old, dict) else None
-                found += violations(child, new[name], old_child, f"{path}.{name}")
+                found += violations(child, new[name], old_child, f"{path}.{name}", memo)
         if isinstance(node.get("additionalProperties"), dict):
             for key, item in new.items():
                 old_item = old.get(key) if isinstance(old, dict) else None
-                found += violations(node["additionalProperties"], item, old_item, f"{path}.{key}")
+                found += violations(node["additionalProperties"], item, old_item, f"{path}.{key}", memo)
     elif isinstance(new, list) and "items" in node:
         keys = node.get("x-kubernetes-list-map-keys")
         old_by_key = {tuple(item[k] for k in keys): item for item in old or []} if keys else {}
@@ -601,7 +616,7 @@ def violations(node: dict[str, Any], new: Any, old: Any = None, path: str = "") 
                     found.append(f"{path}[{index}]: Duplicate value: {key}")
                 seen.add(key)
             old_item = old_by_key.get(key) if key is not None else None
-            found += violations(node["items"], item, old_item, f"{path}[{index}]")
+            found += violations(node["items"], item, old_item, f"{path}[{index}]", memo)
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,17 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import numpy as np
 import pytest
 import torch
 import yaml
 from jobs import plain_fedavg
+from PIL import Image
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from fedtrain.api import FederatedTrainingSpec
 from fedtrain.codec import decode
 from fedtrain.layout import TrainingLayout
+from fedtrain.operator.cli import app
 from fedtrain.sealed_store import identity
 from fedtrain.sealing import is_sealed, load_key_file, open_bytes
+from fedtrain.trainer.data import generate_wafer_maps, wafer_maps_to_images
 
 pytestmark = pytest.mark.e2e
 
@@ -128,6 +134,47 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     assert "round 1 of 2" in result.stdout or "final" in result.stdout
     assert "validation accuracy of each round's global model" in result.stdout
     assert "notes" not in result.stdout, "no straggler, failure or rejection to note"
+    check_predict(tmp_path, run_dir, model)
+
+
+def check_predict(tmp_path: Path, run_dir: Path, model: Any) -> None:
+    """`fedtrain predict` on the run's exported model: the plain model's own probabilities for NPZ
+    wafer maps, top classes sorted, entropy within [0, log 9], accuracy on the labelled maps; a
+    round's global model (exchanged tensors) and an image for a wafer-map model refused."""
+    maps, labels = generate_wafer_maps(12, 28, 1.0, seed=77)
+    archive = tmp_path / "maps.npz"
+    np.savez(archive, maps=maps, labels=labels)
+    merged = run_dir / "model-merged.safetensors"
+    result = CliRunner().invoke(app, ["predict", str(merged), str(archive), "--json", "--top", "2"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    predictions = document["predictions"]
+    assert [p["source"] for p in predictions] == [f"{archive}[{i}]" for i in range(12)]
+    model.eval()
+    with torch.no_grad():
+        expected = torch.softmax(model(wafer_maps_to_images(maps, 28)), dim=-1)
+    classes = decode(merged.read_bytes()).meta.config["labels"]
+    for row, prediction in enumerate(predictions):
+        (first, second) = prediction["top"]
+        assert first["probability"] >= second["probability"]
+        assert first["class"] == classes[int(expected[row].argmax())]
+        assert first["probability"] == pytest.approx(float(expected[row].max()), abs=1e-5)
+        assert 0 <= prediction["entropy"] <= math.log(9) + 1e-6
+        assert prediction["label"] == classes[int(labels[row])]
+    hits = sum(p["top"][0]["class"] == p["label"] for p in predictions)
+    assert document["accuracy"] == pytest.approx(hits / 12)
+
+    global_model = next((run_dir / "store").rglob("rounds/00001/global.safetensors"))
+    refused = CliRunner().invoke(app, ["predict", str(global_model), str(archive)])
+    assert refused.exit_code == 2
+    assert "not an exported model" in " ".join(refused.output.split())
+    image = tmp_path / "wafer.png"
+    Image.new("RGB", (28, 28)).save(image)
+    refused = CliRunner().invoke(app, ["predict", str(merged), str(image)])
+    assert refused.exit_code == 2
+    assert "the model was trained on waferMaps; pass NPZ wafer maps (.npz)" in " ".join(
+        refused.output.split()
+    )
 
 
 @pytest.mark.parametrize(

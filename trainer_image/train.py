@@ -770,7 +770,7 @@ def publish_site_model(job: TrainerJob, model: FederatedModel) -> None:
         round=job.round,
         site=job.site,
         base_fingerprint=model.base_fingerprint,
-        config=merged_model_config(job.spec.model),
+        config=merged_model_config(job.spec.model, [job.spec.site.data]),
     )
     model.module.cpu()
     upload(job, "site_model_url", encode(model.merged_state_dict(), meta))
