@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 #: Engine steps chained in one pass (one status write): submit, close, start the next round, with room
 #: to spare; a longer chain goes on in the next pass.
 MAX_STEPS_PER_PASS = 8
+#: A secure-aggregation round in these phases waits for the sites' objects in the store: the driver
+#: steps again within SECURE_POLL_SECONDS (the operator's resync would otherwise wait 30 s a phase).
+SECURE_WAITING_PHASES = frozenset({"keys", "shares", "inputs"})
+SECURE_POLL_SECONDS = 1.0
 #: Actions on different sites (and the history record) are independent and run at once; the
 #: aggregator's own calls (initialize, close, merge) run first, in order.
 INDEPENDENT_ACTIONS = (StartSiteJob, StopSiteJob, SubmitUpdate, RecordRound)
@@ -231,6 +235,7 @@ class RoundMemory:
     waiting_for: str | None = None
     waiting_reason: str | None = None  # the kind of the wait, where the error names one
     retry_seconds: float | None = None  # the shortest delay the temporary errors of a pass asked for
+    poll_seconds: float | None = None  # a secure-aggregation phase waits for the sites: step again soon
 
     def observations(
         self, status: FederatedTrainingStatus, jobs: Mapping[JobKey, JobObservation]
@@ -294,6 +299,9 @@ class Pass:
     progressed: bool = False  # the last step's actions left something to step on at once
     waiting_for: str | None = None
     retry_seconds: float = DEFAULT_RETRY_SECONDS
+    #: Step again within this many seconds even if nothing wakes the driver: a secure-aggregation
+    #: phase waits for the sites' objects in the store, which no Job event announces.
+    poll_seconds: float | None = None
 
 
 class DriverCore:
@@ -337,6 +345,7 @@ class DriverCore:
                 break
         outcome.waiting_for = self.memory.waiting_for
         outcome.retry_seconds = self.memory.retry_seconds or DEFAULT_RETRY_SECONDS
+        outcome.poll_seconds = self.memory.poll_seconds
         return outcome
 
     async def act(self, status: FederatedTrainingStatus, actions: Sequence[Action]) -> bool:
@@ -344,6 +353,7 @@ class DriverCore:
         self.memory.waiting_for = None
         self.memory.waiting_reason = None
         self.memory.retry_seconds = None
+        self.memory.poll_seconds = None
         progressed = False
         independent = [action for action in actions if isinstance(action, INDEPENDENT_ACTIONS)]
         for action in actions:
@@ -385,18 +395,7 @@ class DriverCore:
             )
             return memory.manifest
         if isinstance(action, AdvanceSecureAggregation):
-            reply = await aggregator.advance_secure(
-                action.round, list(action.live), action.started_at, action.now
-            )
-            if reply.waiting_on:
-                log.info(
-                    "%s: round %d secure aggregation, %s phase: waiting for %s",
-                    self.layout.root,
-                    action.round,
-                    reply.phase,
-                    ", ".join(reply.waiting_on),
-                )
-            return reply
+            return await self._advance_secure(action)
         if isinstance(action, MergeFinalModel):
             memory.merged_model_uri = await aggregator.merge(action.round)
             return memory.merged_model_uri
@@ -409,6 +408,24 @@ class DriverCore:
         elif isinstance(action, ReleaseAggregator):
             await aggregator.release()
         return None
+
+    async def _advance_secure(self, action: AdvanceSecureAggregation) -> SecureAggregationReply:
+        """The aggregator ends a secure-aggregation phase if it may; while the round waits for the
+        sites' objects the driver steps again soon (no Job event announces an object)."""
+        reply = await self.aggregator.advance_secure(
+            action.round, list(action.live), action.started_at, action.now
+        )
+        if reply.phase in SECURE_WAITING_PHASES:
+            self.memory.poll_seconds = SECURE_POLL_SECONDS
+        if reply.waiting_on:
+            log.info(
+                "%s: round %d secure aggregation, %s phase: waiting for %s",
+                self.layout.root,
+                action.round,
+                reply.phase,
+                ", ".join(reply.waiting_on),
+            )
+        return reply
 
     async def trainer_job(self, action: StartSiteJob, status: FederatedTrainingStatus) -> TrainerJob:
         expiry = url_expiry_seconds(self.spec, self.url_grace_seconds)

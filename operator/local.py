@@ -597,6 +597,8 @@ class LocalRunner:
                 return status
             if not outcome.progressed:
                 delay = outcome.retry_seconds if outcome.waiting_for else self.options.poll_seconds
+                if outcome.poll_seconds is not None:
+                    delay = min(delay, outcome.poll_seconds)
                 await asyncio.sleep(delay)
 
     def _save(self, status: FederatedTrainingStatus) -> None:

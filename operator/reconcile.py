@@ -356,6 +356,8 @@ class Reconciler:
         if outcome.waiting_for:
             return outcome.retry_seconds
         delay = self.settings.resync_seconds
+        if outcome.poll_seconds is not None:
+            delay = min(delay, outcome.poll_seconds)
         if status.round_deadline is not None:
             until = (status.round_deadline - self.context.clock()).total_seconds()
             delay = min(delay, max(0.05, until + 0.05))

@@ -104,9 +104,9 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     document = training("wafers", sites=2, privacy=privacy, aggregation={"weighting": "samples"})
     document["spec"]["sites"][1]["data"]["synthetic"]["samples"] = 320
     path = write(tmp_path, document)
-    refused = fedtrain("run", str(path), "--run-dir", str(run_dir), "--parallel", "1")
-    assert refused.returncode == 2
-    said = " ".join(refused.stderr.split())
+    refused = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(run_dir), "--parallel", "1"])
+    assert refused.exit_code == 2
+    said = " ".join(refused.output.split())
     assert "--parallel 1: privacy.secureAggregation runs the 2 sites a round selects at once" in said
     assert not run_dir.exists()
     result = fedtrain("run", str(path), "--run-dir", str(run_dir))

@@ -328,8 +328,10 @@ def test_a_site_killed_between_masking_and_unmasking_does_not_stop_a_secure_roun
 ) -> None:
     """privacy.secureAggregation on a cluster: three sites in their namespaces, weighted by samples;
     fab-c's trainer is killed after its masked upload; the aggregator unmasks the sum with the two
-    survivors' shares (threshold 2), so the round closes with fab-c's input in it."""
-    cluster.start_operator(kubeconfig=operator_kubeconfig(cluster, tmp_path))
+    survivors' shares (threshold 2), so the round closes with fab-c's input in it. The operator's
+    resync is 10 minutes: while a phase waits for the sites' objects it steps again within a second
+    all the same (no Job event announces an object)."""
+    cluster.start_operator(kubeconfig=operator_kubeconfig(cluster, tmp_path), resync_seconds=600)
     privacy = {
         "clipNorm": 0.5,
         "secureAggregation": {"threshold": 2, "maxSamples": 1000},
