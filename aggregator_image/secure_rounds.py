@@ -120,8 +120,8 @@ class SecureRounds:
         waiting = tuple(sorted(live - set(adverts)))
         if waiting and not self._timed_out(started_at, now):
             return SecAggProgress("keys", waiting)
-        self._enough(len(adverts), "advertised keys", round_index, minimum=2)
         sites = len(adverts)
+        self._enough(sites, "advertised keys", round_index, minimum=max(2, self.secure.threshold or 2))
         roster = make_roster(
             self.layout.name,
             round_index,

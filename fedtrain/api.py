@@ -2048,6 +2048,12 @@ class FederatedTrainingSpec(SpecModel):
                 f"privacy.secureAggregation.threshold {secure.threshold} exceeds the {selected} sites a "
                 "round selects: no round could ever be unmasked; lower it"
             )
+        if secure.threshold is not None and 0 < secure.neighbours < secure.threshold - 1:
+            raise ValueError(
+                f"privacy.secureAggregation.threshold {secure.threshold} exceeds a site and its "
+                f"{secure.neighbours} neighbours: raise neighbours to at least {secure.threshold - 1} "
+                "or lower the threshold"
+            )
         from fedtrain.secagg_round import fixed_point  # numpy, only where secure aggregation is asked for
 
         assert privacy.clip_norm is not None

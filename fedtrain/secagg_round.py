@@ -77,11 +77,18 @@ def site_weight(secure: SecureAggregationSpec, weighting: Weighting, samples: in
 
 
 def threshold(secure: SecureAggregationSpec, roster_sites: int) -> int:
-    """t for a roster of `roster_sites`: the spec's, else a majority of a neighbourhood; never above
-    the smallest neighbourhood (a site and its neighbours), so a secret can always be rebuilt."""
+    """t for a roster of `roster_sites`: the spec's, else a majority of a neighbourhood (a site and
+    its neighbours), never above it so a secret can always be rebuilt. The spec's threshold is a
+    security parameter and is never lowered: ValueError when the neighbourhood is smaller than it
+    (too few sites advertised keys; the aggregator then fails the round)."""
     neighbourhood = degree(secure, roster_sites) + 1
-    wanted = secure.threshold if secure.threshold is not None else default_threshold(neighbourhood)
-    return min(wanted, neighbourhood)
+    if secure.threshold is None:
+        return min(default_threshold(neighbourhood), neighbourhood)
+    if secure.threshold > neighbourhood:
+        raise ValueError(
+            f"a neighbourhood of {neighbourhood} sites cannot hold threshold {secure.threshold} shares"
+        )
+    return secure.threshold
 
 
 def degree(secure: SecureAggregationSpec, roster_sites: int) -> int:

@@ -31,6 +31,7 @@ from fedtrain.operator.engine import (
     StartSiteJob,
     step,
 )
+from fedtrain.secagg import advertise, new_site_secrets
 from fedtrain.secagg_round import MASKED_TENSOR
 from fedtrain.store import LocalStore
 from fedtrain.trainer.train import run_job
@@ -222,6 +223,26 @@ def test_fewer_survivors_than_the_threshold_fail_the_round_naming_why(tmp_path: 
     assert not secure.store.exists(LAYOUT.manifest(0)), "nothing is written for a round that failed"
 
 
+def test_a_threshold_set_in_the_spec_is_never_lowered_when_sites_drop_before_the_keys(
+    tmp_path: Path,
+) -> None:
+    """threshold 3 of 3 sites: with one site gone before advertising, the round fails rather than
+    run with a threshold of 2 (the threshold is the collusion bound the consortium signed)."""
+    spec = secure_spec(3, threshold=3, phaseTimeoutSeconds=10)
+    secure = SecureRound(tmp_path, spec)
+    jobs = {site.name: secure.job(site.name) for site in spec.sites}
+    later = secure.started + timedelta(seconds=11)
+    for site in ("fab-00", "fab-01"):  # their keys are in; fab-02's never come
+        secure.store.put_bytes(
+            LAYOUT.secagg(0, "advert", site),
+            advertise(new_site_secrets(LAYOUT.name, 0, site)).to_bytes(),
+        )
+    assert jobs  # the sites' jobs exist; only two advertised
+    with pytest.raises(PermanentError, match="only 2 advertised keys, fewer than the 3"):
+        secure.aggregator.advance_secure(0, ["fab-00", "fab-01"], secure.started, later)
+    assert not secure.store.exists(LAYOUT.secagg(0, "roster"))
+
+
 def test_a_phase_goes_on_without_a_site_that_never_advertised_once_it_times_out(tmp_path: Path) -> None:
     spec = secure_spec(3, phaseTimeoutSeconds=10)
     secure = SecureRound(tmp_path, spec)
@@ -275,6 +296,11 @@ def test_the_engine_advances_the_protocol_with_the_live_sites_and_never_retries_
         ),
         ({"clipNorm": 1, "secureAggregation": {}}, {"lora": {"aggregation": "product"}}, "lora.aggregation"),
         ({"clipNorm": 1, "secureAggregation": {"threshold": 4}}, {}, "threshold 4 exceeds the 3 sites"),
+        (
+            {"clipNorm": 1, "secureAggregation": {"threshold": 3, "neighbours": 1}},
+            {},
+            "raise neighbours to at least 2",
+        ),
         ({"clipNorm": 1, "secureAggregation": {"maxSamples": 10_000_000}}, {}, "raise sampleUnit"),
     ],
 )
