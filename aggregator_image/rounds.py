@@ -791,14 +791,18 @@ class RoundAggregator:
         masked inputs of U3 (sites that dropped after masking included: their input is in the sum)."""
         assert self.secure is not None
         shapes = self.signature(round_index).shapes
-        open_round = self._round(round_index)
+        # The verdicts and pins given so far (none after a restart: the pins are in the store); the
+        # strategy's sum of a plain round would be a model-sized buffer left unused, so none is made.
+        previous = self._open.get(round_index)
+        verdicts = previous.verdicts if previous is not None else {}
+        pins = previous.pins if previous is not None else self._read_pins(round_index)
 
         def masked_input(site: str) -> NDArray[np.uint32]:
             key = self.layout.update(round_index, site)
             try:
                 with self._opened(key, verify=True) as (payload, _):
                     problem = masked_input_problem(payload, shapes)
-                    pinned = open_round.pins.get(site)
+                    pinned = pins.get(site)
                     if problem is None and pinned is not None and pinned != payload.meta.tensors_sha256:
                         problem = "it was replaced after it was accepted"
                     if problem is None:
@@ -813,7 +817,7 @@ class RoundAggregator:
         mean, record = self.secure.masked_mean(round_index, element_count(shapes) - 1, masked_input)
         # The strategy's own mean: under privacy.dp the sites added the noise, and the fixed
         # denominator is already applied (not the NoisyMean of central DP).
-        summed = _OpenRound(self.strategy.accumulator(shapes), open_round.verdicts, pins=open_round.pins)
+        summed = _OpenRound(self.strategy.accumulator(shapes), verdicts, pins=pins)
         for name, array in unflatten(mean, shapes).items():
             summed.accumulator.add_tensor(name, torch.from_numpy(array.astype(np.float32)), 1.0)
         summed.accumulator.count(1.0)
