@@ -58,6 +58,7 @@ from fedtrain.dp import (
     noised_below_fraction,
 )
 from fedtrain.errors import PermanentError
+from fedtrain.evaluation import check_reported
 from fedtrain.layout import TrainingLayout
 from fedtrain.lora_ranks import config_scale, shapes_at_rank
 from fedtrain.messages import Participant, RoundManifest, SecureAggregationRecord, UpdateVerdict
@@ -489,7 +490,7 @@ class RoundAggregator:
                 f"{key} is the update of training {meta.training} round {meta.round} site {meta.site}",
             )
         try:
-            common = _common(meta, size)
+            common = _common(meta, size, self.spec.model.class_count)
         except ValueError as error:
             return self._reject(round_index, site, "metadata", f"{key} has unusable metrics: {error}")
         site_spec = next((s for s in self.spec.sites if s.name == site), None)
@@ -553,9 +554,12 @@ class RoundAggregator:
         """Why the sample counts (the update's weight, the evaluation's) cannot be the site's, if so."""
         synthetic = site_spec.data.synthetic
         limit = synthetic.samples if synthetic is not None else self.max_site_samples
-        evaluation = meta.metrics.get("evaluation")
-        evaluated = evaluation.get("samples") if isinstance(evaluation, dict) else None
-        for what, count in (("training", meta.samples), ("evaluation", evaluated)):
+        evaluated = [
+            (key, figures.get("samples"))
+            for key in ("evaluation", "test")
+            if isinstance(figures := meta.metrics.get(key), dict)
+        ]
+        for what, count in (("training", meta.samples), *evaluated):
             if isinstance(count, int) and count > limit:
                 return f"{count} {what} samples; the site's data holds at most {limit}"
         return None
@@ -572,7 +576,7 @@ class RoundAggregator:
             return verdict
         payload, size = opened
         meta = payload.meta
-        common = _common(meta, size)
+        common = _common(meta, size, self.spec.model.class_count)
         try:
             weight = site_weight(self.spec.aggregation.weighting, meta.samples, self.spec.site(site).weight)
         except ValueError as error:
@@ -1010,7 +1014,7 @@ def _manifest_rejections(open_round: _OpenRound, recorded: list[RejectedUpdate])
     ]
 
 
-def _common(meta: Metadata, size: int) -> dict[str, Any]:
+def _common(meta: Metadata, size: int, class_count: int) -> dict[str, Any]:
     """What every verdict on an update or report carries; ValueError when the metrics are unusable."""
     if not _SHA256.fullmatch(meta.tensors_sha256):
         raise ValueError(f"tensors_sha256 {meta.tensors_sha256[:80]!r} is not a sha256")
@@ -1021,7 +1025,8 @@ def _common(meta: Metadata, size: int) -> dict[str, Any]:
         "samples": meta.samples,
         "sha256": meta.tensors_sha256,
         "update_bytes": size,
-        "evaluation": _evaluation(meta),
+        "evaluation": _evaluation(meta, "evaluation", class_count),
+        "test_evaluation": _evaluation(meta, "test", class_count),
         "train_seconds": train_seconds,
         "train_metrics": _train_metrics(meta),
     }
@@ -1040,15 +1045,14 @@ def _train_metrics(meta: Metadata) -> dict[str, float]:
     return dict(sorted(figures.items())[:MAX_TRAIN_METRICS])
 
 
-def _evaluation(meta: Metadata) -> EvalMetrics | None:
-    """The site's evaluation of the global model: finite scores in range, or ValueError."""
-    raw = meta.metrics.get("evaluation")
+def _evaluation(meta: Metadata, key: str, class_count: int) -> EvalMetrics | None:
+    """The site's figures of the global model on a split (`key` evaluation: validation, test: the
+    test split), or ValueError where they or their counts cannot be one split's."""
+    raw = meta.metrics.get(key)
     if raw is None:
         return None
     evaluation = EvalMetrics.model_validate(raw)  # a ValidationError is a ValueError
-    scores = (evaluation.accuracy, evaluation.macro_f1)
-    if not (math.isfinite(evaluation.loss) and evaluation.loss >= 0 and all(0 <= s <= 1 for s in scores)):
-        raise ValueError(f"evaluation scores out of range: {evaluation}")
-    if evaluation.samples < 0:
-        raise ValueError(f"evaluation of {evaluation.samples} samples")
+    if evaluation.pooled is not None:
+        raise ValueError(f"a site's {key} figures cannot be pooled ones")
+    check_reported(evaluation, class_count)
     return evaluation

@@ -350,9 +350,9 @@ def score_merged_model(
 
 
 def weighted(per_site: dict[str, EvalMetrics]) -> EvalMetrics | None:
-    from fedtrain.operator.engine import weighted_evaluation
+    from fedtrain.evaluation import pool
 
-    combined: EvalMetrics | None = weighted_evaluation(per_site)
+    combined: EvalMetrics | None = pool(per_site)
     return combined
 
 

@@ -263,7 +263,7 @@ def write_pooled_npz(sites: list[dict[str, Any]], args: argparse.Namespace, path
         site_maps, site_labels = generate_wafer_maps(
             synthetic.samples, synthetic.map_size, synthetic.dirichlet_alpha, seed
         )
-        train, _ = split_indices(len(site_labels), spec.evaluation.val_fraction, seed)
+        train, _, _ = split_indices(len(site_labels), spec.evaluation.val_fraction, seed)
         maps.append(site_maps[train])
         labels.append(site_labels[train])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,10 +331,10 @@ def score_merged_model(
 
 
 def weighted_f1(per_site: dict[str, EvalMetrics], leave_out: str | None = None) -> float | None:
-    from fedtrain.operator.engine import weighted_evaluation
+    from fedtrain.evaluation import pool
 
     kept = {site: metrics for site, metrics in per_site.items() if site != leave_out}
-    combined = weighted_evaluation(kept)
+    combined = pool(kept)
     return combined.macro_f1 if combined is not None else None
 
 

@@ -1062,6 +1062,23 @@ class MetricName(ApiEnum):
 
 
 class EvaluationSpec(SpecModel):
+    model_config = ConfigDict(
+        json_schema_extra=_cel_rules(
+            {
+                "rule": "(has(self.valFraction) ? self.valFraction : 0.2)"
+                " + (has(self.testFraction) ? self.testFraction : 0.0) < 1.0",
+                "message": "evaluation.valFraction plus testFraction must be below 1: lower one of "
+                "them so that data is left to train on",
+            },
+            {
+                "rule": "!has(self.every) || self.every != 0 || !has(self.patience)",
+                "message": "evaluation.patience needs evaluations during training: evaluation.every 0 "
+                "scores only the final model; set every to 1 or more, or drop patience",
+                "fieldPath": ".every",
+            },
+        )
+    )
+
     metric: MetricName = Field(
         MetricName.ACCURACY, description="Metric that picks the best round: accuracy, macroF1 or loss."
     )
@@ -1072,6 +1089,49 @@ class EvaluationSpec(SpecModel):
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Fraction of each site's data held out for validation."
     )
+    test_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Fraction of each site's data held out for testing (0: no test split). The test split is "
+            "drawn from the same seeded shuffle as the validation split, disjoint from it and from the "
+            "training data; it never picks the best round or stops early: only the final evaluation "
+            "scores the final model on it (status.testEvaluation). Off by default so that a running "
+            "training's validation split never changes under an upgrade."
+        ),
+    )
+    every: int = Field(
+        1,
+        ge=0,
+        le=10000,
+        description=(
+            "Score the global model on the sites' validation splits every this many rounds (rounds "
+            "0, k, 2k, ...); 0: only in the final evaluation. The final model is always scored. Fewer "
+            "evaluations cost less and give the best round and early stopping fewer candidates."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> EvaluationSpec:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"evaluation.valFraction ({self.val_fraction}) plus testFraction ({self.test_fraction}) "
+                "must be below 1: lower one of them so that data is left to train on"
+            )
+        if self.every == 0 and self.patience is not None:
+            raise ValueError(
+                "evaluation.patience needs evaluations during training: evaluation.every 0 scores only "
+                "the final model; set every to 1 or more, or drop patience"
+            )
+        return self
+
+    def scores(self, round_index: int, rounds: int) -> bool:
+        """Whether the sites score the global model of `round_index` on their validation splits:
+        every `every` rounds, and always the final model (round `rounds`)."""
+        if round_index >= rounds:
+            return True
+        return self.every > 0 and round_index % self.every == 0
 
     def improves(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -2185,13 +2245,68 @@ class Condition(ApiModel):
     last_transition_time: datetime = Field(..., description="When status last changed.")
 
 
-class EvalMetrics(ApiModel):
-    """How the global model of a round scored on one site's validation split (or all, weighted)."""
+#: Sites report per-class counts for models of at most this many classes: the current round's counts
+#: of up to 256 sites live in the status, which must stay far below etcd's object limit.
+MAX_COUNTED_CLASSES: Final = 100
+#: Equal-width confidence bins of the expected calibration error.
+CALIBRATION_BINS: Final = 15
 
-    loss: float = Field(..., description="Mean cross-entropy.")
+
+class ClassCounts(ApiModel):
+    """Per class, in label order: the counts that macro-F1 and per-class accuracy are made of. Summed
+    over sites they give the pooled predictions' figures exactly (no image, no prediction travels)."""
+
+    support: list[int] = Field(..., max_length=MAX_COUNTED_CLASSES, description="Samples of the class.")
+    predicted: list[int] = Field(
+        ..., max_length=MAX_COUNTED_CLASSES, description="Samples predicted as the class."
+    )
+    correct: list[int] = Field(
+        ..., max_length=MAX_COUNTED_CLASSES, description="Samples of the class predicted as it."
+    )
+
+
+class CalibrationBins(ApiModel):
+    """The top-class confidences in equal-width bins over [0, 1]: what the expected calibration error
+    is made of, summable over sites."""
+
+    count: list[int] = Field(..., max_length=CALIBRATION_BINS, description="Predictions in each bin.")
+    confidence: list[float] = Field(
+        ..., max_length=CALIBRATION_BINS, description="Sum of their top-class probabilities."
+    )
+    correct: list[int] = Field(..., max_length=CALIBRATION_BINS, description="How many were right.")
+
+
+class EvalMetrics(ApiModel):
+    """How a global model scored on one site's validation or test split, or on all sites' pooled."""
+
+    loss: float = Field(..., description="Mean cross-entropy (the negative log-likelihood).")
     accuracy: float = Field(..., description="Top-1 accuracy.")
-    macro_f1: float = Field(..., description="Macro-averaged F1 over classes present.")
-    samples: int = Field(..., description="Validation samples.")
+    macro_f1: float = Field(..., description="Macro-averaged F1 over the classes present.")
+    samples: int = Field(..., description="Samples scored.")
+    ece: float | None = Field(
+        None, description=f"Expected calibration error over {CALIBRATION_BINS} equal-width confidence bins."
+    )
+    class_counts: ClassCounts | None = Field(
+        None,
+        description=(
+            f"Per-class counts (models of at most {MAX_COUNTED_CLASSES} classes): the pooled figures "
+            "of all sites are computed from their sum. Kept for the current round and the pooled "
+            "figures of each closed round."
+        ),
+    )
+    calibration: CalibrationBins | None = Field(None, description="What the ECE is computed from.")
+    pooled: bool | None = Field(
+        None,
+        description=(
+            "All sites' figures: true where macro-F1 and ECE are those of the pooled predictions "
+            "(from the summed counts), false where a site sent no counts and they are sample-weighted "
+            "means of the sites' own."
+        ),
+    )
+
+    def compact(self) -> EvalMetrics:
+        """The figures without the counts they came from (what a round's history keeps per site)."""
+        return self.model_copy(update={"class_counts": None, "calibration": None})
 
     def value(self, metric: MetricName) -> float:
         return {"accuracy": self.accuracy, "macroF1": self.macro_f1, "loss": self.loss}[metric.value]
@@ -2206,6 +2321,9 @@ class SiteRoundStatus(ApiModel):
     finished_at: datetime | None = Field(None, description="When the site reached a final state.")
     samples: int | None = Field(None, description="Training samples reported with the update.")
     evaluation: EvalMetrics | None = Field(None, description="This round's global model on the site.")
+    test_evaluation: EvalMetrics | None = Field(
+        None, description="The final evaluation: the final model on the site's test split."
+    )
     update_bytes: int | None = Field(None, description="Size of the uploaded update.")
     train_seconds: float | None = Field(None, description="Local training time.")
 
@@ -2229,6 +2347,16 @@ class RoundRecord(ApiModel):
     )
     site_evaluation: dict[str, EvalMetrics] = Field(
         default_factory=dict, description="The round's global model on each site."
+    )
+    test_evaluation: EvalMetrics | None = Field(
+        None,
+        description=(
+            "The final evaluation with evaluation.testFraction: the final model on all sites' test "
+            "splits, pooled."
+        ),
+    )
+    site_test_evaluation: dict[str, EvalMetrics] = Field(
+        default_factory=dict, description="The final evaluation: the final model on each site's test split."
     )
     bytes_uploaded: int = Field(0, description="Update bytes the sites uploaded.")
     site_bytes: dict[str, int] = Field(
@@ -2287,6 +2415,20 @@ class FederatedTrainingStatus(ApiModel):
     best_metric: float | None = Field(None, description="Its value of evaluation.metric.")
     rounds_without_improvement: int = Field(0, ge=0, description="Rounds since the best one.")
     final_model_uri: str | None = Field(None, description="Merged final model (LoRA folded in).")
+    best_merged_model_uri: str | None = Field(
+        None,
+        description=(
+            "The best round's global model merged like the final one (LoRA folded in, loadable by "
+            "timm): the model that scored best on the sites' validation splits."
+        ),
+    )
+    test_evaluation: EvalMetrics | None = Field(
+        None,
+        description=(
+            "evaluation.testFraction: the final model on all sites' held-out test splits, pooled (never "
+            "used to pick the best round)."
+        ),
+    )
     privacy_epsilon: float | None = Field(
         None,
         description=(

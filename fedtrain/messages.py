@@ -30,7 +30,12 @@ class UpdateVerdict(Message):
     norm: float | None = None
     sha256: str | None = None
     update_bytes: int = 0
-    evaluation: EvalMetrics | None = None
+    evaluation: EvalMetrics | None = Field(
+        None, description="The global model on the site's validation split."
+    )
+    test_evaluation: EvalMetrics | None = Field(
+        None, description="An evaluation report's: the final model on the site's test split."
+    )
     train_seconds: float | None = None
     train_metrics: dict[str, float] = Field(
         default_factory=dict, description="The trainer's own figures: train_loss, samples_per_second, ..."

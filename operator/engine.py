@@ -34,6 +34,7 @@ from fedtrain.api import (
     Stage,
 )
 from fedtrain.errors import INVALID_SPEC
+from fedtrain.evaluation import pool
 from fedtrain.messages import RoundManifest, UpdateVerdict
 
 from .privacy_budget import budget_message, budget_problem, epsilon_spent, within_budget
@@ -202,18 +203,6 @@ class Decision:
 
 # --------------------------------------------------------------------------------------------------
 # pure helpers
-
-
-def weighted_evaluation(per_site: Mapping[str, EvalMetrics]) -> EvalMetrics | None:
-    """All sites' validation metrics combined, weighted by validation samples."""
-    total = sum(metrics.samples for metrics in per_site.values())
-    if total == 0:
-        return None
-
-    def mean(attribute: str) -> float:
-        return float(sum(getattr(m, attribute) * m.samples for m in per_site.values()) / total)
-
-    return EvalMetrics(loss=mean("loss"), accuracy=mean("accuracy"), macro_f1=mean("macro_f1"), samples=total)
 
 
 def set_condition(
@@ -584,6 +573,7 @@ def _apply_verdict(
     site.finished_at = now
     site.samples = verdict.samples
     site.evaluation = verdict.evaluation
+    site.test_evaluation = verdict.test_evaluation
     site.update_bytes = verdict.update_bytes
     site.train_seconds = verdict.train_seconds
     if verdict.accepted:
@@ -649,6 +639,7 @@ def _round_complete(
     if status.stage is Stage.EVALUATING:
         record = _record(status, now, kind="evaluate", model_uri=status.global_model_uri)
         _remember(status, record, decision)
+        status.test_evaluation = record.test_evaluation
         if record.evaluation is not None:
             _track_best(spec, status, status.round, status.global_model_uri, record.evaluation)
         else:
@@ -692,6 +683,7 @@ def _record(
     model_uri: str | None,
 ) -> RoundRecord:
     per_site = {site.name: site.evaluation for site in status.sites if site.evaluation is not None}
+    per_site_test = {site.name: site.test_evaluation for site in status.sites if site.test_evaluation}
     return RoundRecord(
         round=status.round,
         kind=kind,
@@ -705,8 +697,12 @@ def _record(
             for site in status.sites
             if site.state is SiteState.REJECTED
         ],
-        evaluation=weighted_evaluation(per_site),
-        site_evaluation=per_site,
+        # Macro-F1 and ECE of the pooled predictions, from the sum of the sites' counts; the history
+        # keeps each site's figures without its counts (the status stays bounded).
+        evaluation=pool(per_site),
+        site_evaluation={site: figures.compact() for site, figures in per_site.items()},
+        test_evaluation=pool(per_site_test),
+        site_test_evaluation={site: figures.compact() for site, figures in per_site_test.items()},
         bytes_uploaded=sum(site.update_bytes or 0 for site in status.sites),
         site_bytes={site.name: site.update_bytes for site in status.sites if site.update_bytes is not None},
         model_uri=model_uri,

@@ -90,6 +90,7 @@ class OperatorMetrics:
             *self._declare_progress(),
             *self._declare_attempts(),
             *self._declare_evaluation(),
+            *self._declare_test(),
             *self._declare_site_training(),
         )
         self._declare_operator()
@@ -221,6 +222,13 @@ class OperatorMetrics:
             training,
             registry=r,
         )
+        self.macro_f1 = Gauge(
+            "fedtrain_validation_macro_f1",
+            "Macro-F1 of the last scored global model over all sites' validation data, pooled (from the sum "
+            "of the sites' per-class counts).",
+            training,
+            registry=r,
+        )
         self.site_accuracy = Gauge(
             "fedtrain_site_validation_accuracy",
             "Top-1 accuracy of the round's global model on the site's validation data (latest report).",
@@ -243,11 +251,37 @@ class OperatorMetrics:
         return (
             self.accuracy,
             self.loss,
+            self.macro_f1,
             self.site_accuracy,
             self.site_loss,
             self.privacy_epsilon,
             self.secure_dropouts,
         )
+
+    def _declare_test(self) -> tuple[Gauge, ...]:
+        """The final model on the held-out test data (evaluation.testFraction): of all sites, of each."""
+        r, training, site = self.registry, TRAINING_LABELS, SITE_LABELS
+        self.test_accuracy, self.test_macro_f1, self.test_ece = (
+            Gauge(
+                f"fedtrain_test_{name}",
+                f"evaluation.testFraction: {what} of the final model over all sites' held-out test data "
+                "(pooled).",
+                training,
+                registry=r,
+            )
+            for name, what in (
+                ("accuracy", "top-1 accuracy"),
+                ("macro_f1", "macro-F1"),
+                ("ece", "expected calibration error"),
+            )
+        )
+        self.site_test_accuracy = Gauge(
+            "fedtrain_site_test_accuracy",
+            "evaluation.testFraction: top-1 accuracy of the final model on the site's held-out test data.",
+            site,
+            registry=r,
+        )
+        return (self.test_accuracy, self.test_macro_f1, self.test_ece, self.site_test_accuracy)
 
     def _declare_site_training(self) -> tuple[Gauge, ...]:
         """Each site's local training, from its latest update."""
@@ -381,6 +415,20 @@ class OperatorMetrics:
         if record.evaluation is not None:
             self.accuracy.labels(**labels).set(record.evaluation.accuracy)
             self.loss.labels(**labels).set(record.evaluation.loss)
+            self.macro_f1.labels(**labels).set(record.evaluation.macro_f1)
+        self._tested(labels, record)
+
+    def _tested(self, labels: dict[str, str], record: RoundRecord) -> None:
+        """The final evaluation's figures on the held-out test splits."""
+        tested = record.test_evaluation
+        if tested is None:
+            return
+        self.test_accuracy.labels(**labels).set(tested.accuracy)
+        self.test_macro_f1.labels(**labels).set(tested.macro_f1)
+        if tested.ece is not None:
+            self.test_ece.labels(**labels).set(tested.ece)
+        for site, figures in record.site_test_evaluation.items():
+            self.site_test_accuracy.labels(**labels, site=site).set(figures.accuracy)
 
     def forget(self, ref: TrainingRef) -> None:
         """Remove every series of a deleted training."""

@@ -12,7 +12,7 @@ from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RoundRe
 
 from .engine import Event
 from .local import MERGED_FILE, load_history
-from .report import plot_history, round_table, upload_table
+from .report import plot_history, round_table, test_table, upload_table
 
 PLOT_FILE = "plot.png"
 
@@ -90,6 +90,9 @@ class RunProgress:
             local_only = self.spec.mode is TrainingMode.LOCAL_ONLY
             self.console.print(round_table(records, self.sites, local_only))
             self.console.print(upload_table(records, self.sites))
+            tested = test_table(records[-1], self.spec.model.class_names())
+            if tested is not None:
+                self.console.print(tested)
             plot_history(records, self.sites, self.run_dir / PLOT_FILE, local_only)
         self.console.print(f"{status.phase.value} in {seconds:.0f} s: {status.message}")
         self.console.print(f"run directory {self.run_dir}: status.json, history.jsonl, {PLOT_FILE}, logs/")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from fedtrain.api import RoundRecord
+from fedtrain.evaluation import per_class_accuracy
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -68,6 +69,32 @@ def round_table(records: Sequence[RoundRecord], sites: Sequence[str], local_only
             f"{record.duration_seconds:.0f} s",
             *([_epsilon(record.epsilon)] if epsilon_column else []),
             *(["; ".join(notes)] if notes_column else []),
+        )
+    return table
+
+
+def test_table(record: RoundRecord, class_names: Sequence[str]) -> Table | None:
+    """The final model on the sites' held-out test splits (evaluation.testFraction): one row per site
+    and the pooled figures, then the pooled per-class accuracy; None without a test split."""
+    pooled = record.test_evaluation
+    if pooled is None:
+        return None
+    table = Table(title="final model on the held-out test splits", show_lines=False)
+    for column in ("site", "samples", "accuracy", "macro-F1", "loss (NLL)", "ECE"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    for site, figures in [*record.site_test_evaluation.items(), ("all (pooled)", pooled)]:
+        table.add_row(
+            site,
+            str(figures.samples),
+            f"{figures.accuracy:.3f}",
+            f"{figures.macro_f1:.3f}",
+            f"{figures.loss:.3f}",
+            f"{figures.ece:.3f}" if figures.ece is not None else "-",
+        )
+    if pooled.class_counts is not None:
+        recall = per_class_accuracy(pooled.class_counts, list(class_names))
+        table.caption = "per-class accuracy: " + ", ".join(
+            f"{name} {value:.2f}" for name, value in recall.items() if value is not None
         )
     return table
 

@@ -375,12 +375,13 @@ def test_image_folder_names_an_unreadable_image(tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_disjoint_and_covering() -> None:
-    train, val = split_indices(100, 0.2, seed=9)
-    again_train, again_val = split_indices(100, 0.2, seed=9)
-    other_train, _ = split_indices(100, 0.2, seed=10)
+    train, val, test = split_indices(100, 0.2, seed=9)
+    again_train, again_val, again_test = split_indices(100, 0.2, seed=9)
+    other_train, _, _ = split_indices(100, 0.2, seed=10)
 
     np.testing.assert_array_equal(train, again_train)
     np.testing.assert_array_equal(val, again_val)
+    assert len(test) == len(again_test) == 0
     assert not np.array_equal(train, other_train)
     assert len(val) == 20
     assert len(train) == 80
@@ -389,17 +390,43 @@ def test_split_is_deterministic_disjoint_and_covering() -> None:
     assert not np.array_equal(np.sort(val), np.arange(20)), "the split is shuffled"
 
 
+def test_a_test_split_is_disjoint_deterministic_and_leaves_the_validation_rows_where_they_were() -> None:
+    train, val, test = split_indices(100, 0.2, seed=9, test_fraction=0.15)
+    again = split_indices(100, 0.2, seed=9, test_fraction=0.15)
+    _, val_without_test, _ = split_indices(100, 0.2, seed=9)
+
+    for part, repeated in zip((train, val, test), again, strict=True):
+        np.testing.assert_array_equal(part, repeated)
+    assert (len(train), len(val), len(test)) == (65, 20, 15)
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert sorted([*train, *val, *test]) == list(range(100))
+    np.testing.assert_array_equal(val, val_without_test)
+
+
 @pytest.mark.parametrize(("count", "fraction"), [(2, 0.01), (2, 0.99), (3, 0.05), (5, 0.95)])
 def test_split_keeps_one_sample_on_each_side(count: int, fraction: float) -> None:
-    train, val = split_indices(count, fraction, seed=0)
+    train, val, _ = split_indices(count, fraction, seed=0)
     assert len(train) >= 1
     assert len(val) >= 1
     assert len(train) + len(val) == count
 
 
-def test_split_needs_two_samples() -> None:
+@pytest.mark.parametrize(
+    ("count", "val_fraction", "test_fraction"), [(3, 0.01, 0.01), (3, 0.5, 0.49), (10, 0.1, 0.85)]
+)
+def test_a_three_way_split_keeps_one_sample_in_each_part(
+    count: int, val_fraction: float, test_fraction: float
+) -> None:
+    parts = split_indices(count, val_fraction, seed=0, test_fraction=test_fraction)
+    assert all(len(part) >= 1 for part in parts)
+    assert sum(len(part) for part in parts) == count
+
+
+def test_split_needs_two_samples_and_three_with_a_test_split() -> None:
     with pytest.raises(DataError, match="at least 2 samples"):
         split_indices(1, 0.2, seed=0)
+    with pytest.raises(DataError, match="at least 3 samples to split into training, validation and test"):
+        split_indices(2, 0.2, seed=0, test_fraction=0.2)
 
 
 def test_site_data_seed_is_stable_and_depends_on_both_inputs() -> None:

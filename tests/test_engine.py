@@ -34,6 +34,7 @@ from fedtrain.api import (
     SiteState,
     Stage,
 )
+from fedtrain.evaluation import pool
 from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
 from fedtrain.operator.core import RoundMemory
 from fedtrain.operator.engine import (
@@ -56,7 +57,6 @@ from fedtrain.operator.engine import (
     select_sites,
     set_condition,
     step,
-    weighted_evaluation,
 )
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -430,8 +430,8 @@ def assert_transition_times_honest(world: World) -> None:
 # pure helpers
 
 
-def test_weighted_evaluation_weighs_by_validation_samples() -> None:
-    combined = weighted_evaluation(
+def test_figures_without_counts_are_weighted_by_validation_samples() -> None:
+    combined = pool(
         {"a": metrics(0.5, loss=1.0, macro_f1=0.4, samples=100), "b": metrics(0.9, 0.2, 0.8, 300)}
     )
     assert combined is not None
@@ -439,8 +439,9 @@ def test_weighted_evaluation_weighs_by_validation_samples() -> None:
     assert combined.accuracy == pytest.approx(0.8)
     assert combined.loss == pytest.approx(0.4)
     assert combined.macro_f1 == pytest.approx(0.7)
-    assert weighted_evaluation({}) is None
-    assert weighted_evaluation({"a": metrics(0.5, samples=0)}) is None
+    assert combined.pooled is False
+    assert pool({}) is None
+    assert pool({"a": metrics(0.5, samples=0)}) is None
 
 
 def test_set_condition_moves_transition_time_only_on_a_status_change() -> None:

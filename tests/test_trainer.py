@@ -293,12 +293,15 @@ def test_merged_state_dict_loads_into_plain_timm(plain_vit: Any) -> None:
 def test_classification_metrics_on_a_known_confusion() -> None:
     targets = torch.tensor([0, 0, 1, 1, 2, 2])
     predictions = torch.tensor([0, 1, 1, 1, 2, 0])
-    result = classification_metrics(0.5, predictions, targets, ["a", "b", "c", "d"])
+    probabilities = torch.full((6, 4), 0.1).scatter(1, predictions[:, None], 0.7)
+    result = classification_metrics(0.5, probabilities, targets, ["a", "b", "c", "d"])
     assert result.metrics.accuracy == pytest.approx(4 / 6)
     # per class F1: a 0.5, b 0.8, c 2/3; d absent from targets is not averaged
     assert result.metrics.macro_f1 == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert result.per_class_accuracy == {"a": 0.5, "b": 1.0, "c": 0.5, "d": None}
     assert result.metrics.samples == 6
+    # every prediction at confidence 0.7, 4 of 6 right: |4 - 6 * 0.7| / 6
+    assert result.metrics.ece == pytest.approx(0.2 / 6)
 
 
 def test_optimizer_and_schedule_state_round_trip_through_safetensors() -> None:

@@ -500,19 +500,30 @@ def load_image_folder(
 
 
 def split_indices(
-    count: int, val_fraction: float, seed: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """A shuffled train/validation split of range(count), deterministic given the seed.
+    count: int, val_fraction: float, seed: int, test_fraction: float = 0.0
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Disjoint training, validation and test rows of range(count), deterministic given the seed.
 
-    Both parts get at least one element, so every site can both train and be evaluated.
+    One seeded shuffle: validation takes its head and the test split its tail, so a test split never
+    moves the validation rows. Training and validation get at least one row each, and the test split
+    one where `test_fraction` > 0. Which row goes where depends on the seed and the count only, never
+    on the data or its labels.
     """
-    if count < 2:
-        raise DataError(f"a site needs at least 2 samples to split into training and validation, not {count}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1 exclusive, not {val_fraction}")
+    wanted = 3 if test_fraction > 0 else 2
+    if count < wanted:
+        raise DataError(
+            f"a site needs at least {wanted} samples to split into training, validation"
+            f"{' and test' if test_fraction > 0 else ''}, not {count}"
+        )
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be fractions "
+            "leaving data to train on"
+        )
     order = np.random.default_rng(seed).permutation(count).astype(np.int64)
-    val_count = min(count - 1, max(1, round(count * val_fraction)))
-    return order[val_count:], order[:val_count]
+    test_count = min(count - 2, max(1, round(count * test_fraction))) if test_fraction > 0 else 0
+    val_count = min(count - test_count - 1, max(1, round(count * val_fraction)))
+    return order[val_count : count - test_count], order[:val_count], order[count - test_count :]
 
 
 def site_data_seed(training_seed: int, site_name: str) -> int:
@@ -570,13 +581,16 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 @dataclass(frozen=True)
 class SiteData:
-    """A site's training and validation split: images decoded per batch, labels as tensors."""
+    """A site's training, validation and (evaluation.testFraction) test splits: images decoded per
+    batch, labels as tensors."""
 
     train_images: ImageSet
     train_labels: torch.Tensor
     val_images: ImageSet
     val_labels: torch.Tensor
     class_names: list[str]
+    test_images: ImageSet | None = None  # evaluation.testFraction 0: none
+    test_labels: torch.Tensor | None = None
 
     def train_class_counts(self) -> list[int]:
         return _class_counts(self.train_labels, len(self.class_names))
@@ -651,11 +665,13 @@ def load_site_data(
     else:  # DataSpec guarantees exactly one source
         raise DataError("the site's data sets none of synthetic, npz or imageFolder")
 
-    train, val = split_indices(len(labels), evaluation.val_fraction, seed)
+    train, val, test = split_indices(len(labels), evaluation.val_fraction, seed, evaluation.test_fraction)
     return SiteData(
         train_images=images.subset(train),
         train_labels=labels[torch.from_numpy(train)],
         val_images=images.subset(val),
         val_labels=labels[torch.from_numpy(val)],
         class_names=class_names,
+        test_images=images.subset(test) if len(test) else None,
+        test_labels=labels[torch.from_numpy(test)] if len(test) else None,
     )

@@ -42,6 +42,7 @@ from fedtrain.codec import (
     l2_norm,
 )
 from fedtrain.dp import clip_factor
+from fedtrain.evaluation import calibration_bins, class_counts, per_class_accuracy, scored
 from fedtrain.job import TrainerJob, TrainerSpec
 from fedtrain.lora_ranks import config_scale, fit_to_rank, lora_scale
 from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
@@ -99,38 +100,43 @@ class Evaluation:
 
 
 def classification_metrics(
-    logits_loss: float, predictions: torch.Tensor, targets: torch.Tensor, class_names: list[str]
+    loss: float, probabilities: torch.Tensor, targets: torch.Tensor, class_names: list[str]
 ) -> Evaluation:
-    """Accuracy, macro-F1 over the classes present in `targets`, and per-class accuracy."""
-    classes = len(class_names)
-    confusion = torch.bincount(targets * classes + predictions, minlength=classes * classes)
-    confusion = confusion.reshape(classes, classes).double()
-    true_positive = confusion.diag()
-    support = confusion.sum(dim=1)
-    predicted = confusion.sum(dim=0)
-    present = support > 0
-    precision = torch.where(
-        predicted > 0, true_positive / predicted.clamp(min=1), torch.zeros_like(predicted)
-    )
-    recall = true_positive / support.clamp(min=1)
-    f1 = torch.where(
-        precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(recall)
-    )
-    count = int(targets.numel())
-    metrics = EvalMetrics(
-        loss=logits_loss,
-        accuracy=float(true_positive.sum() / max(count, 1)),
-        macro_f1=float(f1[present].mean()) if bool(present.any()) else 0.0,
-        samples=count,
-    )
-    per_class = {
-        name: (float(recall[index]) if bool(present[index]) else None)
-        for index, name in enumerate(class_names)
-    }
-    return Evaluation(metrics, per_class)
+    """A split's figures from its predicted class probabilities: accuracy, macro-F1 over the classes
+    present, per-class accuracy and the calibration error, through the per-class counts and confidence
+    bins the engine pools across sites (fedtrain.evaluation)."""
+    confidences, predictions = probabilities.max(dim=1)
+    predicted, truth = predictions.numpy(), targets.numpy()
+    counts = class_counts(predicted, truth, len(class_names))
+    bins = calibration_bins(confidences.double().numpy(), predicted == truth)
+    return Evaluation(scored(loss, counts, bins), per_class_accuracy(counts, class_names))
 
 
 @torch.no_grad()
+def predict_probabilities(
+    module: nn.Module,
+    images: ImageSet,
+    labels: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, float]:
+    """Every image's class probabilities (float32, on the CPU) and the mean cross-entropy."""
+    module.eval()
+    total_loss = 0.0
+    batches = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device, non_blocking=True)
+        target = labels[start : start + batch_size].to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            logits = module(batch).float()
+        total_loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        batches.append(logits.softmax(dim=1).cpu())
+    classes = batches[0].shape[1] if batches else 0
+    probabilities = torch.cat(batches) if batches else torch.empty(0, classes)
+    return probabilities, total_loss / max(len(images), 1)
+
+
 def evaluate(
     module: nn.Module,
     images: ImageSet,
@@ -140,18 +146,10 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> Evaluation:
-    module.eval()
-    total_loss = 0.0
-    predictions = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device, non_blocking=True)
-        target = labels[start : start + batch_size].to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            logits = module(batch)
-        total_loss += float(nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
-        predictions.append(logits.argmax(dim=1).cpu())
-    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    return classification_metrics(total_loss / max(len(images), 1), predicted, labels.cpu(), class_names)
+    probabilities, loss = predict_probabilities(module, images, labels, batch_size, device, amp_dtype)
+    if not len(images):
+        probabilities = torch.empty(0, len(class_names))
+    return classification_metrics(loss, probabilities, labels.cpu(), class_names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,37 +516,57 @@ def fetch_inputs(job: TrainerJob, device: torch.device) -> RoundInputs:
 
 
 def compute_round(job: TrainerJob, inputs: RoundInputs, device: torch.device) -> RoundOutcome:
-    """Score the global model on the validation split, then (mode train) train locally."""
+    """Score the global model on the validation split (in the rounds evaluation.every picks, and in
+    the final evaluation, which also scores the test split), then (mode train) train locally."""
     amp_dtype = autocast_dtype(job.spec.training.precision, device)
     eval_started = time.perf_counter()
-    evaluation = evaluate(
-        inputs.model.module,
-        inputs.data.val_images,
-        inputs.data.val_labels,
-        job.spec.model.class_names(),
-        job.spec.training.batch_size,
-        device,
-        amp_dtype,
-    )
+    data = inputs.data
+    metrics: dict[str, Any] = {}
+    if job.mode == "evaluate" or job.spec.evaluation.scores(job.round, job.spec.training.rounds):
+        validation = _score(job, inputs.model, data.val_images, data.val_labels, device, amp_dtype)
+        metrics["evaluation"] = validation.metrics.model_dump(mode="json")
+        metrics["per_class_accuracy"] = validation.per_class_accuracy
+        _log_scores(job, "validation", validation)
+    if job.mode == "evaluate" and data.test_images is not None and data.test_labels is not None:
+        test = _score(job, inputs.model, data.test_images, data.test_labels, device, amp_dtype)
+        metrics["test"] = test.metrics.model_dump(mode="json")
+        metrics["test_per_class_accuracy"] = test.per_class_accuracy
+        _log_scores(job, "test", test)
     timings = {"load_seconds": inputs.load_seconds, "eval_seconds": time.perf_counter() - eval_started}
-    log.info(
-        "global model %d on %d validation samples: accuracy %.4f, macro-F1 %.4f, loss %.4f",
-        job.round,
-        evaluation.metrics.samples,
-        evaluation.metrics.accuracy,
-        evaluation.metrics.macro_f1,
-        evaluation.metrics.loss,
-    )
-    metrics: dict[str, Any] = {
-        "evaluation": evaluation.metrics.model_dump(mode="json"),
-        "per_class_accuracy": evaluation.per_class_accuracy,
-    }
     if job.mode == "evaluate":
         return RoundOutcome(metrics, timings)
     train_started = time.perf_counter()
     trained = train_locally(job, inputs, device, amp_dtype, metrics)
     timings["train_seconds"] = time.perf_counter() - train_started
     return RoundOutcome(metrics, timings, trained)
+
+
+def _score(
+    job: TrainerJob,
+    model: FederatedModel,
+    images: ImageSet,
+    labels: torch.Tensor,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> Evaluation:
+    class_names = job.spec.model.class_names()
+    return evaluate(
+        model.module, images, labels, class_names, job.spec.training.batch_size, device, amp_dtype
+    )
+
+
+def _log_scores(job: TrainerJob, split: str, scores: Evaluation) -> None:
+    figures = scores.metrics
+    log.info(
+        "global model %d on %d %s samples: accuracy %.4f, macro-F1 %.4f, loss %.4f, ECE %.4f",
+        job.round,
+        figures.samples,
+        split,
+        figures.accuracy,
+        figures.macro_f1,
+        figures.loss,
+        figures.ece or 0.0,
+    )
 
 
 def train_locally(
