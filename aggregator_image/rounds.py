@@ -61,7 +61,13 @@ from fedtrain.errors import PermanentError
 from fedtrain.evaluation import check_reported
 from fedtrain.layout import TrainingLayout
 from fedtrain.lora_ranks import config_scale, shapes_at_rank
-from fedtrain.messages import Participant, RoundManifest, SecureAggregationRecord, UpdateVerdict
+from fedtrain.messages import (
+    ModelReply,
+    Participant,
+    RoundManifest,
+    SecureAggregationRecord,
+    UpdateVerdict,
+)
 from fedtrain.sealed_store import SealedStore
 from fedtrain.sealing import DataKey
 from fedtrain.secagg_round import element_count, unflatten
@@ -947,15 +953,26 @@ class RoundAggregator:
     # ---------------------------------------------------------------------------------------------
     # the final model
 
-    def merge(self, round_index: int) -> str:
-        """Write the global model of `round_index` with LoRA folded in, as a plain timm state dict."""
+    def merge(self, round_index: int, best_round: int | None = None) -> ModelReply:
+        """Write the global model of `round_index` with LoRA folded in, as a plain timm state dict, and
+        likewise the global model of `best_round` (the one that scored best on validation), if given.
+        Idempotent: a model already written is left as it is."""
         if round_index > 0 and self.manifest(round_index - 1) is None:
             raise UnknownRoundError(
                 f"round {round_index} has no global model: round {round_index - 1} is not closed"
             )
+        if best_round is not None and best_round > round_index:
+            raise UnknownRoundError(f"the best round {best_round} comes after the final round {round_index}")
+        best_uri = None
+        if best_round is not None:
+            best_uri = self._write_merged(best_round, self.layout.best_merged_model())
+        return ModelReply(
+            model_uri=self._write_merged(round_index, self.layout.merged_model()), best_model_uri=best_uri
+        )
+
+    def _write_merged(self, round_index: int, key: str) -> str:
         from fedtrain.model import build_model, merged_model_config  # timm and peft only here
 
-        key = self.layout.merged_model()
         if self.store.exists(key):
             return self.store.uri(key)
         model = build_model(self.spec, self._pretrained_weights)

@@ -686,12 +686,14 @@ def _v1_router(library: _Library, metrics: ServiceMetrics) -> APIRouter:
     @v1.post(
         "/merge",
         response_model=ModelReply,
-        summary="Write the final model: a round's global model with LoRA folded in.",
+        summary="Write the final model, a round's global model with LoRA folded in, and the best round's.",
         responses={**CONFLICT, **UNKNOWN_ROUND},
     )
     def merge(request: MergeRequest) -> ModelReply:
-        uri = library.call(f"merge round {request.round}", lambda agg: agg.merge(request.round))
-        return ModelReply(model_uri=uri)
+        reply: ModelReply = library.call(
+            f"merge round {request.round}", lambda agg: agg.merge(request.round, request.best_round)
+        )
+        return reply
 
     return v1
 

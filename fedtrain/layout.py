@@ -88,6 +88,10 @@ class TrainingLayout:
         """The final model with LoRA folded in, loadable by timm without peft."""
         return f"{self.root}/final/model-merged.safetensors"
 
+    def best_merged_model(self) -> str:
+        """The global model that scored best on the sites' validation splits, merged like the final one."""
+        return f"{self.root}/final/model-best-merged.safetensors"
+
     def site_merged_model(self, site: str) -> str:
         """A site's own final model: the global shared tensors with its personal ones, LoRA folded
         in. Written by the site itself, and only where the spec publishes site models: it holds the

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
+from annotated_types import Interval
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from fedtrain.api import DNS_LABEL, EvalMetrics, RejectedUpdate
@@ -134,6 +135,8 @@ def _json_number(value: object) -> object:
 
 #: An integer as JSON Schema means it: a number with no fractional part (3 or 3.0, never true or "3").
 JsonInteger = Annotated[int, BeforeValidator(_json_number)]
+#: A round index where a field is optional (Field's bounds do not reach inside an Optional's schema).
+RoundIndex = Annotated[int, Interval(ge=0, le=MAX_ROUND_INDEX), BeforeValidator(_json_number)]
 
 
 class SubmitUpdateRequest(Message):
@@ -202,7 +205,7 @@ class SecureAggregationReply(Message):
 
 
 class MergeRequest(Message):
-    """Write the final model: a round's global model with LoRA folded in."""
+    """Write the final model, a round's global model with LoRA folded in, and the best round's."""
 
     round: JsonInteger = Field(
         ...,
@@ -210,12 +213,18 @@ class MergeRequest(Message):
         le=MAX_ROUND_INDEX,
         description="The round whose global model to merge (the last closed round + 1).",
     )
+    best_round: RoundIndex | None = Field(
+        None, description="The round whose global model scored best on validation: merged as the best too."
+    )
 
 
 class ModelReply(Message):
     """Where a model the aggregator wrote (or found already written) lives."""
 
     model_uri: str = Field(..., description="URI of the model in the object store, s3://bucket/key.")
+    best_model_uri: str | None = Field(
+        None, description="A merge's: the best round's global model, merged the same way."
+    )
 
 
 class RoundReply(Message):

@@ -10,7 +10,14 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from fedtrain.api import RejectedUpdate
 from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
-from fedtrain.messages import RoundManifest, SecureAggregationReply, SecureAggregationRequest, UpdateVerdict
+from fedtrain.messages import (
+    MergeRequest,
+    ModelReply,
+    RoundManifest,
+    SecureAggregationReply,
+    SecureAggregationRequest,
+    UpdateVerdict,
+)
 
 #: How soon to ask again when the aggregator is not reachable yet (a pod starting, an image pull).
 AGGREGATOR_RETRY_SECONDS = 2.0
@@ -110,8 +117,9 @@ class AggregatorClient:
             await self._post(f"/v1/rounds/{round_index}/secagg", body)
         )
 
-    async def merge(self, round_index: int) -> str:
-        return str((await self._post("/v1/merge", {"round": round_index}))["model_uri"])
+    async def merge(self, round_index: int, best_round: int | None) -> ModelReply:
+        body = MergeRequest(round=round_index, best_round=best_round).model_dump(mode="json")
+        return ModelReply.model_validate(await self._post("/v1/merge", body))
 
 
 async def _json(reply: aiohttp.ClientResponse) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, Rejecte
 from fedtrain.errors import DEFAULT_RETRY_SECONDS, PermanentError, TemporaryError
 from fedtrain.job import Sealing, SecureAggregationUrls, TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
-from fedtrain.messages import RoundManifest, SecureAggregationReply, UpdateVerdict
+from fedtrain.messages import ModelReply, RoundManifest, SecureAggregationReply, UpdateVerdict
 from fedtrain.sealing import DataKey
 from fedtrain.store import MAX_PRESIGN_SECONDS
 
@@ -81,7 +81,7 @@ class AggregatorPort(Protocol):
     async def advance_secure(
         self, round_index: int, live: list[str], started_at: datetime, now: datetime
     ) -> SecureAggregationReply: ...
-    async def merge(self, round_index: int) -> str: ...
+    async def merge(self, round_index: int, best_round: int | None) -> ModelReply: ...
     async def release(self) -> None: ...
 
 
@@ -228,7 +228,7 @@ class RoundMemory:
 
     round: int = -1
     initial_model_uri: str | None = None
-    merged_model_uri: str | None = None
+    merged: ModelReply | None = None
     verdicts: dict[str, UpdateVerdict] = field(default_factory=dict)
     manifest: RoundManifest | None = None
     failure: Failure | None = None
@@ -249,7 +249,8 @@ class RoundMemory:
             jobs=dict(jobs),
             verdicts=dict(self.verdicts),
             manifest=manifest,
-            merged_model_uri=self.merged_model_uri,
+            merged_model_uri=self.merged.model_uri if self.merged else None,
+            best_merged_model_uri=self.merged.best_model_uri if self.merged else None,
             failure=self.failure,
             waiting_for=self.waiting_for,
             waiting_reason=self.waiting_reason,
@@ -397,8 +398,8 @@ class DriverCore:
         if isinstance(action, AdvanceSecureAggregation):
             return await self._advance_secure(action)
         if isinstance(action, MergeFinalModel):
-            memory.merged_model_uri = await aggregator.merge(action.round)
-            return memory.merged_model_uri
+            memory.merged = await aggregator.merge(action.round, action.best_round)
+            return memory.merged
         if isinstance(action, StartSiteJob):
             await self.jobs.start(action, await self.trainer_job(action, status))
         elif isinstance(action, StopSiteJob):

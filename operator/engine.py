@@ -76,6 +76,7 @@ class Observations:
     verdicts: Mapping[str, UpdateVerdict] = field(default_factory=dict)  # by site
     manifest: RoundManifest | None = None
     merged_model_uri: str | None = None
+    best_merged_model_uri: str | None = None
     failure: Failure | None = None
     #: A temporary error the last actions met (the aggregator starting, the store unreachable): the
     #: engine shows it in the Waiting condition and fails the training once it outlasts its bound.
@@ -141,7 +142,10 @@ class AdvanceSecureAggregation:
 
 @dataclass(frozen=True)
 class MergeFinalModel:
+    """Merge the final global model, and the best round's (by validation), into plain timm models."""
+
     round: int
+    best_round: int | None = None
 
 
 @dataclass(frozen=True)
@@ -376,9 +380,10 @@ def _finalizing(
     if status.stage is not Stage.FINALIZING:
         return False
     if observations.merged_model_uri is None:
-        decision.act(MergeFinalModel(round=status.round))
+        decision.act(MergeFinalModel(round=status.round, best_round=status.best_round))
         return True
     status.final_model_uri = observations.merged_model_uri
+    status.best_merged_model_uri = observations.best_merged_model_uri
     status.stage = Stage.DONE
     status.phase = Phase.SUCCEEDED
     status.finished_at = now

@@ -40,7 +40,7 @@ from fedtrain.api import (
 )
 from fedtrain.job import TrainerJob
 from fedtrain.layout import TrainingLayout
-from fedtrain.messages import RoundManifest, SecureAggregationReply, UpdateVerdict
+from fedtrain.messages import ModelReply, RoundManifest, SecureAggregationReply, UpdateVerdict
 from fedtrain.pretrained import load_pretrained, presign_pretrained
 from fedtrain.sealing import DataKey, load_key_file, write_key_file
 from fedtrain.store import ObjectStore, S3Store, open_store
@@ -59,6 +59,8 @@ SPEC_FILE = "training.yaml"
 DATA_KEY_FILE = "data-key"
 HISTORY_FILE = "history.jsonl"
 MERGED_FILE = "model-merged.safetensors"
+#: The best round's global model (on the sites' validation splits), merged the same way.
+BEST_MERGED_FILE = "model-best-merged.safetensors"
 #: Each site's own merged model, where the spec publishes them (exchange.siteModels, localOnly).
 SITE_MERGED_FILE = "model-merged-{site}.safetensors"
 PID_SUFFIX = ".pid"
@@ -385,16 +387,18 @@ class LocalAggregator:
         progress = await self._call(self.aggregator.advance_secure, round_index, live, started_at, now)
         return SecureAggregationReply(phase=progress.phase, waiting_on=list(progress.waiting_on))
 
-    async def merge(self, round_index: int) -> str:
-        uri: str = await self._call(self.aggregator.merge, round_index)
+    async def merge(self, round_index: int, best_round: int | None) -> ModelReply:
+        reply: ModelReply = await self._call(self.aggregator.merge, round_index, best_round)
         await self._copy_out(self.layout.merged_model(), self.run_dir / MERGED_FILE)
+        if reply.best_model_uri is not None:
+            await self._copy_out(self.layout.best_merged_model(), self.run_dir / BEST_MERGED_FILE)
         if self.aggregator.spec.publishes_site_models:
             # The final evaluation is over: each site that reported wrote its own merged model.
             for site in self.aggregator.spec.sites:
                 key = self.layout.site_merged_model(site.name)
                 if await asyncio.to_thread(self.store.exists, key):
                     await self._copy_out(key, self.run_dir / SITE_MERGED_FILE.format(site=site.name))
-        return uri
+        return reply
 
     async def _copy_out(self, key: str, target: Path) -> None:
         path = self.store.local_path(key)

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RoundRecord, Stage, TrainingMode
 
 from .engine import Event
-from .local import MERGED_FILE, load_history
+from .local import BEST_MERGED_FILE, MERGED_FILE, load_history
 from .report import plot_history, round_table, test_table, upload_table
 
 PLOT_FILE = "plot.png"
@@ -100,5 +100,9 @@ class RunProgress:
             return  # no global model: the sites' own models are listed with the run's files
         if status.final_model_uri:
             self.console.print(f"final merged model: {self.run_dir / MERGED_FILE}")
-        if status.best_model_uri:
-            self.console.print(f"best global model (round {status.best_round}): {status.best_model_uri}")
+        if status.best_merged_model_uri:
+            metric = self.spec.evaluation.metric.value
+            self.console.print(
+                f"best merged model (round {status.best_round}, {metric} {status.best_metric:.4f} on "
+                f"validation): {self.run_dir / BEST_MERGED_FILE}"
+            )

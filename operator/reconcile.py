@@ -32,7 +32,7 @@ from fedtrain.api import (
 )
 from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
 from fedtrain.layout import TrainingLayout
-from fedtrain.messages import RoundManifest, SecureAggregationReply, UpdateVerdict
+from fedtrain.messages import ModelReply, RoundManifest, SecureAggregationReply, UpdateVerdict
 from fedtrain.pretrained import cluster_problems
 from fedtrain.store import S3Store
 
@@ -226,8 +226,8 @@ class ClusterAggregator:
     ) -> SecureAggregationReply:
         return await self._explained(self.client.advance_secure(round_index, live, started_at, now))
 
-    async def merge(self, round_index: int) -> str:
-        return await self._explained(self.client.merge(round_index))
+    async def merge(self, round_index: int, best_round: int | None) -> ModelReply:
+        return await self._explained(self.client.merge(round_index, best_round))
 
     async def release(self) -> None:
         """Scale the aggregator to zero: its objects stay (and go with the training)."""

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedtrain.aggregator.rounds import AggregationError, RoundAggregator
+from fedtrain.aggregator.rounds import AggregationError, RoundAggregator, UnknownRoundError
 from fedtrain.aggregator.strategies import FedAvg, WeightedMean, make_strategy, site_weight
 from fedtrain.api import (
     ExchangePolicy,
@@ -767,8 +767,11 @@ def test_merged_model_loads_into_plain_timm_and_matches_the_peft_model(
     assert aggregator.submit(0, "fab-a").accepted
     aggregator.close(0, ["fab-a"])
 
-    uri = aggregator.merge(1)
+    # Round 0's global model (the initial one) as the best: merged beside the final one.
+    reply = aggregator.merge(1, best_round=0)
+    uri = reply.model_uri
     assert uri == store.uri(LAYOUT.merged_model())
+    assert reply.best_model_uri == store.uri(LAYOUT.best_merged_model())
     merged = decode(store.get_bytes(LAYOUT.merged_model()))
     assert merged.meta.kind is PayloadKind.MERGED
     assert merged.meta.config["num_classes"] == 9
@@ -787,10 +790,16 @@ def test_merged_model_loads_into_plain_timm_and_matches_the_peft_model(
         untouched = build_model(spec).module.eval()(batch)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(untouched, expected, atol=1e-3)  # the update changed the model
+    best = plain_vit()
+    best.load_state_dict(dict(decode(store.get_bytes(LAYOUT.best_merged_model())).tensors), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(best.eval()(batch), untouched, rtol=1e-5, atol=1e-5)
 
     identity = _file_identity(store, LAYOUT.merged_model())
-    assert aggregator.merge(1) == uri
+    assert aggregator.merge(1, best_round=0) == reply
     assert _file_identity(store, LAYOUT.merged_model()) == identity
+    with pytest.raises(UnknownRoundError, match="best round 2 comes after the final round 1"):
+        aggregator.merge(1, best_round=2)
 
 
 def test_an_update_carrying_a_personal_tensor_is_rejected_naming_it(store: LocalStore) -> None:

@@ -398,7 +398,9 @@ def test_a_test_split_is_disjoint_deterministic_and_leaves_the_validation_rows_w
     for part, repeated in zip((train, val, test), again, strict=True):
         np.testing.assert_array_equal(part, repeated)
     assert (len(train), len(val), len(test)) == (65, 20, 15)
-    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert not set(train) & set(val)
+    assert not set(train) & set(test)
+    assert not set(val) & set(test)
     assert sorted([*train, *val, *test]) == list(range(100))
     np.testing.assert_array_equal(val, val_without_test)
 

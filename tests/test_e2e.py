@@ -101,7 +101,10 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     (LoRA product aggregation with sites of two ranks runs in process: tests/test_lora_aggregation.py.)"""
     run_dir = tmp_path / "run"
     privacy = {"clipNorm": 5.0, "secureAggregation": {"maxSamples": 1000}}
-    document = training("wafers", sites=2, privacy=privacy, aggregation={"weighting": "samples"})
+    evaluation = {"testFraction": 0.2, "every": 2, "metric": "macroF1"}
+    document = training(
+        "wafers", sites=2, privacy=privacy, aggregation={"weighting": "samples"}, evaluation=evaluation
+    )
     document["spec"]["sites"][1]["data"]["synthetic"]["samples"] = 320
     path = write(tmp_path, document)
     refused = CliRunner().invoke(app, ["run", str(path), "--run-dir", str(run_dir), "--parallel", "1"])
@@ -118,6 +121,7 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     assert [(r["round"], r["kind"]) for r in records] == [(0, "train"), (1, "train"), (2, "evaluate")]
     first, final = records[0]["evaluation"]["accuracy"], records[-1]["evaluation"]["accuracy"]
     assert final > first, f"validation accuracy did not rise: round 0 {first:.3f}, final {final:.3f}"
+    assert records[1].get("evaluation") is None, "evaluation.every 2 skips round 1's global model"
     assert all(sorted(r["participants"]) == ["fab-a", "fab-b"] for r in records)
     assert all(r["bytesUploaded"] > 0 for r in records[:2])
     assert all(not r.get("secureDropouts") for r in records)
@@ -128,12 +132,39 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     model = plain_vit(depth=2, embed_dim=64)
     model.load_state_dict(merged, strict=True)
     assert status["finalModelUri"].endswith("model-merged.safetensors")
-    assert status["bestRound"] in (0, 1, 2)
+    check_test_split_and_best_model(run_dir, status, records[-1], result.stdout, plain_vit)
     assert "round 1 of 2" in result.stdout or "final" in result.stdout
     assert "validation accuracy of each round's global model" in result.stdout
     assert "notes" not in result.stdout, "no straggler, failure or rejection to note"
     check_secure_round(tmp_path, run_dir, document)
     check_predict(tmp_path, run_dir, model)
+
+
+def check_test_split_and_best_model(
+    run_dir: Path, status: dict[str, Any], final: dict[str, Any], output: str, plain_vit: Any
+) -> None:
+    """The final model's figures on the held-out test splits (240 and 320 maps, 20 % each), pooled from
+    the sites' counts, in the record, the status and the printed table; the best round (scored on
+    validation: rounds 0 and 2, evaluation.every 2) exported merged beside the final model."""
+    tested = final["testEvaluation"]
+    assert tested == status["testEvaluation"]
+    assert {site: figures["samples"] for site, figures in final["siteTestEvaluation"].items()} == {
+        "fab-a": 48,
+        "fab-b": 64,
+    }
+    assert tested["samples"] == 112
+    assert tested["pooled"] is True
+    assert sum(tested["classCounts"]["correct"]) == round(tested["accuracy"] * 112)
+    assert 0 <= tested["ece"] <= 1
+    assert "final model on the held-out test splits" in output
+    assert status["bestRound"] in (0, 2)
+    best = load_file(str(run_dir / "model-best-merged.safetensors"))
+    plain_vit(depth=2, embed_dim=64).load_state_dict(best, strict=True)
+    assert status["bestMergedModelUri"].endswith("final/model-best-merged.safetensors")
+    final_model = load_file(str(run_dir / "model-merged.safetensors"))
+    same = all(torch.equal(best[name], final_model[name]) for name in best)
+    assert same == (status["bestRound"] == 2), "the best merged model is the best round's global model"
+    assert f"best merged model (round {status['bestRound']}, macroF1" in " ".join(output.split())
 
 
 def check_secure_round(tmp_path: Path, run_dir: Path, document: dict[str, Any]) -> None:

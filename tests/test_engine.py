@@ -35,7 +35,7 @@ from fedtrain.api import (
     Stage,
 )
 from fedtrain.evaluation import pool
-from fedtrain.messages import Participant, RoundManifest, UpdateVerdict
+from fedtrain.messages import ModelReply, Participant, RoundManifest, UpdateVerdict
 from fedtrain.operator.core import RoundMemory
 from fedtrain.operator.engine import (
     Action,
@@ -63,6 +63,7 @@ T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 TIMEOUT = 600
 TICK = timedelta(seconds=1)
 MERGED_URI = "s3://models/fedtrain/default/demo/final/model-merged.safetensors"
+BEST_MERGED_URI = "s3://models/fedtrain/default/demo/final/model-best-merged.safetensors"
 
 ACTIVE = JobObservation(JobState.ACTIVE)
 SUCCEEDED = JobObservation(JobState.SUCCEEDED)
@@ -292,11 +293,12 @@ class World:
 
     @property
     def merged_model_uri(self) -> str | None:
-        return self.memory.merged_model_uri
+        return self.memory.merged.model_uri if self.memory.merged else None
 
     @merged_model_uri.setter
     def merged_model_uri(self, value: str | None) -> None:
-        self.memory.merged_model_uri = value
+        best = BEST_MERGED_URI if self.status.best_round is not None else None
+        self.memory.merged = ModelReply(model_uri=value, best_model_uri=best) if value else None
 
     def step(self) -> Decision:
         before = self.status
@@ -751,6 +753,33 @@ def test_the_final_evaluation_records_each_site_s_own_merged_model() -> None:
     assert world.status.site_model_uris == own
 
 
+def test_the_best_round_follows_validation_alone_and_the_test_figures_reach_the_status() -> None:
+    """Round 0's model scores best on validation; the final model's test figures, however good, never
+    move the best round: the merge asks for round 0 as the best, and the status shows the test figures."""
+    world = start_round_zero(make_spec(rounds=1))
+    complete(world, names(3), evaluation=metrics(0.9, samples=100))
+    world.step()
+    world.manifest = manifest(0, names(3))
+    world.step()
+    world.jobs = {(name, 0): ACTIVE for name in names(3)}
+    world.step()
+    complete(world, names(3), evaluation=metrics(0.5, samples=100))
+    for index, name in enumerate(names(3)):
+        tested = metrics(0.99 - index * 0.01, samples=50 + index)
+        world.verdicts[name] = world.verdicts[name].model_copy(update={"test_evaluation": tested})
+    decision = world.step()
+
+    assert (world.status.best_round, world.status.best_metric) == (0, pytest.approx(0.9))
+    assert of_type(decision.actions, MergeFinalModel) == [MergeFinalModel(round=1, best_round=0)]
+    record = world.status.history[-1]
+    assert set(record.site_test_evaluation) == set(names(3))
+    assert world.status.test_evaluation == record.test_evaluation
+    assert world.status.test_evaluation is not None
+    assert world.status.test_evaluation.samples == 153
+    expected = sum((0.99 - i * 0.01) * (50 + i) for i in range(3)) / 153
+    assert world.status.test_evaluation.accuracy == pytest.approx(expected)
+
+
 def test_last_round_is_followed_by_evaluation_merge_and_success() -> None:
     world = start_round_zero(make_spec(rounds=1))
     complete(world, names(3), evaluation=metrics(0.5, samples=100))
@@ -780,11 +809,11 @@ def test_last_round_is_followed_by_evaluation_merge_and_success() -> None:
     assert record.participants == names(3)
     assert record.evaluation is not None
     assert record.evaluation.accuracy == pytest.approx(0.9)
-    assert decision.actions == [RecordRound(record=record), MergeFinalModel(round=1)]
+    assert decision.actions == [RecordRound(record=record), MergeFinalModel(round=1, best_round=1)]
     assert world.status.stage is Stage.FINALIZING
     assert world.status.message == "merging the final model"
     assert (world.status.best_round, world.status.best_model_uri) == (1, global_uri(1))
-    assert world.step().actions == [MergeFinalModel(round=1)]
+    assert world.step().actions == [MergeFinalModel(round=1, best_round=1)]
 
     world.merged_model_uri = MERGED_URI
     finished_at = T0 + seconds(300)
@@ -795,6 +824,7 @@ def test_last_round_is_followed_by_evaluation_merge_and_success() -> None:
     current = world.status
     assert (current.phase, current.stage) == (Phase.SUCCEEDED, Stage.DONE)
     assert current.final_model_uri == MERGED_URI
+    assert current.best_merged_model_uri == BEST_MERGED_URI
     assert current.finished_at == finished_at
     assert current.round_deadline is None
     assert current.message == "finished after 1 rounds; best accuracy 0.9000 at round 1"
@@ -1431,7 +1461,7 @@ RESTART_ACTIONS: dict[str, list[Action]] = {
         1, names(4), state_from={name: AttemptRef(round=0, attempt=0) for name in names(3)}
     ),
     "evaluating": starts(2, ["site-1", "site-2", "site-3"], mode="evaluate"),
-    "finalizing": [MergeFinalModel(round=2)],
+    "finalizing": [MergeFinalModel(round=2, best_round=2)],
     "succeeded": [],
     "failed": [],
     "suspended": [],
@@ -1510,7 +1540,7 @@ def test_happy_path_three_rounds_three_sites() -> None:
     submitted = Counter((action.round, action.site) for action in of_type(world.actions, SubmitUpdate))
     assert submitted == {(r, site): 1 for r in range(4) for site in names(3)}
     assert [action.round for action in of_type(world.actions, CloseRound)] == [0, 1, 2]
-    assert of_type(world.actions, MergeFinalModel) == [MergeFinalModel(round=3)]
+    assert of_type(world.actions, MergeFinalModel) == [MergeFinalModel(round=3, best_round=status.best_round)]
     assert of_type(world.actions, InitializeModel) == [InitializeModel()]
     assert of_type(world.actions, StopSiteJob) == []
     assert [action.record for action in of_type(world.actions, RecordRound)] == status.history

@@ -4,6 +4,8 @@ figures of the pooled predictions."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -37,7 +39,7 @@ def direct_ece(confidences: npt.NDArray[np.float64], hits: npt.NDArray[np.bool_]
     """Guo et al.'s ECE with bins (b/B, (b+1)/B], each sample placed by comparing with the edges."""
     edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
     total = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
+    for low, high in itertools.pairwise(edges):
         inside = (confidences > low) & (confidences <= high)
         if low == 0:
             inside |= confidences == 0
@@ -88,7 +90,8 @@ def test_summed_counts_give_the_pooled_predictions_figures_not_the_mean_of_the_s
     predictions = probabilities.argmax(axis=1)
     mean_of_sites = sum(figures(*data).macro_f1 * len(data[0]) for data in sites) / len(targets)
 
-    assert pooled is not None and pooled.pooled is True
+    assert pooled is not None
+    assert pooled.pooled is True
     assert pooled.samples == len(targets)
     assert pooled.accuracy == pytest.approx(np.mean(predictions == targets))
     assert pooled.macro_f1 == pytest.approx(direct_macro_f1(predictions, targets))
@@ -103,7 +106,8 @@ def test_a_site_without_counts_makes_the_pool_a_weighted_mean_and_says_so() -> N
     with_counts = figures(*site(5, 100, skew=1.0))
     without = with_counts.compact().model_copy(update={"ece": None})
     pooled = pool({"a": with_counts, "b": without})
-    assert pooled is not None and pooled.pooled is False
+    assert pooled is not None
+    assert pooled.pooled is False
     assert pooled.macro_f1 == pytest.approx(with_counts.macro_f1)
     assert pooled.ece is None
 

@@ -1045,7 +1045,7 @@ class NoAggregator:
     async def close(self, round_index: int, participants: list[str], rejected: list[Any]) -> Any:
         raise AssertionError("not called")
 
-    async def merge(self, round_index: int) -> str:
+    async def merge(self, round_index: int, best_round: int | None) -> Any:
         raise AssertionError("not called")
 
     async def release(self) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -32,6 +33,7 @@ from fedtrain.model import (
 )
 from fedtrain.store import LocalStore
 from fedtrain.trainer import train as train_module
+from fedtrain.trainer.data import generate_wafer_maps, site_data_seed, split_indices
 from fedtrain.trainer.train import (
     DataCursor,
     classification_metrics,
@@ -402,6 +404,44 @@ def test_evaluation_mode_uploads_a_report_without_tensors(tmp_path: Path) -> Non
     assert len(report.tensors) == 0
     assert report.meta.metrics["evaluation"]["samples"] == 8
     assert not store.exists(_state_key("fab-a", 0)), "evaluation must not touch the optimizer state"
+
+
+def test_the_labels_of_the_test_rows_change_nothing_but_the_test_figures(tmp_path: Path) -> None:
+    """Two copies of a site's data that differ only in the labels of its test rows: the same update,
+    bit for bit, and the same validation figures (so the same best round: the engine picks it from
+    validation figures alone, tests/test_engine.py); only the final evaluation's test figures differ."""
+    maps, labels = generate_wafer_maps(60, 28, 1.0, seed=3)
+    _, _, test_rows = split_indices(60, 0.2, site_data_seed(5, "fab-a"), test_fraction=0.25)
+    relabelled = labels.copy()
+    relabelled[test_rows] = (labels[test_rows] + 1) % 9
+    outcomes = []
+    for variant, variant_labels in (("given", labels), ("relabelled", relabelled)):
+        np.savez(tmp_path / f"{variant}.npz", maps=maps, labels=variant_labels)
+        site = {"name": "fab-a", "data": {"npz": {"path": str(tmp_path / f"{variant}.npz")}}}
+        document = tiny_spec(evaluation={"testFraction": 0.25}).model_dump(mode="json", by_alias=True)
+        spec = FederatedTrainingSpec.model_validate({**document, "sites": [site]})
+        store, layout = LocalStore(tmp_path / variant), TrainingLayout("local", "split-test")
+        RoundAggregator(store, layout, spec).initialize()
+        run_job(_job(store, layout, spec, 0))
+        run_job(_job(store, layout, spec, 1, mode="evaluate", global_round=0))
+        outcomes.append(
+            (
+                decode(store.get_bytes(layout.update(0, "fab-a"))),
+                decode(store.get_bytes(layout.update(1, "fab-a"))),
+            )
+        )
+
+    (update, report), (other_update, other_report) = outcomes
+    assert update.meta.samples == 33, "60 maps less 12 for validation and 15 for testing"
+    assert update.tensors.keys() == other_update.tensors.keys()
+    assert all(torch.equal(update.tensors[name], other_update.tensors[name]) for name in update.tensors)
+    assert "test" not in update.meta.metrics, "a training round never scores the test split"
+    assert update.meta.metrics["evaluation"] == other_update.meta.metrics["evaluation"]
+    assert report.meta.metrics["evaluation"] == other_report.meta.metrics["evaluation"]
+    tested, other_tested = report.meta.metrics["test"], other_report.meta.metrics["test"]
+    assert tested["samples"] == other_tested["samples"] == 15
+    assert tested["class_counts"]["predicted"] == other_tested["class_counts"]["predicted"]
+    assert tested["class_counts"]["support"] != other_tested["class_counts"]["support"]
 
 
 def _run_entrypoint(config: Path) -> subprocess.CompletedProcess[str]:
