@@ -68,6 +68,7 @@ from fedtrain.messages import (
     SecureAggregationRecord,
     UpdateVerdict,
 )
+from fedtrain.retention import model_keys, oldest_kept_model, update_keys
 from fedtrain.sealed_store import SealedStore
 from fedtrain.sealing import DataKey
 from fedtrain.secagg_round import element_count, unflatten
@@ -949,6 +950,33 @@ class RoundAggregator:
                 f"round {round_index}: the server optimizer state is corrupt: {error}"
             ) from None
         return payload.tensors
+
+    # ---------------------------------------------------------------------------------------------
+    # retention
+
+    def apply_retention(self, round_index: int, updates: bool, models: list[int]) -> int:
+        """storage.retention: delete round `round_index`'s uploads (once it is closed) and the global
+        models of `models` (each older than the window the spec keeps). Refuses anything a running
+        round, a close or a resume could still read; returns how many objects were deleted."""
+        retention = self.spec.retention
+        closed = self.manifest(round_index) is not None
+        if updates and not retention.delete_updates:
+            raise UnknownRoundError(f"round {round_index}'s updates stay: storage.retention keeps them")
+        if updates and not closed:
+            raise UnknownRoundError(f"round {round_index}'s updates stay: the round is not closed")
+        newest = round_index + 1 if closed else round_index
+        oldest = oldest_kept_model(retention, newest)
+        too_recent = [model for model in models if model >= oldest or retention.keep_global_models is None]
+        if too_recent:
+            raise UnknownRoundError(
+                f"global models {too_recent} stay: storage.retention keeps models {oldest} to {newest}"
+            )
+        keys = [*(update_keys(self.layout, self.spec, round_index) if updates else [])]
+        keys += [key for model in models for key in model_keys(self.layout, model)]
+        for key in keys:
+            self.store.delete(key)
+        log.info("round %d: storage.retention deleted %d objects", round_index, len(keys))
+        return len(keys)
 
     # ---------------------------------------------------------------------------------------------
     # the final model

@@ -56,6 +56,8 @@ from fedtrain.messages import (
     MergeRequest,
     Message,
     ModelReply,
+    RetentionReply,
+    RetentionRequest,
     RoundManifest,
     RoundReply,
     SecureAggregationReply,
@@ -682,6 +684,7 @@ def _v1_router(library: _Library, metrics: ServiceMetrics) -> APIRouter:
 
     _add_round_routes(v1, library, metrics)
     _add_secure_aggregation_route(v1, library)
+    _add_retention_route(v1, library)
 
     @v1.post(
         "/merge",
@@ -749,6 +752,22 @@ def _add_round_routes(v1: APIRouter, library: _Library, metrics: ServiceMetrics)
             return RoundReply(round=round, closed=True, manifest=manifest, verdicts=verdicts)
 
         return library.call(f"round {round}", work)
+
+
+def _add_retention_route(v1: APIRouter, library: _Library) -> None:
+    """storage.retention: the engine's call that deletes what a closed round no longer needs."""
+
+    @v1.post(
+        "/rounds/{round}/retention",
+        response_model=RetentionReply,
+        summary="storage.retention: delete a closed round's updates and global models out of the window.",
+        responses={**CONFLICT, **UNKNOWN_ROUND},
+    )
+    def apply_retention(round: RoundIndex, request: RetentionRequest) -> RetentionReply:
+        def work(agg: RoundAggregator) -> RetentionReply:
+            return RetentionReply(deleted=agg.apply_retention(round, request.updates, list(request.models)))
+
+        return library.call(f"round {round} retention", work)
 
 
 def _add_secure_aggregation_route(v1: APIRouter, library: _Library) -> None:

@@ -141,7 +141,7 @@ class AggregatorSettings(BaseSettings):
             resource = load_resource(self.training_file)
         except InvalidResourceError as error:
             raise SettingsError([f"{variable}: {problem}" for problem in error.problems]) from None
-        if resource.spec.storage is None:
+        if resource.spec.object_storage is None:
             raise SettingsError(
                 [f"{variable}: spec.storage is required: the aggregator keeps models and updates in S3"]
             )
@@ -172,9 +172,10 @@ def layout_of(resource: FederatedTraining) -> TrainingLayout:
 
 def store_of(resource: FederatedTraining) -> S3Store:
     """The training's store; keys left to boto3's default chain (AWS_ACCESS_KEY_ID, IRSA, ...)."""
-    if resource.spec.storage is None:
+    storage = resource.spec.object_storage
+    if storage is None:
         raise SettingsError(["spec.storage is required: the aggregator keeps models and updates in S3"])
-    return S3Store.from_spec(resource.spec.storage)
+    return S3Store.from_spec(storage)
 
 
 def pretrained_weights(resource: FederatedTraining) -> Path | bytes | None:

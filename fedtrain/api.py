@@ -1404,12 +1404,40 @@ class PrivacySpec(SpecModel):
 # spec.storage
 
 
+class RetentionSpec(SpecModel):
+    """What the object store keeps of a training: by default everything."""
+
+    delete_updates: bool = Field(
+        False,
+        description=(
+            "Delete each training round's updates (and its secure-aggregation objects) once its "
+            "manifest is written: the next global model holds what they were for."
+        ),
+    )
+    keep_global_models: int | None = Field(
+        None,
+        ge=1,
+        le=10000,
+        description=(
+            "Keep the last this many global models (and their fp32 copies); unset: keep all. The best "
+            "round's model is kept whatever its age (the best merged model is made from it), and so "
+            "is everything a running round or a resume reads. Manifests, the history and the sites' "
+            "states are always kept."
+        ),
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.delete_updates or self.keep_global_models is not None
+
+
 class StorageSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
             {
-                "rule": f"!self.bucket.matches('{IPV4}') && !self.bucket.startsWith('xn--')"
-                " && !self.bucket.endsWith('-s3alias') && !self.bucket.endsWith('--ol-s3')",
+                "rule": f"!has(self.bucket) || (!self.bucket.matches('{IPV4}')"
+                " && !self.bucket.startsWith('xn--') && !self.bucket.endsWith('-s3alias')"
+                " && !self.bucket.endsWith('--ol-s3'))",
                 "message": "bucket is not a name S3 accepts: not an IP address, no xn-- prefix, "
                 "no -s3alias or --ol-s3 suffix",
                 "fieldPath": ".bucket",
@@ -1426,12 +1454,16 @@ class StorageSpec(SpecModel):
             "No credentials, query or fragment in it."
         ),
     )
-    bucket: str = Field(
-        ...,
+    bucket: str | None = Field(
+        None,
         min_length=3,
         max_length=63,
         pattern=BUCKET,
-        description="Bucket: lowercase letters, digits, hyphens and single dots, as S3 names buckets.",
+        description=(
+            "Bucket: lowercase letters, digits, hyphens and single dots, as S3 names buckets. Required "
+            "on a cluster; fedtrain run keeps its objects in the run directory (or --store) and reads "
+            "only retention of this section."
+        ),
     )
     prefix: str = Field(
         "fedtrain",
@@ -1457,10 +1489,18 @@ class StorageSpec(SpecModel):
         pattern=DNS_SUBDOMAIN,
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, in the training's namespace.",
     )
+    retention: RetentionSpec = Field(
+        default_factory=RetentionSpec,
+        description=(
+            "What the store keeps once a round closes (fedtrain run applies it to the run directory's store)."
+        ),
+    )
 
     @field_validator("bucket")
     @classmethod
-    def _bucket_s3_accepts(cls, bucket: str) -> str:
+    def _bucket_s3_accepts(cls, bucket: str | None) -> str | None:
+        if bucket is None:
+            return None
         reserved = bucket.startswith("xn--") or bucket.endswith(("-s3alias", "--ol-s3"))
         if reserved or re.fullmatch(IPV4, bucket):
             raise ValueError(
@@ -1982,7 +2022,11 @@ class FederatedTrainingSpec(SpecModel):
         description="Clipping and differential privacy of the sites' updates (none by default).",
     )
     storage: StorageSpec | None = Field(
-        None, description="S3-compatible object storage for models and updates (required on a cluster)."
+        None,
+        description=(
+            "S3-compatible object storage for models and updates (its bucket is required on a cluster), "
+            "and what it keeps (retention)."
+        ),
     )
     sites: list[SiteSpec] = Field(
         ..., min_length=1, max_length=256, description="Participating sites, unique by name."
@@ -2183,6 +2227,16 @@ class FederatedTrainingSpec(SpecModel):
     @property
     def publishes_site_models(self) -> bool:
         return publishes_site_models(self.mode, self.exchange)
+
+    @property
+    def object_storage(self) -> StorageSpec | None:
+        """spec.storage where it names a bucket: the S3 store a cluster keeps the training in."""
+        return self.storage if self.storage is not None and self.storage.bucket is not None else None
+
+    @property
+    def retention(self) -> RetentionSpec:
+        """storage.retention, or keep everything where the spec has no storage section."""
+        return self.storage.retention if self.storage is not None else RetentionSpec()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -204,6 +204,25 @@ class SecureAggregationReply(Message):
     waiting_on: list[str] = Field(default_factory=list, description="The live sites the phase waits for.")
 
 
+class RetentionRequest(Message):
+    """storage.retention: delete what a closed round no longer needs."""
+
+    updates: bool = Field(
+        False, description="Delete the round's updates and secure-aggregation objects (the round is closed)."
+    )
+    models: list[RoundIndex] = Field(
+        default_factory=list,
+        max_length=MAX_SITES,
+        description="Delete the global models of these rounds (older than the window the spec keeps).",
+    )
+
+
+class RetentionReply(Message):
+    """What a retention call deleted (objects already gone count too: deleting is idempotent)."""
+
+    deleted: int = Field(..., description="Objects deleted.")
+
+
 class MergeRequest(Message):
     """Write the final model, a round's global model with LoRA folded in, and the best round's."""
 

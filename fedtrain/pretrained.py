@@ -30,8 +30,8 @@ def pretrained_object(
     if pretrained.source is not PretrainedSource.URI or not pretrained.location:
         return None
     bucket, _, key = pretrained.location.removeprefix("s3://").partition("/")
-    if spec.storage is not None:
-        return spec.storage.model_copy(update={"bucket": bucket, "prefix": ""}), key
+    if spec.object_storage is not None:
+        return spec.object_storage.model_copy(update={"bucket": bucket, "prefix": ""}), key
     return StorageSpec(bucket=bucket, prefix="", endpoint=endpoint), key
 
 
@@ -64,9 +64,9 @@ def presign_pretrained(
 def cluster_problems(spec: FederatedTrainingSpec) -> list[str]:
     """What a spec that is valid for a local run lacks on a cluster, each naming the field and the fix."""
     problems = []
-    if spec.storage is None:
+    if spec.object_storage is None:
         problems.append(
-            "spec.storage: required on a cluster (weights move only through object storage): "
+            "spec.storage.bucket: required on a cluster (weights move only through object storage): "
             "set storage.bucket, and storage.endpoint for MinIO or Ceph"
         )
     if spec.model.pretrained.source is PretrainedSource.FILE:

@@ -384,6 +384,8 @@ class S3Store(ObjectStore):
         cls, spec: StorageSpec, access_key: str | None = None, secret_key: str | None = None
     ) -> S3Store:
         """The store a FederatedTraining's spec.storage names; the keys come from its Secret."""
+        if spec.bucket is None:
+            raise StoreError("spec.storage names no bucket: set storage.bucket")
         return cls(
             bucket=spec.bucket,
             prefix=spec.prefix,

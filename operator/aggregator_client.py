@@ -13,6 +13,8 @@ from fedtrain.errors import INVALID_SPEC, PermanentError, TemporaryError
 from fedtrain.messages import (
     MergeRequest,
     ModelReply,
+    RetentionReply,
+    RetentionRequest,
     RoundManifest,
     SecureAggregationReply,
     SecureAggregationRequest,
@@ -116,6 +118,11 @@ class AggregatorClient:
         return SecureAggregationReply.model_validate(
             await self._post(f"/v1/rounds/{round_index}/secagg", body)
         )
+
+    async def apply_retention(self, round_index: int, updates: bool, models: list[int]) -> int:
+        body = RetentionRequest(updates=updates, models=models).model_dump(mode="json")
+        reply = RetentionReply.model_validate(await self._post(f"/v1/rounds/{round_index}/retention", body))
+        return reply.deleted
 
     async def merge(self, round_index: int, best_round: int | None) -> ModelReply:
         body = MergeRequest(round=round_index, best_round=best_round).model_dump(mode="json")

@@ -29,6 +29,7 @@ from fedtrain.store import MAX_PRESIGN_SECONDS
 from .engine import (
     Action,
     AdvanceSecureAggregation,
+    ApplyRetention,
     CloseRound,
     Event,
     Failure,
@@ -82,6 +83,8 @@ class AggregatorPort(Protocol):
         self, round_index: int, live: list[str], started_at: datetime, now: datetime
     ) -> SecureAggregationReply: ...
     async def merge(self, round_index: int, best_round: int | None) -> ModelReply: ...
+
+    async def apply_retention(self, round_index: int, updates: bool, models: list[int]) -> int: ...
     async def release(self) -> None: ...
 
 
@@ -400,6 +403,8 @@ class DriverCore:
         if isinstance(action, MergeFinalModel):
             memory.merged = await aggregator.merge(action.round, action.best_round)
             return memory.merged
+        if isinstance(action, ApplyRetention):
+            return await self._apply_retention(action)
         if isinstance(action, StartSiteJob):
             await self.jobs.start(action, await self.trainer_job(action, status))
         elif isinstance(action, StopSiteJob):
@@ -409,6 +414,15 @@ class DriverCore:
         elif isinstance(action, ReleaseAggregator):
             await aggregator.release()
         return None
+
+    async def _apply_retention(self, action: ApplyRetention) -> int:
+        """storage.retention is best effort: a deletion that fails is logged and the training goes on
+        (the objects stay; the engine does not ask again)."""
+        try:
+            return await self.aggregator.apply_retention(action.round, action.updates, list(action.models))
+        except Exception as error:
+            log.warning("%s: round %d: storage.retention failed: %s", self.layout.root, action.round, error)
+            return 0
 
     async def _advance_secure(self, action: AdvanceSecureAggregation) -> SecureAggregationReply:
         """The aggregator ends a secure-aggregation phase if it may; while the round waits for the

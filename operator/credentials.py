@@ -60,9 +60,10 @@ class KubeCredentials:
         return self.keys
 
     def _storage(self) -> StorageSpec:
-        if self.spec.storage is None:  # refused when the spec was validated; kept for the type checker
-            raise PermanentError("spec.storage is required on a cluster", reason=INVALID_SPEC)
-        return self.spec.storage
+        storage = self.spec.object_storage
+        if storage is None:  # refused when the spec was validated; kept for the type checker
+            raise PermanentError("spec.storage.bucket is required on a cluster", reason=INVALID_SPEC)
+        return storage
 
     async def store(self) -> S3Store:
         """The training's bucket, with its keys (for presigning and the history)."""

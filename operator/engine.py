@@ -36,6 +36,7 @@ from fedtrain.api import (
 from fedtrain.errors import INVALID_SPEC
 from fedtrain.evaluation import pool
 from fedtrain.messages import RoundManifest, UpdateVerdict
+from fedtrain.retention import models_to_delete
 
 from .privacy_budget import budget_message, budget_problem, epsilon_spent, within_budget
 from .selection import select_sites
@@ -149,6 +150,17 @@ class MergeFinalModel:
 
 
 @dataclass(frozen=True)
+class ApplyRetention:
+    """storage.retention: delete a closed round's uploads (`updates`) and the global models of
+    `models`, which no round, merge or resume reads any more. Best effort: a deletion that fails
+    leaves the objects, never the training."""
+
+    round: int
+    updates: bool
+    models: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class RecordRound:
     """Append a closed round to the full history in the object store."""
 
@@ -168,6 +180,7 @@ Action = (
     | CloseRound
     | AdvanceSecureAggregation
     | MergeFinalModel
+    | ApplyRetention
     | RecordRound
     | ReleaseAggregator
 )
@@ -645,10 +658,12 @@ def _round_complete(
         record = _record(status, now, kind="evaluate", model_uri=status.global_model_uri)
         _remember(status, record, decision)
         status.test_evaluation = record.test_evaluation
+        best_before = status.best_round
         if record.evaluation is not None:
             _track_best(spec, status, status.round, status.global_model_uri, record.evaluation)
         else:
             decision.warning("EvaluationMissing", "no site reported an evaluation of the final model")
+        _retain(spec, status, decision, updates=False, newest=status.round, best_before=best_before)
         status.stage = Stage.FINALIZING
         status.message = "merging the final model"
         return
@@ -756,9 +771,11 @@ def _record_training_round(
     if manifest.secure_aggregation is not None:
         record.secure_dropouts = sorted(set(manifest.secure_aggregation.shared) - set(record.participants))
     _remember(status, record, decision)
+    best_before = status.best_round
     if record.evaluation is not None:
         _track_best(spec, status, status.round, evaluated_model, record.evaluation)
     status.global_model_uri = manifest.model_uri
+    _retain(spec, status, decision, updates=True, newest=status.round + 1, best_before=best_before)
     accuracy = f"{record.evaluation.accuracy:.3f}" if record.evaluation else "n/a"
     decision.normal(
         "RoundClosed",
@@ -783,6 +800,24 @@ def _record_training_round(
         _start_round(spec, status, decision, next_round, now, mode="evaluate")
     else:
         _start_round(spec, status, decision, next_round, now)
+
+
+def _retain(
+    spec: FederatedTrainingSpec,
+    status: FederatedTrainingStatus,
+    decision: Decision,
+    updates: bool,
+    newest: int,
+    best_before: int | None,
+) -> None:
+    """storage.retention once round `status.round` is over and model `newest` exists: its uploads
+    (a training round's) and the global models that just stopped being needed."""
+    retention = spec.retention
+    # A training round's close writes model `newest`; the final evaluation writes none.
+    models = models_to_delete(retention, newest, best_before, status.best_round, window_moved=updates)
+    delete_updates = updates and retention.delete_updates
+    if delete_updates or models:
+        decision.act(ApplyRetention(round=status.round, updates=delete_updates, models=models))
 
 
 def _stop_running_sites(status: FederatedTrainingStatus, decision: Decision, reason: str) -> None:

@@ -387,6 +387,10 @@ class LocalAggregator:
         progress = await self._call(self.aggregator.advance_secure, round_index, live, started_at, now)
         return SecureAggregationReply(phase=progress.phase, waiting_on=list(progress.waiting_on))
 
+    async def apply_retention(self, round_index: int, updates: bool, models: list[int]) -> int:
+        deleted: int = await self._call(self.aggregator.apply_retention, round_index, updates, models)
+        return deleted
+
     async def merge(self, round_index: int, best_round: int | None) -> ModelReply:
         reply: ModelReply = await self._call(self.aggregator.merge, round_index, best_round)
         await self._copy_out(self.layout.merged_model(), self.run_dir / MERGED_FILE)

@@ -226,6 +226,9 @@ class ClusterAggregator:
     ) -> SecureAggregationReply:
         return await self._explained(self.client.advance_secure(round_index, live, started_at, now))
 
+    async def apply_retention(self, round_index: int, updates: bool, models: list[int]) -> int:
+        return await self._explained(self.client.apply_retention(round_index, updates, models))
+
     async def merge(self, round_index: int, best_round: int | None) -> ModelReply:
         return await self._explained(self.client.merge(round_index, best_round))
 

@@ -38,7 +38,7 @@ from fedtrain.operator import manifests
 from fedtrain.operator.cli import SUSPENDED_MESSAGE
 from fedtrain.operator.engine import Event
 from fedtrain.operator.settings import OperatorSettings
-from fedtrain.store import S3Store
+from fedtrain.store import LocalStore, ObjectStore, S3Store
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT_TRAINER = Path(__file__).resolve().parent / "contract_trainer.py"
@@ -169,6 +169,9 @@ class Driver(Protocol):
     def trainers_running(self) -> list[str]:
         """Trainer processes of this training still running."""
 
+    def store(self) -> tuple[ObjectStore, TrainingLayout]:
+        """The training's object store and where its objects live in it."""
+
     def warnings(self) -> set[str]:
         """The reasons of the engine's Warning events the driver made known (Events, or the CLI's output)."""
 
@@ -210,7 +213,10 @@ class LocalDriver:
         document = tiny_training(
             name, "fedtrain-local", "http://127.0.0.1:9", rounds=rounds, sites=sites, **spec
         )
-        del document["spec"]["storage"]  # the run directory's store
+        # The run directory's store: of spec.storage a local run reads only its retention.
+        storage = document["spec"].pop("storage")
+        if "retention" in storage:
+            document["spec"]["storage"] = {"retention": storage["retention"]}
         return document
 
     @property
@@ -376,6 +382,10 @@ class LocalDriver:
     def trainers_running(self) -> list[str]:
         return [str(pid) for pid in self._trainer_pids()]
 
+    def store(self) -> tuple[ObjectStore, TrainingLayout]:
+        metadata = self.document["metadata"]
+        return LocalStore(self.run_dir / "store"), TrainingLayout(metadata["namespace"], metadata["name"])
+
     def warnings(self) -> set[str]:
         """What the CLI printed as `warning REASON: message`, or what the runner in a thread reported."""
         printed = "".join(path.read_text() for path in self.folder.glob("run-*.out"))
@@ -498,6 +508,9 @@ class OperatorDriver:
 
     def training(self, name: str, rounds: int, sites: int, **spec: Any) -> dict[str, Any]:
         return self.cluster.training(name, rounds=rounds, sites=sites, **spec)
+
+    def store(self) -> tuple[ObjectStore, TrainingLayout]:
+        return self.cluster.store(self.name_of_training)
 
     @property
     def trainers(self) -> Trainers:

@@ -26,7 +26,7 @@ def test_validate_cluster_refuses_a_local_only_spec_naming_the_fields(tmp_path: 
     assert runner.invoke(app, ["validate", str(path)]).exit_code == 0  # fine for a local run
     result = runner.invoke(app, ["validate", str(path), "--cluster"])
     assert result.exit_code == 2
-    assert "spec.storage: required on a cluster" in result.output
+    assert "spec.storage.bucket: required on a cluster" in result.output
     assert "spec.model.pretrained.source: file" in result.output
     assert "source: uri" in result.output
 

@@ -171,10 +171,12 @@ def test_a_killed_driver_and_a_suspension_each_stop_a_round_that_then_goes_on(dr
     repeating an attempt. Round 1, the final evaluation: its first attempts never finish on their
     own; the training is suspended (the driver stops them) and resumed, and each site starts the
     round again as attempt 1. Also a robust strategy in both drivers: trimmedMean combines round 0
-    from the store."""
+    from the store. And storage.retention: round 0's updates deleted once it closed, one global model
+    kept besides the best, and the resumed training still merges the best and the final models."""
     sites = ("fab-a", "fab-b")
     robust = {"strategy": "trimmedMean", "robust": {"trimFraction": 0.25}}
-    document = training(driver, "contract-stops", sites=2, aggregation=robust)
+    retention = {"retention": {"deleteUpdates": True, "keepGlobalModels": 1}}
+    document = training(driver, "contract-stops", sites=2, aggregation=robust, storage=retention)
     driver.start(document, faults=[Fault("hold", round=0), Fault("hang", round=1, attempt=0)])
     wait_for("round 0's trainers", lambda: driver.trainers.started(0) == set(sites), timeout=240)
     driver.restart()
@@ -205,3 +207,11 @@ def test_a_killed_driver_and_a_suspension_each_stop_a_round_that_then_goes_on(dr
     )
     # Two sites, a quarter trimmed per side: floor(0.5) = 0 values trimmed of either.
     assert status["history"][0]["trimmedShare"] == {"fab-a": 0.0, "fab-b": 0.0}
+    store, layout = driver.store()
+    assert not any(store.exists(layout.update(0, site)) for site in sites), "round 0's updates deleted"
+    assert all(store.exists(layout.update(1, site)) for site in sites), "evaluation reports are kept"
+    kept = {model for model in (0, 1) if store.exists(layout.global_model(model))}
+    assert kept == {1, status["bestRound"]}, "the newest global model and the best one"
+    assert store.exists(layout.manifest(0))
+    assert status["bestMergedModelUri"].endswith("final/model-best-merged.safetensors")
+    assert store.exists(layout.best_merged_model())

@@ -39,6 +39,7 @@ from fedtrain.messages import ModelReply, Participant, RoundManifest, UpdateVerd
 from fedtrain.operator.core import RoundMemory
 from fedtrain.operator.engine import (
     Action,
+    ApplyRetention,
     CloseRound,
     Decision,
     Event,
@@ -338,7 +339,7 @@ class World:
                 self.manifest = manifest(round_index, participants, rejected)
             case MergeFinalModel():
                 self.merged_model_uri = MERGED_URI
-            case RecordRound():
+            case RecordRound() | ApplyRetention():
                 pass
 
     def finish_jobs(self) -> None:
@@ -778,6 +779,28 @@ def test_the_best_round_follows_validation_alone_and_the_test_figures_reach_the_
     assert world.status.test_evaluation.samples == 153
     expected = sum((0.99 - i * 0.01) * (50 + i) for i in range(3)) / 153
     assert world.status.test_evaluation.accuracy == pytest.approx(expected)
+
+
+def test_retention_asks_for_each_closed_rounds_uploads_and_the_models_that_left_the_window() -> None:
+    spec = FederatedTrainingSpec.model_validate(
+        {
+            **make_spec(rounds=4).to_api(),
+            "storage": {"retention": {"deleteUpdates": True, "keepGlobalModels": 1}},
+        }
+    )
+    world = World(spec, react=True, score=scores(accuracy={1: 0.9}))
+    status = world.run()
+
+    assert status.best_round == 1
+    # Model 0 leaves the window at round 0's close unless it is the best (it is, until round 1's);
+    # model 1, the best from then on, stays; 2 and 3 leave as newer ones come.
+    assert of_type(world.actions, ApplyRetention) == [
+        ApplyRetention(round=0, updates=True, models=()),
+        ApplyRetention(round=1, updates=True, models=(0,)),
+        ApplyRetention(round=2, updates=True, models=(2,)),
+        ApplyRetention(round=3, updates=True, models=(3,)),
+    ]
+    assert of_type(world.actions, MergeFinalModel) == [MergeFinalModel(round=4, best_round=1)]
 
 
 def test_last_round_is_followed_by_evaluation_merge_and_success() -> None:

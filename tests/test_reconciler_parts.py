@@ -1048,6 +1048,9 @@ class NoAggregator:
     async def merge(self, round_index: int, best_round: int | None) -> Any:
         raise AssertionError("not called")
 
+    async def apply_retention(self, round_index: int, updates: bool, models: list[int]) -> int:
+        raise AssertionError("not called")
+
     async def release(self) -> None:
         return None
 
