@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -497,7 +497,7 @@ class RoundAggregator:
                 f"{key} is the update of training {meta.training} round {meta.round} site {meta.site}",
             )
         try:
-            common = _common(meta, size, self.spec.model.class_count)
+            common = _common(meta, size, self.spec.model.class_count, [s.name for s in self.spec.sites])
         except ValueError as error:
             return self._reject(round_index, site, "metadata", f"{key} has unusable metrics: {error}")
         site_spec = next((s for s in self.spec.sites if s.name == site), None)
@@ -583,7 +583,7 @@ class RoundAggregator:
             return verdict
         payload, size = opened
         meta = payload.meta
-        common = _common(meta, size, self.spec.model.class_count)
+        common = _common(meta, size, self.spec.model.class_count, [s.name for s in self.spec.sites])
         try:
             weight = site_weight(self.spec.aggregation.weighting, meta.samples, self.spec.site(site).weight)
         except ValueError as error:
@@ -742,6 +742,8 @@ class RoundAggregator:
             del self._open[round_index]
         # After the model: a robust strategy may leave out an update replaced since it was accepted.
         folded = [site for site in participants if site in open_round.weights]
+        if self.spec.evaluation.cross_site:
+            self._write_local_models(round_index, folded)
         manifest = RoundManifest(
             training=self.layout.name,
             round=round_index,
@@ -770,6 +772,28 @@ class RoundAggregator:
         self.store.put_bytes(self.layout.manifest(round_index), manifest.model_dump_json(indent=2).encode())
         self._manifests[round_index] = manifest
         return manifest
+
+    def _write_local_models(self, round_index: int, sites: list[str]) -> None:
+        """evaluation.crossSite: each folded site's local model after the round, the global model plus
+        its update (exchange policy all: every exchanged tensor), for the final evaluation's matrix.
+        Written before the manifest, so a close that is repeated writes them again."""
+        signature = self.signature(round_index)
+        with self._exact_model(round_index, verify=False) as (current, _):
+            base = {name: tensor.float() for name, tensor in current.tensors.items()}
+            meta = current.meta.model_copy(update={"transfer_dtype": TransferDtype.FP32})
+        for site in sites:
+            key = self.layout.update(round_index, site)
+            with self._opened(key, verify=True) as (payload, _):
+                local = dict(base)
+                for name in sent_tensors(payload):
+                    delta = read_update_tensor(payload, signature, name, key)[0]
+                    if not isinstance(delta, torch.Tensor):  # sparse: refused with crossSite
+                        raise AggregationError(f"{key}: {name} is sparse; crossSite needs policy all")
+                    local[name] = base[name] + delta.float()
+            with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
+                staged = Path(scratch) / "local.safetensors"
+                encode_file(local, meta.model_copy(update={"site": site}), staged)
+                self.store.put_file(self.layout.local_model(round_index, site), staged)
 
     def _sum_of(self, round_index: int, participants: list[str]) -> _OpenRound:
         """The open round summing the participants' accepted updates.
@@ -1059,7 +1083,7 @@ def _manifest_rejections(open_round: _OpenRound, recorded: list[RejectedUpdate])
     ]
 
 
-def _common(meta: Metadata, size: int, class_count: int) -> dict[str, Any]:
+def _common(meta: Metadata, size: int, class_count: int, sites: Sequence[str]) -> dict[str, Any]:
     """What every verdict on an update or report carries; ValueError when the metrics are unusable."""
     if not _SHA256.fullmatch(meta.tensors_sha256):
         raise ValueError(f"tensors_sha256 {meta.tensors_sha256[:80]!r} is not a sha256")
@@ -1072,6 +1096,7 @@ def _common(meta: Metadata, size: int, class_count: int) -> dict[str, Any]:
         "update_bytes": size,
         "evaluation": _evaluation(meta, "evaluation", class_count),
         "test_evaluation": _evaluation(meta, "test", class_count),
+        "cross_site": _cross_site(meta, class_count, sites),
         "train_seconds": train_seconds,
         "train_metrics": _train_metrics(meta),
     }
@@ -1088,6 +1113,19 @@ def _train_metrics(meta: Metadata) -> dict[str, float]:
         and name != CLIP_BELOW_METRIC  # under dp, a site's bit is what the count's noise hides
     }
     return dict(sorted(figures.items())[:MAX_TRAIN_METRICS])
+
+
+def _cross_site(meta: Metadata, class_count: int, sites: Sequence[str]) -> dict[str, EvalMetrics]:
+    """A report's cross-site figures: each a site's local model on the reporting site's test split."""
+    raw = meta.metrics.get("cross_site")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not set(raw) <= set(sites):
+        raise ValueError("cross_site must map the training's site names to figures")
+    figures = {site: EvalMetrics.model_validate(value) for site, value in raw.items()}
+    for value in figures.values():
+        check_reported(value, class_count)
+    return figures
 
 
 def _evaluation(meta: Metadata, key: str, class_count: int) -> EvalMetrics | None:

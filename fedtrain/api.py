@@ -1061,6 +1061,12 @@ class MetricName(ApiEnum):
     LOSS = "loss"
 
 
+#: Cross-site validation scores N models at N sites: its matrix lives in the status.
+MAX_CROSS_SITE_SITES: Final = 32
+#: The final global model's column of the cross-site matrix: no site name (a DNS label) can be it.
+GLOBAL_MODEL_KEY: Final = "(global)"
+
+
 class EvaluationSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=_cel_rules(
@@ -1099,6 +1105,18 @@ class EvaluationSpec(SpecModel):
             "training data; it never picks the best round or stops early: only the final evaluation "
             "scores the final model on it (status.testEvaluation). Off by default so that a running "
             "training's validation split never changes under an upgrade."
+        ),
+    )
+    cross_site: bool = Field(
+        False,
+        description=(
+            "Cross-site validation: in the final evaluation every site also scores each site's last "
+            "local model (the last training round's global model plus that site's update, as the "
+            "aggregator rebuilds it) on its own test split, beside the final global model: an N x (N + "
+            "1) matrix (status.crossSiteAccuracy, the final record's crossSite). Sites receive the "
+            f"other sites' models, never their data. Needs testFraction, exchange policy all, mode "
+            f"federated, at most {MAX_CROSS_SITE_SITES} sites, and neither secure aggregation (it hides "
+            "each site's update) nor storage.retention.deleteUpdates nor sites[].loraRank."
         ),
     )
     every: int = Field(
@@ -2055,6 +2073,7 @@ class FederatedTrainingSpec(SpecModel):
                 "or use mode federated"
             )
         self._check_scaffold()
+        self._check_cross_site()
         self._check_lora_product()
         self._check_site_ranks()
         self._check_privacy()
@@ -2165,6 +2184,31 @@ class FederatedTrainingSpec(SpecModel):
             fixed_point(secure, privacy.clip_norm, len(self.sites), self.aggregation.weighting)
         except ValueError as error:
             raise ValueError(f"privacy.secureAggregation: {error}") from None
+
+    def _check_cross_site(self) -> None:
+        if not self.evaluation.cross_site:
+            return
+        needs = {
+            "evaluation.testFraction above 0 (the matrix is scored on the test splits)": (
+                self.evaluation.test_fraction > 0
+            ),
+            "mode federated": self.mode is TrainingMode.FEDERATED,
+            "exchange policy all (a site's local model is what the aggregator rebuilds from its update)": (
+                self.exchange.policy is ExchangePolicy.ALL
+            ),
+            f"at most {MAX_CROSS_SITE_SITES} sites": len(self.sites) <= MAX_CROSS_SITE_SITES,
+            "no privacy.secureAggregation (it hides each site's update)": (
+                self.privacy.secure_aggregation is None
+            ),
+            "no storage.retention.deleteUpdates (the last round's updates make the local models)": (
+                not self.retention.delete_updates
+            ),
+            "no sites[].loraRank": all(site.lora_rank is None for site in self.sites),
+        }
+        missing = [need for need, met in needs.items() if not met]
+        if missing:
+            needed = "; ".join(missing)
+            raise ValueError(f"evaluation.crossSite needs {needed}: change these or drop crossSite")
 
     def _check_site_ranks(self) -> None:
         ranked = [site for site in self.sites if site.lora_rank is not None]
@@ -2378,6 +2422,11 @@ class SiteRoundStatus(ApiModel):
     test_evaluation: EvalMetrics | None = Field(
         None, description="The final evaluation: the final model on the site's test split."
     )
+    cross_site: dict[str, EvalMetrics] = Field(
+        default_factory=dict,
+        max_length=MAX_CROSS_SITE_SITES,
+        description="evaluation.crossSite: each site's last local model on this site's test split.",
+    )
     update_bytes: int | None = Field(None, description="Size of the uploaded update.")
     train_seconds: float | None = Field(None, description="Local training time.")
 
@@ -2411,6 +2460,15 @@ class RoundRecord(ApiModel):
     )
     site_test_evaluation: dict[str, EvalMetrics] = Field(
         default_factory=dict, description="The final evaluation: the final model on each site's test split."
+    )
+    cross_site: dict[str, dict[str, EvalMetrics]] = Field(
+        default_factory=dict,
+        max_length=MAX_CROSS_SITE_SITES,
+        description=(
+            "evaluation.crossSite: for each site's last local model, its figures on each site's test "
+            "split (model -> scoring site); with siteTestEvaluation, the global model's column, the "
+            "N x (N + 1) matrix."
+        ),
     )
     bytes_uploaded: int = Field(0, description="Update bytes the sites uploaded.")
     site_bytes: dict[str, int] = Field(
@@ -2481,6 +2539,15 @@ class FederatedTrainingStatus(ApiModel):
         description=(
             "evaluation.testFraction: the final model on all sites' held-out test splits, pooled (never "
             "used to pick the best round)."
+        ),
+    )
+    cross_site_accuracy: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        max_length=MAX_CROSS_SITE_SITES + 1,
+        description=(
+            "evaluation.crossSite: test accuracy of each model (each site's last local model, and "
+            f"'{GLOBAL_MODEL_KEY}' for the final global model) on each site's test split: model -> site "
+            "-> accuracy."
         ),
     )
     privacy_epsilon: float | None = Field(

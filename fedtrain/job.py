@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedtrain.api import (
+    MAX_CROSS_SITE_SITES,
     EvaluationSpec,
     ExchangeSpec,
     FederatedTrainingSpec,
@@ -79,6 +80,10 @@ SEALED_URL_FIELDS: Final = (
 )
 
 
+#: The job's field of cross-site model URLs; a sealed one's identity is named `cross_site_urls.<site>`.
+CROSS_SITE_FIELD: Final = "cross_site_urls"
+
+
 class Sealing(BaseModel):
     """privacy.encryptAtRest: the key a trainer seals and opens its objects with, and what each is."""
 
@@ -92,10 +97,11 @@ class Sealing(BaseModel):
     )
     object_keys: dict[str, str] = Field(
         ...,
-        max_length=len(SEALED_URL_FIELDS),
+        max_length=len(SEALED_URL_FIELDS) + MAX_CROSS_SITE_SITES,
         description=(
             "For each URL field of the job that it reads or writes an object through (global_model_url, "
-            "update_url, ...), the object's key in the training's store: the identity it is sealed as."
+            "update_url, ...; cross_site_urls.<site> for each cross-site model), the object's key in the "
+            "training's store: the identity it is sealed as."
         ),
     )
 
@@ -139,6 +145,14 @@ class TrainerJob(BaseModel):
         None,
         description="PUT, evaluation only: this site's own merged model, where the spec publishes "
         "site models (exchange.siteModels, or mode localOnly).",
+    )
+    cross_site_urls: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_CROSS_SITE_SITES,
+        description=(
+            "GET, the final evaluation under evaluation.crossSite: each site's last local model (a model, "
+            "never data), scored on this site's test split."
+        ),
     )
     pretrained_url: str | None = Field(None, description="GET: base weights when pretrained.source is uri.")
     sealing: Sealing | None = Field(

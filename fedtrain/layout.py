@@ -67,6 +67,11 @@ class TrainingLayout:
         name = f"{kind}/{site}" if site is not None else kind
         return f"{self.round_dir(round_index)}/secagg/{name}"
 
+    def local_model(self, round_index: int, site: str) -> str:
+        """evaluation.crossSite: a site's local model after a round, the round's global model plus
+        the site's update, as the aggregator rebuilt it for the cross-site matrix."""
+        return f"{self.round_dir(round_index)}/local/{site}.safetensors"
+
     def manifest(self, round_index: int) -> str:
         """Written last when a round closes: its presence means the round is done."""
         return f"{self.round_dir(round_index)}/manifest.json"

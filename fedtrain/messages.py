@@ -37,6 +37,10 @@ class UpdateVerdict(Message):
     test_evaluation: EvalMetrics | None = Field(
         None, description="An evaluation report's: the final model on the site's test split."
     )
+    cross_site: dict[str, EvalMetrics] = Field(
+        default_factory=dict,
+        description="A report's, evaluation.crossSite: each site's local model on this site's test split.",
+    )
     train_seconds: float | None = None
     train_metrics: dict[str, float] = Field(
         default_factory=dict, description="The trainer's own figures: train_loss, samples_per_second, ..."

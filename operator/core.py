@@ -20,7 +20,7 @@ from typing import Protocol
 
 from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RejectedUpdate, RoundRecord
 from fedtrain.errors import DEFAULT_RETRY_SECONDS, PermanentError, TemporaryError
-from fedtrain.job import Sealing, SecureAggregationUrls, TrainerJob, TrainerSpec
+from fedtrain.job import CROSS_SITE_FIELD, Sealing, SecureAggregationUrls, TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
 from fedtrain.messages import ModelReply, RoundManifest, SecureAggregationReply, UpdateVerdict
 from fedtrain.sealing import DataKey
@@ -172,8 +172,12 @@ def build_trainer_job(
         transfer_deadline=transfer_deadline,
     )
     job.secure_aggregation = _secure_aggregation_urls(spec, layout, action, signer, expires_seconds)
+    job.cross_site_urls = {
+        site: signer.presign_get(key, expires_seconds)
+        for site, key in _cross_site_models(spec, layout, action).items()
+    }
     if data_key is not None:
-        job.sealing = _sealing(data_key, layout, action, job)
+        job.sealing = _sealing(data_key, spec, layout, action, job)
     return job
 
 
@@ -200,7 +204,23 @@ def _secure_aggregation_urls(
     )
 
 
-def _sealing(data_key: DataKey, layout: TrainingLayout, action: StartSiteJob, job: TrainerJob) -> Sealing:
+def _cross_site_models(
+    spec: FederatedTrainingSpec, layout: TrainingLayout, action: StartSiteJob
+) -> dict[str, str]:
+    """evaluation.crossSite, the final evaluation: the key of each site's local model after the last
+    training round (the round before the evaluation), whatever site scores them. Models only."""
+    if action.mode != "evaluate" or not spec.evaluation.cross_site or action.round == 0:
+        return {}
+    return {site.name: layout.local_model(action.round - 1, site.name) for site in spec.sites}
+
+
+def _sealing(
+    data_key: DataKey,
+    spec: FederatedTrainingSpec,
+    layout: TrainingLayout,
+    action: StartSiteJob,
+    job: TrainerJob,
+) -> Sealing:
     """privacy.encryptAtRest: the data key, and the store key behind each of the job's URLs (except
     the user's pretrained weights): the identity each object is sealed as."""
     keys = {
@@ -215,6 +235,8 @@ def _sealing(data_key: DataKey, layout: TrainingLayout, action: StartSiteJob, jo
             action.site, action.state_from.round, action.state_from.attempt
         )
     present = {field: key for field, key in keys.items() if getattr(job, field) is not None}
+    for site, key in _cross_site_models(spec, layout, action).items():
+        present[f"{CROSS_SITE_FIELD}.{site}"] = key
     return Sealing(data_key=data_key.to_base64(), object_keys=present)
 
 

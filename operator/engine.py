@@ -12,13 +12,14 @@ the global model r they receive, so round r's metrics describe global model r.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal
 
 from fedtrain.api import (
+    GLOBAL_MODEL_KEY,
     STATUS_HISTORY_LIMIT,
     AttemptRef,
     Condition,
@@ -220,6 +221,27 @@ class Decision:
 
 # --------------------------------------------------------------------------------------------------
 # pure helpers
+
+
+def cross_site_matrix(sites: Sequence[SiteRoundStatus]) -> dict[str, dict[str, EvalMetrics]]:
+    """evaluation.crossSite: the sites' reports turned into model -> scoring site -> figures."""
+    matrix: dict[str, dict[str, EvalMetrics]] = {}
+    for site in sites:
+        for model, figures in site.cross_site.items():
+            matrix.setdefault(model, {})[site.name] = figures
+    return {model: dict(sorted(column.items())) for model, column in sorted(matrix.items())}
+
+
+def cross_site_accuracy(record: RoundRecord) -> dict[str, dict[str, float]]:
+    """The status summary of the N x (N + 1) matrix: test accuracy of each site's local model and of
+    the final global model (GLOBAL_MODEL_KEY) on each site's test split; empty without cross-site."""
+    if not record.cross_site:
+        return {}
+    accuracy = {
+        model: {site: m.accuracy for site, m in column.items()} for model, column in record.cross_site.items()
+    }
+    accuracy[GLOBAL_MODEL_KEY] = {site: m.accuracy for site, m in record.site_test_evaluation.items()}
+    return accuracy
 
 
 def set_condition(
@@ -592,6 +614,7 @@ def _apply_verdict(
     site.samples = verdict.samples
     site.evaluation = verdict.evaluation
     site.test_evaluation = verdict.test_evaluation
+    site.cross_site = dict(verdict.cross_site)
     site.update_bytes = verdict.update_bytes
     site.train_seconds = verdict.train_seconds
     if verdict.accepted:
@@ -658,6 +681,7 @@ def _round_complete(
         record = _record(status, now, kind="evaluate", model_uri=status.global_model_uri)
         _remember(status, record, decision)
         status.test_evaluation = record.test_evaluation
+        status.cross_site_accuracy = cross_site_accuracy(record)
         best_before = status.best_round
         if record.evaluation is not None:
             _track_best(spec, status, status.round, status.global_model_uri, record.evaluation)
@@ -723,6 +747,7 @@ def _record(
         site_evaluation={site: figures.compact() for site, figures in per_site.items()},
         test_evaluation=pool(per_site_test),
         site_test_evaluation={site: figures.compact() for site, figures in per_site_test.items()},
+        cross_site=cross_site_matrix(status.sites),
         bytes_uploaded=sum(site.update_bytes or 0 for site in status.sites),
         site_bytes={site.name: site.update_bytes for site in status.sites if site.update_bytes is not None},
         model_uri=model_uri,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import TracebackType
 
@@ -12,9 +13,12 @@ from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RoundRe
 
 from .engine import Event
 from .local import BEST_MERGED_FILE, MERGED_FILE, load_history
-from .report import plot_history, round_table, test_table, upload_table
+from .report import cross_site_document, plot_cross_site, plot_history, round_table, test_table, upload_table
 
 PLOT_FILE = "plot.png"
+#: evaluation.crossSite: the matrix and its heatmap.
+CROSS_SITE_FILE = "cross-site.json"
+CROSS_SITE_PLOT = "cross-site.png"
 
 
 class RunProgress:
@@ -84,6 +88,18 @@ class RunProgress:
         extra = f", {record.bytes_uploaded / 1024:.0f} KB uploaded" if record.kind == "train" else ""
         self.progress.console.print(f"{head}: {scored} ({per_site}){extra}, {record.duration_seconds:.0f} s")
 
+    def _cross_site(self, record: RoundRecord) -> None:
+        """evaluation.crossSite: the matrix as cross-site.json and a heatmap in the run directory."""
+        document = cross_site_document(record)
+        if document is None:
+            return
+        (self.run_dir / CROSS_SITE_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        plot_cross_site(document, self.run_dir / CROSS_SITE_PLOT)
+        self.console.print(
+            f"cross-site validation, {len(document['models'])} models x {len(document['sites'])} test "
+            f"splits: {self.run_dir / CROSS_SITE_FILE}, {self.run_dir / CROSS_SITE_PLOT}"
+        )
+
     def summary(self, status: FederatedTrainingStatus, seconds: float) -> None:
         records = load_history(self.run_dir)
         if records:
@@ -93,6 +109,7 @@ class RunProgress:
             tested = test_table(records[-1], self.spec.model.class_names())
             if tested is not None:
                 self.console.print(tested)
+            self._cross_site(records[-1])
             plot_history(records, self.sites, self.run_dir / PLOT_FILE, local_only)
         self.console.print(f"{status.phase.value} in {seconds:.0f} s: {status.message}")
         self.console.print(f"run directory {self.run_dir}: status.json, history.jsonl, {PLOT_FILE}, logs/")

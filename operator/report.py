@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from fedtrain.api import RoundRecord
+from fedtrain.api import GLOBAL_MODEL_KEY, RoundRecord
 from fedtrain.evaluation import per_class_accuracy
 
 if TYPE_CHECKING:
@@ -97,6 +97,55 @@ def test_table(record: RoundRecord, class_names: Sequence[str]) -> Table | None:
             f"{name} {value:.2f}" for name, value in recall.items() if value is not None
         )
     return table
+
+
+def cross_site_document(record: RoundRecord) -> dict[str, Any] | None:
+    """evaluation.crossSite: the N x (N + 1) matrix of the final evaluation as JSON: for each model
+    (each site's last local model, then the final global model) each site's test figures."""
+    if not record.cross_site:
+        return None
+    models = {**record.cross_site, GLOBAL_MODEL_KEY: record.site_test_evaluation}
+    return {
+        "round": record.round,
+        "split": "test",
+        "sites": sorted({site for column in models.values() for site in column}),
+        "models": list(models),
+        "matrix": {
+            model: {
+                site: figures.model_dump(mode="json", exclude_none=True) for site, figures in column.items()
+            }
+            for model, column in models.items()
+        },
+    }
+
+
+def plot_cross_site(document: dict[str, Any], path: Path) -> None:
+    """The cross-site matrix's accuracies as a heatmap PNG: a row per scoring site, a column per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites, models = document["sites"], document["models"]
+    cells = [
+        [document["matrix"][model].get(site, {}).get("accuracy", float("nan")) for model in models]
+        for site in sites
+    ]
+    figure, axis = plt.subplots(
+        figsize=(1.2 * len(models) + 2, 0.6 * len(sites) + 1.5), constrained_layout=True
+    )
+    image = axis.imshow(cells, vmin=0, vmax=1, cmap="viridis")
+    axis.set_xticks(range(len(models)), [f"{model} model" for model in models], rotation=30, ha="right")
+    axis.set_yticks(range(len(sites)), [f"{site} test" for site in sites])
+    for row, values in enumerate(cells):
+        for column, value in enumerate(values):
+            axis.text(
+                column, row, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k"
+            )
+    figure.colorbar(image, ax=axis, label="test accuracy")
+    axis.set_title("cross-site validation: each model on each site's test split")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def _epsilon(epsilon: float | None) -> str:

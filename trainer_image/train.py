@@ -43,7 +43,7 @@ from fedtrain.codec import (
 )
 from fedtrain.dp import clip_factor
 from fedtrain.evaluation import calibration_bins, class_counts, per_class_accuracy, scored
-from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.job import CROSS_SITE_FIELD, TrainerJob, TrainerSpec
 from fedtrain.lora_ranks import config_scale, fit_to_rank, lora_scale
 from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
 from fedtrain.model.selection import select_update
@@ -532,6 +532,10 @@ def compute_round(job: TrainerJob, inputs: RoundInputs, device: torch.device) ->
         metrics["test"] = test.metrics.model_dump(mode="json")
         metrics["test_per_class_accuracy"] = test.per_class_accuracy
         _log_scores(job, "test", test)
+        if job.cross_site_urls:
+            metrics["cross_site"] = score_cross_site(
+                job, inputs.model, data.test_images, data.test_labels, device
+            )
     timings = {"load_seconds": inputs.load_seconds, "eval_seconds": time.perf_counter() - eval_started}
     if job.mode == "evaluate":
         return RoundOutcome(metrics, timings)
@@ -553,6 +557,38 @@ def _score(
     return evaluate(
         model.module, images, labels, class_names, job.spec.training.batch_size, device, amp_dtype
     )
+
+
+def score_cross_site(
+    job: TrainerJob, model: FederatedModel, images: ImageSet, labels: torch.Tensor, device: torch.device
+) -> dict[str, Any]:
+    """evaluation.crossSite: each site's last local model (the aggregator's rebuild, fetched through
+    the job's model URLs) on this site's test split. A site with no local model (it sent no update
+    in the last round) is left out. The model is put back as the round's global model afterwards."""
+    amp_dtype = autocast_dtype(job.spec.training.precision, device)
+    global_tensors = {name: tensor.detach().clone() for name, tensor in model.exchanged_state().items()}
+    scores: dict[str, Any] = {}
+    try:
+        for site in sorted(job.cross_site_urls):
+            try:
+                payload = decode(fetch(job, f"{CROSS_SITE_FIELD}.{site}"), name=f"{site}'s local model")
+            except ObjectNotFound:
+                log.info("cross-site: %s has no local model of round %d", site, job.round - 1)
+                continue
+            if payload.meta.base_fingerprint != model.base_fingerprint:
+                raise IncompatibleModelError(f"{site}'s local model was built from different base weights")
+            model.load_exchanged(dict(payload.tensors))
+            figures = _score(job, model, images, labels, device, amp_dtype)
+            scores[site] = figures.metrics.compact().model_dump(mode="json")
+            log.info(
+                "cross-site: %s's local model on %d test samples: accuracy %.4f",
+                site,
+                figures.metrics.samples,
+                figures.metrics.accuracy,
+            )
+    finally:
+        model.load_exchanged(global_tensors)
+    return scores
 
 
 def _log_scores(job: TrainerJob, split: str, scores: Evaluation) -> None:

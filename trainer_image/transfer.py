@@ -20,7 +20,11 @@ def _sealing(job: TrainerJob, field: str) -> tuple[DataKey, ObjectIdentity] | No
 
 
 def _url(job: TrainerJob, field: str) -> str:
-    url = getattr(job, field)
+    """The URL of a job field, or of one entry of a mapping of URLs (cross_site_urls.fab-a)."""
+    name, _, entry = field.partition(".")
+    url = getattr(job, name)
+    if entry:
+        url = url.get(entry) if isinstance(url, dict) else None
     if not isinstance(url, str):
         raise ValueError(f"the job has no {field}")
     return url
