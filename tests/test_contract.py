@@ -120,7 +120,8 @@ def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler
     """One round holds every way a site can end, and the training still succeeds: fab-a is accepted,
     fab-b's update is corrupted and rejected, fab-c fails every attempt (and is retried once), fab-d
     hangs until the clock passes the round's deadline. The evaluation round scores everyone left.
-    Also privacy.dp in both drivers: the trainers clip, the aggregator noises, the status shows epsilon."""
+    Also privacy.dp in both drivers: the trainers clip, the aggregator noises, the status shows epsilon;
+    and a test split with cross-site validation."""
     sites = ("fab-a", "fab-b", "fab-c", "fab-d")
     clock = Clock()
     faults = [
@@ -134,6 +135,7 @@ def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler
         sites=4,
         aggregation={"minSites": 1, "siteRetries": 1, "weighting": "uniform"},
         privacy={"clipNorm": 1.0, "dp": {"noiseMultiplier": 1.0}},
+        evaluation={"testFraction": 0.25, "crossSite": True},
     )
     driver.start(document, faults=faults, clock=clock)
 
@@ -163,6 +165,13 @@ def test_every_site_outcome_in_one_round_success_failure_rejection_and_straggler
     assert status["history"][0]["epsilon"] == pytest.approx(epsilon)
     (rejected,) = status["history"][0]["rejected"]
     assert "checksum" in rejected["reason"], rejected
+    # evaluation.crossSite: only fab-a's update made round 0, so only fab-a has a local model; the
+    # three sites that reported scored it and the final global model on their test splits.
+    reporting = {"fab-a", "fab-b", "fab-d"}
+    assert set(status["crossSiteAccuracy"]) == {"fab-a", "(global)"}
+    assert all(set(column) == reporting for column in status["crossSiteAccuracy"].values())
+    assert set(status["history"][-1]["crossSite"]["fab-a"]) == reporting
+    assert status["testEvaluation"]["samples"] == 3 * 10, "40 maps a site, a quarter held out"
 
 
 def test_a_killed_driver_and_a_suspension_each_stop_a_round_that_then_goes_on(driver: Driver) -> None:
