@@ -1096,6 +1096,7 @@ def _common(meta: Metadata, size: int, class_count: int, sites: Sequence[str]) -
         "update_bytes": size,
         "evaluation": _evaluation(meta, "evaluation", class_count),
         "test_evaluation": _evaluation(meta, "test", class_count),
+        "test_uncertainty": _evaluation(meta, "test_uncertainty", class_count),
         "cross_site": _cross_site(meta, class_count, sites),
         "train_seconds": train_seconds,
         "train_metrics": _train_metrics(meta),

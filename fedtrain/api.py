@@ -1061,6 +1061,29 @@ class MetricName(ApiEnum):
     LOSS = "loss"
 
 
+class UncertaintyMethod(ApiEnum):
+    NONE = "none"
+    MC_DROPOUT = "mcDropout"
+
+
+class UncertaintySpec(SpecModel):
+    method: UncertaintyMethod = Field(
+        UncertaintyMethod.NONE,
+        description=(
+            "none, or mcDropout: in the final evaluation each site also scores the final model with "
+            "dropout kept on (every dropout layer at `dropout`), averaging the class probabilities of "
+            "`samples` passes, on its test split (status.testUncertainty beside status.testEvaluation)."
+        ),
+    )
+    samples: int = Field(20, ge=2, le=1000, description="mcDropout: stochastic passes averaged per image.")
+    dropout: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="mcDropout: the rate every dropout layer drops at test time (0: the plain model).",
+    )
+
+
 #: Cross-site validation scores N models at N sites: its matrix lives in the status.
 MAX_CROSS_SITE_SITES: Final = 32
 #: The final global model's column of the cross-site matrix: no site name (a DNS label) can be it.
@@ -1119,6 +1142,10 @@ class EvaluationSpec(SpecModel):
             "each site's update) nor storage.retention.deleteUpdates nor sites[].loraRank."
         ),
     )
+    uncertainty: UncertaintySpec = Field(
+        default_factory=UncertaintySpec,
+        description="How sure the final model is, scored on the test splits (needs testFraction).",
+    )
     every: int = Field(
         1,
         ge=0,
@@ -1136,6 +1163,11 @@ class EvaluationSpec(SpecModel):
             raise ValueError(
                 f"evaluation.valFraction ({self.val_fraction}) plus testFraction ({self.test_fraction}) "
                 "must be below 1: lower one of them so that data is left to train on"
+            )
+        if self.uncertainty.method is not UncertaintyMethod.NONE and self.test_fraction == 0:
+            raise ValueError(
+                "evaluation.uncertainty is scored on the test splits: set evaluation.testFraction "
+                "(e.g. 0.2) or drop uncertainty"
             )
         if self.every == 0 and self.patience is not None:
             raise ValueError(
@@ -2393,6 +2425,20 @@ class EvalMetrics(ApiModel):
         ),
     )
     calibration: CalibrationBins | None = Field(None, description="What the ECE is computed from.")
+    uncertain_error_rate: float | None = Field(
+        None,
+        description=(
+            "The final evaluation's test figures: the error rate among the 10 % of predictions with "
+            "the highest predictive entropy (pooled: the sites' rates weighted by samples)."
+        ),
+    )
+    error_auroc: float | None = Field(
+        None,
+        description=(
+            "The final evaluation's test figures: how well predictive entropy tells errors from right "
+            "predictions (AUROC; 0.5 is chance; pooled: the sites' weighted by samples)."
+        ),
+    )
     pooled: bool | None = Field(
         None,
         description=(
@@ -2427,6 +2473,9 @@ class SiteRoundStatus(ApiModel):
         max_length=MAX_CROSS_SITE_SITES,
         description="evaluation.crossSite: each site's last local model on this site's test split.",
     )
+    test_uncertainty: EvalMetrics | None = Field(
+        None, description="evaluation.uncertainty: the final model's test figures under the method."
+    )
     update_bytes: int | None = Field(None, description="Size of the uploaded update.")
     train_seconds: float | None = Field(None, description="Local training time.")
 
@@ -2460,6 +2509,16 @@ class RoundRecord(ApiModel):
     )
     site_test_evaluation: dict[str, EvalMetrics] = Field(
         default_factory=dict, description="The final evaluation: the final model on each site's test split."
+    )
+    test_uncertainty: EvalMetrics | None = Field(
+        None,
+        description=(
+            "evaluation.uncertainty: the final model's figures under the method (mcDropout: the mean of "
+            "its passes' probabilities) on all sites' test splits, pooled."
+        ),
+    )
+    site_test_uncertainty: dict[str, EvalMetrics] = Field(
+        default_factory=dict, description="evaluation.uncertainty: the same on each site's test split."
     )
     cross_site: dict[str, dict[str, EvalMetrics]] = Field(
         default_factory=dict,
@@ -2539,6 +2598,13 @@ class FederatedTrainingStatus(ApiModel):
         description=(
             "evaluation.testFraction: the final model on all sites' held-out test splits, pooled (never "
             "used to pick the best round)."
+        ),
+    )
+    test_uncertainty: EvalMetrics | None = Field(
+        None,
+        description=(
+            "evaluation.uncertainty: the final model under the method on the held-out test splits, pooled "
+            "(NLL, ECE, error rate of the most uncertain tenth, error-detection AUROC), like testEvaluation."
         ),
     )
     cross_site_accuracy: dict[str, dict[str, float]] = Field(

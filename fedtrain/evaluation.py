@@ -76,6 +76,24 @@ def per_class_accuracy(counts: ClassCounts, class_names: list[str]) -> dict[str,
     }
 
 
+def error_detection(
+    entropy: npt.NDArray[np.floating], hits: npt.NDArray[np.bool_], share: float = 0.1
+) -> tuple[float | None, float | None]:
+    """How well predictive entropy flags errors: the error rate among the `share` of predictions
+    with the highest entropy, and the AUROC of entropy as a detector of errors (scikit-learn's;
+    None where there are no errors or nothing but errors)."""
+    if not len(hits):
+        return None, None
+    uncertain = np.argsort(-entropy, kind="stable")[: max(1, round(share * len(hits)))]
+    rate = float(1.0 - hits[uncertain].mean())
+    errors = ~hits
+    if errors.all() or not errors.any():
+        return rate, None
+    from sklearn.metrics import roc_auc_score  # the trainers' dependency, not the operator's
+
+    return rate, float(roc_auc_score(errors, entropy))
+
+
 def scored(loss: float, counts: ClassCounts, calibration: CalibrationBins | None) -> EvalMetrics:
     """A split's figures from its counts; the counts travel with them where the model has at most
     MAX_COUNTED_CLASSES classes (the status holds them)."""
@@ -106,11 +124,16 @@ def pool(per_site: Mapping[str, EvalMetrics]) -> EvalMetrics | None:
         )
 
     loss = mean([metrics.loss for metrics in reports])
+    detection = {
+        name: mean([getattr(metrics, name) for metrics in reports])
+        for name in ("uncertain_error_rate", "error_auroc")
+        if all(getattr(metrics, name) is not None for metrics in reports)
+    }
     counted = [metrics.class_counts for metrics in reports if metrics.class_counts is not None]
     binned = [metrics.calibration for metrics in reports if metrics.calibration is not None]
     if len(counted) == len(reports) and len(binned) == len(reports):
         pooled = scored(loss, _summed_counts(counted), _summed_bins(binned))
-        return pooled.model_copy(update={"pooled": True})
+        return pooled.model_copy(update={"pooled": True, **detection})
     eces = [metrics.ece for metrics in reports]
     return EvalMetrics(
         loss=loss,
@@ -119,6 +142,7 @@ def pool(per_site: Mapping[str, EvalMetrics]) -> EvalMetrics | None:
         samples=total,
         ece=mean([ece or 0.0 for ece in eces]) if None not in eces else None,
         pooled=False,
+        **detection,
     )
 
 
@@ -145,7 +169,8 @@ def _summed_bins(bins: list[CalibrationBins]) -> CalibrationBins:
 
 def check_reported(metrics: EvalMetrics, class_count: int) -> None:
     """ValueError naming what is wrong where a site's figures and counts cannot be one split's."""
-    scores = (metrics.accuracy, metrics.macro_f1, *([metrics.ece] if metrics.ece is not None else []))
+    optional = (metrics.ece, metrics.uncertain_error_rate, metrics.error_auroc)
+    scores = (metrics.accuracy, metrics.macro_f1, *(score for score in optional if score is not None))
     if not (np.isfinite(metrics.loss) and metrics.loss >= 0 and all(0 <= s <= 1 for s in scores)):
         raise ValueError(f"evaluation scores out of range: {metrics}")
     if metrics.samples < 0:

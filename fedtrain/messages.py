@@ -37,6 +37,9 @@ class UpdateVerdict(Message):
     test_evaluation: EvalMetrics | None = Field(
         None, description="An evaluation report's: the final model on the site's test split."
     )
+    test_uncertainty: EvalMetrics | None = Field(
+        None, description="A report's, evaluation.uncertainty: the final model under the method, test split."
+    )
     cross_site: dict[str, EvalMetrics] = Field(
         default_factory=dict,
         description="A report's, evaluation.crossSite: each site's local model on this site's test split.",

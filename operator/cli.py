@@ -343,6 +343,16 @@ def predict(
     top: int = typer.Option(3, "--top", min=1, help="Classes to show per input."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document on stdout, for machines."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Inputs per forward pass."),
+    mc_dropout: int = typer.Option(
+        0,
+        "--mc-dropout",
+        min=0,
+        help="Average this many passes with dropout kept on (MC dropout; 0: one plain pass): the entropy "
+        "then includes the model's own uncertainty.",
+    ),
+    dropout: float = typer.Option(
+        0.1, "--dropout", min=0.0, max=0.99, help="--mc-dropout: the dropout rate."
+    ),
 ) -> None:
     """Classify inputs with an exported model: each input's top classes with their probabilities and
     the predictive entropy (nats; log of the class count is a uniform guess). Inputs are prepared as
@@ -356,7 +366,8 @@ def predict(
     except PredictError as error:
         errors.print(f"[red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_INVALID) from None
-    predictions = run_predict(network, batch, config["labels"], top, batch_size)
+    sampling = (mc_dropout, dropout) if mc_dropout else None
+    predictions = run_predict(network, batch, config["labels"], top, batch_size, sampling)
     scored = accuracy(predictions)
     if as_json:
         document = {

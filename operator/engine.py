@@ -614,6 +614,7 @@ def _apply_verdict(
     site.samples = verdict.samples
     site.evaluation = verdict.evaluation
     site.test_evaluation = verdict.test_evaluation
+    site.test_uncertainty = verdict.test_uncertainty
     site.cross_site = dict(verdict.cross_site)
     site.update_bytes = verdict.update_bytes
     site.train_seconds = verdict.train_seconds
@@ -681,6 +682,7 @@ def _round_complete(
         record = _record(status, now, kind="evaluate", model_uri=status.global_model_uri)
         _remember(status, record, decision)
         status.test_evaluation = record.test_evaluation
+        status.test_uncertainty = record.test_uncertainty
         status.cross_site_accuracy = cross_site_accuracy(record)
         best_before = status.best_round
         if record.evaluation is not None:
@@ -728,6 +730,7 @@ def _record(
 ) -> RoundRecord:
     per_site = {site.name: site.evaluation for site in status.sites if site.evaluation is not None}
     per_site_test = {site.name: site.test_evaluation for site in status.sites if site.test_evaluation}
+    per_site_uncertain = {site.name: site.test_uncertainty for site in status.sites if site.test_uncertainty}
     return RoundRecord(
         round=status.round,
         kind=kind,
@@ -748,6 +751,8 @@ def _record(
         test_evaluation=pool(per_site_test),
         site_test_evaluation={site: figures.compact() for site, figures in per_site_test.items()},
         cross_site=cross_site_matrix(status.sites),
+        test_uncertainty=pool(per_site_uncertain),
+        site_test_uncertainty={site: figures.compact() for site, figures in per_site_uncertain.items()},
         bytes_uploaded=sum(site.update_bytes or 0 for site in status.sites),
         site_bytes={site.name: site.update_bytes for site in status.sites if site.update_bytes is not None},
         model_uri=model_uri,

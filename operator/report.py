@@ -80,16 +80,29 @@ def test_table(record: RoundRecord, class_names: Sequence[str]) -> Table | None:
     if pooled is None:
         return None
     table = Table(title="final model on the held-out test splits", show_lines=False)
-    for column in ("site", "samples", "accuracy", "macro-F1", "loss (NLL)", "ECE"):
+    columns = (
+        "site",
+        "samples",
+        "accuracy",
+        "macro-F1",
+        "loss (NLL)",
+        "ECE",
+        "errors in top 10% uncertain",
+        "AUROC",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "site" else "right")
-    for site, figures in [*record.site_test_evaluation.items(), ("all (pooled)", pooled)]:
+    rows = [*record.site_test_evaluation.items(), ("all (pooled)", pooled)]
+    if record.test_uncertainty is not None:  # evaluation.uncertainty: the method's pooled figures
+        rows.append(("all, MC dropout", record.test_uncertainty))
+    for site, figures in rows:
         table.add_row(
             site,
             str(figures.samples),
             f"{figures.accuracy:.3f}",
             f"{figures.macro_f1:.3f}",
             f"{figures.loss:.3f}",
-            f"{figures.ece:.3f}" if figures.ece is not None else "-",
+            *(_optional(value) for value in (figures.ece, figures.uncertain_error_rate, figures.error_auroc)),
         )
     if pooled.class_counts is not None:
         recall = per_class_accuracy(pooled.class_counts, list(class_names))
@@ -146,6 +159,10 @@ def plot_cross_site(document: dict[str, Any], path: Path) -> None:
     axis.set_title("cross-site validation: each model on each site's test split")
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _optional(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "-"
 
 
 def _epsilon(epsilon: float | None) -> str:

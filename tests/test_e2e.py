@@ -101,7 +101,8 @@ def test_federated_run_improves_the_global_model_and_leaves_a_complete_run_direc
     (LoRA product aggregation with sites of two ranks runs in process: tests/test_lora_aggregation.py.)"""
     run_dir = tmp_path / "run"
     privacy = {"clipNorm": 5.0, "secureAggregation": {"maxSamples": 1000}}
-    evaluation = {"testFraction": 0.2, "every": 2, "metric": "macroF1"}
+    uncertainty = {"method": "mcDropout", "samples": 4, "dropout": 0.2}
+    evaluation = {"testFraction": 0.2, "every": 2, "metric": "macroF1", "uncertainty": uncertainty}
     document = training(
         "wafers", sites=2, privacy=privacy, aggregation={"weighting": "samples"}, evaluation=evaluation
     )
@@ -156,7 +157,14 @@ def check_test_split_and_best_model(
     assert tested["pooled"] is True
     assert sum(tested["classCounts"]["correct"]) == round(tested["accuracy"] * 112)
     assert 0 <= tested["ece"] <= 1
+    assert 0 <= tested["uncertainErrorRate"] <= 1
+    mc_dropout = status["testUncertainty"]
+    assert mc_dropout == final["testUncertainty"]
+    assert mc_dropout["samples"] == 112
+    assert mc_dropout["loss"] != tested["loss"], "dropout at 0.2 changes the probabilities"
+    assert set(final["siteTestUncertainty"]) == {"fab-a", "fab-b"}
     assert "final model on the held-out test splits" in output
+    assert "all, MC dropout" in output
     assert status["bestRound"] in (0, 2)
     best = load_file(str(run_dir / "model-best-merged.safetensors"))
     plain_vit(depth=2, embed_dim=64).load_state_dict(best, strict=True)
@@ -220,6 +228,13 @@ def check_predict(tmp_path: Path, run_dir: Path, model: Any) -> None:
         assert prediction["label"] == classes[int(labels[row])]
     hits = sum(p["top"][0]["class"] == p["label"] for p in predictions)
     assert document["accuracy"] == pytest.approx(hits / 12)
+    sampled = CliRunner().invoke(app, ["predict", str(merged), str(archive), "--json", "--mc-dropout", "3"])
+    assert sampled.exit_code == 0, sampled.output
+    for plain, mc in zip(predictions, json.loads(sampled.stdout)["predictions"], strict=True):
+        assert mc["source"] == plain["source"]
+        assert 0 <= mc["entropy"] <= math.log(9) + 1e-6
+        assert sum(entry["probability"] for entry in mc["top"]) <= 1 + 1e-6
+    assert json.loads(sampled.stdout)["predictions"] != predictions, "dropout on changes the probabilities"
 
     global_model = next((run_dir / "store").rglob("rounds/00001/global.safetensors"))
     refused = CliRunner().invoke(app, ["predict", str(global_model), str(archive)])

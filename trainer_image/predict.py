@@ -27,6 +27,7 @@ from fedtrain.model import load_plain_model
 from fedtrain.sealing import is_sealed
 
 from .data import IMAGE_SUFFIXES, DataError, _read_image, wafer_maps_to_images
+from .uncertainty import mc_dropout_probabilities, predictive_entropy
 
 #: The inputs a merged model was trained on (its metadata config's "inputs").
 WAFER_MAPS, IMAGES = "waferMaps", "images"
@@ -165,14 +166,24 @@ def _add_image(inputs: Inputs, file: Path, size: int, label: str | None) -> None
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, inputs: Inputs, classes: Sequence[str], top: int, batch_size: int = 64
+    model: torch.nn.Module,
+    inputs: Inputs,
+    classes: Sequence[str],
+    top: int,
+    batch_size: int = 64,
+    mc_dropout: tuple[int, float] | None = None,
 ) -> list[Prediction]:
-    """The model's top `top` classes and predictive entropy for every input, in batches."""
+    """The model's top `top` classes and predictive entropy for every input, in batches; with
+    `mc_dropout` (passes, rate) the mean of that many passes with dropout kept on, seeded."""
     predictions: list[Prediction] = []
+    model.eval()
     for start in range(0, len(inputs.images), batch_size):
         batch = torch.stack(inputs.images[start : start + batch_size])
-        probabilities = torch.softmax(model(batch).float(), dim=-1)
-        entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1)
+        if mc_dropout is not None:
+            probabilities = mc_dropout_probabilities(model, batch, mc_dropout[0], mc_dropout[1], seed=start)
+        else:
+            probabilities = torch.softmax(model(batch).float(), dim=-1)
+        entropy = predictive_entropy(probabilities)
         values, indices = probabilities.topk(min(top, probabilities.shape[-1]), dim=-1)
         for row in range(batch.shape[0]):
             index = start + row

@@ -28,6 +28,7 @@ from fedtrain.api import (
     Precision,
     PretrainedSource,
     ScheduleName,
+    UncertaintyMethod,
 )
 from fedtrain.codec import (
     CONTROL_SUFFIX,
@@ -42,7 +43,7 @@ from fedtrain.codec import (
     l2_norm,
 )
 from fedtrain.dp import clip_factor
-from fedtrain.evaluation import calibration_bins, class_counts, per_class_accuracy, scored
+from fedtrain.evaluation import calibration_bins, class_counts, error_detection, per_class_accuracy, scored
 from fedtrain.job import CROSS_SITE_FIELD, TrainerJob, TrainerSpec
 from fedtrain.lora_ranks import config_scale, fit_to_rank, lora_scale
 from fedtrain.model import FederatedModel, ModelError, build_model, merged_model_config
@@ -54,6 +55,7 @@ from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
 from .scaffold import CONTROL_PREFIX, ControlVariates, control_variates
 from .secure import SecureSession
 from .transfer import fetch, upload
+from .uncertainty import mc_dropout_probabilities, predictive_entropy
 
 log = logging.getLogger("fedtrain.trainer")
 
@@ -100,16 +102,25 @@ class Evaluation:
 
 
 def classification_metrics(
-    loss: float, probabilities: torch.Tensor, targets: torch.Tensor, class_names: list[str]
+    loss: float,
+    probabilities: torch.Tensor,
+    targets: torch.Tensor,
+    class_names: list[str],
+    detect_errors: bool = False,
 ) -> Evaluation:
     """A split's figures from its predicted class probabilities: accuracy, macro-F1 over the classes
     present, per-class accuracy and the calibration error, through the per-class counts and confidence
-    bins the engine pools across sites (fedtrain.evaluation)."""
+    bins the engine pools across sites (fedtrain.evaluation); with `detect_errors` also how well the
+    predictive entropy flags the errors (the final evaluation's test split)."""
     confidences, predictions = probabilities.max(dim=1)
     predicted, truth = predictions.numpy(), targets.numpy()
     counts = class_counts(predicted, truth, len(class_names))
     bins = calibration_bins(confidences.double().numpy(), predicted == truth)
-    return Evaluation(scored(loss, counts, bins), per_class_accuracy(counts, class_names))
+    figures = scored(loss, counts, bins)
+    if detect_errors:
+        rate, auroc = error_detection(predictive_entropy(probabilities).numpy(), predicted == truth)
+        figures = figures.model_copy(update={"uncertain_error_rate": rate, "error_auroc": auroc})
+    return Evaluation(figures, per_class_accuracy(counts, class_names))
 
 
 @torch.no_grad()
@@ -145,11 +156,12 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    detect_errors: bool = False,
 ) -> Evaluation:
     probabilities, loss = predict_probabilities(module, images, labels, batch_size, device, amp_dtype)
     if not len(images):
         probabilities = torch.empty(0, len(class_names))
-    return classification_metrics(loss, probabilities, labels.cpu(), class_names)
+    return classification_metrics(loss, probabilities, labels.cpu(), class_names, detect_errors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,10 +540,14 @@ def compute_round(job: TrainerJob, inputs: RoundInputs, device: torch.device) ->
         metrics["per_class_accuracy"] = validation.per_class_accuracy
         _log_scores(job, "validation", validation)
     if job.mode == "evaluate" and data.test_images is not None and data.test_labels is not None:
-        test = _score(job, inputs.model, data.test_images, data.test_labels, device, amp_dtype)
+        test = _score(job, inputs.model, data.test_images, data.test_labels, device, amp_dtype, True)
         metrics["test"] = test.metrics.model_dump(mode="json")
         metrics["test_per_class_accuracy"] = test.per_class_accuracy
         _log_scores(job, "test", test)
+        if job.spec.evaluation.uncertainty.method is UncertaintyMethod.MC_DROPOUT:
+            uncertain = score_mc_dropout(job, inputs.model, data.test_images, data.test_labels, device)
+            metrics["test_uncertainty"] = uncertain.metrics.model_dump(mode="json")
+            _log_scores(job, "test (MC dropout)", uncertain)
         if job.cross_site_urls:
             metrics["cross_site"] = score_cross_site(
                 job, inputs.model, data.test_images, data.test_labels, device
@@ -552,11 +568,37 @@ def _score(
     labels: torch.Tensor,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    detect_errors: bool = False,
 ) -> Evaluation:
     class_names = job.spec.model.class_names()
-    return evaluate(
-        model.module, images, labels, class_names, job.spec.training.batch_size, device, amp_dtype
-    )
+    batch_size = job.spec.training.batch_size
+    return evaluate(model.module, images, labels, class_names, batch_size, device, amp_dtype, detect_errors)
+
+
+def score_mc_dropout(
+    job: TrainerJob, model: FederatedModel, images: ImageSet, labels: torch.Tensor, device: torch.device
+) -> Evaluation:
+    """evaluation.uncertainty mcDropout: the test split's figures from the mean of `samples` passes
+    with dropout kept on (seeded per site, so a repeated attempt reports the same)."""
+    settings = job.spec.evaluation.uncertainty
+    amp_dtype = autocast_dtype(job.spec.training.precision, device)
+    batch_size = job.spec.training.batch_size
+    seed = site_seed(job.spec.site.data, job.site, job.spec.training.seed)
+    batches = [
+        mc_dropout_probabilities(
+            model.module,
+            images[start : start + batch_size].to(device),
+            settings.samples,
+            settings.dropout,
+            seed + start,
+            lambda: _autocast(device, amp_dtype),
+        )
+        for start in range(0, len(images), batch_size)
+    ]
+    probabilities = torch.cat(batches) if batches else torch.empty(0, job.spec.model.class_count)
+    truth = labels.cpu()
+    nll = float(-probabilities[torch.arange(len(truth)), truth].clamp_min(1e-30).log().mean())
+    return classification_metrics(nll, probabilities, truth, job.spec.model.class_names(), detect_errors=True)
 
 
 def score_cross_site(
