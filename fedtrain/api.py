@@ -2495,7 +2495,11 @@ class RoundRecord(ApiModel):
     failed: list[str] = Field(default_factory=list, description="Sites whose trainer failed.")
     rejected: list[RejectedUpdate] = Field(default_factory=list, description="Rejected updates.")
     evaluation: EvalMetrics | None = Field(
-        None, description="The round's global model on all sites, weighted by validation samples."
+        None,
+        description=(
+            "The round's global model on all sites' validation splits, pooled: loss and accuracy weighted "
+            "by samples, macro-F1 and ECE from the sum of the sites' counts (pooled: true)."
+        ),
     )
     site_evaluation: dict[str, EvalMetrics] = Field(
         default_factory=dict, description="The round's global model on each site."
