@@ -4,9 +4,9 @@ What it measures. A real `fedtrain run` (subprocess) trains the 2-block ViT of b
 (`vit_small_patch14_dinov2`, depth 2, embed dim 64, 28 px, full fine-tuning) on 3 sites of synthetic
 wafer maps (Dirichlet alpha 0.5, `--samples` maps a site, `--rounds` rounds of one local epoch) with
 a 20 % test split and `evaluation.uncertainty: {method: mcDropout}`. Then, in process, the merged
-final model is scored twice on two sets the sites never trained on:
+final model is scored on two sets the sites never trained on:
 
-* clean: fresh maps of the same generator (another seed), the sites' own distribution;
+* clean: the sites' own test splits (generated again with the trainers' seeds and split);
 * corrupted: the same maps with `--flip` (15 %) of each wafer's dies flipped between pass and fail
   and the map turned by 90 degrees: a shifted variant no site saw.
 
@@ -105,6 +105,27 @@ def score(
     return {"plain": figures(plain, labels), "mcDropout": figures(sampled, labels)}
 
 
+def sites_test_maps(document: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The sites' own test splits, generated again with the trainers' functions and seeds."""
+    from fedtrain.api import FederatedTrainingSpec
+    from fedtrain.trainer.data import generate_wafer_maps, site_seed, split_indices
+
+    spec = FederatedTrainingSpec.model_validate(document["spec"], by_name=False)
+    parts = []
+    for site in spec.sites:
+        synthetic = site.data.synthetic
+        assert synthetic is not None
+        seed = site_seed(site.data, site.name, spec.training.seed)
+        maps, labels = generate_wafer_maps(
+            synthetic.samples, synthetic.map_size, synthetic.dirichlet_alpha, seed
+        )
+        _, _, test = split_indices(
+            len(labels), spec.evaluation.val_fraction, seed, spec.evaluation.test_fraction
+        )
+        parts.append((maps[test], labels[test]))
+    return np.concatenate([m for m, _ in parts]), np.concatenate([label for _, label in parts])
+
+
 def fmt(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
 
@@ -116,14 +137,11 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=20, help="MC-dropout passes")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--flip", type=float, default=0.15, help="share of dies flipped in the corrupted set")
-    parser.add_argument("--eval-maps", type=int, default=600)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     sites = 3
     if args.quick:
-        sites, args.samples, args.rounds, args.passes, args.eval_maps = 2, 150, 1, 4, 200
-
-    from fedtrain.trainer.data import generate_wafer_maps
+        sites, args.samples, args.rounds, args.passes = 2, 150, 1, 4
 
     with tempfile.TemporaryDirectory(prefix="fedtrain-uncertainty-") as scratch:
         work = Path(scratch)
@@ -147,7 +165,7 @@ def main() -> None:
         )
         seconds = time.perf_counter() - started
         status = json.loads((work / "run" / "status.json").read_text())
-        maps, labels = generate_wafer_maps(args.eval_maps, 32, 1.0, seed=12345)
+        maps, labels = sites_test_maps(resource(sites, args.samples, args.rounds, args.passes, args.dropout))
         sets = {
             "clean": score(
                 work / "run" / "model-merged.safetensors", maps, labels, args.passes, args.dropout
@@ -171,7 +189,7 @@ def main() -> None:
         f"AUROC {fmt(tested.get('errorAuroc'))} / {fmt(uncertain.get('errorAuroc'))}"
     )
     header = f"{'set':<10} {'method':<10} {'accuracy':>9} {'NLL':>7} {'ECE':>7} {'AUROC':>7}"
-    print(f"\n{header}   ({args.eval_maps} maps each)")
+    print(f"\n{header}   (the sites' test splits, {len(labels)} maps)")
     for name, methods in sets.items():
         for method, values in methods.items():
             print(
