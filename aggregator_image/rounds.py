@@ -775,8 +775,9 @@ class RoundAggregator:
 
     def _write_local_models(self, round_index: int, sites: list[str]) -> None:
         """evaluation.crossSite: each folded site's local model after the round, the global model plus
-        its update (exchange policy all: every exchanged tensor), for the final evaluation's matrix.
-        Written before the manifest, so a close that is repeated writes them again."""
+        its update (exchange policy all: every exchanged tensor), for the final evaluation's matrix;
+        the previous round's are deleted. Written before the manifest, so a close that is repeated
+        writes them again."""
         signature = self.signature(round_index)
         with self._exact_model(round_index, verify=False) as (current, _):
             base = {name: tensor.float() for name, tensor in current.tensors.items()}
@@ -794,6 +795,9 @@ class RoundAggregator:
                 staged = Path(scratch) / "local.safetensors"
                 encode_file(local, meta.model_copy(update={"site": site}), staged)
                 self.store.put_file(self.layout.local_model(round_index, site), staged)
+        # Only the last training round's local models are scored: the previous round's may go.
+        for site in self.spec.sites if round_index > 0 else ():
+            self.store.delete(self.layout.local_model(round_index - 1, site.name))
 
     def _sum_of(self, round_index: int, participants: list[str]) -> _OpenRound:
         """The open round summing the participants' accepted updates.

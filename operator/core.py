@@ -131,30 +131,6 @@ def build_trainer_job(
     own; an evaluation writes none, and reads it only where the site keeps personal tensors there
     (spec.exchange other than all, or mode localOnly), which the evaluated model needs. Where the
     spec publishes site models, an evaluation also gets a PUT URL for the site's own merged model."""
-    training = action.mode == "train"
-    state_from = action.state_from
-    state_get_url = (
-        signer.presign_get(
-            layout.site_state(action.site, state_from.round, state_from.attempt), expires_seconds
-        )
-        if (training or spec.keeps_personal) and state_from is not None
-        else None
-    )
-    state_put_url = (
-        signer.presign_put(layout.site_state(action.site, action.round, action.attempt), expires_seconds)
-        if training
-        else None
-    )
-    site_model_url = (
-        signer.presign_put(layout.site_merged_model(action.site), expires_seconds)
-        if not training and spec.publishes_site_models
-        else None
-    )
-    control_url = (
-        signer.presign_get(layout.server_control(action.round), expires_seconds)
-        if training and spec.aggregation.scaffold
-        else None
-    )
     job = TrainerJob(
         training=layout.name,
         round=action.round,
@@ -164,21 +140,49 @@ def build_trainer_job(
         spec=TrainerSpec.for_site(spec, action.site),
         global_model_url=signer.presign_get(layout.global_model(action.round), expires_seconds),
         update_url=signer.presign_put(layout.update(action.round, action.site), expires_seconds),
-        state_get_url=state_get_url,
-        state_put_url=state_put_url,
-        site_model_url=site_model_url,
-        control_url=control_url,
+        **_site_urls(spec, layout, action, signer, expires_seconds),
         pretrained_url=pretrained_url,
         transfer_deadline=transfer_deadline,
+        secure_aggregation=_secure_aggregation_urls(spec, layout, action, signer, expires_seconds),
+        cross_site_urls={
+            site: signer.presign_get(key, expires_seconds)
+            for site, key in _cross_site_models(spec, layout, action).items()
+        },
     )
-    job.secure_aggregation = _secure_aggregation_urls(spec, layout, action, signer, expires_seconds)
-    job.cross_site_urls = {
-        site: signer.presign_get(key, expires_seconds)
-        for site, key in _cross_site_models(spec, layout, action).items()
-    }
     if data_key is not None:
         job.sealing = _sealing(data_key, spec, layout, action, job)
     return job
+
+
+def _site_urls(
+    spec: FederatedTrainingSpec, layout: TrainingLayout, action: StartSiteJob, signer: Signer, expires: int
+) -> dict[str, str | None]:
+    """The URLs of the site's own objects beside its update: its private state (read, written), its
+    merged model (the final evaluation, where the spec publishes them), SCAFFOLD's control variate."""
+    training = action.mode == "train"
+    state_from = action.state_from
+    return {
+        "state_get_url": (
+            signer.presign_get(layout.site_state(action.site, state_from.round, state_from.attempt), expires)
+            if (training or spec.keeps_personal) and state_from is not None
+            else None
+        ),
+        "state_put_url": (
+            signer.presign_put(layout.site_state(action.site, action.round, action.attempt), expires)
+            if training
+            else None
+        ),
+        "site_model_url": (
+            signer.presign_put(layout.site_merged_model(action.site), expires)
+            if not training and spec.publishes_site_models
+            else None
+        ),
+        "control_url": (
+            signer.presign_get(layout.server_control(action.round), expires)
+            if training and spec.aggregation.scaffold
+            else None
+        ),
+    }
 
 
 def _secure_aggregation_urls(

@@ -33,7 +33,7 @@ LAYOUT = TrainingLayout("lab", "cross")
 def cross_site_spec() -> FederatedTrainingSpec:
     sites = [{"name": name, "data": {"synthetic": {"samples": 48, "dirichletAlpha": 0.3}}} for name in SITES]
     return tiny_spec(
-        sites, training={"rounds": 1, "localSteps": 4}, evaluation={"testFraction": 0.25, "crossSite": True}
+        sites, training={"rounds": 2, "localSteps": 4}, evaluation={"testFraction": 0.25, "crossSite": True}
     )
 
 
@@ -43,19 +43,21 @@ def test_every_site_scores_every_sites_local_model_and_the_global_one(tmp_path: 
     aggregator = RoundAggregator(store, LAYOUT, spec)
     aggregator.initialize()
     deadline = datetime.now(UTC) + timedelta(minutes=5)
-    for site in SITES:
-        action = StartSiteJob(site=site, round=0, attempt=0, mode="train")
-        job = build_trainer_job(spec, LAYOUT, action, store, 600, None, deadline)
-        assert job.cross_site_urls == {}, "a training round gets no other site's model"
-        run_job(job)
-        assert aggregator.submit(0, site).accepted
-    aggregator.close(0, list(SITES))
+    for round_index in (0, 1):
+        for site in SITES:
+            action = StartSiteJob(site=site, round=round_index, attempt=0, mode="train")
+            job = build_trainer_job(spec, LAYOUT, action, store, 600, None, deadline)
+            assert job.cross_site_urls == {}, "a training round gets no other site's model"
+            run_job(job)
+            assert aggregator.submit(round_index, site).accepted
+        aggregator.close(round_index, list(SITES))
+    assert not any(store.exists(LAYOUT.local_model(0, site)) for site in SITES), "only the last round's stay"
 
     # Each local model is the round's global model plus the site's update, tensor by tensor.
-    start = decode(store.get_bytes(LAYOUT.global_model(0))).tensors
+    start = decode(store.get_bytes(LAYOUT.global_model(1))).tensors
     for site in SITES:
-        local = decode(store.get_bytes(LAYOUT.local_model(0, site))).tensors
-        update = decode(store.get_bytes(LAYOUT.update(0, site))).tensors
+        local = decode(store.get_bytes(LAYOUT.local_model(1, site))).tensors
+        update = decode(store.get_bytes(LAYOUT.update(1, site))).tensors
         assert set(local) == set(start)
         for name, tensor in start.items():
             expected = tensor.double().numpy() + update[name].double().numpy()
@@ -63,15 +65,15 @@ def test_every_site_scores_every_sites_local_model_and_the_global_one(tmp_path: 
 
     statuses = []
     for site in SITES:
-        action = StartSiteJob(site=site, round=1, attempt=0, mode="evaluate")
+        action = StartSiteJob(site=site, round=2, attempt=0, mode="evaluate")
         job = build_trainer_job(spec, LAYOUT, action, store, 600, None, deadline)
         assert set(job.cross_site_urls) == set(SITES)
         models = {
             Path(url.removeprefix("file://")).relative_to(store.root) for url in job.cross_site_urls.values()
         }
-        assert models == {Path(LAYOUT.local_model(0, name)) for name in SITES}, "models only, no data"
+        assert models == {Path(LAYOUT.local_model(1, name)) for name in SITES}, "models only, no data"
         run_job(job)
-        verdict = aggregator.submit(1, site)
+        verdict = aggregator.submit(2, site)
         assert verdict.accepted, verdict.message
         statuses.append(
             SiteRoundStatus(name=site, test_evaluation=verdict.test_evaluation, cross_site=verdict.cross_site)
@@ -81,7 +83,7 @@ def test_every_site_scores_every_sites_local_model_and_the_global_one(tmp_path: 
     assert set(matrix) == set(SITES)
     assert all(set(column) == set(SITES) for column in matrix.values())
     record = RoundRecord(
-        round=1,
+        round=2,
         kind="evaluate",
         started_at=deadline,
         closed_at=deadline,
@@ -111,7 +113,7 @@ def check_diagonal(
         assert data.test_images is not None
         assert data.test_labels is not None
         model = build_model(spec)
-        model.load_exchanged(dict(decode(store.get_bytes(LAYOUT.local_model(0, site))).tensors))
+        model.load_exchanged(dict(decode(store.get_bytes(LAYOUT.local_model(1, site))).tensors))
         own = evaluate(
             model.module,
             data.test_images,
