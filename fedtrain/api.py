@@ -1112,7 +1112,13 @@ class EvaluationSpec(SpecModel):
         MetricName.ACCURACY, description="Metric that picks the best round: accuracy, macroF1 or loss."
     )
     patience: int | None = Field(
-        None, ge=1, le=10000, description="Stop after this many rounds without improvement (unset: never)."
+        None,
+        ge=1,
+        le=10000,
+        description=(
+            "Stop after this many evaluations without improvement (unset: never); an evaluation is a "
+            "round that evaluation.every scores, so with every 1 a round."
+        ),
     )
     min_delta: float = Field(0.0, ge=0, le=1e6, description="Smallest change that counts as an improvement.")
     val_fraction: float = Field(
