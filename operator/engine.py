@@ -228,7 +228,7 @@ def cross_site_matrix(sites: Sequence[SiteRoundStatus]) -> dict[str, dict[str, E
     matrix: dict[str, dict[str, EvalMetrics]] = {}
     for site in sites:
         for model, figures in site.cross_site.items():
-            matrix.setdefault(model, {})[site.name] = figures
+            matrix.setdefault(model, {})[site.name] = figures.compact()  # the status stays bounded
     return {model: dict(sorted(column.items())) for model, column in sorted(matrix.items())}
 
 
