@@ -169,6 +169,22 @@ def test_trainer_figures_and_rounds_then_forget() -> None:
     assert value(registry, "fedtrain_site_round_update_bytes", site="b") == 0
     assert value(registry, "fedtrain_site_round_update_bytes", site="c") == 1024
     assert value(registry, "fedtrain_validation_loss") == 1.25
+    assert value(registry, "fedtrain_validation_macro_f1") == 0.4
+    assert value(registry, "fedtrain_test_accuracy") is None, "no test split scored yet"
+    tested = EvalMetrics(loss=0.5, accuracy=0.875, macro_f1=0.75, samples=16, ece=0.0625)
+    final = RoundRecord(
+        round=1,
+        kind="evaluate",
+        started_at=NOW,
+        closed_at=NOW,
+        test_evaluation=tested,
+        site_test_evaluation={"a": tested.model_copy(update={"accuracy": 0.8125})},
+    )
+    metrics.round_recorded(REF, final)
+    assert value(registry, "fedtrain_test_accuracy") == 0.875
+    assert value(registry, "fedtrain_test_macro_f1") == 0.75
+    assert value(registry, "fedtrain_test_ece") == 0.0625
+    assert value(registry, "fedtrain_site_test_accuracy", site="a") == 0.8125
 
     other = TrainingRef("research", "other", "uid-2")
     metrics.round_recorded(other, record)
@@ -176,6 +192,7 @@ def test_trainer_figures_and_rounds_then_forget() -> None:
     assert value(registry, "fedtrain_site_train_loss", site="a") is None
     assert value(registry, "fedtrain_site_round_update_bytes", site="a") is None
     assert value(registry, "fedtrain_rounds_completed_total") is None
+    assert value(registry, "fedtrain_site_test_accuracy", site="a") is None
     assert (
         registry.get_sample_value(
             "fedtrain_rounds_completed_total", {"namespace": "research", "training": "other"}
