@@ -796,8 +796,8 @@ class RoundAggregator:
                 encode_file(local, meta.model_copy(update={"site": site}), staged)
                 self.store.put_file(self.layout.local_model(round_index, site), staged)
         # Only the last training round's local models are scored: the previous round's may go.
-        for site in self.spec.sites if round_index > 0 else ():
-            self.store.delete(self.layout.local_model(round_index - 1, site.name))
+        for earlier in self.spec.sites if round_index > 0 else ():
+            self.store.delete(self.layout.local_model(round_index - 1, earlier.name))
 
     def _sum_of(self, round_index: int, participants: list[str]) -> _OpenRound:
         """The open round summing the participants' accepted updates.
