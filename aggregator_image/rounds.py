@@ -985,7 +985,8 @@ class RoundAggregator:
     def apply_retention(self, round_index: int, updates: bool, models: list[int]) -> int:
         """storage.retention: delete round `round_index`'s uploads (once it is closed) and the global
         models of `models` (each older than the window the spec keeps). Refuses anything a running
-        round, a close or a resume could still read; returns how many objects were deleted."""
+        round, a close or a resume could still read; returns how many keys it deleted (missing ones
+        count too: deleting is idempotent)."""
         retention = self.spec.retention
         closed = self.manifest(round_index) is not None
         if updates and not retention.delete_updates:
