@@ -77,17 +77,16 @@ def corrupted(maps: np.ndarray, flip: float, seed: int) -> np.ndarray:
 
 
 def figures(probabilities: torch.Tensor, labels: np.ndarray) -> dict[str, float | None]:
-    from fedtrain.evaluation import calibration_bins, error_detection, expected_calibration_error
-    from fedtrain.trainer.uncertainty import predictive_entropy
+    """The trainers' own test figures of these probabilities (fedtrain.trainer.train)."""
+    from fedtrain.trainer.train import classification_metrics
+    from fedtrain.trainer.uncertainty import mean_nll
 
-    confidence, predicted = probabilities.max(dim=1)
-    hits = predicted.numpy() == labels
-    nll = float(
-        -probabilities[torch.arange(len(labels)), torch.from_numpy(labels)].clamp_min(1e-30).log().mean()
-    )
-    _, auroc = error_detection(predictive_entropy(probabilities).numpy(), hits)
-    ece = expected_calibration_error(calibration_bins(confidence.double().numpy(), hits))
-    return {"accuracy": float(hits.mean()), "nll": nll, "ece": ece, "auroc": auroc}
+    targets = torch.from_numpy(labels)
+    names = [str(index) for index in range(probabilities.shape[1])]
+    scores = classification_metrics(
+        mean_nll(probabilities, targets), probabilities, targets, names, True
+    ).metrics
+    return {"accuracy": scores.accuracy, "nll": scores.loss, "ece": scores.ece, "auroc": scores.error_auroc}
 
 
 def score(

@@ -147,16 +147,12 @@ def pool(per_site: Mapping[str, EvalMetrics]) -> EvalMetrics | None:
 
 
 def _summed_counts(counts: list[ClassCounts]) -> ClassCounts:
-    width = max(len(c.support) for c in counts)
-
-    def total(attribute: str) -> list[int]:
-        summed = np.zeros(width, dtype=np.int64)
-        for c in counts:
-            values = getattr(c, attribute)
-            summed[: len(values)] += values
-        return summed.tolist()
-
-    return ClassCounts(support=total("support"), predicted=total("predicted"), correct=total("correct"))
+    """The sites' counts added class by class (the aggregator checked each has one per class)."""
+    return ClassCounts(
+        support=np.sum([c.support for c in counts], axis=0, dtype=np.int64).tolist(),
+        predicted=np.sum([c.predicted for c in counts], axis=0, dtype=np.int64).tolist(),
+        correct=np.sum([c.correct for c in counts], axis=0, dtype=np.int64).tolist(),
+    )
 
 
 def _summed_bins(bins: list[CalibrationBins]) -> CalibrationBins:

@@ -55,7 +55,7 @@ from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
 from .scaffold import CONTROL_PREFIX, ControlVariates, control_variates
 from .secure import SecureSession
 from .transfer import fetch, upload
-from .uncertainty import mc_dropout_probabilities, predictive_entropy
+from .uncertainty import mc_dropout_probabilities, mean_nll, predictive_entropy
 
 log = logging.getLogger("fedtrain.trainer")
 
@@ -597,7 +597,7 @@ def score_mc_dropout(
     ]
     probabilities = torch.cat(batches) if batches else torch.empty(0, job.spec.model.class_count)
     truth = labels.cpu()
-    nll = float(-probabilities[torch.arange(len(truth)), truth].clamp_min(1e-30).log().mean())
+    nll = mean_nll(probabilities, truth)
     return classification_metrics(nll, probabilities, truth, job.spec.model.class_names(), detect_errors=True)
 
 

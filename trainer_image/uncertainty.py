@@ -21,6 +21,12 @@ def predictive_entropy(probabilities: torch.Tensor) -> torch.Tensor:
     return -(probabilities * logs).sum(dim=1)
 
 
+def mean_nll(probabilities: torch.Tensor, targets: torch.Tensor) -> float:
+    """The mean negative log-likelihood of the targets under predicted class probabilities."""
+    chosen = probabilities[torch.arange(len(targets)), targets]
+    return float(-chosen.clamp_min(1e-30).log().mean())
+
+
 @contextmanager
 def dropout_kept_on(module: nn.Module, rate: float) -> Iterator[None]:
     """Every nn.Dropout of `module` in training mode at `rate`, the rest in eval mode; as it was after."""
