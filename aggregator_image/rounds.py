@@ -33,6 +33,7 @@ from fedtrain.api import (
     RejectedUpdate,
     SiteSpec,
     TransferDtype,
+    UncertaintyMethod,
 )
 from fedtrain.codec import (
     MODEL_TRANSFER_DTYPES,
@@ -93,6 +94,7 @@ from .secure_rounds import (
 )
 from .stored_round import StoredRound
 from .strategies import Accumulator, WeightedMean, make_strategy, site_weight
+from .swag_rounds import SwagRounds
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,11 @@ class RoundAggregator:
             else make_strategy(spec.aggregation.strategy, spec.aggregation)
         )
         self._pretrained_weights = pretrained_weights
+        self.swag = (
+            SwagRounds(store, layout, spec)
+            if spec.evaluation.uncertainty.method is UncertaintyMethod.SWAG
+            else None
+        )
         self._open: dict[int, _OpenRound] = {}
         self._manifests: dict[int, RoundManifest] = {}  # closed rounds as read or written
         # The current round's global model signature and metadata; checked once per round.
@@ -594,6 +601,9 @@ class RoundAggregator:
             return self._reject(round_index, site, "metadata", message, **common)
 
         signature, clip = self.site_signature(round_index, site), self._round_clip(round_index)
+        swag_problem = self._swag_problem(round_index, site, signature)
+        if swag_problem is not None:
+            return self._reject(round_index, site, "swag", swag_problem, **common)
         try:
             norm = self._check_and_fold(payload, key, signature, weight, open_round, clip)
         except CodecError as error:
@@ -607,6 +617,12 @@ class RoundAggregator:
         open_round.weights[site] = weight
         open_round.clip_below += 1 if below == 1.0 else 0
         return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
+
+    def _swag_problem(self, round_index: int, site: str, signature: Signature) -> str | None:
+        """evaluation.uncertainty swag: why the site's moments of a SWAG round cannot be accepted."""
+        if self.swag is None or not self.swag.collects(round_index):
+            return None
+        return self.swag.problem(round_index, site, signature.shapes)
 
     def _check_and_fold(
         self,
@@ -744,6 +760,9 @@ class RoundAggregator:
         folded = [site for site in participants if site in open_round.weights]
         if self.spec.evaluation.cross_site:
             self._write_local_models(round_index, folded)
+        if self.swag is not None and self.swag.collects(round_index):
+            weights = {site: open_round.weights[site] for site in folded}
+            self.swag.close(round_index, weights, self.signature(round_index).shapes)
         manifest = RoundManifest(
             training=self.layout.name,
             round=round_index,
@@ -1023,8 +1042,11 @@ class RoundAggregator:
         best_uri = None
         if best_round is not None:
             best_uri = self._write_merged(best_round, self.layout.best_merged_model())
+        swag_uri = self._write_swag_model(self.swag) if self.swag is not None else None
         return ModelReply(
-            model_uri=self._write_merged(round_index, self.layout.merged_model()), best_model_uri=best_uri
+            model_uri=self._write_merged(round_index, self.layout.merged_model()),
+            best_model_uri=best_uri,
+            swag_model_uri=swag_uri,
         )
 
     def _write_merged(self, round_index: int, key: str) -> str:
@@ -1049,6 +1071,22 @@ class RoundAggregator:
         with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
             staged = Path(scratch) / "merged.safetensors"
             encode_file(model.merged_state_dict(), meta, staged)  # a model's size: never held twice
+            self.store.put_file(key, staged)
+        return self.store.uri(key)
+
+    def _write_swag_model(self, swag: SwagRounds) -> str:
+        """evaluation.uncertainty swag: the SWAG model (swag_rounds.SwagRounds.export), once."""
+        from fedtrain.model import build_model, merged_model_config  # timm and peft only here
+
+        key = self.layout.swag_model()
+        if self.store.exists(key):
+            return self.store.uri(key)
+        model = build_model(self.spec, self._pretrained_weights)
+        config = merged_model_config(self.spec.model, [site.data for site in self.spec.sites])
+        tensors, meta = swag.export(model, config)
+        with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
+            staged = Path(scratch) / "swag.safetensors"
+            encode_file(tensors, meta, staged)
             self.store.put_file(key, staged)
         return self.store.uri(key)
 

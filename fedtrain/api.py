@@ -1064,24 +1064,64 @@ class MetricName(ApiEnum):
 class UncertaintyMethod(ApiEnum):
     NONE = "none"
     MC_DROPOUT = "mcDropout"
+    SWAG = "swag"
+
+
+#: SWAG: the most deviation rows a SWAG model keeps (a site sends swagRank + 1 a round).
+MAX_SWAG_RANK: Final = 32
 
 
 class UncertaintySpec(SpecModel):
     method: UncertaintyMethod = Field(
         UncertaintyMethod.NONE,
         description=(
-            "none, or mcDropout: in the final evaluation each site also scores the final model with "
-            "dropout kept on (every dropout layer at `dropout`), averaging the class probabilities of "
-            "`samples` passes, on its test split (status.testUncertainty beside status.testEvaluation)."
+            "none, mcDropout or swag. mcDropout: in the final evaluation each site also scores the final "
+            "model with dropout kept on (every dropout layer at `dropout`), averaging the class "
+            "probabilities of `samples` passes, on its test split. swag (SWAG, Maddox et al. 2019): in "
+            "the last `swagRounds` training rounds each site takes swagRank + 1 snapshots of the "
+            "exchanged tensors over the second half of its local steps and sends their mean, mean of "
+            "squares and deviations beside its update; the aggregator combines them weighted like the "
+            "updates into a Gaussian (diagonal plus rank swagRank) over the exchanged tensors; the "
+            "final evaluation averages `samples` draws from it, and the training exports it "
+            "(status.swagModelUri, model-swag.safetensors for fedtrain predict). Either way "
+            "status.testUncertainty sits beside status.testEvaluation."
         ),
     )
-    samples: int = Field(20, ge=2, le=1000, description="mcDropout: stochastic passes averaged per image.")
+    samples: int = Field(
+        20,
+        ge=2,
+        le=1000,
+        description="mcDropout: stochastic passes averaged per image; swag: draws averaged.",
+    )
     dropout: float = Field(
         0.1,
         ge=0,
         lt=1,
         description="mcDropout: the rate every dropout layer drops at test time (0: the plain model).",
     )
+    swag_rank: int = Field(
+        5,
+        ge=1,
+        le=MAX_SWAG_RANK,
+        description=(
+            "swag: rows of the low-rank deviation matrix (the covariance's rank beyond its diagonal). A "
+            "site sends (swagRank + 3) times the update's size in each SWAG round; the exported model "
+            "carries (swagRank + 2) copies of the exchanged tensors."
+        ),
+    )
+    swag_rounds: int = Field(
+        2,
+        ge=1,
+        le=10000,
+        description=(
+            "swag: the last training rounds whose local steps are sampled (each round weighs the same; "
+            "at most training.rounds)."
+        ),
+    )
+
+    def collects_swag(self, round_index: int, rounds: int) -> bool:
+        """Whether the sites of training round `round_index` send SWAG moments."""
+        return self.method is UncertaintyMethod.SWAG and rounds - self.swag_rounds <= round_index < rounds
 
 
 #: Cross-site validation scores N models at N sites: its matrix lives in the status.
@@ -2112,6 +2152,7 @@ class FederatedTrainingSpec(SpecModel):
             )
         self._check_scaffold()
         self._check_cross_site()
+        self._check_swag()
         self._check_lora_product()
         self._check_site_ranks()
         self._check_privacy()
@@ -2247,6 +2288,34 @@ class FederatedTrainingSpec(SpecModel):
         if missing:
             needed = "; ".join(missing)
             raise ValueError(f"evaluation.crossSite needs {needed}: change these or drop crossSite")
+
+    def _check_swag(self) -> None:
+        uncertainty = self.evaluation.uncertainty
+        if uncertainty.method is not UncertaintyMethod.SWAG:
+            return
+        needs = {
+            f"swagRounds ({uncertainty.swag_rounds}) at most training.rounds ({self.training.rounds})": (
+                uncertainty.swag_rounds <= self.training.rounds
+            ),
+            "mode federated": self.mode is TrainingMode.FEDERATED,
+            "no evaluation.patience (the SWAG rounds are the last ones, unknown when a training may "
+            "stop early)": self.evaluation.patience is None,
+            "exchange policy all, fixed or exclude (every site samples the same tensors)": (
+                self.exchange.policy not in (ExchangePolicy.DYNAMIC, ExchangePolicy.SPARSE)
+            ),
+            "no privacy.secureAggregation or privacy.dp (the moments would leave a site unprotected)": (
+                self.privacy.secure_aggregation is None and self.privacy.dp is None
+            ),
+            "aggregation.strategy fedavg or a server optimizer (a robust strategy's protection would "
+            "not cover the moments)": self.aggregation.strategy not in ROBUST_STRATEGIES,
+            "no lora.aggregation product (the global factors change basis every round)": (
+                self.lora.aggregation is not LoraAggregation.PRODUCT
+            ),
+        }
+        if missing := [need for need, met in needs.items() if not met]:
+            raise ValueError(
+                f"evaluation.uncertainty swag needs {'; '.join(missing)}: change these or use mcDropout"
+            )
 
     def _check_site_ranks(self) -> None:
         ranked = [site for site in self.sites if site.lora_rank is not None]
@@ -2601,6 +2670,13 @@ class FederatedTrainingStatus(ApiModel):
         description=(
             "The best round's global model merged like the final one (LoRA folded in, loadable by "
             "timm): the model that scored best on the sites' validation splits."
+        ),
+    )
+    swag_model_uri: str | None = Field(
+        None,
+        description=(
+            "evaluation.uncertainty swag: the SWAG model, plain timm weights at the SWAG mean with the "
+            "moments as swag.* tensors beside them (fedtrain predict samples from it)."
         ),
     )
     test_evaluation: EvalMetrics | None = Field(

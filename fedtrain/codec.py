@@ -118,6 +118,7 @@ class PayloadKind(StrEnum):
     STATE = "state"  # a site's private optimizer and scheduler state
     MERGED = "merged"  # the final model with LoRA folded in, a plain timm state dict
     REPORT = "report"  # a site's evaluation of a global model, metrics only (the final round)
+    SWAG = "swag"  # SWAG moments of the exchanged tensors (fedtrain.swag)
 
 
 class Metadata(BaseModel):

@@ -77,6 +77,8 @@ SEALED_URL_FIELDS: Final = (
     "state_put_url",
     "control_url",
     "site_model_url",
+    "swag_put_url",
+    "swag_get_url",
 )
 
 
@@ -145,6 +147,15 @@ class TrainerJob(BaseModel):
         None,
         description="PUT, evaluation only: this site's own merged model, where the spec publishes "
         "site models (exchange.siteModels, or mode localOnly).",
+    )
+    swag_put_url: str | None = Field(
+        None,
+        description="PUT, the training rounds of evaluation.uncertainty swag's window: this site's SWAG "
+        "moments of the exchanged tensors, written before the update.",
+    )
+    swag_get_url: str | None = Field(
+        None,
+        description="GET, the final evaluation under evaluation.uncertainty swag: the combined SWAG moments.",
     )
     cross_site_urls: dict[str, str] = Field(
         default_factory=dict,

@@ -72,6 +72,15 @@ class TrainingLayout:
         the site's update, as the aggregator rebuilt it for the cross-site matrix."""
         return f"{self.round_dir(round_index)}/local/{site}.safetensors"
 
+    def site_swag(self, round_index: int, site: str) -> str:
+        """evaluation.uncertainty swag: a site's SWAG moments of a round, written before its update."""
+        return f"{self.round_dir(round_index)}/swag/{site}.safetensors"
+
+    def swag(self, round_index: int) -> str:
+        """evaluation.uncertainty swag: the SWAG moments of the window's rounds up to `round_index`,
+        combined at its close (before the manifest)."""
+        return f"{self.round_dir(round_index)}/swag.safetensors"
+
     def manifest(self, round_index: int) -> str:
         """Written last when a round closes: its presence means the round is done."""
         return f"{self.round_dir(round_index)}/manifest.json"
@@ -96,6 +105,11 @@ class TrainingLayout:
     def best_merged_model(self) -> str:
         """The global model that scored best on the sites' validation splits, merged like the final one."""
         return f"{self.root}/final/model-best-merged.safetensors"
+
+    def swag_model(self) -> str:
+        """evaluation.uncertainty swag: the exported SWAG model (plain weights at the SWAG mean and
+        the moments beside them)."""
+        return f"{self.root}/final/model-swag.safetensors"
 
     def site_merged_model(self, site: str) -> str:
         """A site's own final model: the global shared tensors with its personal ones, LoRA folded

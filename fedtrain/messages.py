@@ -251,6 +251,11 @@ class ModelReply(Message):
     best_model_uri: str | None = Field(
         None, description="A merge's: the best round's global model, merged the same way."
     )
+    swag_model_uri: str | None = Field(
+        None,
+        description="A merge's, under evaluation.uncertainty swag: the SWAG model (merged at the SWAG mean, "
+        "with its moments).",
+    )
 
 
 class RoundReply(Message):

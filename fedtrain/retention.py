@@ -39,10 +39,14 @@ def models_to_delete(
 
 
 def update_keys(layout: TrainingLayout, spec: FederatedTrainingSpec, round_index: int) -> list[str]:
-    """Every object the sites uploaded in a round: their updates and secure-aggregation messages."""
+    """Every object the sites uploaded in a round: their updates, SWAG moments and secure-aggregation
+    messages."""
     keys = []
+    swag = spec.evaluation.uncertainty.collects_swag(round_index, spec.training.rounds)
     for site in spec.sites:
         keys.append(layout.update(round_index, site.name))
+        if swag:  # folded into the window's running SWAG at the close
+            keys.append(layout.site_swag(round_index, site.name))
         if spec.privacy.secure_aggregation is not None:
             keys.extend(layout.secagg(round_index, kind, site.name) for kind in SECAGG_SITE_KINDS)
     if spec.privacy.secure_aggregation is not None:

@@ -335,7 +335,9 @@ def unseal(
 
 @app.command()
 def predict(
-    model: Path = typer.Argument(..., help="An exported model: a training's model-merged.safetensors."),
+    model: Path = typer.Argument(
+        ..., help="An exported model: a training's model-merged.safetensors (or model-swag.safetensors)."
+    ),
     inputs: list[Path] = typer.Argument(
         ...,
         help="NPZ wafer maps (maps, optional labels), image files, or image folders (class sub-directories).",
@@ -353,21 +355,33 @@ def predict(
     dropout: float = typer.Option(
         0.1, "--dropout", min=0.0, max=0.99, help="--mc-dropout: the dropout rate."
     ),
+    swag: int = typer.Option(
+        0,
+        "--swag",
+        min=0,
+        help="Average the predictions of this many weight draws from a SWAG model (a training's "
+        "model-swag.safetensors; 0: its weights at the SWAG mean alone).",
+    ),
 ) -> None:
     """Classify inputs with an exported model: each input's top classes with their probabilities and
     the predictive entropy (nats; log of the class count is a uniform guess). Inputs are prepared as
     the trainers prepared them for that model (wafer maps one-hot, images ImageNet-normalised)."""
     from fedtrain.trainer.predict import PredictError, accuracy, load_model, max_entropy, read_inputs
     from fedtrain.trainer.predict import predict as run_predict
+    from fedtrain.trainer.predict import swag_sampler
 
+    if swag and mc_dropout:
+        errors.print("[red]error:[/] --swag and --mc-dropout are two ways to sample: pass one of them")
+        raise typer.Exit(EXIT_INVALID)
     try:
         network, config = load_model(model)
         batch = read_inputs(inputs, config)
+        sampler = swag_sampler(model, network, swag) if swag else None
     except PredictError as error:
         errors.print(f"[red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_INVALID) from None
     sampling = (mc_dropout, dropout) if mc_dropout else None
-    predictions = run_predict(network, batch, config["labels"], top, batch_size, sampling)
+    predictions = run_predict(network, batch, config["labels"], top, batch_size, sampling, sampler)
     scored = accuracy(predictions)
     if as_json:
         document = {

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RejectedUpdate, RoundRecord
+from fedtrain.api import (
+    FederatedTrainingSpec,
+    FederatedTrainingStatus,
+    RejectedUpdate,
+    RoundRecord,
+    UncertaintyMethod,
+)
 from fedtrain.errors import DEFAULT_RETRY_SECONDS, PermanentError, TemporaryError
 from fedtrain.job import CROSS_SITE_FIELD, Sealing, SecureAggregationUrls, TrainerJob, TrainerSpec
 from fedtrain.layout import TrainingLayout
@@ -161,7 +167,10 @@ def _site_urls(
     merged model (the final evaluation, where the spec publishes them), SCAFFOLD's control variate."""
     training = action.mode == "train"
     state_from = action.state_from
+    swag_put, swag_get = _swag_models(spec, layout, action)
     return {
+        "swag_put_url": signer.presign_put(swag_put, expires) if swag_put else None,
+        "swag_get_url": signer.presign_get(swag_get, expires) if swag_get else None,
         "state_get_url": (
             signer.presign_get(layout.site_state(action.site, state_from.round, state_from.attempt), expires)
             if (training or spec.keeps_personal) and state_from is not None
@@ -208,6 +217,20 @@ def _secure_aggregation_urls(
     )
 
 
+def _swag_models(
+    spec: FederatedTrainingSpec, layout: TrainingLayout, action: StartSiteJob
+) -> tuple[str | None, str | None]:
+    """evaluation.uncertainty swag: the key a training attempt of the window writes its moments to,
+    and the key of the combined moments the final evaluation scores (the last training round's)."""
+    uncertainty, rounds = spec.evaluation.uncertainty, spec.training.rounds
+    if action.mode == "train":
+        collects = uncertainty.collects_swag(action.round, rounds)
+        return (layout.site_swag(action.round, action.site) if collects else None), None
+    if uncertainty.method is UncertaintyMethod.SWAG and action.round >= rounds:
+        return None, layout.swag(rounds - 1)
+    return None, None
+
+
 def _cross_site_models(
     spec: FederatedTrainingSpec, layout: TrainingLayout, action: StartSiteJob
 ) -> dict[str, str]:
@@ -234,6 +257,10 @@ def _sealing(
         "site_model_url": layout.site_merged_model(action.site),
         "control_url": layout.server_control(action.round),
     }
+    swag_put, swag_get = _swag_models(spec, layout, action)
+    keys.update(
+        {field: key for field, key in (("swag_put_url", swag_put), ("swag_get_url", swag_get)) if key}
+    )
     if action.state_from is not None:
         keys["state_get_url"] = layout.site_state(
             action.site, action.state_from.round, action.state_from.attempt
@@ -280,6 +307,7 @@ class RoundMemory:
             manifest=manifest,
             merged_model_uri=self.merged.model_uri if self.merged else None,
             best_merged_model_uri=self.merged.best_model_uri if self.merged else None,
+            swag_model_uri=self.merged.swag_model_uri if self.merged else None,
             failure=self.failure,
             waiting_for=self.waiting_for,
             waiting_reason=self.waiting_reason,

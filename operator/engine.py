@@ -79,6 +79,7 @@ class Observations:
     manifest: RoundManifest | None = None
     merged_model_uri: str | None = None
     best_merged_model_uri: str | None = None
+    swag_model_uri: str | None = None
     failure: Failure | None = None
     #: A temporary error the last actions met (the aggregator starting, the store unreachable): the
     #: engine shows it in the Waiting condition and fails the training once it outlasts its bound.
@@ -419,6 +420,7 @@ def _finalizing(
         return True
     status.final_model_uri = observations.merged_model_uri
     status.best_merged_model_uri = observations.best_merged_model_uri
+    status.swag_model_uri = observations.swag_model_uri
     status.stage = Stage.DONE
     status.phase = Phase.SUCCEEDED
     status.finished_at = now

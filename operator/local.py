@@ -61,6 +61,7 @@ HISTORY_FILE = "history.jsonl"
 MERGED_FILE = "model-merged.safetensors"
 #: The best round's global model (on the sites' validation splits), merged the same way.
 BEST_MERGED_FILE = "model-best-merged.safetensors"
+SWAG_MODEL_FILE = "model-swag.safetensors"
 #: Each site's own merged model, where the spec publishes them (exchange.siteModels, localOnly).
 SITE_MERGED_FILE = "model-merged-{site}.safetensors"
 PID_SUFFIX = ".pid"
@@ -396,6 +397,8 @@ class LocalAggregator:
         await self._copy_out(self.layout.merged_model(), self.run_dir / MERGED_FILE)
         if reply.best_model_uri is not None:
             await self._copy_out(self.layout.best_merged_model(), self.run_dir / BEST_MERGED_FILE)
+        if reply.swag_model_uri is not None:
+            await self._copy_out(self.layout.swag_model(), self.run_dir / SWAG_MODEL_FILE)
         if self.aggregator.spec.publishes_site_models:
             # The final evaluation is over: each site that reported wrote its own merged model.
             for site in self.aggregator.spec.sites:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from fedtrain.api import FederatedTrainingSpec, FederatedTrainingStatus, RoundRecord, Stage, TrainingMode
 
 from .engine import Event
-from .local import BEST_MERGED_FILE, MERGED_FILE, load_history
+from .local import BEST_MERGED_FILE, MERGED_FILE, SWAG_MODEL_FILE, load_history
 from .report import cross_site_document, plot_cross_site, plot_history, round_table, test_table, upload_table
 
 PLOT_FILE = "plot.png"
@@ -122,4 +122,9 @@ class RunProgress:
             self.console.print(
                 f"best merged model (round {status.best_round}, {metric} {status.best_metric:.4f} on "
                 f"validation): {self.run_dir / BEST_MERGED_FILE}"
+            )
+        if status.swag_model_uri:
+            self.console.print(
+                f"SWAG model (weights at the SWAG mean, moments for `fedtrain predict` to sample): "
+                f"{self.run_dir / SWAG_MODEL_FILE}"
             )

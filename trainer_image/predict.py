@@ -1,7 +1,8 @@
 """`fedtrain predict`: an exported model's top classes for images or wafer maps, with their entropy.
 
 An exported model is a merged safetensors file a training wrote (`model-merged.safetensors`, a
-site's `model-merged-<site>.safetensors`): plain timm weights, with the metadata that names the timm
+site's `model-merged-<site>.safetensors`, `model-swag.safetensors`): plain timm weights (a SWAG
+model's at its mean, its moments beside them as swag.* tensors), with the metadata that names the timm
 model, its classes, its image size and the inputs it was trained on. Inputs go through the trainer's
 own preprocessing (`fedtrain.trainer.data`): wafer maps from NPZ archives (`maps`, and optionally
 `labels`) as one-hot channels, image files (anything Pillow reads) or ImageFolder trees resized and
@@ -21,16 +22,20 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fedtrain.codec import PayloadKind, decode
+from fedtrain.codec import Payload, PayloadKind, decode
 from fedtrain.errors import CodecError
 from fedtrain.model import load_plain_model
 from fedtrain.sealing import is_sealed
+from fedtrain.swag import CONFIG_KEY as SWAG_CONFIG_KEY
+from fedtrain.swag import FROZEN, MEAN, Moments, SwagError, from_tensors, sample, sampled_weights
 
 from .data import IMAGE_SUFFIXES, DataError, _read_image, wafer_maps_to_images
 from .uncertainty import mc_dropout_probabilities, predictive_entropy
 
 #: The inputs a merged model was trained on (its metadata config's "inputs").
 WAFER_MAPS, IMAGES = "waferMaps", "images"
+#: The names of an exported SWAG model's moments (and frozen LoRA factors) beside its plain weights.
+SWAG_PREFIX = "swag."
 
 
 class PredictError(ValueError):
@@ -67,7 +72,17 @@ class Inputs:
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The plain timm model of an exported merged model, in eval mode, and its metadata config."""
+    """The plain timm model of an exported merged model, in eval mode, and its metadata config (a
+    SWAG model's plain weights are those at the SWAG mean; `swag_sampler` samples around them)."""
+    payload = _exported(path)
+    config = dict(payload.meta.config)
+    plain = {name: tensor for name, tensor in payload.tensors.items() if not name.startswith(SWAG_PREFIX)}
+    model = load_plain_model(config, plain)
+    model.eval()
+    return model, config
+
+
+def _exported(path: Path) -> Payload:
     if not path.is_file():
         raise PredictError(f"{path}: no such file; pass a model-merged.safetensors a training wrote")
     with path.open("rb") as handle:
@@ -85,10 +100,56 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
             f"{path} is a {payload.meta.kind.value} (exchanged tensors), not an exported model: use the "
             "model-merged.safetensors of a finished training"
         )
-    config = dict(payload.meta.config)
-    model = load_plain_model(config, payload.tensors)
-    model.eval()
-    return model, config
+    return payload
+
+
+#: The draws `fedtrain predict --swag` makes start from this seed for every batch: one set of models.
+SWAG_SEED = 0
+
+
+@dataclass(frozen=True)
+class SwagSampler:
+    """Draws of an exported SWAG model's weights (fedtrain.swag), the same ones for every batch."""
+
+    moments: Moments
+    frozen: dict[str, torch.Tensor]
+    targets: dict[str, Any]
+    weights: dict[str, torch.Tensor]  # the plain weights at the mean that the draws move
+    draws: int
+
+    def probabilities(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(SWAG_SEED)
+        total = torch.zeros(())
+        for _ in range(self.draws):
+            drawn = sample(self.moments, generator)
+            replaced = sampled_weights(self.targets, self.weights, self.moments, self.frozen, drawn)
+            logits = torch.func.functional_call(model, replaced, (batch,))
+            total = total + torch.softmax(logits.float(), dim=-1)
+        return total / self.draws
+
+
+def swag_sampler(path: Path, model: torch.nn.Module, draws: int) -> SwagSampler:
+    """The SWAG of an exported SWAG model (`model-swag.safetensors`), to average `draws` draws."""
+    payload = _exported(path)
+    settings = payload.meta.config.get(SWAG_CONFIG_KEY)
+    if not isinstance(settings, dict) or "targets" not in settings:
+        raise PredictError(
+            f"{path} carries no SWAG moments: --swag needs the model-swag.safetensors of a training "
+            "with evaluation.uncertainty.method swag (or use --mc-dropout)"
+        )
+    tensors = dict(payload.tensors)
+    targets = settings["targets"]
+    shapes = {name.removeprefix(MEAN): tuple(t.shape) for name, t in tensors.items() if name.startswith(MEAN)}
+    try:
+        moments = from_tensors(
+            {name: t for name, t in tensors.items() if name.startswith(SWAG_PREFIX)}, shapes, 1.0, str(path)
+        )
+    except SwagError as error:
+        raise PredictError(str(error)) from None
+    frozen = {name.removeprefix(FROZEN): t.float() for name, t in tensors.items() if name.startswith(FROZEN)}
+    own = dict(model.state_dict())
+    keys = [*targets["plain"].values(), *(layer["key"] for layer in targets["lora"])]
+    return SwagSampler(moments, frozen, targets, {key: own[key] for key in keys}, draws)
 
 
 def read_inputs(paths: Sequence[Path], config: dict[str, Any]) -> Inputs:
@@ -172,15 +233,20 @@ def predict(
     top: int,
     batch_size: int = 64,
     mc_dropout: tuple[int, float] | None = None,
+    swag: SwagSampler | None = None,
 ) -> list[Prediction]:
     """The model's top `top` classes and predictive entropy for every input, in batches; with
-    `mc_dropout` (passes, rate) the mean of that many passes with dropout kept on, seeded."""
+    `mc_dropout` (passes, rate) the mean of that many passes with dropout kept on, seeded; with
+    `swag` the mean over its draws."""
     predictions: list[Prediction] = []
     model.eval()
     for start in range(0, len(inputs.images), batch_size):
         batch = torch.stack(inputs.images[start : start + batch_size])
         if mc_dropout is not None:
             probabilities = mc_dropout_probabilities(model, batch, mc_dropout[0], mc_dropout[1], seed=start)
+        elif swag is not None:
+            with torch.no_grad():
+                probabilities = swag.probabilities(model, batch)
         else:
             probabilities = torch.softmax(model(batch).float(), dim=-1)
         entropy = predictive_entropy(probabilities)

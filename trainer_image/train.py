@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +50,12 @@ from fedtrain.model import FederatedModel, ModelError, build_model, merged_model
 from fedtrain.model.selection import select_update
 from fedtrain.secagg_round import ELEMENTS_KEY, MASKED_TENSOR
 from fedtrain.store import ObjectNotFound, read_url
+from fedtrain.swag import to_tensors
 
 from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
 from .scaffold import CONTROL_PREFIX, ControlVariates, control_variates
 from .secure import SecureSession
+from .swag import Snapshots, averaged_probabilities, read_moments
 from .transfer import fetch, upload
 from .uncertainty import mc_dropout_probabilities, mean_nll, predictive_entropy
 
@@ -417,6 +419,7 @@ def train_steps(
     batches: Sequence[torch.Tensor] | None = None,
     proximal: ProximalTerm | None = None,
     control: ControlVariates | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """`steps` optimizer steps on `batches`; `generator` draws augmentations (and, alone, the order).
 
@@ -450,6 +453,8 @@ def train_steps(
             nn.utils.clip_grad_norm_(trainable, clip)
         optimizer.step()
         scheduler.step()
+        if after_step is not None:  # SWAG's snapshots
+            after_step(step)
         totals.add(loss, logits, targets, penalty)
         if (step + 1) % report_every == 0 or step + 1 == steps:
             rate = totals.seen / max(time.perf_counter() - started, 1e-9)
@@ -503,6 +508,7 @@ class LocalTraining:
     state_config: dict[str, Any]
     samples: int
     resolved_config: dict[str, Any]
+    swag: dict[str, torch.Tensor] | None = None  # evaluation.uncertainty swag: this round's moments
 
 
 def fetch_inputs(job: TrainerJob, device: torch.device) -> RoundInputs:
@@ -544,10 +550,10 @@ def compute_round(job: TrainerJob, inputs: RoundInputs, device: torch.device) ->
         metrics["test"] = test.metrics.model_dump(mode="json")
         metrics["test_per_class_accuracy"] = test.per_class_accuracy
         _log_scores(job, "test", test)
-        if job.spec.evaluation.uncertainty.method is UncertaintyMethod.MC_DROPOUT:
-            uncertain = score_mc_dropout(job, inputs.model, data.test_images, data.test_labels, device)
+        uncertain = score_uncertainty(job, inputs.model, data.test_images, data.test_labels, device)
+        if uncertain is not None:
             metrics["test_uncertainty"] = uncertain.metrics.model_dump(mode="json")
-            _log_scores(job, "test (MC dropout)", uncertain)
+            _log_scores(job, f"test ({job.spec.evaluation.uncertainty.method.value})", uncertain)
         if job.cross_site_urls:
             metrics["cross_site"] = score_cross_site(
                 job, inputs.model, data.test_images, data.test_labels, device
@@ -573,6 +579,37 @@ def _score(
     class_names = job.spec.model.class_names()
     batch_size = job.spec.training.batch_size
     return evaluate(model.module, images, labels, class_names, batch_size, device, amp_dtype, detect_errors)
+
+
+def score_uncertainty(
+    job: TrainerJob, model: FederatedModel, images: ImageSet, labels: torch.Tensor, device: torch.device
+) -> Evaluation | None:
+    """The test split's figures under evaluation.uncertainty's method; None without one."""
+    method = job.spec.evaluation.uncertainty.method
+    if method is UncertaintyMethod.MC_DROPOUT:
+        return score_mc_dropout(job, model, images, labels, device)
+    if method is UncertaintyMethod.SWAG and job.swag_get_url:
+        return score_swag(job, model, images, labels, device)
+    return None
+
+
+def score_swag(
+    job: TrainerJob, model: FederatedModel, images: ImageSet, labels: torch.Tensor, device: torch.device
+) -> Evaluation:
+    """evaluation.uncertainty swag: the test split's figures from the mean class probabilities of
+    `samples` draws from the combined SWAG (the same seeded draws at every site)."""
+    settings = job.spec.evaluation.uncertainty
+    amp_dtype = autocast_dtype(job.spec.training.precision, device)
+    batch_size = job.spec.training.batch_size
+    moments = read_moments(fetch(job, "swag_get_url"), model, f"the SWAG moments of round {job.round - 1}")
+    truth = labels.cpu()
+
+    def predict() -> torch.Tensor:
+        return predict_probabilities(model.module, images, truth, batch_size, device, amp_dtype)[0]
+
+    probabilities = averaged_probabilities(model, moments, settings.samples, job.spec.training.seed, predict)
+    nll = mean_nll(probabilities, truth)
+    return classification_metrics(nll, probabilities, truth, job.spec.model.class_names(), detect_errors=True)
 
 
 def score_mc_dropout(
@@ -672,6 +709,9 @@ def train_locally(
 
     before = model.exchanged_state()  # the global model as received, on the device
     control = _control_variates(job, model, inputs.private_state)
+    snapshots = (
+        Snapshots(model, steps, spec.evaluation.uncertainty.swag_rank + 1) if job.swag_put_url else None
+    )
     trained = train_steps(
         model,
         data,
@@ -685,6 +725,7 @@ def train_locally(
         batches=plan.batches,
         proximal=proximal_term(model, spec.training.proximal_mu, before),
         control=control,
+        after_step=snapshots.after_step if snapshots is not None else None,
     )
     metrics.update(trained)
     update, residual = _selected_update(job, inputs, before, model.exchanged_state(), control, metrics)
@@ -695,6 +736,7 @@ def train_locally(
         state_config=state_config,
         samples=len(data.train_images),
         resolved_config=_resolved_config(model, spec, steps, device, amp_dtype),
+        swag=to_tensors(snapshots.moments()) if snapshots is not None else None,
     )
 
 
@@ -807,6 +849,10 @@ def publish_round(
     if job.state_put_url:
         state_meta = Metadata(kind=PayloadKind.STATE, config=trained.state_config, **common)
         upload(job, "state_put_url", encode(trained.state_tensors, state_meta))
+    if (
+        trained.swag is not None and job.swag_put_url
+    ):  # before the update, which the aggregator checks it with
+        upload(job, "swag_put_url", encode(trained.swag, Metadata(kind=PayloadKind.SWAG, **common)))
     outcome.timings["total_seconds"] = time.perf_counter() - started
     if session is not None:
         return publish_masked(job, session, trained, outcome, common)
