@@ -366,9 +366,15 @@ def predict(
     """Classify inputs with an exported model: each input's top classes with their probabilities and
     the predictive entropy (nats; log of the class count is a uniform guess). Inputs are prepared as
     the trainers prepared them for that model (wafer maps one-hot, images ImageNet-normalised)."""
-    from fedtrain.trainer.predict import PredictError, accuracy, load_model, max_entropy, read_inputs
+    from fedtrain.trainer.predict import (
+        PredictError,
+        accuracy,
+        load_model,
+        max_entropy,
+        read_inputs,
+        swag_sampler,
+    )
     from fedtrain.trainer.predict import predict as run_predict
-    from fedtrain.trainer.predict import swag_sampler
 
     if swag and mc_dropout:
         errors.print("[red]error:[/] --swag and --mc-dropout are two ways to sample: pass one of them")
