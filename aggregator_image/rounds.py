@@ -758,11 +758,7 @@ class RoundAggregator:
             del self._open[round_index]
         # After the model: a robust strategy may leave out an update replaced since it was accepted.
         folded = [site for site in participants if site in open_round.weights]
-        if self.spec.evaluation.cross_site:
-            self._write_local_models(round_index, folded)
-        if self.swag is not None and self.swag.collects(round_index):
-            weights = {site: open_round.weights[site] for site in folded}
-            self.swag.close(round_index, weights, self.signature(round_index).shapes)
+        self._write_evaluation_inputs(round_index, folded, open_round)
         manifest = RoundManifest(
             training=self.layout.name,
             round=round_index,
@@ -791,6 +787,15 @@ class RoundAggregator:
         self.store.put_bytes(self.layout.manifest(round_index), manifest.model_dump_json(indent=2).encode())
         self._manifests[round_index] = manifest
         return manifest
+
+    def _write_evaluation_inputs(self, round_index: int, folded: list[str], open_round: _OpenRound) -> None:
+        """Before the manifest, what the final evaluation scores beside the global model: the sites'
+        local models (evaluation.crossSite) and the window's SWAG (evaluation.uncertainty swag)."""
+        if self.spec.evaluation.cross_site:
+            self._write_local_models(round_index, folded)
+        if self.swag is not None and self.swag.collects(round_index):
+            weights = {site: open_round.weights[site] for site in folded}
+            self.swag.close(round_index, weights, self.signature(round_index).shapes)
 
     def _write_local_models(self, round_index: int, sites: list[str]) -> None:
         """evaluation.crossSite: each folded site's local model after the round, the global model plus

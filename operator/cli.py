@@ -24,6 +24,8 @@ from fedtrain.pretrained import cluster_problems
 from fedtrain.resource import InvalidResourceError, load_resource
 
 if TYPE_CHECKING:
+    from fedtrain.trainer.predict import Prediction
+
     from .local import RunOptions
 
 app = typer.Typer(
@@ -368,9 +370,7 @@ def predict(
     the trainers prepared them for that model (wafer maps one-hot, images ImageNet-normalised)."""
     from fedtrain.trainer.predict import (
         PredictError,
-        accuracy,
         load_model,
-        max_entropy,
         read_inputs,
         swag_sampler,
     )
@@ -388,6 +388,12 @@ def predict(
         raise typer.Exit(EXIT_INVALID) from None
     sampling = (mc_dropout, dropout) if mc_dropout else None
     predictions = run_predict(network, batch, config["labels"], top, batch_size, sampling, sampler)
+    _show_predictions(model, predictions, config["labels"], as_json)
+
+
+def _show_predictions(model: Path, predictions: list[Prediction], labels: list[str], as_json: bool) -> None:
+    from fedtrain.trainer.predict import accuracy, max_entropy
+
     scored = accuracy(predictions)
     if as_json:
         document = {
@@ -401,7 +407,7 @@ def predict(
         best = ", ".join(f"{name} {probability:.3f}" for name, probability in prediction.top)
         known = f" (label {prediction.label})" if prediction.label is not None else ""
         console.print(f"{prediction.source}: {best}; entropy {prediction.entropy:.3f}{known}", markup=False)
-    uniform = max_entropy(len(config["labels"]))
+    uniform = max_entropy(len(labels))
     summary = f"{len(predictions)} inputs; entropy of a uniform guess {uniform:.3f}"
     if scored is not None:
         summary += f"; accuracy {scored:.3f} on the {sum(p.label is not None for p in predictions)} labelled"
