@@ -192,8 +192,9 @@ def main() -> None:
         }
 
     print(
-        f"fedtrain run: {sites} sites x {args.samples} maps, {args.rounds} rounds ({args.schedule} schedule), "
-        f"SWAG rank {args.swag_rank} over the last {args.swag_rounds}, {seconds:.0f} s"
+        f"fedtrain run: {sites} sites x {args.samples} maps, {args.rounds} rounds "
+        f"({args.schedule} schedule), SWAG rank {args.swag_rank} over the last {args.swag_rounds}, "
+        f"{seconds:.0f} s"
     )
     tested, uncertain = status.get("testEvaluation") or {}, status.get("testUncertainty") or {}
     print(

@@ -106,7 +106,9 @@ class RunProgress:
             local_only = self.spec.mode is TrainingMode.LOCAL_ONLY
             self.console.print(round_table(records, self.sites, local_only))
             self.console.print(upload_table(records, self.sites))
-            tested = test_table(records[-1], self.spec.model.class_names())
+            tested = test_table(
+                records[-1], self.spec.model.class_names(), self.spec.evaluation.uncertainty.method
+            )
             if tested is not None:
                 self.console.print(tested)
             self._cross_site(records[-1])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from rich.table import Table
 
-from fedtrain.api import GLOBAL_MODEL_KEY, RoundRecord
+from fedtrain.api import GLOBAL_MODEL_KEY, RoundRecord, UncertaintyMethod
 from fedtrain.evaluation import per_class_accuracy
 
 if TYPE_CHECKING:
@@ -73,9 +73,14 @@ def round_table(records: Sequence[RoundRecord], sites: Sequence[str], local_only
     return table
 
 
-def test_table(record: RoundRecord, class_names: Sequence[str]) -> Table | None:
+#: How the test table names evaluation.uncertainty's methods.
+UNCERTAINTY_LABELS: Final = {UncertaintyMethod.MC_DROPOUT: "MC dropout", UncertaintyMethod.SWAG: "SWAG"}
+
+
+def test_table(record: RoundRecord, class_names: Sequence[str], method: UncertaintyMethod) -> Table | None:
     """The final model on the sites' held-out test splits (evaluation.testFraction): one row per site
-    and the pooled figures, then the pooled per-class accuracy; None without a test split."""
+    and the pooled figures (and those under the uncertainty `method`), then the pooled per-class
+    accuracy; None without a test split."""
     pooled = record.test_evaluation
     if pooled is None:
         return None
@@ -94,7 +99,7 @@ def test_table(record: RoundRecord, class_names: Sequence[str]) -> Table | None:
         table.add_column(column, justify="left" if column == "site" else "right")
     rows = [*record.site_test_evaluation.items(), ("all (pooled)", pooled)]
     if record.test_uncertainty is not None:  # evaluation.uncertainty: the method's pooled figures
-        rows.append(("all, MC dropout", record.test_uncertainty))
+        rows.append((f"all, {UNCERTAINTY_LABELS.get(method, method.value)}", record.test_uncertainty))
     for site, figures in rows:
         table.add_row(
             site,

@@ -10,15 +10,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from fedtrain.aggregator.rounds import RoundAggregator
-from fedtrain.api import FederatedTraining, Phase
+from fedtrain.api import FederatedTraining, FederatedTrainingStatus, Phase
 from fedtrain.codec import Metadata, PayloadKind, decode, encode
 from fedtrain.layout import TrainingLayout
 from fedtrain.model import build_model, load_plain_model
+from fedtrain.operator.cli import app
 from fedtrain.operator.core import build_trainer_job
 from fedtrain.operator.engine import JobObservation, JobState, StartSiteJob
 from fedtrain.operator.local import (
@@ -31,6 +34,7 @@ from fedtrain.operator.local import (
     trainer_environment,
 )
 from fedtrain.store import LocalStore
+from fedtrain.trainer.data import generate_wafer_maps
 
 
 def resource(
@@ -226,7 +230,9 @@ ADAM = {"learningRate": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 0.001}
 
 
 def exchange_resource(
-    exchange: dict[str, Any], aggregation: dict[str, Any] | None = None
+    exchange: dict[str, Any],
+    aggregation: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> FederatedTraining:
     """Two sites, two rounds of a 2-block ViT fully fine-tuned (its LayerNorms trainable)."""
     return FederatedTraining.model_validate(
@@ -240,6 +246,7 @@ def exchange_resource(
                 "exchange": exchange,
                 "training": {"rounds": 2, "localSteps": 2, "batchSize": 8, "optimizer": {"lr": 0.01}},
                 "aggregation": {"minSites": 2, "siteRetries": 0, **(aggregation or {})},
+                "evaluation": evaluation or {},
                 "sites": [
                     {"name": name, "data": {"synthetic": {"samples": 32, "dirichletAlpha": alpha}}}
                     for name, alpha in (("fab-a", 0.3), ("fab-b", 5.0))
@@ -253,10 +260,13 @@ def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors
     tmp_path: Path,
 ) -> None:
     """FedBN with a server optimizer (fedadam) and SCAFFOLD: the shared tensors take Adam steps of the
-    mean delta, and carry control variates (the server's in the store, each site's in its state)."""
+    mean delta, and carry control variates (the server's in the store, each site's in its state).
+    And SWAG over both rounds: the sites' moments hold the shared tensors only."""
+    swag = {"method": "swag", "samples": 3, "swagRank": 2, "swagRounds": 2}
     resource_ = exchange_resource(
         {"policy": "exclude", "modules": ["LayerNorm"], "siteModels": True},
         {"strategy": "fedadam", "server": ADAM, "controlVariates": "scaffold"},
+        {"testFraction": 0.25, "uncertainty": swag},
     )
     runner = LocalRunner(resource_, RunOptions(run_dir=tmp_path / "run", parallel=2))
     status = runner.run()
@@ -332,6 +342,30 @@ def test_personal_layers_stay_at_each_site_across_rounds_and_only_shared_tensors
     for name in shared:
         torch.testing.assert_close(own["fab-a"][name], own["fab-b"][name])
         torch.testing.assert_close(own["fab-a"][name], globals_[2][name])
+    check_local_swag(tmp_path / "run", runner, status, shared)
+
+
+def check_local_swag(
+    run_dir: Path, runner: LocalRunner, status: FederatedTrainingStatus, shared: list[str]
+) -> None:
+    """SWAG in the local driver: no personal tensor in any site's moments, the run directory's SWAG
+    model, the test figures under SWAG, and `fedtrain predict --swag` on the model."""
+    store, layout = runner.store, runner.layout
+    for round_index in (0, 1):
+        for site in ("fab-a", "fab-b"):
+            moments = decode(store.get_bytes(layout.site_swag(round_index, site))).tensors
+            assert {name.split(".", 2)[2] for name in moments} == set(shared), "shared tensors only"
+    assert status.swag_model_uri == store.uri(layout.swag_model())
+    assert status.test_uncertainty is not None
+    assert status.test_evaluation is not None
+    assert status.test_uncertainty.samples == status.test_evaluation.samples == 16
+    maps, _ = generate_wafer_maps(4, 28, 1.0, seed=5)
+    np.savez(run_dir / "maps.npz", maps=maps)
+    result = CliRunner().invoke(
+        app, ["predict", str(run_dir / "model-swag.safetensors"), str(run_dir / "maps.npz"), "--swag", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 inputs" in result.output
 
 
 def test_local_only_sites_train_alone_send_no_tensor_and_publish_their_own_models(tmp_path: Path) -> None:

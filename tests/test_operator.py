@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OPERATOR_TOKEN = "fedtrain-operator"
 #: FedPer: every LoRA matrix is exchanged, each site keeps its own head.
 FEDPER = {"policy": "exclude", "layers": ["head.*"], "siteModels": True}
+SWAG = {"method": "swag", "samples": 3, "swagRank": 2, "swagRounds": 2}
 
 
 def chart_rbac(values: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
@@ -145,9 +146,16 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     recorder = StatusRecorder(cluster, "wafer")
     with PrometheusServer(tmp_path / "prometheus", targets) as prometheus:
         # FedPer: the heads stay at their sites, each site publishes its own merged model; every
-        # tensor object in the bucket is sealed under the training's data key.
+        # tensor object in the bucket is sealed under the training's data key. SWAG over both rounds.
         cluster.api.apply(
-            cluster.training("wafer", rounds=2, sites=2, exchange=FEDPER, privacy={"encryptAtRest": True})
+            cluster.training(
+                "wafer",
+                rounds=2,
+                sites=2,
+                exchange=FEDPER,
+                privacy={"encryptAtRest": True},
+                evaluation={"testFraction": 0.25, "uncertainty": SWAG},
+            )
         )
         status = wait_for("the training to finish", lambda: cluster.finished("wafer"), timeout=420)
         check_scraped_metrics(prometheus)
@@ -187,6 +195,7 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
     assert "X-Amz-Signature" in text
     assert SECRET_KEY not in text
     assert "rounds/00001/updates/fab-b.safetensors" in text
+    assert "rounds/00001/swag/fab-b.safetensors" in text, "a SWAG round's PUT URL for the site's moments"
     assert "updates/fab-a" not in text
     assert "sites/fab-a" not in text
 
@@ -202,6 +211,7 @@ def test_training_succeeds_with_history_events_models_and_metrics(cluster: Clust
 
     sealed = check_sealed_bucket(cluster, store, layout)
     check_personal_heads(sealed, layout, status)
+    check_swag(sealed, layout, status)
 
     # Finished: the aggregator is scaled to zero.
     deployment = cluster.api.apps.read_namespaced_deployment("wafer-aggregator", TRAINING_NAMESPACE)
@@ -266,6 +276,25 @@ def check_personal_heads(store: ObjectStore, layout: TrainingLayout, status: dic
         heads[site] = merged["head.weight"]
     for first, second in itertools.combinations(sites, 2):
         assert not torch.equal(heads[first], heads[second]), f"{first} and {second} have one head"
+
+
+def check_swag(store: ObjectStore, layout: TrainingLayout, status: dict[str, Any]) -> None:
+    """evaluation.uncertainty swag on a cluster: each site's moments hold the shared tensors only (no
+    head leaves a site under FedPer), the window's SWAG combines both rounds, the final evaluation
+    scored draws from it, and the SWAG model is exported beside the merged one."""
+    for round_index in (0, 1):
+        shared = set(decode(store.get_bytes(layout.global_model(round_index))).tensors)
+        for site in ("fab-a", "fab-b"):
+            moments = decode(store.get_bytes(layout.site_swag(round_index, site))).tensors
+            assert {name.split(".", 2)[2] for name in moments} == shared, (round_index, site)
+    assert decode(store.get_bytes(layout.swag(1))).meta.config["rounds"] == 2
+    assert status["swagModelUri"] == store.uri(layout.swag_model())
+    assert status["testUncertainty"]["samples"] == status["testEvaluation"]["samples"] == 20
+    exported = decode(store.get_bytes(layout.swag_model()))
+    assert exported.meta.config["swag"]["rounds"] == 2
+    assert {name for name in exported.tensors if name.startswith("swag.mean.")} == {
+        f"swag.mean.{name}" for name in shared
+    }
 
 
 def check_scraped_metrics(prometheus: PrometheusServer) -> None:
