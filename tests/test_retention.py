@@ -106,3 +106,15 @@ def test_a_secure_rounds_protocol_objects_go_with_its_updates() -> None:
     assert LAYOUT.secagg(3, "reveal", "fab-c") in keys
     assert LAYOUT.secagg(3, "roster") in keys
     assert all(key.startswith(LAYOUT.round_dir(3)) for key in keys)
+
+
+def test_a_swag_rounds_site_moments_go_with_its_updates_and_the_window_swag_stays() -> None:
+    uncertainty = {"method": "swag", "swagRounds": 1}
+    spec = tiny_spec(
+        storage={"retention": {"deleteUpdates": True}},
+        evaluation={"testFraction": 0.2, "uncertainty": uncertainty},
+    )
+    last, earlier = update_keys(LAYOUT, spec, 1), update_keys(LAYOUT, spec, 0)
+    assert LAYOUT.site_swag(1, "fab-a") in last, "folded into the window's SWAG at the close"
+    assert not any("/swag" in key for key in earlier), "round 0 is outside the window"
+    assert LAYOUT.swag(1) not in last, "the final evaluation and the export read the window's SWAG"
