@@ -1115,8 +1115,7 @@ class UncertaintySpec(SpecModel):
         le=10000,
         description=(
             "swag: the last training rounds whose local steps are sampled (each round weighs the same; "
-            "at most training.rounds). Over them the learning rate stays where training.lrSchedule had "
-            "taken it when they began, as SWA collects at a constant rate."
+            "at most training.rounds)."
         ),
     )
 

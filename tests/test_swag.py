@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.api import FederatedTrainingSpec
 from fedtrain.codec import decode, encode
-from fedtrain.job import TrainerJob, TrainerSpec
+from fedtrain.job import TrainerJob
 from fedtrain.layout import TrainingLayout
 from fedtrain.model import build_model
 from fedtrain.operator.cli import app
@@ -41,7 +41,7 @@ from fedtrain.swag import (
 )
 from fedtrain.trainer.data import generate_wafer_maps
 from fedtrain.trainer.predict import load_model, swag_sampler
-from fedtrain.trainer.train import make_scheduler, run_job
+from fedtrain.trainer.train import run_job
 
 SHAPES = {"a": (3, 2), "b": (4,)}
 
@@ -334,22 +334,3 @@ def check_export(spec: FederatedTrainingSpec, store: LocalStore, tmp_path: Path)
     assert "carries no SWAG moments" in " ".join(refused.output.split())
     both = runner.invoke(app, ["predict", str(path), str(archive), "--swag", "5", "--mc-dropout", "2"])
     assert both.exit_code == 2
-
-
-def test_over_the_swag_window_the_learning_rate_stays_where_the_schedule_had_taken_it() -> None:
-    spec = TrainerSpec.for_site(tiny_spec(training={"lrSchedule": {"name": "cosine"}}), "fab-a")
-
-    def rates(hold_from: int | None) -> list[float]:
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = make_scheduler(optimizer, spec, total_steps=10, hold_from=hold_from)
-        seen = []
-        for _ in range(10):
-            seen.append(scheduler.get_last_lr()[0])
-            optimizer.step()
-            scheduler.step()
-        return seen
-
-    cosine, held = rates(None), rates(6)
-    assert held[:7] == cosine[:7]
-    assert held[6:] == [cosine[6]] * 4, "constant from the window's first step"
-    assert cosine[9] < cosine[6]

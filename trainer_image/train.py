@@ -189,16 +189,12 @@ def make_optimizer(parameters: Iterable[nn.Parameter], spec: TrainerSpec) -> tor
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, spec: TrainerSpec, total_steps: int, hold_from: int | None = None
+    optimizer: torch.optim.Optimizer, spec: TrainerSpec, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule over `total_steps`; from step `hold_from` on (SWAG's window) the
-    rate stays where the schedule had taken it, as SWA collects at a constant rate."""
     schedule = spec.training.lr_schedule
     warmup = schedule.warmup_steps
 
     def factor(step: int) -> float:
-        if hold_from is not None:
-            step = min(step, hold_from)
         if warmup and step < warmup:
             return (step + 1) / warmup
         if schedule.name is ScheduleName.CONSTANT:
@@ -700,11 +696,7 @@ def train_locally(
     steps = steps_per_round(spec, len(data.train_images))
     trainable = [param for param in model.module.parameters() if param.requires_grad]
     optimizer = make_optimizer(trainable, spec)
-    rounds, uncertainty = spec.training.rounds, spec.evaluation.uncertainty
-    hold = (
-        steps * (rounds - uncertainty.swag_rounds) if uncertainty.method is UncertaintyMethod.SWAG else None
-    )
-    scheduler = make_scheduler(optimizer, spec, total_steps=steps * rounds, hold_from=hold)
+    scheduler = make_scheduler(optimizer, spec, total_steps=steps * spec.training.rounds)
     # Without a state to carry a cursor, each round takes a pass of its own rather than pass 0 again.
     cursor = (
         _restore_private_state(inputs.private_state, optimizer, scheduler)
