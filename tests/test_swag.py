@@ -212,7 +212,8 @@ def site_job(
 
 def test_swag_in_process_from_the_sites_snapshots_to_predict(tmp_path: Path) -> None:
     """Rounds 1 and 2 of 3 are SWAG's: their jobs get a PUT URL for their moments, round 0's none; a
-    site whose moments do not fit is refused; each close folds the round's sites, weighted like their
+    site whose moments do not fit is refused; an aggregator restarted before round 2's close
+    rebuilds it from the store; each close folds the round's sites, weighted like their
     updates, into the window's SWAG (its mean and squares are the sites' by numpy, each round weighing
     one); the final evaluation scores draws from it; the export's plain weights are the model merged at
     the SWAG mean, and a draw moves them exactly as the peft model with the drawn factors computes."""
@@ -238,7 +239,10 @@ def test_swag_in_process_from_the_sites_snapshots_to_predict(tmp_path: Path) -> 
                 continue
             assert aggregator.submit(round_index, site).accepted
         participants = [site for site in SITES if (round_index, site) != (1, "fab-c")]
+        if round_index == 2:  # a restart between the updates and the close: the sum and the SWAG
+            aggregator = RoundAggregator(store, LAYOUT, spec)  # are rebuilt from the store
         aggregator.close(round_index, participants)
+    assert aggregator.close(1, ["fab-a", "fab-b"]).round == 1, "a closed round answers its manifest"
     check_window(spec, store)
 
     evaluations = []
