@@ -1079,8 +1079,9 @@ class RoundAggregator:
             self.store.put_file(key, staged)
         return self.store.uri(key)
 
-    def _write_swag_model(self, swag: SwagRounds) -> str:
-        """evaluation.uncertainty swag: the SWAG model (swag_rounds.SwagRounds.export), once."""
+    def _write_swag_model(self, swag: SwagRounds) -> str | None:
+        """evaluation.uncertainty swag: the SWAG model (swag_rounds.SwagRounds.export), once; None
+        where there are no moments to export."""
         from fedtrain.model import build_model, merged_model_config  # timm and peft only here
 
         key = self.layout.swag_model()
@@ -1088,7 +1089,10 @@ class RoundAggregator:
             return self.store.uri(key)
         model = build_model(self.spec, self._pretrained_weights)
         config = merged_model_config(self.spec.model, [site.data for site in self.spec.sites])
-        tensors, meta = swag.export(model, config)
+        exported = swag.export(model, config)
+        if exported is None:
+            return None
+        tensors, meta = exported
         with tempfile.TemporaryDirectory(prefix="fedtrain-aggregator-") as scratch:
             staged = Path(scratch) / "swag.safetensors"
             encode_file(tensors, meta, staged)

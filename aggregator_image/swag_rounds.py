@@ -74,15 +74,21 @@ class SwagRounds:
     ) -> None:
         """Fold the round's sites (weights normalised to sum to 1) into the window's running SWAG."""
         key = self.layout.swag(round_index)
-        if self.store.exists(key) or not weights:
+        if self.store.exists(key):
+            return
+        earlier = self.layout.swag(round_index - 1)
+        previous = (
+            self.running(round_index - 1, shapes)
+            if self.collects(round_index - 1) and self.store.exists(earlier)
+            else None
+        )
+        if not weights:  # no update made the round: the window's SWAG is the previous round's
+            if previous is not None:
+                self.store.put_bytes(key, self.store.get_bytes(earlier))
             return
         total = sum(weights.values())
-        groups = []
-        rounds = 1
-        if self.collects(round_index - 1):
-            previous = self.running(round_index - 1, shapes)
-            rounds += int(previous.weight)
-            groups.append(previous)
+        groups = [previous] if previous is not None else []
+        rounds = 1 + (int(previous.weight) if previous is not None else 0)
         groups.extend(
             self.site_moments(round_index, site, shapes).reweighted(weights[site] / total)
             for site in sorted(weights)
@@ -105,12 +111,16 @@ class SwagRounds:
 
     def export(
         self, model: FederatedModel, config: dict[str, object]
-    ) -> tuple[dict[str, torch.Tensor], Metadata]:
+    ) -> tuple[dict[str, torch.Tensor], Metadata] | None:
         """The SWAG model: `model` (the spec's, freshly built) at the SWAG mean of the last training
-        round, merged, with the moments (and any frozen LoRA factor they multiply) beside it."""
+        round, merged, with the moments (and any frozen LoRA factor they multiply) beside it; None
+        where the window folded no site's moments."""
         from fedtrain.model.exchange import timm_name
 
         last = self.spec.training.rounds - 1
+        if not self.store.exists(self.layout.swag(last)):
+            log.warning("no SWAG moments of round %d: the window folded no site's; no SWAG model", last)
+            return None
         shapes = {name: tuple(tensor.shape) for name, tensor in model.exchanged_state().items()}
         moments = self.running(last, shapes)
         model.load_exchanged(moments.mean)

@@ -15,8 +15,9 @@ from jobs import tiny_spec
 from typer.testing import CliRunner
 
 from fedtrain.aggregator.rounds import RoundAggregator
+from fedtrain.aggregator.swag_rounds import SwagRounds
 from fedtrain.api import FederatedTrainingSpec
-from fedtrain.codec import decode, encode
+from fedtrain.codec import Metadata, PayloadKind, decode, encode
 from fedtrain.job import TrainerJob
 from fedtrain.layout import TrainingLayout
 from fedtrain.model import build_model
@@ -338,3 +339,23 @@ def check_export(spec: FederatedTrainingSpec, store: LocalStore, tmp_path: Path)
     assert "carries no SWAG moments" in " ".join(refused.output.split())
     both = runner.invoke(app, ["predict", str(path), str(archive), "--swag", "5", "--mc-dropout", "2"])
     assert both.exit_code == 2
+
+
+def test_a_window_round_without_moments_carries_the_window_swag_forward(tmp_path: Path) -> None:
+    """A SWAG round that folded no update (every participant left out) keeps the window's SWAG as
+    the previous round left it; a window with no moments at all exports no SWAG model."""
+    spec = swag_spec()
+    store = LocalStore(tmp_path / "store")
+    rounds = SwagRounds(store, LAYOUT, spec)
+    shapes = {"a": (3, 2), "b": (4,)}
+    moments = snapshot_moments(snapshots(3, seed=10), 1.0)
+    meta = Metadata(kind=PayloadKind.SWAG, training="swag", round=1, site="fab-a")
+    store.put_bytes(LAYOUT.site_swag(1, "fab-a"), encode(to_tensors(moments), meta))
+    rounds.close(1, {}, shapes)
+    assert not store.exists(LAYOUT.swag(1)), "nothing to carry yet"
+    rounds.close(1, {"fab-a": 2.0}, shapes)
+    rounds.close(2, {}, shapes)
+    assert store.get_bytes(LAYOUT.swag(2)) == store.get_bytes(LAYOUT.swag(1))
+    assert vector(rounds.running(2, shapes).mean) == pytest.approx(vector(moments.mean))
+    empty = SwagRounds(LocalStore(tmp_path / "empty"), LAYOUT, spec)
+    assert empty.export(build_model(spec), {}) is None

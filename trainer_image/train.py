@@ -595,13 +595,19 @@ def score_uncertainty(
 
 def score_swag(
     job: TrainerJob, model: FederatedModel, images: ImageSet, labels: torch.Tensor, device: torch.device
-) -> Evaluation:
+) -> Evaluation | None:
     """evaluation.uncertainty swag: the test split's figures from the mean class probabilities of
-    `samples` draws from the combined SWAG (the same seeded draws at every site)."""
+    `samples` draws from the combined SWAG (the same seeded draws at every site); None where the
+    window's rounds folded no site's moments."""
     settings = job.spec.evaluation.uncertainty
     amp_dtype = autocast_dtype(job.spec.training.precision, device)
     batch_size = job.spec.training.batch_size
-    moments = read_moments(fetch(job, "swag_get_url"), model, f"the SWAG moments of round {job.round - 1}")
+    try:
+        data = fetch(job, "swag_get_url")
+    except ObjectNotFound:
+        log.warning("no SWAG moments of round %d: the window folded no site's", job.round - 1)
+        return None
+    moments = read_moments(data, model, f"the SWAG moments of round {job.round - 1}")
     truth = labels.cpu()
 
     def predict() -> torch.Tensor:
@@ -849,9 +855,7 @@ def publish_round(
     if job.state_put_url:
         state_meta = Metadata(kind=PayloadKind.STATE, config=trained.state_config, **common)
         upload(job, "state_put_url", encode(trained.state_tensors, state_meta))
-    if (
-        trained.swag is not None and job.swag_put_url
-    ):  # before the update, which the aggregator checks it with
+    if trained.swag is not None and job.swag_put_url:  # before the update: the aggregator checks both
         upload(job, "swag_put_url", encode(trained.swag, Metadata(kind=PayloadKind.SWAG, **common)))
     outcome.timings["total_seconds"] = time.perf_counter() - started
     if session is not None:
