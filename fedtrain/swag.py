@@ -11,9 +11,9 @@ covariance. The moments of two groups weighted wa and wb combine into those of t
     D^T D = pa Da^T Da + pb Db^T Db + pa pb (ma - mb)(ma - mb)^T
 
 so the rows sqrt(pa) Da, sqrt(pb) Db and sqrt(pa pb) (ma - mb) hold the mixture's covariance exactly;
-beyond `rank` rows they are replaced by its best rank-`rank` approximation (the truncated SVD, rows
-S_k V_k^T). Folding the sites one at a time keeps the aggregator's memory at 2 rank + 2 rows whatever
-their number. A sample is
+beyond `rank` rows they are replaced by its best rank-`rank` approximation (the truncated SVD's rows
+S_k V_k^T, found from the rows' Gram matrix). Folding the sites one at a time keeps the aggregator's
+memory at 2 rank + 2 rows whatever their number. A sample is
 
     t = m + (sqrt(max(s - m^2, 0)) * z1 + D^T z2) / sqrt(2),   z1 ~ N(0, I), z2 ~ N(0, I_rank)
 
@@ -96,19 +96,22 @@ def snapshot_moments(snapshots: Sequence[Mapping[str, torch.Tensor]], weight: fl
 
 def low_rank(rows: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     """Rows (M, *shape) per tensor replaced by at most `rank` rows with the best rank-`rank`
-    approximation of their joint Gram D^T D (one SVD over all tensors; as they are when M <= rank)."""
+    approximation of their joint covariance D^T D (as they are when M <= rank). Through the M x M
+    Gram matrix D D^T, summed tensor by tensor in float64, and its eigenvectors U (torch.linalg.eigh):
+    the rows U_k^T D are the SVD's S_k V_k^T, without a copy of all rows at once."""
     count = next(iter(rows.values())).shape[0] if rows else 0
     if count <= rank:
         return dict(rows)
-    flat = torch.cat([tensor.double().reshape(count, -1) for tensor in rows.values()], dim=1)
-    _, singular, right = torch.linalg.svd(flat, full_matrices=False)
-    kept = (singular[:rank, None] * right[:rank]).float()
-    reduced, start = {}, 0
-    for name, tensor in rows.items():
-        size = tensor[0].numel()
-        reduced[name] = kept[:, start : start + size].reshape(rank, *tensor.shape[1:])
-        start += size
-    return reduced
+    gram = torch.zeros(count, count, dtype=torch.float64)
+    for tensor in rows.values():
+        flat = tensor.reshape(count, -1).double()
+        gram += flat @ flat.T
+    _, vectors = torch.linalg.eigh(gram)  # eigenvalues ascending: the last `rank` columns are kept
+    kept = vectors[:, -rank:].flip(1).T
+    return {
+        name: (kept @ tensor.reshape(count, -1).double()).float().reshape(rank, *tensor.shape[1:])
+        for name, tensor in rows.items()
+    }
 
 
 def combine(first: Moments, second: Moments, rank: int) -> Moments:
