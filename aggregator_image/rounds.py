@@ -601,9 +601,10 @@ class RoundAggregator:
             return self._reject(round_index, site, "metadata", message, **common)
 
         signature, clip = self.site_signature(round_index, site), self._round_clip(round_index)
-        swag_problem = self._swag_problem(round_index, site, signature)
+        swag_problem, swag_bytes = self._swag_problem(round_index, site, signature)
         if swag_problem is not None:
             return self._reject(round_index, site, "swag", swag_problem, **common)
+        common["update_bytes"] += swag_bytes
         try:
             norm = self._check_and_fold(payload, key, signature, weight, open_round, clip)
         except CodecError as error:
@@ -618,10 +619,11 @@ class RoundAggregator:
         open_round.clip_below += 1 if below == 1.0 else 0
         return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
 
-    def _swag_problem(self, round_index: int, site: str, signature: Signature) -> str | None:
-        """evaluation.uncertainty swag: why the site's moments of a SWAG round cannot be accepted."""
+    def _swag_problem(self, round_index: int, site: str, signature: Signature) -> tuple[str | None, int]:
+        """evaluation.uncertainty swag: why the site's moments of a SWAG round cannot be accepted, and
+        their size (counted with the update's: both left the site)."""
         if self.swag is None or not self.swag.collects(round_index):
-            return None
+            return None, 0
         return self.swag.problem(round_index, site, signature.shapes)
 
     def _check_and_fold(

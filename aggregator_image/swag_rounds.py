@@ -50,24 +50,29 @@ class SwagRounds:
     def collects(self, round_index: int) -> bool:
         return self.settings.collects_swag(round_index, self.spec.training.rounds)
 
-    def site_moments(self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]]) -> Moments:
-        """A site's moments of a round, checked against the round's exchanged tensors (SwagError,
-        CodecError, ObjectNotFound)."""
+    def site_moments(
+        self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]]
+    ) -> tuple[Moments, int]:
+        """A site's moments of a round, checked against the round's exchanged tensors, and the size of
+        their object (SwagError, CodecError, ObjectNotFound)."""
         key = self.layout.site_swag(round_index, site)
-        payload = decode(self.store.get_bytes(key), name=key)
+        data = self.store.get_bytes(key)
+        payload = decode(data, name=key)
         if payload.meta.kind is not PayloadKind.SWAG or payload.meta.site != site:
             raise SwagError(f"{key} is not {site}'s SWAG moments ({payload.meta.kind.value})")
-        return from_tensors(dict(payload.tensors), shapes, 1.0, key)
+        return from_tensors(dict(payload.tensors), shapes, 1.0, key), len(data)
 
-    def problem(self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-        """Why a site's update of a SWAG round cannot be accepted for its moments; None if it can."""
+    def problem(
+        self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]]
+    ) -> tuple[str | None, int]:
+        """Why a site's update of a SWAG round cannot be accepted for its moments (None if it can),
+        and the bytes the site uploaded for them."""
         try:
-            self.site_moments(round_index, site, shapes)
+            return None, self.site_moments(round_index, site, shapes)[1]
         except ObjectNotFound:
-            return f"no SWAG moments at {self.store.uri(self.layout.site_swag(round_index, site))}"
+            return f"no SWAG moments at {self.store.uri(self.layout.site_swag(round_index, site))}", 0
         except (SwagError, CodecError) as error:
-            return str(error)
-        return None
+            return str(error), 0
 
     def close(
         self, round_index: int, weights: Mapping[str, float], shapes: Mapping[str, tuple[int, ...]]
@@ -90,7 +95,7 @@ class SwagRounds:
         groups = [previous] if previous is not None else []
         rounds = 1 + (int(previous.weight) if previous is not None else 0)
         groups.extend(
-            self.site_moments(round_index, site, shapes).reweighted(weights[site] / total)
+            self.site_moments(round_index, site, shapes)[0].reweighted(weights[site] / total)
             for site in sorted(weights)
         )
         combined = combine_all(groups, self.settings.swag_rank)

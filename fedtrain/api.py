@@ -2551,7 +2551,9 @@ class SiteRoundStatus(ApiModel):
     test_uncertainty: EvalMetrics | None = Field(
         None, description="evaluation.uncertainty: the final model's test figures under the method."
     )
-    update_bytes: int | None = Field(None, description="Size of the uploaded update.")
+    update_bytes: int | None = Field(
+        None, description="Size of the uploaded update (with, in SWAG rounds, the site's SWAG moments)."
+    )
     train_seconds: float | None = Field(None, description="Local training time.")
 
 
@@ -2608,7 +2610,9 @@ class RoundRecord(ApiModel):
             "N x (N + 1) matrix."
         ),
     )
-    bytes_uploaded: int = Field(0, description="Update bytes the sites uploaded.")
+    bytes_uploaded: int = Field(
+        0, description="Update bytes the sites uploaded (with SWAG's moments in its rounds)."
+    )
     site_bytes: dict[str, int] = Field(
         default_factory=dict, description="Update bytes each site uploaded (sites that uploaded one)."
     )

@@ -238,7 +238,12 @@ def test_swag_in_process_from_the_sites_snapshots_to_predict(tmp_path: Path) -> 
                 assert (verdict.accepted, verdict.reason) == (False, "swag")
                 assert "below its mean squared" in (verdict.message or "")
                 continue
-            assert aggregator.submit(round_index, site).accepted
+            verdict = aggregator.submit(round_index, site)
+            assert verdict.accepted
+            uploaded = len(store.get_bytes(LAYOUT.update(round_index, site)))
+            if round_index > 0:  # the moments left the site too
+                uploaded += len(store.get_bytes(LAYOUT.site_swag(round_index, site)))
+            assert verdict.update_bytes == uploaded
         participants = [site for site in SITES if (round_index, site) != (1, "fab-c")]
         if round_index == 2:  # a restart between the updates and the close: the sum and the SWAG
             aggregator = RoundAggregator(store, LAYOUT, spec)  # are rebuilt from the store
