@@ -74,6 +74,7 @@ from fedtrain.sealed_store import SealedStore
 from fedtrain.sealing import DataKey
 from fedtrain.secagg_round import element_count, unflatten
 from fedtrain.store import ObjectNotFound, ObjectStore
+from fedtrain.swag import DIGEST_KEY as SWAG_DIGEST_KEY
 from fedtrain.updates import (
     check_base_model,
     check_update,
@@ -162,6 +163,8 @@ class _OpenRound:
     lora_energy_by_rank: dict[str, dict[str, float]] = field(default_factory=dict)
     # Adaptive clipping: how many of the folded updates were within the round's clip.
     clip_below: int = 0
+    # evaluation.uncertainty swag: the moments each folded update names (its metadata's digest).
+    swag_digests: dict[str, str] = field(default_factory=dict)
 
 
 class RoundAggregator:
@@ -601,7 +604,7 @@ class RoundAggregator:
             return self._reject(round_index, site, "metadata", message, **common)
 
         signature, clip = self.site_signature(round_index, site), self._round_clip(round_index)
-        swag_problem, swag_bytes = self._swag_problem(round_index, site, signature)
+        swag_problem, swag_bytes = self._swag_problem(round_index, site, signature, meta)
         if swag_problem is not None:
             return self._reject(round_index, site, "swag", swag_problem, **common)
         common["update_bytes"] += swag_bytes
@@ -616,15 +619,19 @@ class RoundAggregator:
             open_round.control.count(1.0)
         open_round.dirty = False
         open_round.weights[site] = weight
+        if isinstance(digest := meta.config.get(SWAG_DIGEST_KEY), str):
+            open_round.swag_digests[site] = digest
         open_round.clip_below += 1 if below == 1.0 else 0
         return UpdateVerdict(round=round_index, site=site, accepted=True, norm=norm, **common)
 
-    def _swag_problem(self, round_index: int, site: str, signature: Signature) -> tuple[str | None, int]:
+    def _swag_problem(
+        self, round_index: int, site: str, signature: Signature, meta: Metadata
+    ) -> tuple[str | None, int]:
         """evaluation.uncertainty swag: why the site's moments of a SWAG round cannot be accepted, and
         their size (counted with the update's: both left the site)."""
         if self.swag is None or not self.swag.collects(round_index):
             return None, 0
-        return self.swag.problem(round_index, site, signature.shapes)
+        return self.swag.problem(round_index, site, signature.shapes, meta.config.get(SWAG_DIGEST_KEY))
 
     def _check_and_fold(
         self,
@@ -797,7 +804,8 @@ class RoundAggregator:
             self._write_local_models(round_index, folded)
         if self.swag is not None and self.swag.collects(round_index):
             weights = {site: open_round.weights[site] for site in folded}
-            self.swag.close(round_index, weights, self.signature(round_index).shapes)
+            shapes = self.signature(round_index).shapes
+            self.swag.close(round_index, weights, open_round.swag_digests, shapes)
 
     def _write_local_models(self, round_index: int, sites: list[str]) -> None:
         """evaluation.crossSite: each folded site's local model after the round, the global model plus

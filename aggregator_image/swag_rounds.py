@@ -22,6 +22,7 @@ from fedtrain.lora_ranks import LORA_A, LORA_B, lora_scale
 from fedtrain.store import ObjectNotFound, ObjectStore
 from fedtrain.swag import (
     CONFIG_KEY,
+    DIGEST_KEY,
     FROZEN,
     Moments,
     SwagError,
@@ -51,33 +52,44 @@ class SwagRounds:
         return self.settings.collects_swag(round_index, self.spec.training.rounds)
 
     def site_moments(
-        self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]]
+        self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]], digest: object
     ) -> tuple[Moments, int]:
-        """A site's moments of a round, checked against the round's exchanged tensors, and the size of
-        their object (SwagError, CodecError, ObjectNotFound)."""
+        """A site's moments of a round, checked against the round's exchanged tensors and against the
+        `digest` its update names, and the size of their object (SwagError, CodecError,
+        ObjectNotFound)."""
         key = self.layout.site_swag(round_index, site)
         data = self.store.get_bytes(key)
         payload = decode(data, name=key)
         if payload.meta.kind is not PayloadKind.SWAG or payload.meta.site != site:
             raise SwagError(f"{key} is not {site}'s SWAG moments ({payload.meta.kind.value})")
+        if payload.meta.tensors_sha256 != digest:
+            raise SwagError(
+                f"{key} holds other SWAG moments than the update's {DIGEST_KEY} names (another attempt's)"
+            )
         return from_tensors(dict(payload.tensors), shapes, 1.0, key), len(data)
 
     def problem(
-        self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]]
+        self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]], digest: object
     ) -> tuple[str | None, int]:
         """Why a site's update of a SWAG round cannot be accepted for its moments (None if it can),
         and the bytes the site uploaded for them."""
         try:
-            return None, self.site_moments(round_index, site, shapes)[1]
+            return None, self.site_moments(round_index, site, shapes, digest)[1]
         except ObjectNotFound:
             return f"no SWAG moments at {self.store.uri(self.layout.site_swag(round_index, site))}", 0
         except (SwagError, CodecError) as error:
             return str(error), 0
 
     def close(
-        self, round_index: int, weights: Mapping[str, float], shapes: Mapping[str, tuple[int, ...]]
+        self,
+        round_index: int,
+        weights: Mapping[str, float],
+        digests: Mapping[str, str],
+        shapes: Mapping[str, tuple[int, ...]],
     ) -> None:
-        """Fold the round's sites (weights normalised to sum to 1) into the window's running SWAG."""
+        """Fold the round's sites (weights normalised to sum to 1) into the window's running SWAG: the
+        moments each accepted update names (`digests`); a site whose moments were replaced since is
+        left out of the SWAG, not of the round."""
         key = self.layout.swag(round_index)
         if self.store.exists(key):
             return
@@ -87,23 +99,33 @@ class SwagRounds:
             if self.collects(round_index - 1) and self.store.exists(earlier)
             else None
         )
-        if not weights:  # no update made the round: the window's SWAG is the previous round's
+        sites = {
+            site: self._moments(round_index, site, shapes, digests.get(site)) for site in sorted(weights)
+        }
+        kept = {site: moments for site, moments in sites.items() if moments is not None}
+        if not kept:  # no update made the round: the window's SWAG is the previous round's
             if previous is not None:
                 self.store.put_bytes(key, self.store.get_bytes(earlier))
             return
-        total = sum(weights.values())
+        total = sum(weights[site] for site in kept)
         groups = [previous] if previous is not None else []
         rounds = 1 + (int(previous.weight) if previous is not None else 0)
-        groups.extend(
-            self.site_moments(round_index, site, shapes)[0].reweighted(weights[site] / total)
-            for site in sorted(weights)
-        )
+        groups.extend(moments.reweighted(weights[site] / total) for site, moments in kept.items())
         combined = combine_all(groups, self.settings.swag_rank)
         meta = Metadata(
             kind=PayloadKind.SWAG, training=self.layout.name, round=round_index, config={ROUNDS_KEY: rounds}
         )
         self.store.put_bytes(key, encode(to_tensors(combined), meta))
         log.info("round %d: SWAG of %d rounds, %d deviation rows", round_index, rounds, combined.rows)
+
+    def _moments(
+        self, round_index: int, site: str, shapes: Mapping[str, tuple[int, ...]], digest: str | None
+    ) -> Moments | None:
+        try:
+            return self.site_moments(round_index, site, shapes, digest)[0]
+        except (ObjectNotFound, SwagError, CodecError) as error:
+            log.warning("round %d: %s's SWAG moments left out: %s", round_index, site, error)
+            return None
 
     def running(self, round_index: int, shapes: Mapping[str, tuple[int, ...]]) -> Moments:
         """The window's SWAG up to `round_index`, weighted by the rounds it holds."""

@@ -38,6 +38,9 @@ MEAN, SQUARES, DEVIATIONS, FROZEN = "swag.mean.", "swag.sq_mean.", "swag.deviati
 CONFIG_KEY: Final = "swag"
 #: A site sends at most this many deviation rows (swagRank + 1 snapshots a round).
 MAX_ROWS: Final = 64
+#: The update's metadata config key naming its SWAG moments (their tensors' sha256): the aggregator
+#: takes only the moments of the attempt whose update it accepted.
+DIGEST_KEY: Final = "swag_sha256"
 
 
 class SwagError(ValueError):

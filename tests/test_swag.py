@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fedtrain.aggregator.rounds import RoundAggregator
 from fedtrain.aggregator.swag_rounds import SwagRounds
 from fedtrain.api import FederatedTrainingSpec
-from fedtrain.codec import Metadata, PayloadKind, decode, encode
+from fedtrain.codec import Metadata, PayloadKind, decode, encode, tensors_digest
 from fedtrain.job import TrainerJob
 from fedtrain.layout import TrainingLayout
 from fedtrain.model import build_model
@@ -228,7 +228,7 @@ def test_swag_in_process_from_the_sites_snapshots_to_predict(tmp_path: Path) -> 
             assert (job.swag_put_url is not None) == (round_index > 0), "the last two rounds are SWAG's"
             assert job.swag_get_url is None
             run_job(job)
-            if round_index == 1 and site == "fab-c":  # moments that are no distribution's
+            if round_index == 1 and site == "fab-c":  # moments other than those the update names
                 tensors = dict(decode(store.get_bytes(LAYOUT.site_swag(1, site))).tensors)
                 name = next(key for key in tensors if key.startswith(SQUARES))
                 tensors[name] = -torch.ones_like(tensors[name])
@@ -236,7 +236,7 @@ def test_swag_in_process_from_the_sites_snapshots_to_predict(tmp_path: Path) -> 
                 store.put_bytes(LAYOUT.site_swag(1, site), encode(tensors, meta))
                 verdict = aggregator.submit(round_index, site)
                 assert (verdict.accepted, verdict.reason) == (False, "swag")
-                assert "below its mean squared" in (verdict.message or "")
+                assert "other SWAG moments than the update's swag_sha256 names" in (verdict.message or "")
                 continue
             verdict = aggregator.submit(round_index, site)
             assert verdict.accepted
@@ -347,8 +347,9 @@ def check_export(spec: FederatedTrainingSpec, store: LocalStore, tmp_path: Path)
 
 
 def test_a_window_round_without_moments_carries_the_window_swag_forward(tmp_path: Path) -> None:
-    """A SWAG round that folded no update (every participant left out) keeps the window's SWAG as
-    the previous round left it; a window with no moments at all exports no SWAG model."""
+    """A site's moments count only where they are those its accepted update names; a SWAG round
+    that folds no site's moments keeps the window's SWAG as the previous round left it; a window with
+    no moments at all exports no SWAG model."""
     spec = swag_spec()
     store = LocalStore(tmp_path / "store")
     rounds = SwagRounds(store, LAYOUT, spec)
@@ -356,10 +357,12 @@ def test_a_window_round_without_moments_carries_the_window_swag_forward(tmp_path
     moments = snapshot_moments(snapshots(3, seed=10), 1.0)
     meta = Metadata(kind=PayloadKind.SWAG, training="swag", round=1, site="fab-a")
     store.put_bytes(LAYOUT.site_swag(1, "fab-a"), encode(to_tensors(moments), meta))
-    rounds.close(1, {}, shapes)
+    rounds.close(1, {}, {}, shapes)
     assert not store.exists(LAYOUT.swag(1)), "nothing to carry yet"
-    rounds.close(1, {"fab-a": 2.0}, shapes)
-    rounds.close(2, {}, shapes)
+    rounds.close(1, {"fab-a": 2.0}, {"fab-a": "0" * 64}, shapes)
+    assert not store.exists(LAYOUT.swag(1)), "moments the update does not name are left out"
+    rounds.close(1, {"fab-a": 2.0}, {"fab-a": tensors_digest(to_tensors(moments))}, shapes)
+    rounds.close(2, {"fab-b": 1.0}, {}, shapes)  # fab-b's moments are missing: left out
     assert store.get_bytes(LAYOUT.swag(2)) == store.get_bytes(LAYOUT.swag(1))
     assert vector(rounds.running(2, shapes).mean) == pytest.approx(vector(moments.mean))
     empty = SwagRounds(LocalStore(tmp_path / "empty"), LAYOUT, spec)

@@ -41,6 +41,7 @@ from fedtrain.codec import (
     decode,
     encode,
     l2_norm,
+    tensors_digest,
 )
 from fedtrain.dp import clip_factor
 from fedtrain.evaluation import calibration_bins, class_counts, error_detection, per_class_accuracy, scored
@@ -50,6 +51,7 @@ from fedtrain.model import FederatedModel, ModelError, build_model, merged_model
 from fedtrain.model.selection import select_update
 from fedtrain.secagg_round import ELEMENTS_KEY, MASKED_TENSOR
 from fedtrain.store import ObjectNotFound, read_url
+from fedtrain.swag import DIGEST_KEY as SWAG_DIGEST_KEY
 from fedtrain.swag import to_tensors
 
 from .data import ImageSet, SiteData, augment_batch, load_site_data, site_seed
@@ -860,6 +862,9 @@ def publish_round(
     outcome.timings["total_seconds"] = time.perf_counter() - started
     if session is not None:
         return publish_masked(job, session, trained, outcome, common)
+    config = dict(trained.resolved_config)
+    if trained.swag is not None:
+        config[SWAG_DIGEST_KEY] = tensors_digest(trained.swag)
     meta = Metadata(
         kind=PayloadKind.UPDATE,
         samples=trained.samples,
@@ -867,7 +872,7 @@ def publish_round(
         norm=l2_norm(trained.delta),
         metrics=outcome.metrics,
         timings=outcome.timings,
-        config=trained.resolved_config,
+        config=config,
         **common,
     )
     # The update is written last: its presence tells the aggregator the round's work is complete.
