@@ -163,7 +163,11 @@ class SwagRounds:
         targets = merge_targets(exchanged, frozen, scale, timm_name)
         tensors = {**model.merged_state_dict(), **to_tensors(moments)}
         tensors.update({FROZEN + name: tensor for name, tensor in frozen.items()})
-        settings = {"rank": self.settings.swag_rank, "rounds": int(moments.weight), "targets": targets}
+        settings = {
+            "rank": self.settings.swag_rank,
+            "rounds": int(moments.weight),
+            "targets": targets.model_dump(mode="json"),
+        }
         meta = Metadata(
             kind=PayloadKind.MERGED,
             training=self.layout.name,

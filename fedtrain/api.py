@@ -1105,8 +1105,8 @@ class UncertaintySpec(SpecModel):
         le=MAX_SWAG_RANK,
         description=(
             "swag: rows of the low-rank deviation matrix (the covariance's rank beyond its diagonal). A "
-            "site sends (swagRank + 3) times the update's size in each SWAG round; the exported model "
-            "carries (swagRank + 2) copies of the exchanged tensors."
+            "site sends about (swagRank + 3) times the update's fp32 size in each SWAG round; the exported "
+            "model carries (swagRank + 2) copies of the exchanged tensors."
         ),
     )
     swag_rounds: int = Field(

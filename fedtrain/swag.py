@@ -24,12 +24,13 @@ their deviation matrix folded into D here rather than at sampling.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any, Final
+from typing import Final
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedtrain.lora_ranks import LORA_A, LORA_B, layer_name
 
@@ -218,28 +219,71 @@ def _check_one(moments: Moments, name: str, shape: tuple[int, ...], source: str)
 # an exported SWAG model: which plain timm weights each exchanged tensor moves
 
 
+class LoraTarget(BaseModel):
+    """A LoRA layer of an exported SWAG model: its factors' names and the plain weight s B A moves."""
+
+    model_config = ConfigDict(extra="forbid")
+    a: str
+    b: str
+    key: str
+
+
+class SwagTargets(BaseModel):
+    """Which plain timm weight each exchanged tensor of an exported SWAG model moves."""
+
+    model_config = ConfigDict(extra="forbid")
+    scale: float | None = Field(None, gt=0, allow_inf_nan=False)  # the LoRA scale s = alpha / r
+    lora: list[LoraTarget] = Field(default_factory=list)
+    plain: dict[str, str] = Field(default_factory=dict)  # exchanged name -> plain weight name
+
+
 def merge_targets(
-    exchanged: Iterable[str], frozen: Iterable[str], scale: float | None, plain_name: Any
-) -> dict[str, Any]:
-    """The exported model's config entry: for each LoRA layer (factors exchanged or frozen) the plain
-    weight its product s B A is folded into, and for each other exchanged tensor its plain name
-    (`plain_name`: peft's name to timm's)."""
+    exchanged: Iterable[str], frozen: Iterable[str], scale: float | None, plain_name: Callable[[str], str]
+) -> SwagTargets:
+    """For each LoRA layer (factors exchanged or frozen) the plain weight its product s B A is folded
+    into, and for each other exchanged tensor its plain name (`plain_name`: peft's name to timm's)."""
     shared, fixed = sorted(exchanged), set(frozen)
-    layers: dict[str, dict[str, Any]] = {}
+    layers: dict[str, LoraTarget] = {}
     for name in shared + sorted(fixed):
         if LORA_A in name or LORA_B in name:
             a_name = name.replace(LORA_B, LORA_A)
-            layers[a_name] = {
-                "a": a_name,
-                "b": a_name.replace(LORA_A, LORA_B),
-                "key": f"{layer_name(a_name)}.weight",
-            }
+            key = f"{layer_name(a_name)}.weight"
+            layers[a_name] = LoraTarget(a=a_name, b=a_name.replace(LORA_A, LORA_B), key=key)
     plain = {name: plain_name(name) for name in shared if LORA_A not in name and LORA_B not in name}
-    return {"scale": scale, "lora": sorted(layers.values(), key=lambda layer: layer["key"]), "plain": plain}
+    return SwagTargets(scale=scale, lora=sorted(layers.values(), key=lambda layer: layer.key), plain=plain)
+
+
+def checked_targets(
+    config: object,
+    moments: Moments,
+    frozen: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    source: str,
+) -> SwagTargets:
+    """An exported model's targets, refused (SwagError) unless every tensor they name is there and
+    each draw would keep the shape of the plain weight it moves."""
+    try:
+        targets = SwagTargets.model_validate(config)
+    except ValidationError as error:
+        raise SwagError(f"{source}: its SWAG targets are malformed: {error.errors()[0]['msg']}") from None
+    for name, key in targets.plain.items():
+        if name not in moments.mean or key not in weights or moments.mean[name].shape != weights[key].shape:
+            raise SwagError(f"{source}: SWAG tensor {name} does not fit the plain weight {key}")
+    factors = {**frozen, **moments.mean}
+    for layer in targets.lora:
+        a, b, weight = factors.get(layer.a), factors.get(layer.b), weights.get(layer.key)
+        if a is None or b is None or weight is None or targets.scale is None:
+            raise SwagError(f"{source}: the LoRA layer {layer.key} misses a factor, its weight or a scale")
+        if (
+            not (a.dim() == b.dim() == 2 and b.shape[1] == a.shape[0])
+            or (b.shape[0], a.shape[1]) != weight.shape
+        ):
+            raise SwagError(f"{source}: the LoRA factors of {layer.key} do not fit it")
+    return targets
 
 
 def sampled_weights(
-    targets: Mapping[str, Any],
+    targets: SwagTargets,
     weights: Mapping[str, torch.Tensor],
     moments: Moments,
     frozen: Mapping[str, torch.Tensor],
@@ -247,17 +291,12 @@ def sampled_weights(
 ) -> dict[str, torch.Tensor]:
     """The plain weights a draw replaces: an exchanged tensor's plain copy by its draw, and each LoRA
     layer's merged weight (made at the mean) moved by s (B A - mean B mean A)."""
-    replaced = {key: drawn[name] for name, key in targets["plain"].items()}
-    scale = float(targets["scale"] or 0.0)
-    for layer in targets["lora"]:
-        a_name, b_name = layer["a"], layer["b"]
-        mean_a, mean_b = (
-            moments.mean.get(a_name, frozen.get(a_name)),
-            moments.mean.get(b_name, frozen.get(b_name)),
-        )
-        if mean_a is None or mean_b is None:
-            raise SwagError(f"the SWAG model has no factor of {layer['key']}")
-        new_a, new_b = drawn.get(a_name, mean_a), drawn.get(b_name, mean_b)
-        weight = weights[layer["key"]]
-        replaced[layer["key"]] = weight + (scale * (new_b @ new_a - mean_b @ mean_a)).to(weight.dtype)
+    replaced = {key: drawn[name] for name, key in targets.plain.items()}
+    scale = float(targets.scale or 0.0)
+    factors = {**frozen, **moments.mean}
+    for layer in targets.lora:
+        mean_a, mean_b = factors[layer.a], factors[layer.b]
+        new_a, new_b = drawn.get(layer.a, mean_a), drawn.get(layer.b, mean_b)
+        weight = weights[layer.key]
+        replaced[layer.key] = weight + (scale * (new_b @ new_a - mean_b @ mean_a)).to(weight.dtype)
     return replaced

@@ -323,7 +323,7 @@ def check_export(spec: FederatedTrainingSpec, store: LocalStore, tmp_path: Path)
     model.module.eval()
     replaced = sampled_weights(sampler.targets, sampler.weights, moments, sampler.frozen, drawn)
     assert "head.weight" in replaced, "the head is replaced by its draw"
-    assert sampler.targets["lora"], "LoRA layers move by their drawn factors' product"
+    assert sampler.targets.lora, "LoRA layers move by their drawn factors' product"
     with torch.no_grad():
         expected = model.module(images)
         got = torch.func.functional_call(network, replaced, (images,))
@@ -344,6 +344,15 @@ def check_export(spec: FederatedTrainingSpec, store: LocalStore, tmp_path: Path)
     assert "carries no SWAG moments" in " ".join(refused.output.split())
     both = runner.invoke(app, ["predict", str(path), str(archive), "--swag", "5", "--mc-dropout", "2"])
     assert both.exit_code == 2
+    # A file whose SWAG targets name a weight the model does not have is refused, naming it.
+    config = json.loads(json.dumps(exported.meta.config))
+    name = next(iter(config["swag"]["targets"]["plain"]))
+    config["swag"]["targets"]["plain"][name] = "nope.weight"
+    forged = tmp_path / "forged.safetensors"
+    forged.write_bytes(encode(dict(exported.tensors), exported.meta.model_copy(update={"config": config})))
+    refused = runner.invoke(app, ["predict", str(forged), str(archive), "--swag", "2"])
+    assert refused.exit_code == 2
+    assert f"SWAG tensor {name} does not fit the plain weight nope.weight" in " ".join(refused.output.split())
 
 
 def test_a_window_round_without_moments_carries_the_window_swag_forward(tmp_path: Path) -> None:

@@ -27,7 +27,17 @@ from fedtrain.errors import CodecError
 from fedtrain.model import load_plain_model
 from fedtrain.sealing import is_sealed
 from fedtrain.swag import CONFIG_KEY as SWAG_CONFIG_KEY
-from fedtrain.swag import FROZEN, MEAN, Moments, SwagError, from_tensors, sample, sampled_weights
+from fedtrain.swag import (
+    FROZEN,
+    MEAN,
+    Moments,
+    SwagError,
+    SwagTargets,
+    checked_targets,
+    from_tensors,
+    sample,
+    sampled_weights,
+)
 
 from .data import IMAGE_SUFFIXES, DataError, _read_image, wafer_maps_to_images
 from .uncertainty import mc_dropout_probabilities, predictive_entropy
@@ -113,7 +123,7 @@ class SwagSampler:
 
     moments: Moments
     frozen: dict[str, torch.Tensor]
-    targets: dict[str, Any]
+    targets: SwagTargets
     weights: dict[str, torch.Tensor]  # the plain weights at the mean that the draws move
     draws: int
 
@@ -138,17 +148,17 @@ def swag_sampler(path: Path, model: torch.nn.Module, draws: int) -> SwagSampler:
             "with evaluation.uncertainty.method swag (or use --mc-dropout)"
         )
     tensors = dict(payload.tensors)
-    targets = settings["targets"]
     shapes = {name.removeprefix(MEAN): tuple(t.shape) for name, t in tensors.items() if name.startswith(MEAN)}
+    frozen = {name.removeprefix(FROZEN): t.float() for name, t in tensors.items() if name.startswith(FROZEN)}
+    own = dict(model.state_dict())
     try:
         moments = from_tensors(
             {name: t for name, t in tensors.items() if name.startswith(SWAG_PREFIX)}, shapes, 1.0, str(path)
         )
+        targets = checked_targets(settings["targets"], moments, frozen, own, str(path))
     except SwagError as error:
         raise PredictError(str(error)) from None
-    frozen = {name.removeprefix(FROZEN): t.float() for name, t in tensors.items() if name.startswith(FROZEN)}
-    own = dict(model.state_dict())
-    keys = [*targets["plain"].values(), *(layer["key"] for layer in targets["lora"])]
+    keys = [*targets.plain.values(), *(layer.key for layer in targets.lora)]
     return SwagSampler(moments, frozen, targets, {key: own[key] for key in keys}, draws)
 
 
