@@ -31,16 +31,20 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(TYPED)
 
-## test: ruff, then the whole pytest suite, end-to-end runs included, with mypy beside it (a cold
-## mypy takes over a minute of one core; the suite leaves it one); fails if either fails
+## test: ruff, then the whole pytest suite in two streams side by side, the end-to-end runs (mostly
+## waiting on trainer processes) and the rest (its log printed after), with mypy beside them (a cold
+## mypy takes over a minute of one core); fails if any of the three fails
 test: $(STAMP) $(PROMTOOL)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@$(VENV)/bin/mypy $(TYPED) > $(VENV)/mypy.log 2>&1 & typing=$$!; \
-	$(VENV)/bin/pytest; tests=$$?; \
+	$(VENV)/bin/pytest -m "not e2e" > $(VENV)/unit.log 2>&1 & units=$$!; \
+	$(VENV)/bin/pytest -m e2e; tests=$$?; \
+	wait $$units; unit=$$?; \
+	echo "the other tests:"; cat $(VENV)/unit.log; \
 	wait $$typing; typed=$$?; \
 	echo "mypy:"; cat $(VENV)/mypy.log; \
-	test $$tests -eq 0 && test $$typed -eq 0
+	test $$tests -eq 0 && test $$unit -eq 0 && test $$typed -eq 0
 
 ## crd: regenerate the CRD (crds/ and charts/fedtrain/crds/) from fedtrain/api.py
 crd: $(STAMP)
