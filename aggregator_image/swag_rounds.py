@@ -148,7 +148,7 @@ class SwagRounds:
         if not self.store.exists(self.layout.swag(last)):
             log.warning("no SWAG moments of round %d: the window folded no site's; no SWAG model", last)
             return None
-        shapes = {name: tuple(tensor.shape) for name, tensor in model.exchanged_state().items()}
+        shapes = model.exchanged_shapes()
         moments = self.running(last, shapes)
         model.load_exchanged(moments.mean)
         exchanged = set(shapes)

@@ -104,7 +104,7 @@ def figures(probabilities: torch.Tensor, labels: np.ndarray) -> dict[str, float 
 
 def score(run: Path, maps: np.ndarray, labels: np.ndarray, passes: int, dropout: float) -> dict[str, Any]:
     from fedtrain.trainer.data import wafer_maps_to_images
-    from fedtrain.trainer.predict import load_model, swag_sampler
+    from fedtrain.trainer.predict import load_model, load_swag_model
     from fedtrain.trainer.uncertainty import mc_dropout_probabilities
 
     model, _ = load_model(run / "model-merged.safetensors")
@@ -112,9 +112,9 @@ def score(run: Path, maps: np.ndarray, labels: np.ndarray, passes: int, dropout:
     with torch.no_grad():
         plain = model.eval()(images).float().softmax(dim=1)
     sampled = mc_dropout_probabilities(model, images, passes, dropout, seed=0)
-    swa, _ = load_model(run / "model-swag.safetensors")
+    swa, _, sampler = load_swag_model(run / "model-swag.safetensors", passes)
     with torch.no_grad():
-        swag = swag_sampler(run / "model-swag.safetensors", swa, passes).probabilities(swa, images)
+        swag = sampler.probabilities(swa, images)
     return {
         "plain": figures(plain, labels),
         "mcDropout": figures(sampled, labels),

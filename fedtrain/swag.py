@@ -32,13 +32,14 @@ from typing import Final
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedtrain.api import MAX_SWAG_RANK
 from fedtrain.lora_ranks import LORA_A, LORA_B, layer_name
 
 MEAN, SQUARES, DEVIATIONS, FROZEN = "swag.mean.", "swag.sq_mean.", "swag.deviations.", "swag.frozen."
 #: The exported model's metadata config key of the SWAG settings `fedtrain predict` samples with.
 CONFIG_KEY: Final = "swag"
 #: A site sends at most this many deviation rows (swagRank + 1 snapshots a round).
-MAX_ROWS: Final = 64
+MAX_ROWS: Final = MAX_SWAG_RANK + 1
 #: The update's metadata config key naming its SWAG moments (their tensors' sha256): the aggregator
 #: takes only the moments of the attempt whose update it accepted.
 DIGEST_KEY: Final = "swag_sha256"

@@ -227,6 +227,11 @@ class FederatedModel:
             for name, tensor in tensors.items():
                 params[name].copy_(tensor.to(params[name].dtype))
 
+    def exchanged_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shared tensors' shapes, without copying them."""
+        params = dict(self.module.named_parameters())
+        return {name: tuple(params[name].shape) for name in self.exchanged_names()}
+
     def exchanged_state(self) -> dict[str, torch.Tensor]:
         """Detached copies of the trainable tensors: what a global model or an update holds."""
         params = dict(self.module.named_parameters())

@@ -368,21 +368,19 @@ def predict(
     """Classify inputs with an exported model: each input's top classes with their probabilities and
     the predictive entropy (nats; log of the class count is a uniform guess). Inputs are prepared as
     the trainers prepared them for that model (wafer maps one-hot, images ImageNet-normalised)."""
-    from fedtrain.trainer.predict import (
-        PredictError,
-        load_model,
-        read_inputs,
-        swag_sampler,
-    )
+    from fedtrain.trainer.predict import PredictError, load_model, load_swag_model, read_inputs
     from fedtrain.trainer.predict import predict as run_predict
 
     if swag and mc_dropout:
         errors.print("[red]error:[/] --swag and --mc-dropout are two ways to sample: pass one of them")
         raise typer.Exit(EXIT_INVALID)
     try:
-        network, config = load_model(model)
+        sampler = None
+        if swag:
+            network, config, sampler = load_swag_model(model, swag)
+        else:
+            network, config = load_model(model)
         batch = read_inputs(inputs, config)
-        sampler = swag_sampler(model, network, swag) if swag else None
     except PredictError as error:
         errors.print(f"[red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_INVALID) from None

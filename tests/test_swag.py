@@ -41,7 +41,7 @@ from fedtrain.swag import (
     to_tensors,
 )
 from fedtrain.trainer.data import generate_wafer_maps
-from fedtrain.trainer.predict import load_model, swag_sampler
+from fedtrain.trainer.predict import load_swag_model
 from fedtrain.trainer.train import run_job
 
 SHAPES = {"a": (3, 2), "b": (4,)}
@@ -315,8 +315,7 @@ def check_export(spec: FederatedTrainingSpec, store: LocalStore, tmp_path: Path)
 
     path = tmp_path / "model-swag.safetensors"
     path.write_bytes(store.get_bytes(LAYOUT.swag_model()))
-    network, _ = load_model(path)
-    sampler = swag_sampler(path, network, draws=3)
+    network, _, sampler = load_swag_model(path, draws=3)
     drawn = sample(moments, torch.Generator().manual_seed(1))
     images = torch.randn(4, 3, 28, 28)
     model.load_exchanged(drawn)

@@ -83,8 +83,19 @@ class Inputs:
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The plain timm model of an exported merged model, in eval mode, and its metadata config (a
-    SWAG model's plain weights are those at the SWAG mean; `swag_sampler` samples around them)."""
+    SWAG model's plain weights are those at the SWAG mean; `load_swag_model` samples around them)."""
+    return _model_of(_exported(path))
+
+
+def load_swag_model(path: Path, draws: int) -> tuple[torch.nn.Module, dict[str, Any], SwagSampler]:
+    """An exported SWAG model (`model-swag.safetensors`), read once: its plain model at the SWAG mean,
+    its metadata config, and its SWAG to average `draws` draws of."""
     payload = _exported(path)
+    model, config = _model_of(payload)
+    return model, config, _swag_sampler(payload, model, draws, path)
+
+
+def _model_of(payload: Payload) -> tuple[torch.nn.Module, dict[str, Any]]:
     config = dict(payload.meta.config)
     plain = {name: tensor for name, tensor in payload.tensors.items() if not name.startswith(SWAG_PREFIX)}
     model = load_plain_model(config, plain)
@@ -138,9 +149,7 @@ class SwagSampler:
         return total / self.draws
 
 
-def swag_sampler(path: Path, model: torch.nn.Module, draws: int) -> SwagSampler:
-    """The SWAG of an exported SWAG model (`model-swag.safetensors`), to average `draws` draws."""
-    payload = _exported(path)
+def _swag_sampler(payload: Payload, model: torch.nn.Module, draws: int, path: Path) -> SwagSampler:
     settings = payload.meta.config.get(SWAG_CONFIG_KEY)
     if not isinstance(settings, dict) or "targets" not in settings:
         raise PredictError(

@@ -36,8 +36,7 @@ def read_moments(data: bytes, model: FederatedModel, source: str) -> Moments:
     payload = decode(data, name=source)
     if payload.meta.kind is not PayloadKind.SWAG:
         raise SwagError(f"{source} holds a {payload.meta.kind.value}, not SWAG moments")
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.exchanged_state().items()}
-    return from_tensors(dict(payload.tensors), shapes, 1.0, source)
+    return from_tensors(dict(payload.tensors), model.exchanged_shapes(), 1.0, source)
 
 
 def averaged_probabilities(
